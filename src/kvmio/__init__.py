@@ -1,0 +1,88 @@
+"""kvmio: drive Linux KVM from Python through /dev/kvm, with lossless dirty page tracking.
+
+The objects follow the kernel's: :class:`Kvm` (``/dev/kvm``) creates a :class:`Vm`, which owns
+memory slots and creates :class:`Vcpu` objects; each vCPU has a dirty ring once
+:meth:`Vm.enable_dirty_ring` was called.
+"""
+
+from kvmio.caps import Cap
+from kvmio.dirty.ring import DirtyEntries, DirtyRing
+from kvmio.errors import (
+    DirtyRingError,
+    DirtyRingOverrunError,
+    KvmClosedError,
+    KvmError,
+    KvmInvalidArgumentError,
+    KvmStateError,
+    KvmUnavailableError,
+    KvmUnsupportedError,
+)
+from kvmio.exits import (
+    DirtyRingFull,
+    Exit,
+    ExitReason,
+    FailEntry,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    SystemEventType,
+    Unknown,
+    VcpuExit,
+)
+from kvmio.memory import MemoryRegion, SlotId
+from kvmio.system import API_VERSION, CpuidEntry, Kvm
+from kvmio.vcpu import Vcpu
+from kvmio.vm import DirtyPages, DirtyRingConfig, Vm
+from kvmio.x86 import DTable, Regs, Segment, Sregs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "API_VERSION",
+    "Cap",
+    "CpuidEntry",
+    "DTable",
+    "DirtyEntries",
+    "DirtyPages",
+    "DirtyRing",
+    "DirtyRingConfig",
+    "DirtyRingError",
+    "DirtyRingFull",
+    "DirtyRingOverrunError",
+    "Exit",
+    "ExitReason",
+    "FailEntry",
+    "Hlt",
+    "InternalError",
+    "Interrupted",
+    "IoIn",
+    "IoOut",
+    "Kvm",
+    "KvmClosedError",
+    "KvmError",
+    "KvmInvalidArgumentError",
+    "KvmStateError",
+    "KvmUnavailableError",
+    "KvmUnsupportedError",
+    "MemoryRegion",
+    "MmioRead",
+    "MmioWrite",
+    "Regs",
+    "Segment",
+    "Shutdown",
+    "SlotId",
+    "Sregs",
+    "SystemEvent",
+    "SystemEventType",
+    "Unknown",
+    "Vcpu",
+    "VcpuExit",
+    "Vm",
+    "__version__",
+]

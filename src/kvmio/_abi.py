@@ -1,0 +1,231 @@
+"""The raw layer: ioctls, mappings and C structures.
+
+Everything that touches ``cffi`` pointers or ``mmap`` lives here (and in :mod:`kvmio.dirty.ring`).
+The friendly layers above deal only in Python values, ``bytes`` and numpy arrays.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import mmap
+import os
+import platform
+import threading
+from typing import Any
+
+from kvmio._native import ffi, lib
+from kvmio.errors import KvmClosedError, KvmError, from_errno
+
+__all__ = ["ARCH", "IS_X86", "PAGE_SIZE", "FdOwner", "Mapping", "ffi", "ioctl", "lib"]
+
+PAGE_SIZE: int = mmap.PAGESIZE
+ARCH: str = platform.machine().lower()
+#: Whether the x86-only part of the binding (regs layout, MSRs, CPUID, LAPIC...) is compiled in.
+IS_X86: bool = hasattr(lib, "KVM_GET_SUPPORTED_CPUID")
+
+CData = Any  # a cffi pointer; cffi has no static types
+
+
+def ioctl(fd: int, request: int, arg: CData | int = 0, *, name: str) -> int:
+    """Issue ``ioctl(fd, request, arg)``; return its non-negative result or raise KvmError.
+
+    ``arg`` is either a cffi pointer (the kernel reads/writes the struct it points to, which the
+    caller keeps alive for the duration of the call) or an integer passed by value.  EINTR is
+    reported (``KvmError`` with errno EINTR), never retried: see :func:`ioctl_eintr`.
+    """
+    if isinstance(arg, int):
+        r = lib.kvmio_ioctl_val(fd, request, arg)
+    else:
+        r = lib.kvmio_ioctl(fd, request, arg)
+    if r < 0:
+        raise from_errno(-r, name)
+    return int(r)
+
+
+def ioctl_eintr(fd: int, request: int, *, name: str) -> int | None:
+    """Like :func:`ioctl` with no argument, but return ``None`` on EINTR (a kicked KVM_RUN)."""
+    r = lib.kvmio_ioctl_val(fd, request, 0)
+    if r == -_errno.EINTR:
+        return None
+    if r < 0:
+        raise from_errno(-r, name)
+    return int(r)
+
+
+_kick_lock = threading.Lock()
+_kick_installed = False
+
+
+def kick_signal() -> int:
+    """The real-time signal used to kick vCPU threads, with its no-op handler installed."""
+    global _kick_installed
+    with _kick_lock:
+        if not _kick_installed:
+            r = lib.kvmio_install_kick_handler()
+            if r < 0:
+                raise from_errno(-r, "sigaction")
+            _kick_installed = True
+    return int(lib.kvmio_kick_signal())
+
+
+class FdOwner:
+    """Owns one file descriptor; ``close()`` is idempotent and later use raises KvmClosedError."""
+
+    _what = "object"
+
+    def __init__(self, fd: int):
+        self._fd: int | None = fd
+
+    @property
+    def fd(self) -> int:
+        """The file descriptor (raises :class:`KvmClosedError` once closed)."""
+        if self._fd is None:
+            raise KvmClosedError(f"this {self._what} is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._fd is None
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class Mapping:
+    """An owned ``mmap`` with a C pointer to it.
+
+    Safety: the pointer is obtained with ``ffi.from_buffer``, which holds a buffer export on the
+    mmap so it cannot be unmapped while the pointer is in use; ``close()`` releases the export
+    first and then unmaps.  If user code still holds a view (memoryview or numpy array) of the
+    mapping, Python refuses to unmap it and the memory stays valid until the last view is gone,
+    so no code path can touch unmapped memory.
+    """
+
+    def __init__(self, size: int, *, fd: int = -1, offset: int = 0, shared: bool = False,
+                 noreserve: bool = False, what: str = "mapping"):
+        flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+        if fd == -1:
+            flags |= mmap.MAP_ANONYMOUS
+        if noreserve:
+            flags |= int(lib.MAP_NORESERVE)
+        try:
+            self._mm: mmap.mmap | None = mmap.mmap(
+                fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        except OSError as e:
+            raise KvmError(f"cannot map {what} ({size} bytes): {e.strerror}",
+                           errno=e.errno, ioctl="mmap") from e
+        self.size = size
+        self._what = what
+        self._ptr: CData | None = ffi.from_buffer(self._mm)
+
+    @property
+    def mm(self) -> mmap.mmap:
+        """The Python mmap object (raises once closed)."""
+        if self._mm is None:
+            raise KvmClosedError(f"this {self._what} is unmapped")
+        return self._mm
+
+    @property
+    def ptr(self) -> CData:
+        """A ``char *`` to the start of the mapping (raises once closed)."""
+        if self._ptr is None:
+            raise KvmClosedError(f"this {self._what} is unmapped")
+        return self._ptr
+
+    @property
+    def address(self) -> int:
+        """The host virtual address of the mapping."""
+        return int(ffi.cast("uintptr_t", self.ptr))
+
+    def cast(self, ctype: str) -> CData:
+        """The mapping's start as a pointer of C type ``ctype``."""
+        return ffi.cast(ctype, self.ptr)
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._mm is None
+
+    def close(self) -> None:
+        """Unmap (deferred by Python while user views of the memory are alive)."""
+        ptr, self._ptr = self._ptr, None
+        mm, self._mm = self._mm, None
+        if ptr is not None:
+            ffi.release(ptr)
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                # A view is still exported; mmap's finaliser unmaps once it is dropped.
+                pass
+
+
+def new(ctype: str, init: Any = None) -> CData:
+    """Allocate a zeroed C object (owned by the returned cdata)."""
+    return ffi.new(ctype, init)
+
+
+def struct_to_dict(obj: CData, fields: tuple[str, ...]) -> dict[str, int]:
+    """Copy integer fields of a C struct into a dict."""
+    return {f: int(getattr(obj, f)) for f in fields}
+
+
+def to_bytes(obj: CData, ctype: str) -> bytes:
+    """The raw bytes of a C struct."""
+    return bytes(ffi.buffer(obj, ffi.sizeof(ctype)))
+
+
+def from_bytes(ctype: str, data: bytes) -> CData:
+    """A new C struct initialised from raw bytes (which must be exactly its size)."""
+    size = ffi.sizeof(ctype)
+    if len(data) != size:
+        from kvmio.errors import KvmInvalidArgumentError
+
+        raise KvmInvalidArgumentError(f"{ctype} needs exactly {size} bytes, got {len(data)}")
+    obj = ffi.new(ctype + " *")
+    ffi.memmove(obj, data, size)
+    return obj
+
+
+def get_dirty_log(fd: int, slot: int, words: Any) -> None:
+    """KVM_GET_DIRTY_LOG into ``words`` (a C-contiguous numpy uint64 array, one bit per page).
+
+    Safety: ``ffi.from_buffer`` pins ``words`` for the duration of the call, and the caller sized
+    it for the whole slot (ceil(pages / 64) words), which is all the kernel writes.
+    """
+    buf = ffi.from_buffer("uint64_t[]", words, require_writable=True)
+    dl = ffi.new("struct kvm_dirty_log *")
+    dl.slot = slot
+    dl.dirty_bitmap = buf
+    try:
+        ioctl(fd, lib.KVM_GET_DIRTY_LOG, dl, name="KVM_GET_DIRTY_LOG")
+    except KvmError as e:
+        if e.errno == _errno.ENXIO:
+            from kvmio.errors import KvmStateError
+
+            raise KvmStateError("KVM_GET_DIRTY_LOG is refused on a ring VM without the backup "
+                                "bitmap", errno=e.errno, ioctl="KVM_GET_DIRTY_LOG") from e
+        raise
+    finally:
+        ffi.release(buf)
+
+
+def clear_dirty_log(fd: int, slot: int, first_page: int, num_pages: int, words: Any) -> None:
+    """KVM_CLEAR_DIRTY_LOG with ``words`` (numpy uint64, bit 0 = ``first_page``).
+
+    Safety: ``words`` holds ceil(num_pages / 64) words, the most the kernel reads; it is pinned
+    by ``ffi.from_buffer`` during the call.
+    """
+    buf = ffi.from_buffer("uint64_t[]", words)
+    cl = ffi.new("struct kvm_clear_dirty_log *")
+    cl.slot = slot
+    cl.first_page = first_page
+    cl.num_pages = num_pages
+    cl.dirty_bitmap = buf
+    try:
+        ioctl(fd, lib.KVM_CLEAR_DIRTY_LOG, cl, name="KVM_CLEAR_DIRTY_LOG")
+    finally:
+        ffi.release(buf)

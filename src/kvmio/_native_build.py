@@ -1,0 +1,583 @@
+"""cffi (API mode) builder for ``kvmio._native``, the only compiled part of kvmio.
+
+The C compiler, not this file, decides every struct layout and ioctl number: each struct is
+declared with ``...;`` (cffi then asks the compiler for sizes and offsets and refuses to build if a
+declared field disagrees with <linux/kvm.h>), and each constant with ``...`` (its value comes from
+the header).  The module also holds the dirty-ring harvest loop, written with C11 acquire/release
+atomics, because that ordering cannot be expressed from Python on weakly ordered CPUs.
+
+Run ``python src/kvmio/_native_build.py`` to build in place; setuptools runs it through
+``cffi_modules`` in setup.py.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from cffi import FFI
+
+# Declarations every architecture shares.
+CDEF_COMMON = """
+#define KVM_API_VERSION ...
+#define KVMIO ...
+
+#define KVM_GET_API_VERSION ...
+#define KVM_CREATE_VM ...
+#define KVM_CHECK_EXTENSION ...
+#define KVM_GET_VCPU_MMAP_SIZE ...
+#define KVM_CREATE_VCPU ...
+#define KVM_SET_USER_MEMORY_REGION ...
+#define KVM_RUN ...
+#define KVM_GET_REGS ...
+#define KVM_SET_REGS ...
+#define KVM_GET_SREGS ...
+#define KVM_SET_SREGS ...
+#define KVM_GET_FPU ...
+#define KVM_SET_FPU ...
+#define KVM_GET_MP_STATE ...
+#define KVM_SET_MP_STATE ...
+#define KVM_ENABLE_CAP ...
+#define KVM_GET_DIRTY_LOG ...
+#define KVM_CLEAR_DIRTY_LOG ...
+#define KVM_RESET_DIRTY_RINGS ...
+#define KVM_CREATE_IRQCHIP ...
+#define KVM_IRQ_LINE ...
+#define KVM_GET_CLOCK ...
+#define KVM_SET_CLOCK ...
+
+#define KVM_MEM_LOG_DIRTY_PAGES ...
+#define KVM_MEM_READONLY ...
+
+#define KVM_EXIT_UNKNOWN ...
+#define KVM_EXIT_EXCEPTION ...
+#define KVM_EXIT_IO ...
+#define KVM_EXIT_HYPERCALL ...
+#define KVM_EXIT_DEBUG ...
+#define KVM_EXIT_HLT ...
+#define KVM_EXIT_MMIO ...
+#define KVM_EXIT_IRQ_WINDOW_OPEN ...
+#define KVM_EXIT_SHUTDOWN ...
+#define KVM_EXIT_FAIL_ENTRY ...
+#define KVM_EXIT_INTR ...
+#define KVM_EXIT_INTERNAL_ERROR ...
+#define KVM_EXIT_SYSTEM_EVENT ...
+#define KVM_EXIT_DIRTY_RING_FULL ...
+#define KVM_EXIT_IO_IN ...
+#define KVM_EXIT_IO_OUT ...
+
+#define KVM_CAP_IRQCHIP ...
+#define KVM_CAP_HLT ...
+#define KVM_CAP_USER_MEMORY ...
+#define KVM_CAP_NR_VCPUS ...
+#define KVM_CAP_MAX_VCPUS ...
+#define KVM_CAP_NR_MEMSLOTS ...
+#define KVM_CAP_READONLY_MEM ...
+#define KVM_CAP_IMMEDIATE_EXIT ...
+#define KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 ...
+#define KVM_CAP_DIRTY_LOG_RING ...
+#define KVM_CAP_DIRTY_LOG_RING_ACQ_REL ...
+#define KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP ...
+#define KVM_CAP_INTERNAL_ERROR_DATA ...
+#define KVM_CAP_ADJUST_CLOCK ...
+#define KVM_CAP_SYNC_MMU ...
+#define KVM_CAP_MULTI_ADDRESS_SPACE ...
+
+#define KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE ...
+#define KVM_DIRTY_LOG_INITIALLY_SET ...
+#define KVM_DIRTY_GFN_F_DIRTY ...
+#define KVM_DIRTY_GFN_F_RESET ...
+#define KVM_DIRTY_LOG_PAGE_OFFSET ...
+
+#define KVM_SYSTEM_EVENT_SHUTDOWN ...
+#define KVM_SYSTEM_EVENT_RESET ...
+#define KVM_SYSTEM_EVENT_CRASH ...
+
+#define KVM_MP_STATE_RUNNABLE ...
+#define KVM_MP_STATE_UNINITIALIZED ...
+#define KVM_MP_STATE_INIT_RECEIVED ...
+#define KVM_MP_STATE_HALTED ...
+#define KVM_MP_STATE_SIPI_RECEIVED ...
+
+#define MAP_NORESERVE ...
+#define KVMIO_PAGE_SIZE ...
+
+struct kvm_userspace_memory_region {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+};
+
+struct kvm_enable_cap {
+    uint32_t cap;
+    uint32_t flags;
+    unsigned long long args[4];
+    ...;
+};
+
+struct kvm_dirty_log {
+    uint32_t slot;
+    void *dirty_bitmap;
+    ...;
+};
+
+struct kvm_clear_dirty_log {
+    uint32_t slot;
+    uint32_t num_pages;
+    uint64_t first_page;
+    void *dirty_bitmap;
+    ...;
+};
+
+struct kvm_dirty_gfn {
+    uint32_t flags;
+    uint32_t slot;
+    uint64_t offset;
+};
+
+struct kvm_irq_level {
+    uint32_t irq;
+    uint32_t level;
+    ...;
+};
+
+struct kvm_clock_data {
+    uint64_t clock;
+    uint32_t flags;
+    uint64_t realtime;
+    uint64_t host_tsc;
+    ...;
+};
+
+struct kvm_mp_state {
+    uint32_t mp_state;
+};
+
+struct kvm_regs { ...; };
+struct kvm_sregs { ...; };
+struct kvm_fpu { ...; };
+
+struct kvm_run {
+    uint8_t request_interrupt_window;
+    uint8_t immediate_exit;
+    uint32_t exit_reason;
+    uint8_t ready_for_interrupt_injection;
+    uint8_t if_flag;
+    uint16_t flags;
+    uint64_t cr8;
+    uint64_t apic_base;
+    ...;
+};
+
+/* kvm_run's exit union, read through accessors so that cffi need not model anonymous unions */
+struct kvmio_exit_io { uint8_t direction; uint8_t size; uint16_t port; uint32_t count;
+                       uint64_t data_offset; };
+struct kvmio_exit_mmio { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; };
+struct kvmio_exit_fail_entry { uint64_t hardware_entry_failure_reason; uint32_t cpu; };
+struct kvmio_exit_internal { uint32_t suberror; uint32_t ndata; uint64_t data[16]; };
+struct kvmio_exit_system_event { uint32_t type; uint32_t ndata; uint64_t data[16]; };
+struct kvmio_exit_hw { uint64_t hardware_exit_reason; };
+
+struct kvmio_exit_io *kvmio_run_io(struct kvm_run *run);
+struct kvmio_exit_mmio *kvmio_run_mmio(struct kvm_run *run);
+struct kvmio_exit_fail_entry *kvmio_run_fail_entry(struct kvm_run *run);
+struct kvmio_exit_internal *kvmio_run_internal(struct kvm_run *run);
+struct kvmio_exit_system_event *kvmio_run_system_event(struct kvm_run *run);
+struct kvmio_exit_hw *kvmio_run_hw(struct kvm_run *run);
+size_t kvmio_run_union_offset(void);
+
+int kvmio_ioctl(int fd, unsigned long request, void *arg);
+int kvmio_ioctl_val(int fd, unsigned long request, unsigned long arg);
+int kvmio_kick_signal(void);
+int kvmio_install_kick_handler(void);
+
+/* dirty ring */
+#define KVMIO_RING_STOP_EMPTY ...
+#define KVMIO_RING_STOP_LIMIT ...
+#define KVMIO_RING_STOP_HOLE ...
+uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
+                            uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop);
+uint32_t kvmio_ring_count_dirty(struct kvm_dirty_gfn *ring, uint32_t size);
+uint32_t kvmio_ring_skip_hole(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index);
+uint32_t kvmio_ring_harvest_reference(struct kvm_dirty_gfn *ring, uint32_t size,
+                                      uint32_t *index, uint32_t *slots, uint64_t *offsets);
+void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,
+                     uint32_t slot, uint64_t first_offset);
+"""
+
+# x86_64-only structures and ioctls.
+CDEF_X86 = """
+#define KVM_GET_SUPPORTED_CPUID ...
+#define KVM_GET_MSR_INDEX_LIST ...
+#define KVM_SET_TSS_ADDR ...
+#define KVM_SET_IDENTITY_MAP_ADDR ...
+#define KVM_CREATE_PIT2 ...
+#define KVM_GET_MSRS ...
+#define KVM_SET_MSRS ...
+#define KVM_GET_CPUID2 ...
+#define KVM_SET_CPUID2 ...
+#define KVM_GET_LAPIC ...
+#define KVM_SET_LAPIC ...
+#define KVM_GET_XSAVE ...
+#define KVM_SET_XSAVE ...
+#define KVM_GET_XCRS ...
+#define KVM_SET_XCRS ...
+#define KVM_GET_VCPU_EVENTS ...
+#define KVM_SET_VCPU_EVENTS ...
+#define KVM_GET_DEBUGREGS ...
+#define KVM_SET_DEBUGREGS ...
+#define KVM_CAP_PIT2 ...
+#define KVM_CAP_SET_TSS_ADDR ...
+#define KVM_CAP_SET_IDENTITY_MAP_ADDR ...
+#define KVM_CAP_XSAVE ...
+#define KVM_CAP_XCRS ...
+#define KVM_CAP_VCPU_EVENTS ...
+#define KVM_CAP_DEBUGREGS ...
+#define KVM_CAP_EXT_CPUID ...
+#define KVM_PIT_SPEAKER_DUMMY ...
+
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx;
+    uint64_t rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11;
+    uint64_t r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+
+struct kvm_segment {
+    uint64_t base;
+    uint32_t limit;
+    uint16_t selector;
+    uint8_t type;
+    uint8_t present, dpl, db, s, l, g, avl;
+    uint8_t unusable;
+    ...;
+};
+
+struct kvm_dtable {
+    uint64_t base;
+    uint16_t limit;
+    ...;
+};
+
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8;
+    uint64_t efer;
+    uint64_t apic_base;
+    unsigned long long interrupt_bitmap[...];
+};
+
+struct kvm_msr_entry {
+    uint32_t index;
+    uint64_t data;
+    ...;
+};
+
+struct kvm_msrs {
+    uint32_t nmsrs;
+    uint32_t pad;
+    struct kvm_msr_entry entries[];
+};
+
+struct kvm_msr_list {
+    uint32_t nmsrs;
+    uint32_t indices[];
+};
+
+struct kvm_cpuid_entry2 {
+    uint32_t function;
+    uint32_t index;
+    uint32_t flags;
+    uint32_t eax;
+    uint32_t ebx;
+    uint32_t ecx;
+    uint32_t edx;
+    ...;
+};
+
+struct kvm_cpuid2 {
+    uint32_t nent;
+    uint32_t padding;
+    struct kvm_cpuid_entry2 entries[];
+};
+
+struct kvm_xcr {
+    uint32_t xcr;
+    uint64_t value;
+    ...;
+};
+
+struct kvm_xcrs {
+    uint32_t nr_xcrs;
+    uint32_t flags;
+    struct kvm_xcr xcrs[...];
+    ...;
+};
+
+struct kvm_pit_config {
+    uint32_t flags;
+    ...;
+};
+
+struct kvm_fpu { ...; };
+struct kvm_lapic_state { ...; };
+struct kvm_xsave { ...; };
+struct kvm_vcpu_events { ...; };
+struct kvm_debugregs { ...; };
+"""
+
+SOURCE = r"""
+#include <errno.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
+/* Guarded fallbacks for constants that older UAPI headers (Debian 12: Linux 6.1) lack. */
+#ifndef KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+#define KVM_CAP_DIRTY_LOG_RING_ACQ_REL 223
+#endif
+#ifndef KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP
+#define KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP 225
+#endif
+#ifndef KVM_EXIT_DIRTY_RING_FULL
+#define KVM_EXIT_DIRTY_RING_FULL 31
+#endif
+#ifndef KVM_RESET_DIRTY_RINGS
+#define KVM_RESET_DIRTY_RINGS _IO(KVMIO, 0xc7)
+#endif
+#ifndef KVM_DIRTY_GFN_F_DIRTY
+#define KVM_DIRTY_GFN_F_DIRTY 1
+#define KVM_DIRTY_GFN_F_RESET 2
+#endif
+
+/* <linux/kvm.h> defaults KVM_DIRTY_LOG_PAGE_OFFSET to 0 when <asm/kvm.h> does not set it. On an
+ * architecture that has a dirty ring, 0 would map the vCPU's kvm_run page as if it were the ring,
+ * so refuse to build rather than do that. */
+#if (defined(__x86_64__) || defined(__aarch64__)) && KVM_DIRTY_LOG_PAGE_OFFSET == 0
+#error "<asm/kvm.h> lacks KVM_DIRTY_LOG_PAGE_OFFSET: install newer kernel UAPI headers"
+#endif
+
+#define KVMIO_PAGE_SIZE 4096
+
+/* Views of kvm_run's exit union; each matches the corresponding member of <linux/kvm.h>'s
+ * union (checked by the layout test, and by the static asserts below). */
+struct kvmio_exit_io { uint8_t direction; uint8_t size; uint16_t port; uint32_t count;
+                       uint64_t data_offset; };
+struct kvmio_exit_mmio { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; };
+struct kvmio_exit_fail_entry { uint64_t hardware_entry_failure_reason; uint32_t cpu; };
+struct kvmio_exit_internal { uint32_t suberror; uint32_t ndata; uint64_t data[16]; };
+struct kvmio_exit_system_event { uint32_t type; uint32_t ndata; uint64_t data[16]; };
+struct kvmio_exit_hw { uint64_t hardware_exit_reason; };
+
+_Static_assert(sizeof(struct kvmio_exit_io) == sizeof(((struct kvm_run *)0)->io), "io");
+_Static_assert(sizeof(struct kvmio_exit_mmio) == sizeof(((struct kvm_run *)0)->mmio), "mmio");
+_Static_assert(offsetof(struct kvm_run, io) == offsetof(struct kvm_run, mmio), "union");
+_Static_assert(offsetof(struct kvm_run, io) == offsetof(struct kvm_run, internal), "union");
+_Static_assert(offsetof(struct kvm_run, io) == offsetof(struct kvm_run, system_event), "union");
+_Static_assert(sizeof(struct kvm_dirty_gfn) == 16, "kvm_dirty_gfn");
+
+#define KVMIO_UNION(run, member) ((void *)&(run)->member)
+struct kvmio_exit_io *kvmio_run_io(struct kvm_run *run) { return KVMIO_UNION(run, io); }
+struct kvmio_exit_mmio *kvmio_run_mmio(struct kvm_run *run) { return KVMIO_UNION(run, mmio); }
+struct kvmio_exit_fail_entry *kvmio_run_fail_entry(struct kvm_run *run)
+{ return KVMIO_UNION(run, fail_entry); }
+struct kvmio_exit_internal *kvmio_run_internal(struct kvm_run *run)
+{ return KVMIO_UNION(run, internal); }
+struct kvmio_exit_system_event *kvmio_run_system_event(struct kvm_run *run)
+{ return KVMIO_UNION(run, system_event); }
+struct kvmio_exit_hw *kvmio_run_hw(struct kvm_run *run) { return KVMIO_UNION(run, hw); }
+size_t kvmio_run_union_offset(void) { return offsetof(struct kvm_run, io); }
+
+/* ioctl that returns -errno instead of using the thread's errno, and never retries EINTR: an
+ * interrupted KVM_RUN is how a vCPU is kicked, so the caller must see it. */
+int kvmio_ioctl(int fd, unsigned long request, void *arg)
+{
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+int kvmio_ioctl_val(int fd, unsigned long request, unsigned long arg)
+{
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+/* The kick signal: a real-time signal Python leaves alone, with a handler that does nothing and
+ * no SA_RESTART, so that its only effect is to make a blocked KVM_RUN return EINTR. */
+int kvmio_kick_signal(void) { return SIGRTMIN + 4; }
+
+static void kvmio_kick_handler(int sig) { (void)sig; }
+
+int kvmio_install_kick_handler(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = kvmio_kick_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;
+    return sigaction(kvmio_kick_signal(), &sa, NULL) < 0 ? -errno : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Dirty ring harvesting (Documentation/virt/kvm/api.rst, "KVM_CAP_DIRTY_LOG_RING").
+ * KVM writes slot/offset, then store-releases flags = DIRTY.  We load-acquire flags, read
+ * slot/offset, then store-release flags = RESET (a plain replacement).  Entries are taken in
+ * order, never skipping one; *index is the free-running harvest index (masked by size-1).
+ * ------------------------------------------------------------------------------------------- */
+#define KVMIO_RING_STOP_EMPTY 0  /* stopped at an entry that is not dirty: all caught up */
+#define KVMIO_RING_STOP_LIMIT 1  /* stopped because `limit` entries were taken */
+#define KVMIO_RING_STOP_HOLE  2  /* entry at the index is not dirty but a later one is */
+
+/* How far past a non-dirty entry to look for a dirty one.  An overrun loses at most one
+ * emulation batch (<= 1024 entries), so a hole is never longer than this window. */
+#define KVMIO_HOLE_WINDOW 2048u
+
+static inline int kvmio_gfn_dirty(struct kvm_dirty_gfn *e)
+{
+    return __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) == KVM_DIRTY_GFN_F_DIRTY;
+}
+
+uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
+                            uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop)
+{
+    const uint32_t mask = size - 1;
+    uint32_t i = *index, n = 0;
+
+    while (n < limit) {
+        struct kvm_dirty_gfn *e = &ring[i & mask];
+        if (!kvmio_gfn_dirty(e))
+            break;
+        slots[n] = e->slot;
+        offsets[n] = e->offset;
+        __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+        i++;
+        n++;
+    }
+    *index = i;
+    if (n == limit) {
+        *stop = KVMIO_RING_STOP_LIMIT;
+        return n;
+    }
+    *stop = KVMIO_RING_STOP_EMPTY;
+    /* Hole check: KVM publishes entries in order with release semantics, so if a later entry is
+     * dirty (acquire), every earlier one of the same lap must be too.  Re-read the index entry
+     * after seeing a dirty later one, so that an entry published meanwhile is no false alarm. */
+    uint32_t window = size - 1 < KVMIO_HOLE_WINDOW ? size - 1 : KVMIO_HOLE_WINDOW;
+    for (uint32_t k = 1; k <= window; k++) {
+        if (kvmio_gfn_dirty(&ring[(i + k) & mask])) {
+            if (!kvmio_gfn_dirty(&ring[i & mask]))
+                *stop = KVMIO_RING_STOP_HOLE;
+            break;
+        }
+    }
+    return n;
+}
+
+uint32_t kvmio_ring_count_dirty(struct kvm_dirty_gfn *ring, uint32_t size)
+{
+    uint32_t n = 0;
+    for (uint32_t k = 0; k < size; k++)
+        n += kvmio_gfn_dirty(&ring[k]);
+    return n;
+}
+
+/* Overrun recovery (only with the ring's vCPU outside KVM_RUN): mark the hole entries from
+ * *index up to the first dirty entry as harvested, so that the kernel's reset index can catch
+ * up with ours.  Returns how many entries were skipped (the length of the hole). */
+uint32_t kvmio_ring_skip_hole(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index)
+{
+    const uint32_t mask = size - 1;
+    uint32_t i = *index, n = 0;
+    uint32_t window = size - 1 < KVMIO_HOLE_WINDOW ? size - 1 : KVMIO_HOLE_WINDOW;
+    uint32_t k;
+
+    for (k = 0; k <= window; k++)
+        if (kvmio_gfn_dirty(&ring[(i + k) & mask]))
+            break;
+    if (k > window)
+        return 0;
+    for (n = 0; n < k; n++)
+        __atomic_store_n(&ring[(i + n) & mask].flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+    *index = i + n;
+    return n;
+}
+
+/* Reference loop for the benchmark: the minimal correct C harvester (acquire, copy, release),
+ * with none of kvmio's bookkeeping. */
+uint32_t kvmio_ring_harvest_reference(struct kvm_dirty_gfn *ring, uint32_t size,
+                                      uint32_t *index, uint32_t *slots, uint64_t *offsets)
+{
+    const uint32_t mask = size - 1;
+    uint32_t i = *index, n = 0;
+    for (;;) {
+        struct kvm_dirty_gfn *e = &ring[i & mask];
+        if (n == size || __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) != KVM_DIRTY_GFN_F_DIRTY)
+            break;
+        slots[n] = e->slot;
+        offsets[n] = e->offset;
+        __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+        i++;
+        n++;
+    }
+    *index = i;
+    return n;
+}
+
+/* Test and benchmark helper: publish `count` dirty entries as KVM would (slot/offset, then a
+ * release store of DIRTY), starting at free-running index `start`. */
+void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,
+                     uint32_t slot, uint64_t first_offset)
+{
+    const uint32_t mask = size - 1;
+    for (uint32_t k = 0; k < count; k++) {
+        struct kvm_dirty_gfn *e = &ring[(start + k) & mask];
+        e->slot = slot;
+        e->offset = first_offset + k;
+        __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_DIRTY, __ATOMIC_RELEASE);
+    }
+}
+"""
+
+
+def is_x86_64(machine: str | None = None) -> bool:
+    """Whether the target machine is x86_64 (the architecture with the full binding)."""
+    m = (machine or os.environ.get("KVMIO_TARGET_ARCH") or platform.machine()).lower()
+    return m in ("x86_64", "amd64")
+
+
+def cdef_for(machine: str | None = None) -> str:
+    """The declarations for one architecture."""
+    if is_x86_64(machine):
+        return CDEF_COMMON + CDEF_X86
+    return CDEF_COMMON
+
+
+def make_builder(machine: str | None = None) -> FFI:
+    """A configured FFI builder for ``kvmio._native``."""
+    ffi = FFI()
+    cdef = cdef_for(machine)
+    if is_x86_64(machine):
+        # Drop the generic placeholders that the x86 block declares in full.
+        for opaque in ("struct kvm_regs { ...; };", "struct kvm_sregs { ...; };",
+                       "struct kvm_fpu { ...; };"):
+            cdef = cdef.replace(opaque, "", 1)
+    ffi.cdef(cdef)
+    ffi.set_source("kvmio._native", SOURCE, extra_compile_args=["-O2", "-std=gnu11"])
+    return ffi
+
+
+ffibuilder = make_builder()
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=os.path.join(os.path.dirname(__file__), "..", "..", "build",
+                                           "cffi"), verbose=False)

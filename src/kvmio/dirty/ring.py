@@ -1,0 +1,221 @@
+"""The dirty-log ring of one vCPU: harvesting with acquire/release ordering, in compiled code.
+
+Life of an entry (Documentation/virt/kvm/api.rst): free (0) -> dirty (1, written by KVM) ->
+harvested (2, RESET, written here) -> free again (by KVM_RESET_DIRTY_RINGS).  :meth:`harvest`
+takes entries in ring order, never skipping one, and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from kvmio._abi import PAGE_SIZE, Mapping, ffi, lib
+from kvmio.errors import DirtyRingOverrunError, KvmClosedError, KvmStateError
+from kvmio.memory import SlotId
+
+if TYPE_CHECKING:
+    from kvmio.vcpu import Vcpu
+    from kvmio.vm import Vm
+
+_EMPTY_SLOTS = np.zeros(0, dtype=np.uint32)
+_EMPTY_OFFSETS = np.zeros(0, dtype=np.uint64)
+
+
+@dataclass(frozen=True)
+class DirtyEntries:
+    """Harvested ring entries in ring order: raw ``slot`` values and page ``offsets``.
+
+    Entries may repeat a page (each guest write can push its own entry).
+    """
+
+    slots: npt.NDArray[np.uint32]
+    offsets: npt.NDArray[np.uint64]
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __iter__(self) -> Iterator[tuple[SlotId, int]]:
+        for s, o in zip(self.slots.tolist(), self.offsets.tolist(), strict=True):
+            yield SlotId.decode(s), o
+
+    @staticmethod
+    def concat(parts: list[DirtyEntries]) -> DirtyEntries:
+        """Entries of several harvests, in order."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
+        if len(parts) == 1:
+            return parts[0]
+        return DirtyEntries(np.concatenate([p.slots for p in parts]),
+                            np.concatenate([p.offsets for p in parts]))
+
+    def distinct_pages(self) -> dict[SlotId, npt.NDArray[np.uint64]]:
+        """Sorted distinct page offsets per slot."""
+        out = {}
+        for raw in np.unique(self.slots).tolist():
+            out[SlotId.decode(raw)] = np.unique(self.offsets[self.slots == raw])
+        return out
+
+
+class DirtyRing:
+    """One vCPU's dirty ring, mapped ``MAP_SHARED`` at ``KVM_DIRTY_LOG_PAGE_OFFSET`` pages.
+
+    Created by :meth:`kvmio.Vm.create_vcpu` once the ring is enabled; reach it through
+    :attr:`kvmio.Vcpu.dirty_ring` or hand it to another thread with
+    :meth:`kvmio.Vcpu.take_dirty_ring`.  Every harvest holds the VM's ring lock, as does
+    :meth:`kvmio.Vm.reset_dirty_rings` and closing the vCPU, so a harvest never races a reset's
+    accounting nor touches an unmapped ring: after close it raises :class:`KvmClosedError`.
+    """
+
+    def __init__(self, vm: Vm, vcpu_id: int, vcpu_fd: int, entries: int):
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self.size = entries
+        self._lock: threading.RLock = vm._ring_lock
+        offset = int(lib.KVM_DIRTY_LOG_PAGE_OFFSET) * PAGE_SIZE
+        self._map: Mapping | None = Mapping(entries * 16, fd=vcpu_fd, offset=offset, shared=True,
+                                            what=f"dirty ring of vCPU {vcpu_id}")
+        # Safety: the pointer is into self._map, which stays mapped until _close(), and every use
+        # of it below happens under self._lock after checking that _map is not None.
+        self._gfns = self._map.cast("struct kvm_dirty_gfn *")
+        self._index = ffi.new("uint32_t *", 0)
+        self._stop = ffi.new("int *", 0)
+        self._pending_reset = 0
+        self._stash: list[DirtyEntries] = []
+        self._vcpu: Vcpu | None = None
+        self.harvested_total = 0
+
+    def __repr__(self) -> str:
+        return f"<DirtyRing vcpu={self.vcpu_id} size={self.size} index={self.index}>"
+
+    @property
+    def index(self) -> int:
+        """The free-running harvest index (entries harvested so far, modulo 2**32)."""
+        return int(self._index[0])
+
+    @property
+    def pending_reset(self) -> int:
+        """Entries harvested since the last KVM_RESET_DIRTY_RINGS."""
+        return self._pending_reset
+
+    @property
+    def closed(self) -> bool:
+        """Whether the ring was unmapped (its vCPU or VM closed)."""
+        return self._map is None
+
+    def _check(self) -> None:
+        if self._map is None:
+            raise KvmClosedError(f"the dirty ring of vCPU {self.vcpu_id} is closed (its vCPU or "
+                                 "VM was closed)")
+
+    def _close(self) -> None:
+        with self._lock:
+            m, self._map = self._map, None
+            self._gfns = None
+            if m is not None:
+                m.close()
+
+    def harvest(self, limit: int | None = None) -> DirtyEntries:
+        """Take up to ``limit`` dirty entries (default: all), in ring order.
+
+        Each entry is read after a load-acquire of its flags and then marked harvested with a
+        store-release, in compiled code.  Harvesting stops at the first entry that is not dirty
+        (or at ``limit``) and resumes there next time.  Entries that
+        :meth:`kvmio.Vcpu.run_until_exit` harvested on a ring-full exit come first.
+
+        Raises :class:`DirtyRingOverrunError` when the ring shows that the kernel overwrote
+        entries: a hole (the entry at the index is not dirty but a later one is) or a completely
+        full ring since the last reset.  The exception's ``entries`` holds what was harvested.
+        """
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        with self._lock:
+            got = self._harvest_locked(self.size if limit is None else limit)
+            if self._stash:
+                got = DirtyEntries.concat([*self._stash, got])
+                self._stash.clear()
+            return got
+
+    def __iter__(self) -> Iterator[tuple[SlotId, int]]:
+        """Harvest everything now available and iterate over ``(SlotId, page offset)``."""
+        return iter(self.harvest())
+
+    def _harvest_locked(self, limit: int) -> DirtyEntries:
+        self._check()
+        limit = min(limit, self.size)
+        if limit == 0:
+            return DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
+        slots = np.empty(limit, dtype=np.uint32)
+        offsets = np.empty(limit, dtype=np.uint64)
+        # Safety: both output arrays hold `limit` items, the most the C loop writes, and are
+        # pinned by from_buffer for the call; the ring pointer is valid (checked above, lock held).
+        ps = ffi.from_buffer("uint32_t[]", slots, require_writable=True)
+        po = ffi.from_buffer("uint64_t[]", offsets, require_writable=True)
+        n = int(lib.kvmio_ring_harvest(self._gfns, self.size, self._index, limit, ps, po,
+                                       self._stop))
+        ffi.release(ps)
+        ffi.release(po)
+        stop = int(self._stop[0])
+        self._pending_reset += n
+        self.harvested_total += n
+        if n < limit // 2:
+            got = DirtyEntries(slots[:n].copy(), offsets[:n].copy())
+        else:
+            got = DirtyEntries(slots[:n], offsets[:n])
+        if stop == lib.KVMIO_RING_STOP_HOLE:
+            self._overrun(got, "an entry the kernel should have published is missing (a hole "
+                               "in the ring)")
+        if self._pending_reset >= self.size:
+            self._overrun(got, f"the ring filled completely ({self._pending_reset} of "
+                               f"{self.size} entries since the last reset)")
+        return got
+
+    def _overrun(self, got: DirtyEntries, why: str) -> None:
+        err = DirtyRingOverrunError(
+            f"dirty ring of vCPU {self.vcpu_id} overrun: {why}; the kernel overwrote entries, so "
+            "dirty pages may have been lost. Treat the tracked slots as wholly dirty and "
+            "resynchronise them; to avoid it use a bigger ring, a guest that writes fewer pages "
+            "per burst, or bitmap mode", vcpu=self.vcpu_id)
+        err.entries = got  # type: ignore[attr-defined]
+        raise err
+
+    def _harvest_all(self) -> DirtyEntries:
+        with self._lock:
+            return self.harvest()
+
+    def _harvest_into_pending(self) -> int:
+        """Harvest everything into the stash (for the ring-full handler); return the count."""
+        with self._lock:
+            got = self._harvest_locked(self.size)
+            if len(got):
+                self._stash.append(got)
+            return len(got)
+
+    def count_dirty(self) -> int:
+        """How many entries are dirty right now (not yet harvested); for diagnostics."""
+        with self._lock:
+            self._check()
+            return int(lib.kvmio_ring_count_dirty(self._gfns, self.size))
+
+    def recover_from_overrun(self) -> int:
+        """After :class:`DirtyRingOverrunError`: make the ring usable again.
+
+        Marks the hole (entries the kernel counted but overwrote) as harvested so that the next
+        KVM_RESET_DIRTY_RINGS catches the kernel's reset index up with ours.  The vCPU must be
+        outside ``run()`` (it does not work on a running vCPU).  The writes behind the lost
+        entries stay lost: resynchronise the tracked slots.  Returns the hole's length.
+        """
+        with self._lock:
+            self._check()
+            vcpu = self._vcpu
+            if vcpu is not None and vcpu._in_run:
+                raise KvmStateError("recover the ring only while its vCPU is outside run()")
+            skipped = int(lib.kvmio_ring_skip_hole(self._gfns, self.size, self._index))
+            self._pending_reset += skipped
+            return skipped

@@ -1,0 +1,172 @@
+"""The KVM system file descriptor (``/dev/kvm``): :class:`Kvm`."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from kvmio import _abi
+from kvmio._abi import IS_X86, FdOwner, ffi, ioctl, lib
+from kvmio.caps import Cap
+from kvmio.errors import KvmError, KvmUnavailableError, KvmUnsupportedError
+
+if TYPE_CHECKING:
+    from kvmio.vm import Vm
+
+DEFAULT_PATH = "/dev/kvm"
+#: The only KVM API version there has ever been (KVM_GET_API_VERSION).
+API_VERSION = 12
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2``."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+class Kvm(FdOwner):
+    """An open ``/dev/kvm``: capability queries and VM creation.
+
+    >>> with Kvm() as kvm:                                  # doctest: +SKIP
+    ...     kvm.check_extension(Cap.DIRTY_LOG_RING_ACQ_REL)
+    65536
+    """
+
+    _what = "Kvm"
+
+    def __init__(self, path: str = DEFAULT_PATH):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise KvmUnavailableError(
+                f"{path} does not exist: KVM is not available on this machine (is the kvm "
+                "module loaded, and is hardware virtualisation enabled?)",
+                errno=e.errno, ioctl="open") from e
+        except PermissionError as e:
+            raise KvmUnavailableError(
+                f"permission denied opening {path}: run as root or join the group that owns it "
+                "(usually 'kvm')", errno=e.errno, ioctl="open") from e
+        except OSError as e:
+            raise KvmUnavailableError(f"cannot open {path}: {e.strerror}", errno=e.errno,
+                                      ioctl="open") from e
+        super().__init__(fd)
+        self.path = path
+        try:
+            version = ioctl(fd, lib.KVM_GET_API_VERSION, name="KVM_GET_API_VERSION")
+        except KvmError as e:
+            self.close()
+            raise KvmUnavailableError(f"{path} is not a KVM device", errno=e.errno,
+                                      ioctl="KVM_GET_API_VERSION") from e
+        if version != API_VERSION:
+            self.close()
+            raise KvmUnavailableError(
+                f"{path} speaks KVM API version {version}; kvmio supports only {API_VERSION}")
+        self.api_version = version
+
+    def close(self) -> None:
+        """Close ``/dev/kvm``.  VMs already created stay usable (they hold their own fds)."""
+        self._close_fd()
+
+    def __enter__(self) -> Kvm:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def get_api_version(self) -> int:
+        """KVM_GET_API_VERSION (always 12)."""
+        return ioctl(self.fd, lib.KVM_GET_API_VERSION, name="KVM_GET_API_VERSION")
+
+    def check_extension(self, cap: Cap | int) -> int:
+        """KVM_CHECK_EXTENSION on the system fd: 0 if unsupported, else a capability-specific
+        value (e.g. the maximum ring size in bytes for the dirty-ring capabilities)."""
+        return ioctl(self.fd, lib.KVM_CHECK_EXTENSION, int(cap), name="KVM_CHECK_EXTENSION")
+
+    def get_vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes of each vCPU's shared ``kvm_run`` area."""
+        return ioctl(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, name="KVM_GET_VCPU_MMAP_SIZE")
+
+    def get_nr_vcpus(self) -> int:
+        """Recommended maximum vCPUs per VM (KVM_CAP_NR_VCPUS; 4 if not reported)."""
+        return self.check_extension(Cap.NR_VCPUS) or 4
+
+    def get_max_vcpus(self) -> int:
+        """Hard maximum vCPUs per VM (KVM_CAP_MAX_VCPUS, falling back to NR_VCPUS)."""
+        return self.check_extension(Cap.MAX_VCPUS) or self.get_nr_vcpus()
+
+    def get_nr_memslots(self) -> int:
+        """Memory slots per address space (KVM_CAP_NR_MEMSLOTS; 32 if not reported)."""
+        return self.check_extension(Cap.NR_MEMSLOTS) or 32
+
+    def max_dirty_ring_bytes(self) -> int:
+        """The largest dirty ring the kernel allows, in bytes; 0 without dirty-ring support.
+
+        Asks both KVM_CAP_DIRTY_LOG_RING_ACQ_REL and KVM_CAP_DIRTY_LOG_RING, so the answer is
+        right on kernels that offer only the ACQ_REL variant (arm64) too.
+        """
+        return max(self.check_extension(Cap.DIRTY_LOG_RING_ACQ_REL),
+                   self.check_extension(Cap.DIRTY_LOG_RING))
+
+    def get_supported_cpuid(self, max_entries: int = 256) -> list[CpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID (x86): the CPUID leaves KVM can expose to a guest."""
+        _require_x86("KVM_GET_SUPPORTED_CPUID")
+        while True:
+            buf = ffi.new("struct kvm_cpuid2 *", {"entries": max_entries})
+            buf.nent = max_entries
+            try:
+                ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, buf, name="KVM_GET_SUPPORTED_CPUID")
+            except KvmError as e:
+                if e.errno == _errno.E2BIG and max_entries < 4096:
+                    max_entries *= 2
+                    continue
+                raise
+            return cpuid_entries(buf)
+
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST (x86): MSRs that KVM_GET/SET_MSRS support."""
+        _require_x86("KVM_GET_MSR_INDEX_LIST")
+        n = 256
+        while True:
+            buf = ffi.new("struct kvm_msr_list *", {"indices": n})
+            buf.nmsrs = n
+            try:
+                ioctl(self.fd, lib.KVM_GET_MSR_INDEX_LIST, buf, name="KVM_GET_MSR_INDEX_LIST")
+            except KvmError as e:
+                if e.errno == _errno.E2BIG and buf.nmsrs > n:
+                    n = int(buf.nmsrs)
+                    continue
+                raise
+            return [int(buf.indices[i]) for i in range(buf.nmsrs)]
+
+    def create_vm(self, vm_type: int = 0) -> Vm:
+        """KVM_CREATE_VM: a new, empty virtual machine."""
+        from kvmio.vm import Vm
+
+        fd = ioctl(self.fd, lib.KVM_CREATE_VM, vm_type, name="KVM_CREATE_VM")
+        return Vm(fd, self)
+
+
+def cpuid_entries(buf: _abi.CData) -> list[CpuidEntry]:
+    """Decode a filled ``struct kvm_cpuid2``."""
+    out = []
+    for i in range(buf.nent):
+        e = buf.entries[i]
+        out.append(CpuidEntry(int(e.function), int(e.index), int(e.flags), int(e.eax),
+                              int(e.ebx), int(e.ecx), int(e.edx)))
+    return out
+
+
+def _require_x86(what: str) -> None:
+    if not IS_X86:
+        raise KvmUnsupportedError(f"{what} exists only on x86_64 (this is {_abi.ARCH})")

@@ -1,0 +1,409 @@
+"""The vCPU file descriptor: :class:`Vcpu` (run loop, registers, kick)."""
+
+from __future__ import annotations
+
+import errno as _errno
+import signal
+import threading
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from kvmio import _abi
+from kvmio._abi import IS_X86, FdOwner, Mapping, ffi, ioctl, lib
+from kvmio.errors import (
+    DirtyRingOverrunError,
+    KvmClosedError,
+    KvmError,
+    KvmStateError,
+    KvmUnsupportedError,
+)
+from kvmio.exits import (
+    DirtyRingFull,
+    ExitReason,
+    FailEntry,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    Unknown,
+    VcpuExit,
+    stale_answer,
+)
+from kvmio.system import CpuidEntry, cpuid_entries
+from kvmio.x86 import Regs, Sregs
+
+if TYPE_CHECKING:
+    from kvmio.dirty.ring import DirtyRing
+    from kvmio.vm import Vm
+
+#: Ring-full exits in a row with nothing to harvest before kvmio declares the ring overrun.
+RING_FULL_STUCK_LIMIT = 3
+
+
+class Vcpu(FdOwner):
+    """A virtual CPU (from :meth:`kvmio.Vm.create_vcpu`).
+
+    :meth:`run` enters the guest and returns a decoded exit.  :meth:`kick` (from any thread)
+    makes a ``run`` in progress return :class:`~kvmio.exits.Interrupted` promptly.
+    """
+
+    _what = "Vcpu"
+
+    def __init__(self, vm: Vm, vcpu_id: int, fd: int, run: Mapping, ring: DirtyRing | None):
+        super().__init__(fd)
+        self.vm = vm
+        self.id = vcpu_id
+        self._run_map = run
+        self._run = run.cast("struct kvm_run *")
+        self._ring = ring
+        self._ring_taken = False
+        if ring is not None:
+            ring._vcpu = self
+        self._exit_gen = 0
+        # Guards the identity of the thread inside KVM_RUN, so that kick() never signals a
+        # thread that has left run() (or exited).
+        self._run_lock = threading.Lock()
+        self._running_thread: int | None = None
+        self._in_run = False
+
+    def __repr__(self) -> str:
+        return f"<Vcpu {self.id} {'closed' if self.closed else f'fd={self._fd}'}>"
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap the ring and ``kvm_run`` and close the fd (idempotent).  Closing a vCPU while
+        another thread is inside :meth:`run` raises :class:`KvmStateError`; kick it first."""
+        with self._run_lock:
+            if self._in_run:
+                raise KvmStateError(f"vCPU {self.id} is running in another thread; kick() it and "
+                                    "wait for run() to return before closing")
+            if self._ring is not None:
+                self._ring._close()
+            self._run = None
+            self._run_map.close()
+            self._close_fd()
+        self.vm._forget_vcpu(self.id)
+
+    def __enter__(self) -> Vcpu:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- running ----------------------------------------------------------------------------
+
+    @property
+    def immediate_exit(self) -> bool:
+        """``kvm_run.immediate_exit``: when set, the next KVM_RUN returns at once (EINTR)."""
+        return bool(self._kvm_run().immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self._kvm_run().immediate_exit = 1 if value else 0
+
+    def _kvm_run(self) -> Any:
+        if self._run is None:
+            raise KvmClosedError(f"vCPU {self.id} is closed")
+        return self._run
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN: safe from any thread, at any time.
+
+        Sets ``immediate_exit`` (so a ``run()`` about to start returns at once) and signals the
+        thread currently inside KVM_RUN, if any.  The next ``run()`` returns
+        :class:`~kvmio.exits.Interrupted` and clears ``immediate_exit``.
+        """
+        with self._run_lock:
+            run = self._kvm_run()
+            run.immediate_exit = 1
+            if self._running_thread is not None:
+                signal.pthread_kill(self._running_thread, _abi.kick_signal())
+
+    def run(self) -> VcpuExit:
+        """KVM_RUN: run the guest until it exits to userspace, and decode the exit.
+
+        I/O-in and MMIO-read exits carry an ``answer()`` method that writes the value the guest
+        reads back into ``kvm_run``; it must be called before the next ``run()``.
+        """
+        _abi.kick_signal()  # install the kick handler before the first KVM_RUN
+        with self._run_lock:
+            run = self._kvm_run()
+            if self._in_run:
+                raise KvmStateError(f"vCPU {self.id} is already running in another thread")
+            fd = self.fd
+            self._in_run = True
+            self._running_thread = threading.get_ident()
+            self._exit_gen += 1
+        try:
+            r = _abi.ioctl_eintr(fd, lib.KVM_RUN, name="KVM_RUN")
+        finally:
+            with self._run_lock:
+                self._running_thread = None
+                self._in_run = False
+        if r is None:
+            run.immediate_exit = 0
+            return Interrupted()
+        return self._decode(run)
+
+    def _decode(self, run: Any) -> VcpuExit:
+        reason = int(run.exit_reason)
+        gen = self._exit_gen
+        if reason == ExitReason.IO:
+            io = lib.kvmio_run_io(run)
+            size, count = int(io.size), int(io.count)
+            n = size * count
+            offset = int(io.data_offset)
+            if offset + n > self._run_map.size:
+                raise KvmError(f"kernel reported I/O data outside kvm_run ({offset}+{n})")
+            if io.direction == lib.KVM_EXIT_IO_OUT:
+                data = bytes(ffi.buffer(self._run_map.ptr + offset, n))
+                return IoOut(int(io.port), size, count, data)
+
+            def answer_io(data: bytes) -> None:
+                self._check_gen(gen)
+                ffi.memmove(self._run_map.ptr + offset, data, n)
+
+            return IoIn(answer_io, int(io.port), size, count)
+        if reason == ExitReason.MMIO:
+            m = lib.kvmio_run_mmio(run)
+            length = min(int(m.len), 8)
+            if m.is_write:
+                return MmioWrite(int(m.phys_addr), bytes(m.data[0:length]))
+
+            def answer_mmio(data: bytes) -> None:
+                self._check_gen(gen)
+                ffi.memmove(lib.kvmio_run_mmio(self._kvm_run()).data, data, len(data))
+
+            return MmioRead(answer_mmio, int(m.phys_addr), length)
+        if reason == ExitReason.HLT:
+            return Hlt()
+        if reason == ExitReason.SHUTDOWN:
+            return Shutdown()
+        if reason == ExitReason.DIRTY_RING_FULL:
+            return DirtyRingFull()
+        if reason == ExitReason.INTR:
+            return Interrupted()
+        if reason == ExitReason.FAIL_ENTRY:
+            f = lib.kvmio_run_fail_entry(run)
+            return FailEntry(int(f.hardware_entry_failure_reason), int(f.cpu))
+        if reason == ExitReason.INTERNAL_ERROR:
+            ie = lib.kvmio_run_internal(run)
+            nd = min(int(ie.ndata), 16)
+            return InternalError(int(ie.suberror), tuple(int(ie.data[i]) for i in range(nd)))
+        if reason == ExitReason.SYSTEM_EVENT:
+            se = lib.kvmio_run_system_event(run)
+            nd = min(int(se.ndata), 16)
+            return SystemEvent(int(se.type), tuple(int(se.data[i]) for i in range(nd)))
+        hw = lib.kvmio_run_hw(run)
+        return Unknown(reason, int(hw.hardware_exit_reason))
+
+    def _check_gen(self, gen: int) -> None:
+        if gen != self._exit_gen:
+            stale_answer(b"")
+
+    # -- dirty ring -------------------------------------------------------------------------
+
+    @property
+    def dirty_ring(self) -> DirtyRing:
+        """This vCPU's dirty ring while the vCPU still owns it (see :meth:`take_dirty_ring`)."""
+        if self._ring is None:
+            raise KvmStateError(f"vCPU {self.id} has no dirty ring (enable it on the VM before "
+                                "creating vCPUs)")
+        if self._ring_taken:
+            raise KvmStateError(f"the dirty ring of vCPU {self.id} was handed to a harvester")
+        return self._ring
+
+    def take_dirty_ring(self) -> DirtyRing:
+        """Hand this vCPU's ring to a harvester (e.g. another thread), once.
+
+        After this the vCPU, :attr:`dirty_ring` and :meth:`kvmio.Vm.collect_dirty_pages` no
+        longer harvest it; a second call raises :class:`KvmStateError`.
+        """
+        ring = self.dirty_ring
+        self._ring_taken = True
+        return ring
+
+    def run_until_exit(self, *, max_stuck: int = RING_FULL_STUCK_LIMIT) -> VcpuExit:
+        """Run, handling KVM_EXIT_DIRTY_RING_FULL: harvest this vCPU's ring, reset, re-enter.
+
+        Returns the first other exit.  The harvested entries are kept on the ring
+        (:meth:`kvmio.dirty.ring.DirtyRing.pending_entries`) so nothing is lost; a ring-full exit
+        with nothing to harvest ``max_stuck`` times in a row means the ring was overrun
+        (entries overwritten) and raises :class:`DirtyRingOverrunError`.
+        """
+        stuck = 0
+        while True:
+            ex = self.run()
+            if not isinstance(ex, DirtyRingFull):
+                return ex
+            ring = self.dirty_ring
+            got = ring._harvest_into_pending()
+            self.vm.reset_dirty_rings()
+            stuck = stuck + 1 if got == 0 else 0
+            if stuck >= max_stuck:
+                raise DirtyRingOverrunError(
+                    f"vCPU {self.id} keeps exiting with a full dirty ring but nothing to harvest: "
+                    "the ring was overrun and dirty pages were lost; treat the tracked slots as "
+                    "wholly dirty, and use a bigger ring, a lower write density, or bitmap mode",
+                    vcpu=self.id)
+
+    # -- registers --------------------------------------------------------------------------
+
+    def _get(self, ctype: str, req: str) -> Any:
+        buf = ffi.new(ctype + " *")
+        ioctl(self.fd, getattr(lib, req), buf, name=req)
+        return buf
+
+    def _x86(self, what: str) -> None:
+        if not IS_X86:
+            raise KvmUnsupportedError(f"{what} exists only on x86_64")
+
+    def get_regs(self) -> Regs:
+        """KVM_GET_REGS."""
+        self._x86("KVM_GET_REGS as Regs")
+        return Regs.from_c(self._get("struct kvm_regs", "KVM_GET_REGS"))
+
+    def set_regs(self, regs: Regs) -> None:
+        """KVM_SET_REGS."""
+        self._x86("KVM_SET_REGS as Regs")
+        ioctl(self.fd, lib.KVM_SET_REGS, regs.to_c(), name="KVM_SET_REGS")
+
+    def get_sregs(self) -> Sregs:
+        """KVM_GET_SREGS."""
+        self._x86("KVM_GET_SREGS as Sregs")
+        return Sregs.from_c(self._get("struct kvm_sregs", "KVM_GET_SREGS"))
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        """KVM_SET_SREGS."""
+        self._x86("KVM_SET_SREGS as Sregs")
+        ioctl(self.fd, lib.KVM_SET_SREGS, sregs.to_c(), name="KVM_SET_SREGS")
+
+    def _get_raw(self, ctype: str, req: str) -> bytes:
+        self._x86(req)
+        return _abi.to_bytes(self._get(ctype, req), ctype)
+
+    def _set_raw(self, ctype: str, req: str, data: bytes) -> None:
+        self._x86(req)
+        ioctl(self.fd, getattr(lib, req), _abi.from_bytes(ctype, data), name=req)
+
+    def get_fpu(self) -> bytes:
+        """KVM_GET_FPU: the raw ``struct kvm_fpu``."""
+        return self._get_raw("struct kvm_fpu", "KVM_GET_FPU")
+
+    def set_fpu(self, data: bytes) -> None:
+        """KVM_SET_FPU from a raw ``struct kvm_fpu``."""
+        self._set_raw("struct kvm_fpu", "KVM_SET_FPU", data)
+
+    def get_lapic(self) -> bytes:
+        """KVM_GET_LAPIC: the 1 KiB local APIC register page (needs an in-kernel irqchip)."""
+        return self._get_raw("struct kvm_lapic_state", "KVM_GET_LAPIC")
+
+    def set_lapic(self, data: bytes) -> None:
+        """KVM_SET_LAPIC."""
+        self._set_raw("struct kvm_lapic_state", "KVM_SET_LAPIC", data)
+
+    def get_xsave(self) -> bytes:
+        """KVM_GET_XSAVE: the raw 4 KiB ``struct kvm_xsave``."""
+        return self._get_raw("struct kvm_xsave", "KVM_GET_XSAVE")
+
+    def set_xsave(self, data: bytes) -> None:
+        """KVM_SET_XSAVE."""
+        self._set_raw("struct kvm_xsave", "KVM_SET_XSAVE", data)
+
+    def get_vcpu_events(self) -> bytes:
+        """KVM_GET_VCPU_EVENTS: pending exceptions/interrupts/NMIs, raw."""
+        return self._get_raw("struct kvm_vcpu_events", "KVM_GET_VCPU_EVENTS")
+
+    def set_vcpu_events(self, data: bytes) -> None:
+        """KVM_SET_VCPU_EVENTS."""
+        self._set_raw("struct kvm_vcpu_events", "KVM_SET_VCPU_EVENTS", data)
+
+    def get_debugregs(self) -> bytes:
+        """KVM_GET_DEBUGREGS, raw ``struct kvm_debugregs``."""
+        return self._get_raw("struct kvm_debugregs", "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, data: bytes) -> None:
+        """KVM_SET_DEBUGREGS."""
+        self._set_raw("struct kvm_debugregs", "KVM_SET_DEBUGREGS", data)
+
+    def get_xcrs(self) -> dict[int, int]:
+        """KVM_GET_XCRS: extended control registers by index (XCR0 = 0)."""
+        self._x86("KVM_GET_XCRS")
+        x = self._get("struct kvm_xcrs", "KVM_GET_XCRS")
+        return {int(x.xcrs[i].xcr): int(x.xcrs[i].value) for i in range(x.nr_xcrs)}
+
+    def set_xcrs(self, xcrs: dict[int, int]) -> None:
+        """KVM_SET_XCRS."""
+        self._x86("KVM_SET_XCRS")
+        x = ffi.new("struct kvm_xcrs *")
+        cap = len(x.xcrs)
+        if len(xcrs) > cap:
+            raise KvmError(f"at most {cap} XCRs", errno=_errno.EINVAL)
+        x.nr_xcrs = len(xcrs)
+        for i, (k, v) in enumerate(sorted(xcrs.items())):
+            x.xcrs[i].xcr = k
+            x.xcrs[i].value = v
+        ioctl(self.fd, lib.KVM_SET_XCRS, x, name="KVM_SET_XCRS")
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE (``KVM_MP_STATE_*``)."""
+        return int(self._get("struct kvm_mp_state", "KVM_GET_MP_STATE").mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        """KVM_SET_MP_STATE."""
+        mp = ffi.new("struct kvm_mp_state *")
+        mp.mp_state = state
+        ioctl(self.fd, lib.KVM_SET_MP_STATE, mp, name="KVM_SET_MP_STATE")
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS: the values of the given MSRs.  Raises if the kernel reads fewer."""
+        self._x86("KVM_GET_MSRS")
+        m = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
+        m.nmsrs = len(indices)
+        for i, idx in enumerate(indices):
+            m.entries[i].index = idx
+        n = ioctl(self.fd, lib.KVM_GET_MSRS, m, name="KVM_GET_MSRS")
+        if n != len(indices):
+            raise KvmError(f"MSR {indices[n]:#x} cannot be read", errno=_errno.EINVAL,
+                           ioctl="KVM_GET_MSRS")
+        return {int(m.entries[i].index): int(m.entries[i].data) for i in range(n)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        """KVM_SET_MSRS.  Raises naming the first MSR the kernel refused."""
+        self._x86("KVM_SET_MSRS")
+        items = list(values.items())
+        m = ffi.new("struct kvm_msrs *", {"entries": len(items)})
+        m.nmsrs = len(items)
+        for i, (idx, val) in enumerate(items):
+            m.entries[i].index = idx
+            m.entries[i].data = val
+        n = ioctl(self.fd, lib.KVM_SET_MSRS, m, name="KVM_SET_MSRS")
+        if n != len(items):
+            raise KvmError(f"MSR {items[n][0]:#x} cannot be set to {items[n][1]:#x}",
+                           errno=_errno.EINVAL, ioctl="KVM_SET_MSRS")
+
+    def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
+        """KVM_SET_CPUID2: the CPUID the guest sees (usually from ``get_supported_cpuid``)."""
+        self._x86("KVM_SET_CPUID2")
+        buf = ffi.new("struct kvm_cpuid2 *", {"entries": len(entries)})
+        buf.nent = len(entries)
+        for i, e in enumerate(entries):
+            c = buf.entries[i]
+            c.function, c.index, c.flags = e.function, e.index, e.flags
+            c.eax, c.ebx, c.ecx, c.edx = e.eax, e.ebx, e.ecx, e.edx
+        ioctl(self.fd, lib.KVM_SET_CPUID2, buf, name="KVM_SET_CPUID2")
+
+    def get_cpuid2(self, max_entries: int = 256) -> list[CpuidEntry]:
+        """KVM_GET_CPUID2: the CPUID entries set on this vCPU."""
+        self._x86("KVM_GET_CPUID2")
+        buf = ffi.new("struct kvm_cpuid2 *", {"entries": max_entries})
+        buf.nent = max_entries
+        ioctl(self.fd, lib.KVM_GET_CPUID2, buf, name="KVM_GET_CPUID2")
+        return cpuid_entries(buf)
