@@ -1,0 +1,55 @@
+"""Shared fixtures.  KVM tests need /dev/kvm: without it they skip with the reason, except
+under CI=true, where a missing or unusable /dev/kvm fails the run instead."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from kvmio import Kvm, KvmError
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _kvm_problem() -> str | None:
+    try:
+        Kvm().close()
+    except KvmError as e:
+        return str(e)
+    return None
+
+
+_PROBLEM = _kvm_problem()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _PROBLEM is None:
+        return
+    for item in items:
+        if "kvm" in item.keywords:
+            if IN_CI:
+                item.add_marker(pytest.mark.usefixtures("_kvm_required_in_ci"))
+            else:
+                item.add_marker(pytest.mark.skip(reason=f"no usable /dev/kvm: {_PROBLEM}"))
+
+
+@pytest.fixture
+def _kvm_required_in_ci() -> None:
+    pytest.fail(f"CI=true but /dev/kvm is not usable: {_PROBLEM}")
+
+
+@pytest.fixture
+def kvm() -> Iterator[Kvm]:
+    """An open /dev/kvm (the test is marked ``kvm`` automatically)."""
+    k = Kvm()
+    try:
+        yield k
+    finally:
+        k.close()
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if "kvm" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.kvm)
