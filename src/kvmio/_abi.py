@@ -6,6 +6,7 @@ The friendly layers above deal only in Python values, ``bytes`` and numpy arrays
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import mmap
 import os
@@ -156,11 +157,10 @@ class Mapping:
         if ptr is not None:
             ffi.release(ptr)
         if mm is not None:
-            try:
+            # If a view is still exported, mmap refuses (BufferError) and its finaliser unmaps
+            # once the last view is dropped.
+            with contextlib.suppress(BufferError):
                 mm.close()
-            except BufferError:
-                # A view is still exported; mmap's finaliser unmaps once it is dropped.
-                pass
 
 
 def new(ctype: str, init: Any = None) -> CData:

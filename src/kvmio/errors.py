@@ -1,7 +1,7 @@
 """kvmio's exceptions: one base type, :class:`KvmError`, and a few precise subclasses.
 
-:class:`KvmError` derives from :class:`OSError`, so ``errno`` carries the kernel's error number where
-there is one, and ``except OSError`` keeps working.  ``ioctl`` names the failing call.
+:class:`KvmError` derives from :class:`OSError`, so ``errno`` carries the kernel's error number
+where there is one, and ``except OSError`` keeps working.  ``ioctl`` names the failing call.
 """
 
 from __future__ import annotations

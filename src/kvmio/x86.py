@@ -25,7 +25,7 @@ EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
 
 
-@dataclass
+@dataclass(slots=True)
 class Regs:
     """General-purpose registers (``struct kvm_regs``)."""
 
@@ -61,7 +61,7 @@ class Regs:
         return c
 
 
-@dataclass
+@dataclass(slots=True)
 class Segment:
     """A segment register's visible and hidden parts (``struct kvm_segment``)."""
 
@@ -87,7 +87,7 @@ class Segment:
         return cls(**{f.name: int(getattr(c, f.name)) for f in fields(cls)})
 
 
-@dataclass
+@dataclass(slots=True)
 class DTable:
     """A descriptor-table register (GDTR/IDTR)."""
 
@@ -99,7 +99,7 @@ _SEGS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 _CRS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 
 
-@dataclass
+@dataclass(slots=True)
 class Sregs:
     """Special registers (``struct kvm_sregs``): segments, descriptor tables, control regs."""
 

@@ -1,0 +1,41 @@
+"""Helpers for tests that run the built-in guests."""
+
+from __future__ import annotations
+
+from kvmio import IoOut, Kvm, Vcpu, Vm
+from kvmio.exits import VcpuExit
+from kvmio.guests.modes import setup_long_mode, setup_protected_mode, setup_real_mode
+from kvmio.guests.programs import program
+
+
+def boot(kvm: Kvm, name: str, mem: int = 4 << 20, **regs: int) -> tuple[Vm, Vcpu]:
+    """A VM with ``mem`` bytes at GPA 0 running built-in program ``name`` in its CPU mode."""
+    vm = kvm.create_vm()
+    vm.add_memory_region(0, mem)
+    prog = program(name)
+    at = prog.load(vm, 0x10000)
+    vcpu = vm.create_vcpu()
+    if prog.mode == "real":
+        setup_real_mode(vcpu, at)
+    elif prog.mode == "protected":
+        setup_protected_mode(vcpu, vm, at)
+    else:
+        setup_long_mode(vcpu, vm, at)
+    if regs:
+        r = vcpu.get_regs()
+        for k, v in regs.items():
+            setattr(r, k, v)
+        vcpu.set_regs(r)
+    return vm, vcpu
+
+
+def run_collecting(vcpu: Vcpu, limit: int = 10_000) -> tuple[dict[int, list[bytes]], VcpuExit]:
+    """Run until an exit other than port output; return output by port and that exit."""
+    out: dict[int, list[bytes]] = {}
+    for _ in range(limit):
+        ex = vcpu.run()
+        if isinstance(ex, IoOut):
+            out.setdefault(ex.port, []).append(ex.data)
+            continue
+        return out, ex
+    raise AssertionError("guest did not stop")

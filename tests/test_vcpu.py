@@ -1,0 +1,311 @@
+"""Vcpu: every exit kind, answers written back, registers, kick(), bad use."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from guests import boot, run_collecting
+
+from kvmio import (
+    DirtyRingFull,
+    FailEntry,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    Kvm,
+    KvmClosedError,
+    KvmError,
+    KvmInvalidArgumentError,
+    KvmStateError,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    SystemEventType,
+    Unknown,
+    Vcpu,
+    Vm,
+)
+from kvmio._abi import ffi, lib
+from kvmio.guests.modes import setup_protected_mode, setup_real_mode
+from kvmio.x86 import DTable
+
+
+def _protected(kvm: Kvm, code: bytes) -> tuple[Vm, Vcpu]:
+    vm = kvm.create_vm()
+    vm.add_memory_region(0, 1 << 20)
+    vm.write_memory(0x10000, code)
+    vcpu = vm.create_vcpu()
+    setup_protected_mode(vcpu, vm, 0x10000)
+    return vm, vcpu
+
+
+def _real(kvm: Kvm, code: bytes) -> tuple[Vm, Vcpu]:
+    vm = kvm.create_vm()
+    vm.add_memory_region(0, 1 << 20)
+    vm.write_memory(0x10000, code)
+    vcpu = vm.create_vcpu()
+    setup_real_mode(vcpu, 0x10000)
+    return vm, vcpu
+
+
+def test_hello_io_out_and_hlt(kvm: Kvm) -> None:
+    vm, vcpu = boot(kvm, "hello")
+    with vm:
+        out, ex = run_collecting(vcpu)
+        assert b"".join(out[0xE9]) == b"Hello from a kvmio guest!\n"
+        assert [IoOut(0x501, 2, 1, (26).to_bytes(2, "little")).value] == [
+            int.from_bytes(d, "little") for d in out[0x501]]
+        assert ex == Hlt()
+
+
+def test_io_in_answer_is_seen_by_guest(kvm: Kvm) -> None:
+    # in al, 0x60 ; out 0x61, al ; in ax, dx (dx=0x1234) ; out 0x62, ax ; hlt
+    code = bytes([0xE4, 0x60, 0xE6, 0x61, 0xBA, 0x34, 0x12, 0xED, 0xE7, 0x62, 0xF4])
+    vm, vcpu = _real(kvm, code)
+    with vm:
+        ex = vcpu.run()
+        assert isinstance(ex, IoIn) and (ex.port, ex.size, ex.count) == (0x60, 1, 1)
+        ex.answer(0xA5)
+        assert vcpu.run() == IoOut(0x61, 1, 1, b"\xa5")
+        ex = vcpu.run()
+        assert isinstance(ex, IoIn) and (ex.port, ex.size) == (0x1234, 2)
+        ex.answer(b"\x0d\xf0")
+        assert vcpu.run() == IoOut(0x62, 2, 1, b"\x0d\xf0")
+        assert vcpu.run() == Hlt()
+
+
+def test_unanswered_io_in_reads_zero_and_bad_answers(kvm: Kvm) -> None:
+    code = bytes([0xE4, 0x60, 0xE6, 0x61, 0xE4, 0x60, 0xE6, 0x61, 0xF4])
+    vm, vcpu = _real(kvm, code)
+    with vm:
+        ex = vcpu.run()
+        assert isinstance(ex, IoIn)
+        with pytest.raises(KvmInvalidArgumentError, match="needs 1 bytes"):
+            ex.answer(b"\x01\x02")
+        out = vcpu.run()
+        assert isinstance(out, IoOut)
+        stale = ex
+        ex2 = vcpu.run()
+        assert isinstance(ex2, IoIn)
+        with pytest.raises(KvmStateError, match="no longer current"):
+            stale.answer(1)
+
+
+def test_mmio_read_answer_and_write(kvm: Kvm) -> None:
+    # mov eax, [0x10000000] ; out 0x10, eax ; mov dword [0x10000000], 0x12345678 ; hlt
+    code = bytes([0xA1, 0, 0, 0, 0x10, 0xE7, 0x10,
+                  0xC7, 0x05, 0, 0, 0, 0x10, 0x78, 0x56, 0x34, 0x12, 0xF4])
+    vm, vcpu = _protected(kvm, code)
+    with vm:
+        ex = vcpu.run()
+        assert isinstance(ex, MmioRead) and (ex.address, ex.length) == (0x10000000, 4)
+        ex.answer(0xDEADBEEF)
+        assert vcpu.run() == IoOut(0x10, 4, 1, (0xDEADBEEF).to_bytes(4, "little"))
+        w = vcpu.run()
+        assert w == MmioWrite(0x10000000, (0x12345678).to_bytes(4, "little"))
+        assert isinstance(w, MmioWrite) and w.value == 0x12345678
+        assert vcpu.run() == Hlt()
+
+
+def test_readonly_slot_write_becomes_mmio(kvm: Kvm) -> None:
+    code = bytes([0xC7, 0x05, 0, 0, 0x20, 0, 0x11, 0x22, 0x33, 0x44, 0xA1, 0, 0, 0x20, 0,
+                  0xE7, 0x10, 0xF4])
+    vm, vcpu = _protected(kvm, code)
+    with vm:
+        ro = vm.add_memory_region(0x200000, 4096, readonly=True)
+        ro.write(0x200000, b"\x01\x02\x03\x04")
+        assert vcpu.run() == MmioWrite(0x200000, bytes([0x11, 0x22, 0x33, 0x44]))
+        # The read is served from memory, which the guest write did not change.
+        assert vcpu.run() == IoOut(0x10, 4, 1, b"\x01\x02\x03\x04")
+
+
+def test_shutdown_on_triple_fault(kvm: Kvm) -> None:
+    vm, vcpu = _protected(kvm, bytes([0x0F, 0x0B]))  # ud2 with no IDT
+    with vm:
+        s = vcpu.get_sregs()
+        s.idt = DTable(0, 0)
+        vcpu.set_sregs(s)
+        assert vcpu.run() == Shutdown()
+
+
+def test_internal_error_on_x87(kvm: Kvm) -> None:
+    vm, vcpu = boot(kvm, "fpu")
+    with vm:
+        ex = vcpu.run()
+        assert isinstance(ex, InternalError)
+        assert ex.suberror == InternalError.EMULATION
+
+
+def _fake_run() -> tuple[object, object]:
+    """A zeroed kvm_run in ordinary memory, for exits this machine cannot produce."""
+    buf = ffi.new("char[]", ffi.sizeof("struct kvm_run"))
+    return buf, ffi.cast("struct kvm_run *", buf)
+
+
+@pytest.mark.fake
+def test_decode_exits_this_host_cannot_produce(kvm: Kvm) -> None:
+    """FAIL_ENTRY, SYSTEM_EVENT and unknown reasons, decoded from a hand-filled kvm_run (a fake:
+    this host's KVM emulates every instruction and reports invalid state as SHUTDOWN)."""
+    vm, vcpu = boot(kvm, "hello")
+    with vm:
+        keep, run = _fake_run()
+        run.exit_reason = lib.KVM_EXIT_FAIL_ENTRY
+        fe = lib.kvmio_run_fail_entry(run)
+        fe.hardware_entry_failure_reason, fe.cpu = 0x21, 1
+        assert vcpu._decode(run) == FailEntry(0x21, 1)
+        run.exit_reason = lib.KVM_EXIT_SYSTEM_EVENT
+        se = lib.kvmio_run_system_event(run)
+        se.type, se.ndata, se.data[0] = lib.KVM_SYSTEM_EVENT_RESET, 1, 7
+        assert vcpu._decode(run) == SystemEvent(SystemEventType.RESET, (7,))
+        run.exit_reason = 77
+        lib.kvmio_run_hw(run).hardware_exit_reason = 5
+        assert vcpu._decode(run) == Unknown(77, 5)
+        run.exit_reason = lib.KVM_EXIT_DIRTY_RING_FULL
+        assert vcpu._decode(run) == DirtyRingFull()
+        run.exit_reason = lib.KVM_EXIT_INTR
+        assert vcpu._decode(run) == Interrupted()
+        run.exit_reason = lib.KVM_EXIT_IO
+        io = lib.kvmio_run_io(run)
+        io.direction, io.size, io.count, io.data_offset = lib.KVM_EXIT_IO_OUT, 4, 1, 1 << 30
+        with pytest.raises(KvmError, match="outside kvm_run"):
+            vcpu._decode(run)
+        del keep
+
+
+def test_registers_round_trip(kvm: Kvm) -> None:
+    vm, vcpu = boot(kvm, "probe64")
+    with vm:
+        r = vcpu.get_regs()
+        r.rax, r.r15, r.rbx = 0x1122334455667788, 0xFFFF_FFFF_FFFF_FFFF, 42
+        vcpu.set_regs(r)
+        assert vcpu.get_regs() == r
+        s = vcpu.get_sregs()
+        assert s.cs.l == 1 and s.efer & (1 << 10)
+        s2 = s.copy()
+        s2.cr2 = 0xABC000
+        vcpu.set_sregs(s2)
+        assert vcpu.get_sregs().cr2 == 0xABC000
+        assert s.cr2 != 0xABC000  # copy() is deep
+        fpu = vcpu.get_fpu()
+        vcpu.set_fpu(fpu)
+        assert vcpu.get_fpu() == fpu
+        with pytest.raises(KvmInvalidArgumentError, match="exactly"):
+            vcpu.set_fpu(fpu[:-1])
+        vcpu.set_msrs({0x174: 0x10})  # IA32_SYSENTER_CS
+        assert vcpu.get_msrs([0x174]) == {0x174: 0x10}
+        with pytest.raises(KvmError, match="cannot be read"):
+            vcpu.get_msrs([0xDEAD0000])
+        xs = vcpu.get_xsave()
+        assert len(xs) == 4096
+        vcpu.set_xsave(xs)
+        xcrs = vcpu.get_xcrs()
+        assert xcrs[0] & 1  # x87 state is always enabled in XCR0
+        vcpu.set_xcrs(xcrs)
+        ev = vcpu.get_vcpu_events()
+        vcpu.set_vcpu_events(ev)
+        dr = vcpu.get_debugregs()
+        vcpu.set_debugregs(dr)
+        assert vcpu.get_mp_state() == lib.KVM_MP_STATE_RUNNABLE
+        vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+
+
+def test_cpuid2_and_lapic(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vm.create_pit2()
+        vm.set_irq_line(4, True)
+        vm.set_irq_line(4, False)
+        vcpu = vm.create_vcpu()
+        cpuid = kvm.get_supported_cpuid()
+        vcpu.set_cpuid2(cpuid)
+        got = vcpu.get_cpuid2()
+        # KVM keeps what it set (it may drop leaves above the maximum basic leaf).
+        assert {(e.function, e.index) for e in got} <= {(e.function, e.index) for e in cpuid}
+        assert {e.function for e in got} >= {0, 1, 0x80000000, 0x80000001}
+        lapic = vcpu.get_lapic()
+        assert len(lapic) == 1024
+        vcpu.set_lapic(lapic)
+        assert vcpu.get_lapic()[0x20:0x24] == lapic[0x20:0x24]  # APIC ID register
+
+
+def test_clock(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        vm.set_clock(5_000_000_000)
+        assert 5_000_000_000 <= vm.get_clock() < 6_000_000_000
+
+
+def test_kick_from_another_thread(kvm: Kvm) -> None:
+    from kvmio.guests.workload import Workload
+
+    with Workload(kvm, mem_size=64 << 20) as w:  # runs forever
+        result: list[object] = []
+        t = threading.Thread(target=lambda: result.append(w.vcpus[0].run()))
+        t.start()
+        time.sleep(0.3)
+        assert t.is_alive()
+        t0 = time.monotonic()
+        w.vcpus[0].kick()
+        t.join(5)
+        assert not t.is_alive()
+        assert time.monotonic() - t0 < 2
+        assert result == [Interrupted()]
+        assert w.total_writes() > 0
+        assert not w.vcpus[0].immediate_exit
+        # The vCPU runs on normally afterwards.
+        before = w.total_writes()
+        t = threading.Thread(target=lambda: result.append(w.vcpus[0].run()))
+        t.start()
+        time.sleep(0.2)
+        w.vcpus[0].kick()
+        t.join(5)
+        assert w.total_writes() > before
+
+
+def test_kick_before_run_returns_at_once(kvm: Kvm) -> None:
+    vm, vcpu = boot(kvm, "hello")
+    with vm:
+        vcpu.kick()
+        assert vcpu.immediate_exit
+        assert vcpu.run() == Interrupted()
+        out, ex = run_collecting(vcpu)
+        assert ex == Hlt() and out[0xE9]
+
+
+def test_concurrent_run_and_close_while_running(kvm: Kvm) -> None:
+    from kvmio.guests.workload import Workload
+
+    with Workload(kvm, mem_size=64 << 20) as w:
+        v = w.vcpus[0]
+        t = threading.Thread(target=v.run)
+        t.start()
+        time.sleep(0.2)
+        with pytest.raises(KvmStateError, match="already running"):
+            v.run()
+        with pytest.raises(KvmStateError, match="kick"):
+            v.close()
+        v.kick()
+        t.join(5)
+        v.close()
+        with pytest.raises(KvmClosedError):
+            v.run()
+        with pytest.raises(KvmClosedError):
+            v.get_regs()
+        with pytest.raises(KvmClosedError):
+            v.kick()
+
+
+def test_vcpu_ids(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        a = vm.create_vcpu()
+        b = vm.create_vcpu()
+        assert (a.id, b.id) == (0, 1)
+        with pytest.raises(KvmInvalidArgumentError, match="already exists"):
+            vm.create_vcpu(1)
+        with pytest.raises(KvmInvalidArgumentError, match="out of range"):
+            vm.create_vcpu(1 << 20)
+        assert set(vm.vcpus) == {0, 1}
