@@ -23,6 +23,13 @@ if TYPE_CHECKING:
     from kvmio.vcpu import Vcpu
     from kvmio.vm import Vm
 
+#: numpy dtype of ``struct kvm_dirty_gfn`` (checked against the C layout by the layout test).
+GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
+#: Why a harvest stopped.
+STOP_EMPTY = int(lib.KVMIO_RING_STOP_EMPTY)
+STOP_LIMIT = int(lib.KVMIO_RING_STOP_LIMIT)
+STOP_HOLE = int(lib.KVMIO_RING_STOP_HOLE)
+
 _EMPTY_SLOTS = np.zeros(0, dtype=np.uint32)
 _EMPTY_OFFSETS = np.zeros(0, dtype=np.uint64)
 
@@ -61,6 +68,55 @@ class DirtyEntries:
         for raw in np.unique(self.slots).tolist():
             out[SlotId.decode(raw)] = np.unique(self.offsets[self.slots == raw])
         return out
+
+
+def _harvest_raw(gfns: object, size: int, index: object, stop: object,
+                 limit: int) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], int]:
+    """Run the compiled harvester on ``gfns`` (a ``struct kvm_dirty_gfn *`` of ``size``
+    entries); returns (slots, offsets, n).
+
+    Safety: both output arrays hold ``limit <= size`` items, the most the C loop writes, and are
+    pinned by ``from_buffer`` during the call; the caller guarantees ``gfns`` is valid.
+    """
+    slots = np.empty(limit, dtype=np.uint32)
+    offsets = np.empty(limit, dtype=np.uint64)
+    ps = ffi.from_buffer("uint32_t[]", slots, require_writable=True)
+    po = ffi.from_buffer("uint64_t[]", offsets, require_writable=True)
+    try:
+        n = int(lib.kvmio_ring_harvest(gfns, size, index, limit, ps, po, stop))
+    finally:
+        ffi.release(ps)
+        ffi.release(po)
+    return slots, offsets, n
+
+
+def harvest_array(ring: npt.NDArray[np.void], index: int, limit: int | None = None
+                  ) -> tuple[DirtyEntries, int, int]:
+    """Run the compiled harvester on a ring held in a numpy array of :data:`GFN_DTYPE`.
+
+    For testing the protocol against a model, and for benchmarks.  Returns
+    ``(entries, new_index, stop)`` where ``stop`` is :data:`STOP_EMPTY`, :data:`STOP_LIMIT` or
+    :data:`STOP_HOLE`.
+    """
+    size = len(ring)
+    if ring.dtype != GFN_DTYPE or not ring.flags.c_contiguous or not ring.flags.writeable:
+        raise ValueError("ring must be a writable C-contiguous array of GFN_DTYPE")
+    if size == 0 or size & (size - 1):
+        raise ValueError("ring size must be a power of two")
+    limit = size if limit is None else min(limit, size)
+    if limit < 0:
+        raise ValueError("limit must be >= 0")
+    # Safety: the pointer covers exactly `size` entries of the pinned array.
+    buf = ffi.from_buffer("struct kvm_dirty_gfn[]", ring, require_writable=True)
+    idx = ffi.new("uint32_t *", index & 0xFFFFFFFF)
+    stop = ffi.new("int *", 0)
+    try:
+        if limit == 0:
+            return DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS), index, STOP_LIMIT
+        slots, offsets, n = _harvest_raw(buf, size, idx, stop, limit)
+    finally:
+        ffi.release(buf)
+    return DirtyEntries(slots[:n].copy(), offsets[:n].copy()), int(idx[0]), int(stop[0])
 
 
 class DirtyRing:
@@ -146,21 +202,13 @@ class DirtyRing:
         """Harvest everything now available and iterate over ``(SlotId, page offset)``."""
         return iter(self.harvest())
 
-    def _harvest_locked(self, limit: int) -> DirtyEntries:
+    def _harvest_locked(self, limit: int, check: bool = True) -> DirtyEntries:
         self._check()
         limit = min(limit, self.size)
         if limit == 0:
             return DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
-        slots = np.empty(limit, dtype=np.uint32)
-        offsets = np.empty(limit, dtype=np.uint64)
-        # Safety: both output arrays hold `limit` items, the most the C loop writes, and are
-        # pinned by from_buffer for the call; the ring pointer is valid (checked above, lock held).
-        ps = ffi.from_buffer("uint32_t[]", slots, require_writable=True)
-        po = ffi.from_buffer("uint64_t[]", offsets, require_writable=True)
-        n = int(lib.kvmio_ring_harvest(self._gfns, self.size, self._index, limit, ps, po,
-                                       self._stop))
-        ffi.release(ps)
-        ffi.release(po)
+        # The ring pointer is valid: checked above, and _close() needs the lock we hold.
+        slots, offsets, n = _harvest_raw(self._gfns, self.size, self._index, self._stop, limit)
         stop = int(self._stop[0])
         self._pending_reset += n
         self.harvested_total += n
@@ -168,7 +216,9 @@ class DirtyRing:
             got = DirtyEntries(slots[:n].copy(), offsets[:n].copy())
         else:
             got = DirtyEntries(slots[:n], offsets[:n])
-        if stop == lib.KVMIO_RING_STOP_HOLE:
+        if not check:
+            return got
+        if stop == STOP_HOLE:
             self._overrun(got, "an entry the kernel should have published is missing (a hole "
                                "in the ring)")
         if self._pending_reset >= self.size:
@@ -203,19 +253,28 @@ class DirtyRing:
             self._check()
             return int(lib.kvmio_ring_count_dirty(self._gfns, self.size))
 
-    def recover_from_overrun(self) -> int:
+    def recover_from_overrun(self) -> DirtyEntries:
         """After :class:`DirtyRingOverrunError`: make the ring usable again.
 
-        Marks the hole (entries the kernel counted but overwrote) as harvested so that the next
-        KVM_RESET_DIRTY_RINGS catches the kernel's reset index up with ours.  The vCPU must be
-        outside ``run()`` (it does not work on a running vCPU).  The writes behind the lost
-        entries stay lost: resynchronise the tracked slots.  Returns the hole's length.
+        With the vCPU outside ``run()`` (it does not work on a running vCPU), marks every hole
+        (entries the kernel counted but overwrote) as harvested, harvests what follows, and
+        resets the VM's rings, so that the kernel's reset index catches up with ours.  Returns
+        the entries harvested on the way.  The writes behind the lost entries stay lost: treat
+        the tracked slots as wholly dirty and resynchronise them.
         """
         with self._lock:
             self._check()
             vcpu = self._vcpu
             if vcpu is not None and vcpu._in_run:
                 raise KvmStateError("recover the ring only while its vCPU is outside run()")
-            skipped = int(lib.kvmio_ring_skip_hole(self._gfns, self.size, self._index))
-            self._pending_reset += skipped
-            return skipped
+            parts = list(self._stash)
+            self._stash.clear()
+            for _ in range(self.size):
+                skipped = int(lib.kvmio_ring_skip_hole(self._gfns, self.size, self._index))
+                self._pending_reset += skipped
+                got = self._harvest_locked(self.size, check=False)
+                parts.append(got)
+                if skipped == 0 and len(got) == 0:
+                    break
+            self.vm.reset_dirty_rings()
+            return DirtyEntries.concat(parts)
