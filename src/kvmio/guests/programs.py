@@ -6,7 +6,7 @@ by ``tools/assemble_guests.py``, and a test checks them against the sources.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,14 @@ class Program:
     base: int
     mode: str
     code: bytes
+    symbols: dict[str, int] = field(default_factory=dict)
+
+    def address(self, symbol: str) -> int:
+        """Guest physical address of a global label of the program (when loaded at ``base``)."""
+        try:
+            return self.base + self.symbols[symbol]
+        except KeyError:
+            raise KvmInvalidArgumentError(f"{self.name} has no symbol {symbol!r}") from None
 
     @property
     def source(self) -> str:
@@ -47,11 +55,11 @@ class Program:
 def program(name: str) -> Program:
     """The built-in program called ``name`` (see :func:`names`)."""
     try:
-        base, mode, code = BLOBS[name]
+        base, mode, code, symbols = BLOBS[name]
     except KeyError:
         raise KvmInvalidArgumentError(
             f"no built-in guest {name!r}; choose from {', '.join(names())}") from None
-    return Program(name, base, mode, code)
+    return Program(name, base, mode, code, dict(symbols))
 
 
 def names() -> list[str]:

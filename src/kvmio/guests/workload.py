@@ -190,9 +190,22 @@ class Workload:
 
     @generation.setter
     def generation(self, g: int) -> None:
+        """Set the value that ``Value.GENERATION`` writes carry, from the next write on.
+
+        Set it while the vCPUs are stopped.  A vCPU stopped between loading the generation and
+        storing it would otherwise make one more write with the old value: its ``rdx`` is
+        updated too, so that every write after this call carries ``g``.
+        """
         data = struct.pack("<Q", g)
-        for i in range(len(self.vcpus)):
+        code = program("dirtier")
+        window = (code.address("gen_loaded"), code.address("tracked_write"))
+        for i, vcpu in enumerate(self.vcpus):
             self.vm.write_memory(self.params_addr(i) + _OFF_GENERATION, data)
+            if self.params[i].value == Value.GENERATION:
+                r = vcpu.get_regs()
+                if window[0] <= r.rip <= window[1]:
+                    r.rdx = g
+                    vcpu.set_regs(r)
         self._generation = g
 
     def writes(self, i: int) -> int:

@@ -7,10 +7,11 @@
 #   +112 sequential cursor (out)
 # Each iteration makes exactly one tracked write (8 bytes) and bumps the write count.  Every
 # `report_every` writes it reports the count (low 32 bits) on `port`; after `max_writes` it
-# reports on `port + 1` and halts.
+# reports on `port + 1` and halts.  Between gen_loaded and tracked_write (inclusive) rdx holds
+# the value about to be written: the host updates it there when it changes the generation.
     .code64
     .intel_syntax noprefix
-    .globl _start
+    .globl _start, gen_loaded, tracked_write
 _start:
     mov r8,  [rdi+0]
     mov r9,  [rdi+8]
@@ -48,13 +49,16 @@ addr:
     add rax, [rdi+88]
     mov rcx, [rdi+32]
     mov rdx, [rdi+72]
+gen_loaded:
     cmp rcx, 1
     jne 2f
     lea rdx, [r13+1]
 2:  cmp rcx, 2
     jne 3f
     mov rdx, [rdi+96]
-3:  mov [rax], rdx
+3:
+tracked_write:
+    mov [rax], rdx
     inc r13
     mov [rdi+64], r13
     mov rcx, [rdi+40]
