@@ -296,3 +296,25 @@ def test_enable_failure_is_consistent(kvm: Kvm) -> None:
             vm.enable_dirty_ring(4096)
         assert ei.value.errno == errno.EINVAL
         assert vm.dirty_ring is None
+
+
+def test_results_are_never_overwritten_by_later_harvests(kvm: Kvm) -> None:
+    """Harvest output buffers are reused only once nothing refers to them any more."""
+    with Workload(kvm, mem_size=64 << 20, ring_entries=4096, max_writes=2000,
+                  order="sequential", value="count") as w:
+        ring = w.vcpus[0].dirty_ring
+        w.run_vcpu(0)
+        first = ring.harvest()
+        w.vm.reset_dirty_rings()
+        tail = first.offsets[1500:]  # a derived view keeps the buffer alive too
+        kept = first.offsets.copy()
+        del first
+        results = []
+        for k in range(2, 6):
+            w.vm.write_memory(w.params_addr(0) + 80, (2000 * k).to_bytes(8, "little"))
+            w.run_vcpu(0)
+            results.append(ring.harvest())
+            w.vm.reset_dirty_rings()
+            assert np.array_equal(tail, kept[1500:])
+        for k, got in enumerate(results, start=2):
+            assert got.offsets.tolist() == list(range(2000 * (k - 1), 2000 * k))
