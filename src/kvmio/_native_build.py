@@ -572,7 +572,10 @@ def make_builder(machine: str | None = None) -> FFI:
                        "struct kvm_fpu { ...; };"):
             cdef = cdef.replace(opaque, "", 1)
     ffi.cdef(cdef)
-    ffi.set_source("kvmio._native", SOURCE, extra_compile_args=["-O2", "-std=gnu11"])
+    # -Werror=incompatible-pointer-types: cffi only warns when a declared pointer or array field
+    # disagrees with the header; make that a build failure.
+    ffi.set_source("kvmio._native", SOURCE,
+                   extra_compile_args=["-O2", "-std=gnu11", "-Werror=incompatible-pointer-types"])
     return ffi
 
 
