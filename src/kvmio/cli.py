@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmio import Cap, Kvm, KvmError
-from kvmio.exits import Hlt, IoOut
+from kvmio.exits import IoOut
 from kvmio.guests.modes import setup_real_mode
+from kvmio.guests.multiboot import DEFAULT_MEMORY, parse_memory_size, run_multiboot
 from kvmio.guests.programs import program
 from kvmio.guests.workload import Workload
 
@@ -122,6 +123,56 @@ def demo(ctx: click.Context, writes: int, mem_mib: int, ring_entries: int) -> No
             console.print(t)
             if not ok:
                 sys.exit(1)
+
+
+def _memory_size(ctx: click.Context, param: click.Parameter, value: str | int) -> int:
+    """Option callback: a memory size such as 128M, 1G or 64MiB (a bare number means MiB)."""
+    if isinstance(value, int):
+        return value
+    try:
+        return parse_memory_size(value)
+    except KvmError as e:
+        raise click.BadParameter(e.message, ctx, param) from e
+
+
+@main.command("run")
+@click.argument("kernel", type=click.Path(exists=True, dir_okay=False))
+@click.option("--mem", default=f"{DEFAULT_MEMORY >> 20}M", show_default=True, metavar="SIZE",
+              callback=_memory_size,
+              help="Guest RAM, e.g. 128M, 1G or 64MiB (a bare number means MiB).")
+@click.option("--append", "cmdline", default="", metavar="CMDLINE",
+              help="Kernel command line (after the kernel's name, as QEMU passes it).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="S",
+              help="Stop the kernel after S seconds (default: no limit).")
+@click.option("--vga", is_flag=True,
+              help="Print the VGA text screen (down to its last non-empty line) at the end.")
+@click.pass_context
+def run_command(ctx: click.Context, kernel: str, mem: int, cmdline: str, timeout: float | None,
+                vga: bool) -> None:
+    """Boot a Multiboot kernel, as QEMU's -kernel does.
+
+    Serial (COM1) and debug-port (0xE9) output goes to stdout as it arrives; why the kernel
+    stopped goes to stderr.  The exit status is 0, or (v << 1) | 1 if the kernel wrote v to
+    the isa-debug-exit port 0xF4.
+    """
+    def stream(data: bytes) -> None:
+        click.echo(data, nl=False)  # bytes go to the binary stream, flushed
+
+    with _open(ctx) as kvm:
+        try:
+            result = run_multiboot(kvm, kernel, mem=mem, cmdline=cmdline, timeout=timeout,
+                                   on_output=stream)
+        except KvmError as e:
+            raise click.ClickException(f"cannot run {kernel}: {e}") from e
+    if vga:
+        sep = b"\n" if result.output and not result.output.endswith(b"\n") else b""
+        screen = result.vga_text.rstrip("\n")  # the screen without its empty bottom lines
+        click.echo(sep + screen.encode() + b"\n", nl=False)
+    for warning in result.warnings:
+        click.echo(f"kvmio: warning: {warning}", err=True)
+    click.echo(f"kvmio: {result.summary()}", err=True)
+    if result.exit_code is not None:
+        ctx.exit(result.exit_code)
 
 
 if __name__ == "__main__":

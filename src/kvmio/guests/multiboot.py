@@ -30,7 +30,8 @@ the hole too, so the VGA text buffer is ordinary RAM that the host reads back.
 
 Devices (everything is port I/O except the catch-all MMIO answer):
 
-- port ``0xE9`` (Bochs/QEMU debug console): every byte written is output;
+- port ``0xE9`` (Bochs/QEMU debug console): every byte written is output; reads return
+  ``0xE9``, the value kernels test to detect the console (QEMU's ``readback``);
 - COM1 (``0x3F8``..``0x3FF``): a small 16550 model.  Bytes written to THR are output (not while
   the divisor latch is selected, nor in loopback mode, where they come back through RBR); LSR
   reads ``0x60`` (transmitter empty), plus data-ready in loopback; the other registers read back
@@ -941,9 +942,10 @@ class MultibootMachine:
             return None
         if isinstance(ex, MmioWrite):
             return None
-        eip = self.vcpu.get_regs().rip
+        regs = self.vcpu.get_regs()
+        eip = regs.rip
         if isinstance(ex, Hlt):
-            if self.vcpu.get_regs().rflags & _RFLAGS_IF:
+            if regs.rflags & _RFLAGS_IF:
                 return _Stop(StopReason.HALTED,
                              f"halted at EIP {eip:#x} with interrupts enabled (nothing here "
                              "ever interrupts, so it would wait forever)")
@@ -996,6 +998,8 @@ class MultibootMachine:
             reg = ex.port - COM1_BASE
             ex.answer(b"".join(self._uart.read(reg).to_bytes(ex.size, "little")
                                for _ in range(ex.count)))
+        elif ex.port == DEBUGCON_PORT:
+            ex.answer(DEBUGCON_PORT)
         else:
             ex.answer(0)
 
