@@ -5,7 +5,6 @@ from __future__ import annotations
 import resource
 
 import pytest
-from guests import boot, run_collecting
 
 from kvmio import Hlt, Kvm, KvmInvalidArgumentError
 from kvmio.guests.modes import (
@@ -15,6 +14,8 @@ from kvmio.guests.modes import (
     setup_real_mode,
 )
 from kvmio.guests.programs import program
+
+from guests import boot, run_collecting
 
 
 def _val(out: dict[int, list[bytes]], port: int) -> int:

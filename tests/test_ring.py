@@ -232,7 +232,7 @@ def test_stuck_ring_full_is_reported_not_looped(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=64 << 20, ring_entries=256) as w:
         _burst(w)
         w.vcpus[0].take_dirty_ring()  # nobody harvests: ring-full forever
-        with pytest.raises(DirtyRingOverrunError, match="no progress|full"):
+        with pytest.raises(DirtyRingOverrunError, match=r"no progress|full"):
             w.run_vcpu(0, on_ring_full=lambda v: None)
 
 

@@ -21,8 +21,10 @@ from kvmio import (
     KvmError,
     KvmStateError,
     KvmUnsupportedError,
+    _abi,
+    system,
 )
-from kvmio import _abi, system, vm as vm_mod
+from kvmio import vm as vm_mod
 from kvmio._abi import lib
 from kvmio.guests.workload import MEM_SLOT, Workload
 
@@ -123,9 +125,9 @@ def test_bitmap_required_but_not_offered(kvm: Kvm, fake: FakeKernel) -> None:
 
 def test_legacy_only_kernel(kvm: Kvm, fake: FakeKernel) -> None:
     fake.acq_rel = 0
-    with kvm.create_vm() as vm:
-        with pytest.raises(KvmUnsupportedError, match="needs KVM_CAP_DIRTY_LOG_RING_ACQ_REL"):
-            vm.enable_dirty_ring(4096, with_bitmap=True)
+    with kvm.create_vm() as vm, pytest.raises(KvmUnsupportedError,
+                                              match="needs KVM_CAP_DIRTY_LOG_RING_ACQ_REL"):
+        vm.enable_dirty_ring(4096, with_bitmap=True)
     fake.with_bitmap = 0
     with kvm.create_vm() as vm:
         cfg = vm.enable_dirty_ring(4096)

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-from guests import boot, run_collecting
 
 from kvmio import (
     DirtyRingFull,
@@ -33,6 +32,8 @@ from kvmio import (
 from kvmio._abi import ffi, lib
 from kvmio.guests.modes import setup_protected_mode, setup_real_mode
 from kvmio.x86 import DTable
+
+from guests import boot, run_collecting
 
 
 def _protected(kvm: Kvm, code: bytes) -> tuple[Vm, Vcpu]:
