@@ -88,6 +88,7 @@ class Vm(FdOwner):
         self._kvm_path = kvm.path
         self._vcpu_mmap_size = kvm.get_vcpu_mmap_size()
         self._max_vcpus = kvm.get_max_vcpus()
+        self._max_vcpu_id = kvm.check_extension(Cap.MAX_VCPU_ID) or self._max_vcpus
         self._max_memslots = kvm.get_nr_memslots()
         self._regions: dict[int, MemoryRegion] = {}
         self._vcpus: dict[int, Vcpu] = {}
@@ -257,11 +258,14 @@ class Vm(FdOwner):
                 vcpu_id = len(self._vcpus)
                 while vcpu_id in self._vcpus:
                     vcpu_id += 1
-            if not 0 <= vcpu_id < max(self._max_vcpus, 1):
+            if not 0 <= vcpu_id < max(self._max_vcpu_id, 1):
                 raise KvmInvalidArgumentError(
-                    f"vCPU id {vcpu_id} is out of range (max {self._max_vcpus} vCPUs)")
+                    f"vCPU id {vcpu_id} is out of range (ids below {self._max_vcpu_id})")
             if vcpu_id in self._vcpus:
                 raise KvmInvalidArgumentError(f"vCPU {vcpu_id} already exists")
+            if len(self._vcpus) >= self._max_vcpus:
+                raise KvmInvalidArgumentError(
+                    f"this VM already has the maximum of {self._max_vcpus} vCPUs")
             vfd = ioctl(fd, lib.KVM_CREATE_VCPU, vcpu_id, name="KVM_CREATE_VCPU")
             try:
                 run = Mapping(self._vcpu_mmap_size, fd=vfd, shared=True,

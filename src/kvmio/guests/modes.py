@@ -57,9 +57,10 @@ def _flat(selector: int, code: bool, long_mode: bool) -> Segment:
 
 
 def setup_real_mode(vcpu: Vcpu, entry: int, *, stack: int = 0x7000) -> None:
-    """Real mode at physical ``entry`` (< 1 MiB): CS base = entry & ~0xFFFF... as seg:off.
+    """Real mode at physical ``entry`` (< 1 MiB).
 
-    CS:IP is chosen as ``(entry >> 4) : (entry & 0xF)``; DS=ES=SS=CS's segment.
+    CS:IP is ``(entry >> 4):(entry & 0xF)``, and DS, ES, FS, GS and SS equal CS, so a
+    position-independent 16-bit program addresses its own data from offset 0.
     """
     if not 0 <= entry < 0x100000:
         raise KvmInvalidArgumentError(f"real-mode entry {entry:#x} is above 1 MiB")
@@ -89,7 +90,7 @@ def setup_protected_mode(vcpu: Vcpu, vm: Vm, entry: int, *, stack: int = 0x7000,
     s.cs = _flat(CODE_SELECTOR, True, False)
     for name in ("ds", "es", "fs", "gs", "ss"):
         setattr(s, name, _flat(DATA_SELECTOR, False, False))
-    s.cr0 = (s.cr0 | CR0_PE | CR0_ET) & ~CR0_PG
+    s.cr0 = (s.cr0 | CR0_PE | CR0_ET | CR0_NE) & ~CR0_PG
     s.efer = 0
     vcpu.set_sregs(s)
     vcpu.set_regs(Regs(rip=entry, rsp=stack, rflags=2))
