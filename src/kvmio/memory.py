@@ -54,6 +54,11 @@ class MemoryRegion:
         return self.guest_phys_addr + self.size
 
     @property
+    def log_dirty(self) -> bool:
+        """Whether the slot is dirty-logged (KVM_MEM_LOG_DIRTY_PAGES)."""
+        return bool(self.flags & 1)
+
+    @property
     def num_pages(self) -> int:
         """Pages in the slot."""
         return self.size // PAGE_SIZE

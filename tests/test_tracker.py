@@ -1,0 +1,270 @@
+"""DirtyTracker on real guests: lossless with vCPUs in threads, rates against the guest's own
+counters, range coalescing and window counting against simple models, errors, shutdown."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmio import DirtyRingOverrunError, Kvm, KvmInvalidArgumentError, KvmStateError
+from kvmio.guests.programs import program
+from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
+from kvmio.tracker import DirtyRanges, DirtyTracker, WindowCounter, coalesce
+
+
+class Runner:
+    """Runs every vCPU of a workload in its own thread, ring-full exits going to the tracker."""
+
+    def __init__(self, w: Workload, tracker: DirtyTracker | None):
+        self.w, self.tracker = w, tracker
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def _run(self, i: int) -> None:
+        try:
+            cb = self.tracker.on_ring_full if self.tracker and self.tracker.mode == "ring" else None
+            self.w.run_vcpu(i, self.stop, on_ring_full=cb)
+        except BaseException as e:
+            self.errors.append(e)
+
+    def start(self) -> None:
+        self.stop.clear()
+        self.threads = [threading.Thread(target=self._run, args=(i,))
+                        for i in range(len(self.w.vcpus))]
+        for t in self.threads:
+            t.start()
+
+    def halt(self) -> None:
+        self.stop.set()
+        for v in self.w.vcpus:
+            v.kick()
+        for t in self.threads:
+            t.join(30)
+
+
+@pytest.mark.parametrize("mode", ["ring", "bitmap"])
+def test_tracker_never_loses_a_page(kvm: Kvm, mode: str) -> None:
+    rng = random.Random(5)
+    with Workload(kvm, mem_size=1 << 30, vcpus=2, ring_entries=256 if mode == "ring" else None,
+                  manual_protect=mode == "bitmap") as w:
+        tracker = DirtyTracker(w.vm, mode=mode, interval=0.003)  # type: ignore[arg-type]
+        assert tracker.mode == mode
+        runner = Runner(w, tracker)
+        with tracker:
+            total = 0
+            for it in range(1, 21):
+                w.generation = it
+                runner.start()
+                time.sleep(rng.uniform(0.005, 0.02))
+                runner.halt()
+                assert not runner.errors, runner.errors
+                ranges = tracker.take()
+                reported = np.zeros(w.mem.num_pages, dtype=bool)
+                for gpa, length in ranges:
+                    first = (gpa - MEM_BASE) // 4096
+                    reported[first:first + length // 4096] = True
+                words = w.mem.page_words()
+                assert (words[reported] == it).all(), f"iteration {it}: stale page reported"
+                assert not ((words == it) & ~reported).any(), f"iteration {it}: page missed"
+                assert ranges.pages == int(reported.sum())
+                total += ranges.pages
+            assert total > 20 * 50
+            assert tracker.passes > 20
+
+
+def _truth(points: list[tuple[float, int]], t: float, window: float) -> float:
+    ts = np.array([p[0] for p in points])
+    cs = np.array([p[1] for p in points], dtype=np.float64)
+    return float(np.interp(t, ts, cs) - np.interp(t - window, ts, cs)) / window
+
+
+@pytest.mark.parametrize("mode", ["ring", "bitmap"])
+def test_rate_matches_the_guests_own_counters(kvm: Kvm, mode: str) -> None:
+    """A sequential writer over 1 GiB never revisits a page within the window, so its true rate
+    of distinct pages is its write rate, which it counts itself."""
+    with Workload(kvm, mem_size=1 << 30, vcpus=2, shared=False, order="sequential",
+                  ring_entries=4096 if mode == "ring" else None) as w:
+        tracker = DirtyTracker(w.vm, mode=mode, interval=0.05, window=0.5)  # type: ignore[arg-type]
+        runner = Runner(w, tracker)
+        points: list[list[tuple[float, int]]] = [[], [], []]
+        with tracker:
+            runner.start()
+            t_end = time.monotonic() + 1.6
+            while time.monotonic() < t_end:
+                t = time.monotonic() - tracker._t0
+                points[0].append((t, w.writes(0)))
+                points[1].append((t, w.writes(1)))
+                points[2].append((t, w.writes(0) + w.writes(1)))
+                time.sleep(0.005)
+            runner.halt()
+            assert not runner.errors
+        checked = 0
+        for s in list(tracker.samples):
+            if not 0.6 < s.time < 1.55:
+                continue
+            truth = _truth(points[2], s.time, 0.5)
+            assert s.pages_per_second == pytest.approx(truth, rel=0.05), s
+            assert s.bytes_per_second == s.pages_per_second * 4096
+            if mode == "ring":
+                for i in (0, 1):
+                    assert s.vcpu_pages_per_second[i] == pytest.approx(
+                        _truth(points[i], s.time, 0.5), rel=0.05)
+            else:
+                assert s.vcpu_pages_per_second == {}
+            checked += 1
+        assert checked >= 5
+        assert tracker.rate().window == 0.5
+
+
+def test_rate_counts_distinct_pages_not_entries(kvm: Kvm) -> None:
+    """A guest hammering 16 pages pushes one ring entry per write; the rate counts 16 pages per
+    pass at most, not the entries."""
+    with Workload(kvm, mem_size=16 << 20, working_set=16 * 4096, order="sequential",
+                  ring_entries=4096) as w:
+        tracker = DirtyTracker(w.vm, interval=0.05, window=0.5)
+        runner = Runner(w, tracker)
+        with tracker:
+            runner.start()
+            time.sleep(0.5)
+            runner.halt()
+        assert tracker.entries > 10 * tracker.passes * 16 / 10
+        assert all(s.pages <= 16 for s in tracker.samples)
+        assert max(s.entries for s in tracker.samples) > 16
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 300), max_size=200))
+def test_coalesce_matches_model(pages: list[int]) -> None:
+    first, count = coalesce(pages)
+    model: list[tuple[int, int]] = []
+    for p in sorted(set(pages)):
+        if model and model[-1][0] + model[-1][1] == p:
+            model[-1] = (model[-1][0], model[-1][1] + 1)
+        else:
+            model.append((p, 1))
+    assert list(zip(first.tolist(), count.tolist(), strict=True)) == model
+    r = DirtyRanges.from_pages({3: np.array(pages, dtype=np.uint64)}, {3: 1 << 20})
+    assert r.pages == len(set(pages)) and r.bytes == r.pages * 4096
+    assert list(r) == [((1 << 20) + a * 4096, n * 4096) for a, n in model]
+    assert len(r) == len(model)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.001, 0.5), st.lists(st.integers(0, 63), max_size=20)),
+                min_size=1, max_size=30),
+       st.floats(0.05, 2.0))
+def test_window_counter_matches_brute_force(passes: list[tuple[float, list[int]]],
+                                            window: float) -> None:
+    wc = WindowCounter(window)
+    t = 0.0
+    history: list[tuple[float, float, set[int]]] = []
+    for dt, pages in passes:
+        start, t = t, t + dt
+        uniq = np.unique(np.array(pages, dtype=np.uint64))
+        history.append((start, t, set(uniq.tolist())))
+        distinct, span = wc.add(start, t, {0: uniq}, {0: 64})
+        # The window keeps the newest passes whose union still covers `window` seconds.
+        kept = [history[-1]]
+        for h in reversed(history[:-1]):
+            if kept[-1][0] <= t - window:
+                break
+            kept.append(h)
+        assert span == pytest.approx(t - kept[-1][0])
+        assert distinct == len(set().union(*(h[2] for h in kept)))
+
+
+def test_worker_error_reaches_the_caller(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=64 << 20, ring_entries=4096, max_writes=100) as w:
+        tracker = DirtyTracker(w.vm, interval=0.01)
+        tracker.start()
+        w.run_vcpu(0, on_ring_full=tracker.on_ring_full)  # 100 entries in the ring
+        burst = program("burst")
+        w.vm.write_memory(0x30000, burst.code)
+        r = w.vcpus[0].get_regs()
+        r.rip, r.rdi, r.rsi = 0x30000, MEM_BASE, 8192
+        w.vcpus[0].set_regs(r)
+        with pytest.raises(DirtyRingOverrunError):
+            w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
+        for _ in range(100):
+            if tracker.error is not None or not tracker.running:
+                break
+            time.sleep(0.02)
+        with pytest.raises(DirtyRingOverrunError):
+            tracker.take()
+        with pytest.raises(DirtyRingOverrunError):
+            tracker.stop()
+        with pytest.raises(DirtyRingOverrunError):
+            tracker.close()
+
+
+def test_lifecycle_and_bad_arguments(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=16 << 20, ring_entries=4096, max_writes=50,
+                  value="count") as w:
+        for kw, exc in [({"mode": "disk"}, KvmInvalidArgumentError),
+                        ({"interval": 0}, KvmInvalidArgumentError),
+                        ({"window": 0}, KvmInvalidArgumentError),
+                        ({"heatmap_bins": 0}, KvmInvalidArgumentError),
+                        ({"mode": "bitmap"}, KvmStateError)]:
+            with pytest.raises(exc):
+                DirtyTracker(w.vm, **kw)  # type: ignore[arg-type]
+        tracker = DirtyTracker(w.vm, interval=0.1)
+        assert tracker.mode == "ring" and not tracker.running
+        tracker.start()
+        assert tracker.running
+        with pytest.raises(KvmStateError, match="already running"):
+            tracker.start()
+        with pytest.raises(KvmStateError, match="handed to a harvester"):
+            _ = w.vcpus[0].dirty_ring
+        w.run_vcpu(0)
+        time.sleep(0.35)
+        passes = tracker.passes
+        assert 2 <= passes <= 6  # one pass per interval: no busy polling
+        assert tracker.take().pages == len(np.flatnonzero(w.mem.page_words()))
+        assert tracker.take().pages == 0
+        threads = {t.name for t in threading.enumerate()}
+        assert "kvmio-dirty-tracker" in threads
+        tracker.close()
+        assert not tracker.running
+        assert "kvmio-dirty-tracker" not in {t.name for t in threading.enumerate()}
+        _ = w.vcpus[0].dirty_ring  # handed back
+        with pytest.raises(KvmStateError, match="closed"):
+            tracker.start()
+        tracker.close()  # idempotent
+    with kvm.create_vm() as vm:
+        vm.enable_dirty_ring(4096)
+        with pytest.raises(KvmStateError, match="vCPUs"):
+            DirtyTracker(vm).start()
+    with kvm.create_vm() as vm:
+        with pytest.raises(KvmStateError, match="dirty ring enabled"):
+            DirtyTracker(vm, mode="ring")
+
+
+def test_heatmap_shows_where_writes_land(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=64 << 20, working_set=8 << 20, order="sequential",
+                  max_writes=2048) as w:
+        with DirtyTracker(w.vm, mode="bitmap", interval=0.02, heatmap_bins=8) as tracker:
+            w.run_vcpu(0)
+            tracker.take()
+        times, counts, (lo, hi) = tracker.heatmap()
+        assert (lo, hi) == (MEM_BASE, MEM_BASE + (64 << 20))
+        assert counts.shape == (len(times), 8)
+        per_bin = counts.sum(axis=0)
+        assert per_bin[0] == 2048 and per_bin[1:].sum() == 0  # all in the first 8 MiB
+
+
+def test_take_covers_several_slots(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=16 << 20, max_writes=200, value="count") as w:
+        extra = w.vm.add_memory_region(8 << 30, 1 << 20, log_dirty=True)
+        with DirtyTracker(w.vm, mode="bitmap", interval=1.0) as tracker:
+            w.run_vcpu(0)
+            ranges = tracker.take()
+        assert set(ranges.slots) == {MEM_SLOT}
+        assert extra.slot not in ranges.slots
+        assert ranges.slots[MEM_SLOT].pages == len(np.flatnonzero(w.mem.page_words()))
