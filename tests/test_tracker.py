@@ -241,9 +241,8 @@ def test_lifecycle_and_bad_arguments(kvm: Kvm) -> None:
         vm.enable_dirty_ring(4096)
         with pytest.raises(KvmStateError, match="vCPUs"):
             DirtyTracker(vm).start()
-    with kvm.create_vm() as vm:
-        with pytest.raises(KvmStateError, match="dirty ring enabled"):
-            DirtyTracker(vm, mode="ring")
+    with kvm.create_vm() as vm, pytest.raises(KvmStateError, match="dirty ring enabled"):
+        DirtyTracker(vm, mode="ring")
 
 
 def test_heatmap_shows_where_writes_land(kvm: Kvm) -> None:
