@@ -63,3 +63,14 @@ def test_workload_counts_and_patterns(kvm: Kvm, order: str) -> None:
         if order == "sequential":
             # stride 3 over 64 pages: write k goes to page (3k) mod 64
             assert words[(3 * 299) % 64] == 300
+
+
+def test_workload_reaches_memory_above_64_gib(kvm: Kvm) -> None:
+    """The workload gives its vCPUs the host's CPUID: with KVM's default (36 physical address
+    bits) a write above 64 GiB would become an MMIO exit instead of a memory write."""
+    with Workload(kvm, mem_size=128 << 30, order="sequential", stride=(127 << 30) // 4096,
+                  value="count", max_writes=2) as w:
+        assert type(w.run_vcpu(0)).__name__ == "Hlt"
+        assert w.writes(0) == 2
+        top = (127 << 30) // 4096
+        assert w.mem.page_words()[top] == 2

@@ -16,6 +16,7 @@ from kvmio.guests.modes import setup_real_mode
 from kvmio.guests.multiboot import DEFAULT_MEMORY, parse_memory_size, run_multiboot
 from kvmio.guests.programs import program
 from kvmio.guests.workload import Workload
+from kvmio.tracker import DirtyTracker
 
 console = Console(highlight=False)
 
@@ -173,6 +174,175 @@ def run_command(ctx: click.Context, kernel: str, mem: int, cmdline: str, timeout
     click.echo(f"kvmio: {result.summary()}", err=True)
     if result.exit_code is not None:
         ctx.exit(result.exit_code)
+
+
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_memory_size(value)
+    except KvmError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def _rate_table(tracker: DirtyTracker, elapsed: float, duration: float) -> Table:
+    t = Table(title=f"dirty rate ({tracker.mode} mode, window {tracker.window:g} s) "
+                    f"{elapsed:4.1f}/{duration:g} s")
+    t.add_column("")
+    t.add_column("pages/s", justify="right")
+    t.add_column("MiB/s", justify="right")
+    r = tracker.rate()
+    for vid, pps in sorted(r.vcpu_pages_per_second.items()):
+        t.add_row(f"vCPU {vid}", f"{pps:,.0f}", f"{pps * 4096 / (1 << 20):,.1f}")
+    t.add_row("[bold]VM[/]", f"{r.pages_per_second:,.0f}",
+              f"{r.bytes_per_second / (1 << 20):,.1f}")
+    return t
+
+
+@main.command()
+@click.option("--mem", default="1G", show_default=True, callback=_size, metavar="SIZE",
+              help="Guest memory (tracked) for the workload, or the kernel's RAM.")
+@click.option("--vcpus", default=1, show_default=True, type=click.IntRange(1, 16))
+@click.option("--working-set", default=None, callback=_size, metavar="SIZE",
+              help="Bytes the workload writes into (default: all of --mem).")
+@click.option("--order", type=click.Choice(["random", "sequential"]), default="random",
+              show_default=True)
+@click.option("--pace", default=0, show_default=True, type=click.IntRange(0),
+              help="Delay loops between writes (2 instructions each).")
+@click.option("--mode", type=click.Choice(["ring", "bitmap"]), default="ring",
+              show_default=True)
+@click.option("--ring", "ring_entries", default=4096, show_default=True,
+              help="Ring entries per vCPU (ring mode).")
+@click.option("--interval", default=0.05, show_default=True, type=click.FloatRange(0.001),
+              help="Seconds between harvests.")
+@click.option("--window", default=1.0, show_default=True, type=click.FloatRange(0.01),
+              help="Sliding window of the rate (seconds).")
+@click.option("--duration", default=3.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds to run.")
+@click.option("--kernel", type=click.Path(dir_okay=False), default=None,
+              help="Measure a multiboot kernel instead of the built-in workload.")
+@click.option("--append", "cmdline", default="", help="Kernel command line (with --kernel).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              default=None, help="Write the time series and summary as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True),
+              default=None, help="Write a PNG: rate over time and a memory x time heatmap.")
+@click.option("--quiet", is_flag=True, help="No live display.")
+@click.pass_context
+def dirtyrate(ctx: click.Context, mem: int, vcpus: int, working_set: int | None, order: str,
+              pace: int, mode: str, ring_entries: int, interval: float, window: float,
+              duration: float, kernel: str | None, cmdline: str, json_path: str | None,
+              plot_path: str | None, quiet: bool) -> None:
+    """Measure how fast, and where, a guest dirties memory (distinct pages per second)."""
+    import json
+
+    from rich.live import Live
+
+    from kvmio.dirtyrate import measure_kernel, measure_workload
+
+    with _open(ctx) as kvm:
+        live = Live(console=console, refresh_per_second=4, transient=False) if not quiet \
+            else None
+
+        def progress(tracker: DirtyTracker, elapsed: float) -> None:
+            if live is not None:
+                live.update(_rate_table(tracker, elapsed, duration))
+
+        try:
+            if live is not None:
+                live.start()
+            if kernel is not None:
+                report = measure_kernel(kvm, kernel, mem=mem, cmdline=cmdline,
+                                        mode=mode,  # type: ignore[arg-type]
+                                        ring_entries=ring_entries, interval=interval,
+                                        window=window, duration=duration, progress=progress)
+            else:
+                report = measure_workload(kvm, mem=mem, vcpus=vcpus, working_set=working_set,
+                                          order=order, pace=pace,
+                                          mode=mode,  # type: ignore[arg-type]
+                                          ring_entries=ring_entries, interval=interval,
+                                          window=window, duration=duration, progress=progress)
+        except KvmError as e:
+            raise click.ClickException(str(e)) from e
+        finally:
+            if live is not None:
+                live.stop()
+        summary = report.to_json()["summary"]
+        console.print(
+            f"mean dirty rate {summary['mean_pages_per_second']:,.0f} pages/s "
+            f"({summary['mean_bytes_per_second'] / (1 << 20):,.1f} MiB/s) over "
+            f"{len(report.samples)} samples; tracker CPU "
+            f"{100 * summary['tracker_cpu_fraction']:.1f}% of one core")
+        if report.guest_writes is not None:
+            console.print(f"guest's own count: {report.guest_writes:,} writes in "
+                          f"{report.duration:.2f} s")
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(report.to_json(), f, indent=1)
+            console.print(f"wrote {json_path}")
+        if plot_path:
+            from kvmio.plots import plot_dirty_rate
+
+            plot_dirty_rate(report, plot_path)
+            console.print(f"wrote {plot_path}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks of dirty tracking on this machine."""
+
+
+@bench.command("ring-vs-bitmap")
+@click.option("--mem", "mems", multiple=True, callback=lambda c, p, v: [
+    parse_memory_size(x) for x in (v or ("1G", "4G", "16G", "64G", "256G"))],
+              metavar="SIZE", help="Guest memory sizes (repeatable; default 1G..256G).")
+@click.option("--dirty", "dirty", multiple=True, type=click.IntRange(1, 60000),
+              help="Dirty-set sizes in pages (repeatable; default 1024, 16384, 60000).")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None)
+@click.pass_context
+def ring_vs_bitmap_command(ctx: click.Context, mems: list[int], dirty: tuple[int, ...],
+                           repeat: int, json_path: str | None, plot_path: str | None) -> None:
+    """Collection cost of ring and bitmap against guest memory size and dirty-set size."""
+    import json
+
+    from kvmio.dirtyrate import CollectionCost, ring_vs_bitmap
+
+    sizes = list(dirty) or [1024, 16384, 60000]
+    with _open(ctx) as kvm:
+
+        def progress(c: CollectionCost) -> None:
+            console.print(f"  {c.mode:6} {c.mem >> 30:4} GiB {c.dirty:6} pages: "
+                          f"{c.seconds * 1e3:8.3f} ms", highlight=False)
+
+        try:
+            cells = ring_vs_bitmap(kvm, mems, sizes, repeat=repeat, progress=progress)
+        except KvmError as e:
+            raise click.ClickException(str(e)) from e
+    t = Table(title="one collection (ms): ring (harvest + reset) vs bitmap (GET_DIRTY_LOG)")
+    t.add_column("guest memory", justify="right")
+    t.add_column("dirty pages", justify="right")
+    t.add_column("ring ms", justify="right")
+    t.add_column("bitmap ms", justify="right")
+    t.add_column("faster", justify="center")
+    for mem in mems:
+        for n in sizes:
+            r = next(c for c in cells if c.mode == "ring" and c.mem == mem and c.dirty == n)
+            b = next(c for c in cells if c.mode == "bitmap" and c.mem == mem and c.dirty == n)
+            t.add_row(f"{mem >> 30} GiB", f"{n:,}", f"{r.seconds * 1e3:.3f}",
+                      f"{b.seconds * 1e3:.3f}", "ring" if r.seconds < b.seconds else "bitmap")
+    console.print(t)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([{"mode": c.mode, "mem": c.mem, "dirty": c.dirty, "seconds": c.seconds,
+                        "pages_found": c.pages_found} for c in cells], f, indent=1)
+    if plot_path:
+        from kvmio.plots import plot_ring_vs_bitmap
+
+        plot_ring_vs_bitmap(cells, plot_path)
+        console.print(f"wrote {plot_path}")
 
 
 if __name__ == "__main__":

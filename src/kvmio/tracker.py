@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmio._abi import PAGE_SIZE
-from kvmio.dirty.ring import DirtyRing
+from kvmio.dirty.ring import DirtyRing, sorted_unique
 from kvmio.errors import KvmInvalidArgumentError, KvmStateError
 from kvmio.vcpu import Vcpu
 from kvmio.vm import Vm
@@ -136,13 +136,15 @@ class WindowCounter:
             if stamps is None:
                 # np.zeros maps lazily: only stamp pages for touched guest pages are allocated.
                 stamps = self._stamps[slot] = np.zeros(slot_pages[slot], dtype=np.uint32)
-            prev = stamps[idx]
-            stamps[idx] = p
+            ix = idx.astype(np.intp)  # index with intp: uint64 indices are converted per use
+            prev = stamps[ix]
+            stamps[ix] = p
             again = prev[prev >= oldest]  # pages already counted by a pass in the window
             if len(again):
-                seen, counts = np.unique(again, return_counts=True)
-                for q, c in zip(seen.tolist(), counts.tolist(), strict=True):
-                    self._counts[q] -= c
+                counts = np.bincount(again - oldest)
+                for off in np.flatnonzero(counts).tolist():
+                    c = int(counts[off])
+                    self._counts[oldest + off] -= c
                     self.distinct -= c
             self._counts[p] += len(idx)
             self.distinct += len(idx)
@@ -235,6 +237,8 @@ class DirtyTracker:
         self._last = self._t0
         self.passes = 0
         self.entries = 0
+        #: Seconds spent in passes, in whichever thread ran them (wall clock: an upper bound on
+        #: their CPU time; per-thread CPU clocks cost a system call each on some hosts).
         self.cpu_time = 0.0
         self._closed = False
 
@@ -324,7 +328,6 @@ class DirtyTracker:
 
     def _pass(self) -> None:
         """Harvest + reset (or get + clear) once; caller holds the lock."""
-        c0 = time.thread_time()
         now = time.monotonic()
         regions = self.vm.regions
         per_vcpu: dict[int, dict[int, npt.NDArray[np.uint64]]] = {}
@@ -339,7 +342,8 @@ class DirtyTracker:
             self.vm.reset_dirty_rings()
             for d in per_vcpu.values():
                 for slot, p in d.items():
-                    pages[slot] = np.union1d(pages[slot], p) if slot in pages else p
+                    pages[slot] = (sorted_unique(np.concatenate((pages[slot], p)))
+                                   if slot in pages else p)
         else:
             for slot, region in regions.items():
                 if region.log_dirty:
@@ -367,17 +371,18 @@ class DirtyTracker:
         self._last = now
         self.passes += 1
         self.entries += entries
-        self.cpu_time += time.thread_time() - c0
+        self.cpu_time += time.monotonic() - now
 
     def _histogram(self, pages: dict[int, npt.NDArray[np.uint64]]) -> npt.NDArray[np.int64]:
         lo, hi = self.tracked_span()
         regions = self.vm.regions
         if not pages or hi <= lo:
             return np.zeros(self._bins, dtype=np.int64)
-        gpas = np.concatenate([regions[s].guest_phys_addr + p.astype(np.float64) * PAGE_SIZE
-                               for s, p in pages.items()])
-        hist, _ = np.histogram(gpas, bins=self._bins, range=(lo, hi))
-        return hist.astype(np.int64)
+        scale = self._bins / (hi - lo)
+        idx = np.concatenate([
+            ((regions[s].guest_phys_addr - lo + p.astype(np.float64) * PAGE_SIZE) * scale)
+            .astype(np.int64) for s, p in pages.items()])
+        return np.bincount(np.clip(idx, 0, self._bins - 1), minlength=self._bins)
 
     def tracked_span(self) -> tuple[int, int]:
         """``(lowest, highest)`` guest physical address of the dirty-logged slots."""

@@ -35,6 +35,17 @@ _EMPTY_SLOTS = np.zeros(0, dtype=np.uint32)
 _EMPTY_OFFSETS = np.zeros(0, dtype=np.uint64)
 
 
+def sorted_unique(a: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """``np.unique`` by sorting (faster than numpy 2's hash-based unique for page lists)."""
+    s = np.sort(a)
+    if len(s) < 2:
+        return s
+    keep = np.empty(len(s), dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 @dataclass(frozen=True)
 class DirtyEntries:
     """Harvested ring entries in ring order: raw ``slot`` values and page ``offsets``.
@@ -65,10 +76,13 @@ class DirtyEntries:
 
     def distinct_pages(self) -> dict[SlotId, npt.NDArray[np.uint64]]:
         """Sorted distinct page offsets per slot."""
-        out = {}
-        for raw in np.unique(self.slots).tolist():
-            out[SlotId.decode(raw)] = np.unique(self.offsets[self.slots == raw])
-        return out
+        if len(self.slots) == 0:
+            return {}
+        first = int(self.slots[0])
+        if (self.slots == first).all():  # the common case: one slot
+            return {SlotId.decode(first): sorted_unique(self.offsets)}
+        return {SlotId.decode(raw): sorted_unique(self.offsets[self.slots == raw])
+                for raw in np.unique(self.slots).tolist()}
 
 
 class _OutputPool:

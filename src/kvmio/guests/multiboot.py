@@ -794,7 +794,8 @@ class MultibootMachine:
     """
 
     def __init__(self, kvm: Kvm, kernel: bytes | str | os.PathLike[str], *,
-                 mem: int = DEFAULT_MEMORY, cmdline: str = "", name: str | None = None):
+                 mem: int = DEFAULT_MEMORY, cmdline: str = "", name: str | None = None,
+                 log_dirty: bool = False, ring_entries: int | None = None):
         if not IS_X86:
             raise KvmUnsupportedError("Multiboot kernels run only on x86_64 hosts")
         if isinstance(kernel, bytes | bytearray | memoryview):
@@ -821,7 +822,10 @@ class MultibootMachine:
         self.vm = kvm.create_vm()
         try:
             self.vm.set_tss_address()
-            self.ram = self.vm.add_memory_region(0, mem, slot=0, noreserve=True)
+            if ring_entries is not None:
+                self.vm.enable_dirty_ring(ring_entries)
+            self.ram = self.vm.add_memory_region(0, mem, slot=0, noreserve=True,
+                                                 log_dirty=log_dirty or ring_entries is not None)
             self.image.load(self.vm)
             self.info_addr = write_boot_info(self.vm, mem, self.cmdline)
             self.vcpu: Vcpu = self.vm.create_vcpu(0)
@@ -855,14 +859,17 @@ class MultibootMachine:
         return render_vga_text(self.vm)
 
     def run(self, *, timeout: float | None = None,
-            on_output: Callable[[bytes], None] | None = None) -> MultibootResult:
+            on_output: Callable[[bytes], None] | None = None,
+            on_ring_full: Callable[[Vcpu], None] | None = None) -> MultibootResult:
         """Run the kernel until it stops (see :class:`StopReason`) or ``timeout`` seconds pass.
 
         Output bytes are passed to ``on_output`` as they are written (and collected in the
         result).  The timeout is a :class:`threading.Timer` that kicks the vCPU; with
         ``timeout=None`` a kernel that never stops runs forever.  After a debug exit, a halt or a
         timeout the kernel may be run again (it resumes where it stopped); after any other stop
-        this raises :class:`KvmStateError`.
+        this raises :class:`KvmStateError`.  With a dirty ring (``ring_entries``), ring-full
+        exits go to ``on_ring_full`` (e.g. :meth:`kvmio.tracker.DirtyTracker.on_ring_full`), or
+        else are handled by :meth:`kvmio.Vcpu.run_until_exit`'s harvest-and-reset.
         """
         if self._terminal is not None:
             raise KvmStateError(f"the kernel cannot be resumed after a {self._terminal.value} "
@@ -903,6 +910,13 @@ class MultibootMachine:
             while True:
                 ex = vcpu.run()
                 exits += 1
+                if isinstance(ex, DirtyRingFull) and self.vm.dirty_ring is not None:
+                    if on_ring_full is not None:
+                        on_ring_full(vcpu)
+                    else:
+                        vcpu.dirty_ring._harvest_into_pending()
+                        self.vm.reset_dirty_rings()
+                    continue
                 if isinstance(ex, Interrupted):
                     if timed_out:
                         stop = _Stop(StopReason.TIMEOUT, f"timeout ({timeout:g} s)")

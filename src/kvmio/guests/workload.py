@@ -157,9 +157,13 @@ class Workload:
                 MEM_BASE, mem_size, slot=MEM_SLOT, log_dirty=True, noreserve=noreserve)
             code = program("dirtier")
             code.load(self.vm)
+            # The host's CPUID, for its physical address width: KVM's default guest CPUID
+            # has 36 bits, and memory above 64 GiB would then be unreachable (MMIO exits).
+            cpuid = kvm.get_supported_cpuid()
             self.vcpus: list[Vcpu] = []
             for i in range(vcpus):
                 v = self.vm.create_vcpu(i)
+                v.set_cpuid2(cpuid)
                 setup_long_mode(v, self.vm, code.base, identity_map=MEM_BASE + mem_size,
                                 stack=STACK_TOP - i * 0x100, write_tables=(i == 0))
                 r = v.get_regs()

@@ -1,0 +1,238 @@
+"""Dirty-rate measurement of a running guest, and the ring-versus-bitmap collection benchmark.
+
+Used by ``kvmio dirtyrate`` and ``kvmio bench ring-vs-bitmap``; plots are in :mod:`kvmio.plots`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvmio._abi import PAGE_SIZE
+from kvmio.errors import KvmError, KvmInvalidArgumentError
+from kvmio.exits import Hlt
+from kvmio.guests.multiboot import MultibootMachine, MultibootResult
+from kvmio.guests.workload import Workload
+from kvmio.system import Kvm
+from kvmio.tracker import DirtyTracker, Mode
+
+
+@dataclass
+class DirtyRateReport:
+    """A dirty-rate measurement: configuration, the tracker's samples, a heatmap, a summary."""
+
+    config: dict[str, Any]
+    samples: list[dict[str, Any]]
+    heatmap_times: list[float]
+    heatmap_counts: list[list[int]]
+    heatmap_span: tuple[int, int]
+    duration: float
+    tracker_cpu_seconds: float
+    guest_writes: int | None = None
+    stop: str = ""
+    output: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_pages_per_second(self) -> float:
+        """Mean of the windowed VM rate over the samples of the second half of the run."""
+        rates = [s["pages_per_second"] for s in self.samples
+                 if s["time"] >= self.duration / 2]
+        return float(np.mean(rates)) if rates else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        d = asdict(self)
+        d["summary"] = {
+            "mean_pages_per_second": self.mean_pages_per_second,
+            "mean_bytes_per_second": self.mean_pages_per_second * PAGE_SIZE,
+            "peak_pages_per_second": max((s["pages_per_second"] for s in self.samples),
+                                         default=0.0),
+            "samples": len(self.samples),
+            "tracker_cpu_fraction": self.tracker_cpu_seconds / self.duration
+            if self.duration else 0.0,
+        }
+        if self.guest_writes is not None and self.duration:
+            d["summary"]["guest_writes_per_second"] = self.guest_writes / self.duration
+        return d
+
+
+def _report(tracker: DirtyTracker, config: dict[str, Any], duration: float,
+            **kw: Any) -> DirtyRateReport:
+    times, counts, span = tracker.heatmap()
+    samples = [{"time": s.time, "pages": s.pages, "entries": s.entries,
+                "pages_per_second": s.pages_per_second, "bytes_per_second": s.bytes_per_second,
+                "vcpu_pages_per_second": {str(k): v for k, v in s.vcpu_pages_per_second.items()}}
+               for s in tracker.samples]
+    return DirtyRateReport(config, samples, times.tolist(), counts.tolist(), span, duration,
+                           tracker.cpu_time, **kw)
+
+
+Progress = Callable[[DirtyTracker, float], None]
+
+
+def _watch(tracker: DirtyTracker, duration: float, progress: Progress | None,
+           done: threading.Event, tick: float = 0.25) -> None:
+    t0 = time.monotonic()
+    while not done.is_set():
+        elapsed = time.monotonic() - t0
+        if elapsed >= duration:
+            break
+        done.wait(min(tick, duration - elapsed))
+        if progress is not None:
+            progress(tracker, time.monotonic() - t0)
+
+
+def measure_workload(kvm: Kvm, *, mem: int = 1 << 30, vcpus: int = 1,
+                     working_set: int | None = None, order: str = "random", pace: int = 0,
+                     mode: Mode = "ring", ring_entries: int = 4096, interval: float = 0.05,
+                     window: float = 1.0, duration: float = 3.0, heatmap_bins: int = 128,
+                     progress: Progress | None = None) -> DirtyRateReport:
+    """Run the built-in dirtier for ``duration`` seconds under a :class:`DirtyTracker`."""
+    if not duration > 0:
+        raise KvmInvalidArgumentError("duration must be positive")
+    use_ring = mode in ("ring", "auto")
+    config = {"guest": "dirtier", "mem": mem, "vcpus": vcpus, "working_set": working_set or mem,
+              "order": order, "pace": pace, "mode": "ring" if use_ring else "bitmap",
+              "ring_entries": ring_entries if use_ring else None, "interval": interval,
+              "window": window, "duration": duration}
+    with Workload(kvm, mem_size=mem, vcpus=vcpus, working_set=working_set, order=order,
+                  pace=pace, shared=False, ring_entries=ring_entries if use_ring else None) as w:
+        tracker = DirtyTracker(w.vm, "ring" if use_ring else "bitmap", interval=interval,
+                               window=window, heatmap_bins=heatmap_bins)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                w.run_vcpu(i, stop, on_ring_full=tracker.on_ring_full if use_ring else None)
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                stop.set()
+
+        with tracker:
+            threads = [threading.Thread(target=run, args=(i,), daemon=True)
+                       for i in range(vcpus)]
+            t0 = time.monotonic()
+            for t in threads:
+                t.start()
+            try:
+                _watch(tracker, duration, progress, stop)
+            finally:
+                stop.set()
+                for v in w.vcpus:
+                    v.kick()
+                for t in threads:
+                    t.join()
+            elapsed = time.monotonic() - t0
+        if errors:
+            raise errors[0]
+        return _report(tracker, config, elapsed, guest_writes=w.total_writes(),
+                       stop="duration reached")
+
+
+def measure_kernel(kvm: Kvm, kernel: str, *, mem: int, cmdline: str = "", mode: Mode = "ring",
+                   ring_entries: int = 4096, interval: float = 0.05, window: float = 1.0,
+                   duration: float = 3.0, heatmap_bins: int = 128,
+                   on_output: Callable[[bytes], None] | None = None,
+                   progress: Progress | None = None) -> DirtyRateReport:
+    """Run a multiboot kernel for up to ``duration`` seconds under a :class:`DirtyTracker`."""
+    if not duration > 0:
+        raise KvmInvalidArgumentError("duration must be positive")
+    use_ring = mode in ("ring", "auto")
+    config = {"guest": kernel, "mem": mem, "cmdline": cmdline,
+              "mode": "ring" if use_ring else "bitmap",
+              "ring_entries": ring_entries if use_ring else None, "interval": interval,
+              "window": window, "duration": duration}
+    with MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, log_dirty=True,
+                          ring_entries=ring_entries if use_ring else None) as m:
+        tracker = DirtyTracker(m.vm, "ring" if use_ring else "bitmap", interval=interval,
+                               window=window, heatmap_bins=heatmap_bins)
+        done = threading.Event()
+        result: list[MultibootResult | BaseException] = []
+
+        def run() -> None:
+            try:
+                result.append(m.run(timeout=duration, on_output=on_output,
+                                    on_ring_full=tracker.on_ring_full if use_ring else None))
+            except BaseException as e:
+                result.append(e)
+            finally:
+                done.set()
+
+        with tracker:
+            t0 = time.monotonic()
+            th = threading.Thread(target=run, daemon=True)
+            th.start()
+            _watch(tracker, duration + 1.0, progress, done)
+            th.join()
+            elapsed = time.monotonic() - t0
+        r = result[0]
+        if isinstance(r, BaseException):
+            raise r
+        return _report(tracker, config, elapsed, stop=r.summary(),
+                       output=r.output.decode("utf-8", "replace"))
+
+
+# --------------------------------------------------------------------------------------------
+# Ring versus bitmap
+
+
+@dataclass(frozen=True)
+class CollectionCost:
+    """One cell of the ring-versus-bitmap benchmark (medians over the repeats)."""
+
+    mode: str
+    mem: int
+    dirty: int
+    seconds: float
+    pages_found: int
+
+    @property
+    def ns_per_dirty_page(self) -> float:
+        """Collection time per dirty page."""
+        return self.seconds * 1e9 / max(self.dirty, 1)
+
+
+def ring_vs_bitmap(kvm: Kvm, mems: list[int], dirty: list[int], *, repeat: int = 3,
+                   progress: Callable[[CollectionCost], None] | None = None,
+                   ) -> list[CollectionCost]:
+    """Time one collection of ``dirty`` distinct pages spread over ``mem`` bytes of sparse
+    guest memory, with the ring (harvest + reset, KVM_RESET_DIRTY_RINGS included) and with the
+    bitmap (KVM_GET_DIRTY_LOG, which also re-protects, plus decoding)."""
+    out = []
+    for mem in mems:
+        pages = mem // PAGE_SIZE
+        for n in dirty:
+            if n > pages or n > 65536 - 1024:
+                raise KvmInvalidArgumentError(f"{n} dirty pages do not fit {mem} bytes or a ring")
+            stride = max(1, pages // n)
+            for mode in ("ring", "bitmap"):
+                ring = 65536 if mode == "ring" else None
+                times = []
+                found = 0
+                with Workload(kvm, mem_size=mem, order="sequential", stride=stride,
+                              value="count", ring_entries=ring) as w:
+                    for k in range(1, repeat + 1):
+                        w.vm.write_memory(w.params_addr(0) + 80, (n * k).to_bytes(8, "little"))
+                        ex = w.run_vcpu(0)
+                        if not isinstance(ex, Hlt) or w.writes(0) != n * k:
+                            raise KvmError(f"the benchmark guest stopped early ({ex}) after "
+                                           f"{w.writes(0)} of {n * k} writes")
+                        t0 = time.perf_counter()
+                        if mode == "ring":
+                            found = w.vm.collect_dirty_pages().count
+                        else:
+                            found = len(w.vm.get_dirty_log(w.mem.slot))
+                        times.append(time.perf_counter() - t0)
+                cell = CollectionCost(mode, mem, n, float(np.median(times)), found)
+                if progress is not None:
+                    progress(cell)
+                out.append(cell)
+    return out
