@@ -74,3 +74,19 @@ def test_workload_reaches_memory_above_64_gib(kvm: Kvm) -> None:
         assert w.writes(0) == 2
         top = (127 << 30) // 4096
         assert w.mem.page_words()[top] == 2
+
+
+def test_workload_memory_avoids_the_apic_page(kvm: Kvm) -> None:
+    """On this host a guest write to page 0xFEE00000 always exits as MMIO (the xAPIC's default
+    base), so a workload whose slot would cover it is placed at 4 GiB instead."""
+    from kvmio.guests.workload import APIC_PAGE, HIGH_MEM_BASE, MEM_BASE
+
+    with Workload(kvm, mem_size=1 << 30) as w:
+        assert w.mem.guest_phys_addr == w.mem_base == MEM_BASE
+    with Workload(kvm, mem_size=4 << 30, order="sequential", stride=(4 << 30) // 4096 - 1,
+                  value="count", max_writes=2, ring_entries=4096) as w:
+        assert w.mem.guest_phys_addr == w.mem_base == HIGH_MEM_BASE > APIC_PAGE
+        assert type(w.run_vcpu(0)).__name__ == "Hlt"
+        last = (4 << 30) // 4096 - 1
+        assert w.mem.page_words()[last] == 2
+        assert w.vm.collect_dirty_pages().pages[w.mem.slot].tolist() == [0, last]

@@ -5,7 +5,7 @@ Memory layout (guest physical):
 - slot 0, ``[0, 4 MiB)``, not tracked: GDT, parameter blocks (one per vCPU at
   ``0x1000 + 0x100 * i``), code at ``0x10000``, long-mode page tables at ``0x100000``;
 - slot 1, ``[1 GiB, 1 GiB + mem_size)``, tracked (dirty-logged), sparse (MAP_NORESERVE): the
-  memory the guest dirties.
+  memory the guest dirties; at 4 GiB instead when it would cover the xAPIC page 0xFEE00000.
 
 Each vCPU makes one 8-byte write per iteration into a page of its working set and counts its
 writes in its parameter block, so the host always knows the true number of writes.
@@ -38,6 +38,11 @@ PARAMS_STRIDE = 0x100
 MAX_VCPUS = 16
 PROGRESS_PORT = 0x500
 STACK_TOP = 0x7000
+#: Guest page that this host's KVM always turns into MMIO exits (the xAPIC's default base),
+#: even with the APIC disabled; tracked memory must not cover it.
+APIC_PAGE = 0xFEE00000
+#: Where the tracked slot goes when it would cover APIC_PAGE from MEM_BASE.
+HIGH_MEM_BASE = 4 << 30
 
 _FMT = "<15Q"  # the parameter block: 15 little-endian u64 (see asm/dirtier.S)
 _OFF_COUNT = 64
@@ -126,7 +131,9 @@ class Workload:
             raise KvmInvalidArgumentError(f"vcpus must be 1..{MAX_VCPUS}")
         if mem_size <= 0 or mem_size % PAGE_SIZE:
             raise KvmInvalidArgumentError("mem_size must be a positive multiple of the page size")
-        if page_tables_size(MEM_BASE + mem_size) > LOW_SIZE - PAGE_TABLE_ADDR:
+        base = MEM_BASE if MEM_BASE + mem_size <= APIC_PAGE else HIGH_MEM_BASE
+        self.mem_base = base
+        if page_tables_size(base + mem_size) > LOW_SIZE - PAGE_TABLE_ADDR:
             raise KvmInvalidArgumentError("mem_size is too large for the workload's page tables")
         working_set = mem_size if working_set is None else working_set
         if not PAGE_SIZE <= working_set <= mem_size:
@@ -138,7 +145,7 @@ class Workload:
         if per == 0:
             raise KvmInvalidArgumentError("working set is smaller than one page per vCPU")
         self.params = [
-            DirtierParams(base=MEM_BASE + (0 if shared else i * per * PAGE_SIZE), pages=per,
+            DirtierParams(base=base + (0 if shared else i * per * PAGE_SIZE), pages=per,
                           stride=min(stride, per), order=order, value=value, pace=pace,
                           seed=(seed + 0x1000193 * i) & ((1 << 64) - 1) or 1,
                           report_every=report_every, max_writes=max_writes)
@@ -154,7 +161,7 @@ class Workload:
                 self.vm.enable_manual_dirty_log_protect(initially_set=initially_set)
             self.low: MemoryRegion = self.vm.add_memory_region(0, LOW_SIZE, slot=LOW_SLOT)
             self.mem: MemoryRegion = self.vm.add_memory_region(
-                MEM_BASE, mem_size, slot=MEM_SLOT, log_dirty=True, noreserve=noreserve)
+                base, mem_size, slot=MEM_SLOT, log_dirty=True, noreserve=noreserve)
             code = program("dirtier")
             code.load(self.vm)
             # The host's CPUID, for its physical address width: KVM's default guest CPUID
@@ -164,7 +171,7 @@ class Workload:
             for i in range(vcpus):
                 v = self.vm.create_vcpu(i)
                 v.set_cpuid2(cpuid)
-                setup_long_mode(v, self.vm, code.base, identity_map=MEM_BASE + mem_size,
+                setup_long_mode(v, self.vm, code.base, identity_map=base + mem_size,
                                 stack=STACK_TOP - i * 0x100, write_tables=(i == 0))
                 r = v.get_regs()
                 r.rdi = self.params_addr(i)
