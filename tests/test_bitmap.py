@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmio import Kvm, KvmInvalidArgumentError, KvmStateError, KvmUnsupportedError
 from kvmio.guests.workload import MEM_SLOT, Workload
@@ -89,3 +91,19 @@ def test_manual_protect_unsupported_message(kvm: Kvm, monkeypatch: pytest.Monkey
         monkeypatch.setattr(vm, "check_extension", lambda cap: 0)
         with pytest.raises(KvmUnsupportedError, match="MANUAL_DIRTY_LOG_PROTECT2"):
             vm.enable_manual_dirty_log_protect()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 700), st.data())
+def test_bitmap_decoding_matches_a_simple_model(num_pages: int, data: st.DataObject) -> None:
+    from kvmio.vm import bitmap_to_pages
+
+    pages = sorted(data.draw(st.sets(st.integers(0, num_pages - 1))))
+    words = np.zeros((num_pages + 63) // 64, dtype=np.uint64)
+    for p in pages:
+        words[p // 64] |= np.uint64(1) << np.uint64(p % 64)
+    # Bits beyond the slot's end (never set by the kernel) are ignored anyway.
+    if num_pages % 64:
+        words[-1] |= np.uint64(1) << np.uint64(63)
+    got = bitmap_to_pages(words, num_pages)
+    assert got.dtype == np.uint64 and got.tolist() == pages

@@ -27,5 +27,7 @@ def test_readme_example(kvm: Kvm, code: str) -> None:
     text = out.getvalue()
     if "IoOut" in code:
         assert "IoOut(port=233" in text and "Hlt()" in text and "1 [5]" in text
+    elif "DirtyTracker" in code:
+        assert text.strip() == "True True"
     else:
         assert "distinct pages from 10000 ring entries" in text

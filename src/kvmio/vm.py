@@ -550,8 +550,7 @@ class Vm(FdOwner):
                                 "unless the backup bitmap (WITH_BITMAP) is enabled")
         words = np.zeros((region.num_pages + 63) // 64, dtype=np.uint64)
         _abi.get_dirty_log(self.fd, slot, words)
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: region.num_pages]
-        return np.flatnonzero(bits).astype(np.uint64)
+        return bitmap_to_pages(words, region.num_pages)
 
     def clear_dirty_log(self, slot: int, first_page: int = 0, num_pages: int | None = None,
                         pages: npt.ArrayLike | None = None) -> None:
@@ -598,6 +597,21 @@ class Vm(FdOwner):
                     self.clear_dirty_log(sid, 0, region.num_pages, got)
                 merged[sid] = got
         return DirtyPages(merged, dict(self._regions), 0)
+
+
+def bitmap_to_pages(words: npt.NDArray[np.uint64], num_pages: int) -> npt.NDArray[np.uint64]:
+    """Sorted indices of the set bits of a little-endian u64 bitmap (bit 0 = page 0).
+
+    Only non-zero words are unpacked, so a sparse bitmap of a huge slot costs a scan of its
+    words, not one byte per page.
+    """
+    nz = np.flatnonzero(words)
+    if len(nz) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
+    row, col = np.nonzero(bits)
+    pages = nz[row].astype(np.uint64) * np.uint64(64) + col.astype(np.uint64)
+    return pages[pages < np.uint64(num_pages)]
 
 
 def _merge_entries(slots: list[npt.NDArray[np.uint32]], offsets: list[npt.NDArray[np.uint64]],
