@@ -77,12 +77,14 @@ def plot_ring_vs_bitmap(cells: list[CollectionCost], path: str | os.PathLike[str
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(width, height), dpi=dpi)
     try:
+        sizes = sorted({c.dirty for c in cells})
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for mode, style in (("ring", "-o"), ("bitmap", "--s")):
-            for n in sorted({c.dirty for c in cells}):
+            for k, n in enumerate(sizes):
                 pts = sorted((c.mem, c.seconds) for c in cells if c.mode == mode and c.dirty == n)
                 if pts:
                     ax.plot([m / GIB for m, _ in pts], [s * 1e3 for _, s in pts], style,
-                            label=f"{mode}, {n} dirty pages")
+                            color=colours[k % len(colours)], label=f"{mode}, {n} dirty pages")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("guest memory (GiB, sparse)")
