@@ -123,6 +123,10 @@ def test_rings_mapped_and_owned(kvm: Kvm) -> None:
         words = w.mem.page_words()
         assert np.array_equal(np.flatnonzero(words), pages[SlotId(0, MEM_SLOT)])
         assert all(s == SlotId(0, MEM_SLOT) for s, _ in got)  # plain iteration
+        gpas = got.gpas(w.vm.regions)  # type: ignore[attr-defined]
+        assert np.array_equal(gpas, MEM_BASE + got.offsets * 4096)  # type: ignore[attr-defined]
+        with pytest.raises(DirtyRingError, match="unknown memory slot"):
+            got.gpas({})  # type: ignore[attr-defined]
         w.vm.close()
         with pytest.raises(KvmClosedError, match="closed"):
             ring.harvest()

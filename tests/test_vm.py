@@ -13,6 +13,7 @@ from kvmio import (
     KvmClosedError,
     KvmError,
     KvmInvalidArgumentError,
+    KvmUnsupportedError,
     MemoryRegion,
     SlotId,
 )
@@ -75,10 +76,15 @@ def test_huge_sparse_region(kvm: Kvm) -> None:
 
 def test_enable_cap_every_arch_and_errors(kvm: Kvm) -> None:
     with kvm.create_vm() as vm:
-        with pytest.raises(KvmError) as ei:
+        with pytest.raises(KvmUnsupportedError, match="does not support capability") as ei:
             vm.enable_cap(100000)
         assert ei.value.errno == errno.EINVAL
         assert "KVM_ENABLE_CAP(100000)" in str(ei.value)
+        # A supported capability with bad arguments is the kernel's EINVAL, not "unsupported".
+        with pytest.raises(KvmError) as ei2:
+            vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, 1 << 40)
+        assert ei2.value.errno == errno.EINVAL
+        assert not isinstance(ei2.value, KvmUnsupportedError)
         with pytest.raises(KvmInvalidArgumentError, match="at most 4"):
             vm.enable_cap(Cap.DIRTY_LOG_RING, 1, 2, 3, 4, 5)
         with pytest.raises(KvmInvalidArgumentError, match="u64"):
@@ -123,3 +129,24 @@ def test_slot_id_codec() -> None:
     s = SlotId.decode((1 << 16) | 5)
     assert (s.address_space, s.slot) == (1, 5)
     assert s.encode() == (1 << 16) | 5
+
+
+def test_bad_fd_is_a_clear_error(kvm: Kvm) -> None:
+    """An fd closed behind kvmio's back: EBADF becomes KvmClosedError, never a crash."""
+    import os
+
+    vm = kvm.create_vm()
+    os.close(vm.fd)
+    with pytest.raises(KvmClosedError) as ei:
+        vm.check_extension(Cap.IRQCHIP)
+    assert ei.value.errno == errno.EBADF and "KVM_CHECK_EXTENSION" in str(ei.value)
+    vm._fd = None  # already closed; let close() skip it
+
+
+def test_x86_platform_addresses(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        vm.set_identity_map_address(0xFFFBC000)
+        vm.set_tss_address(0xFFFBD000)
+        vm.create_vcpu()
+        with pytest.raises(KvmError):
+            vm.set_identity_map_address(0xFFFBC000)  # only before vCPUs exist (EEXIST/EINVAL)

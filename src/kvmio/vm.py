@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 from dataclasses import dataclass
 from types import TracebackType
@@ -134,7 +135,8 @@ class Vm(FdOwner):
     def enable_cap(self, cap: Cap | int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM (every architecture): up to four u64 arguments.
 
-        Raises :class:`KvmUnsupportedError` if the kernel does not know the capability.
+        Raises :class:`KvmUnsupportedError` (errno EINVAL) if the kernel does not offer the
+        capability, and :class:`KvmError` with the kernel's errno if it refuses the arguments.
         """
         if len(args) > 4:
             raise KvmInvalidArgumentError("KVM_ENABLE_CAP takes at most 4 arguments")
@@ -145,7 +147,15 @@ class Vm(FdOwner):
             if not 0 <= a < 1 << 64:
                 raise KvmInvalidArgumentError(f"KVM_ENABLE_CAP argument {a} is not a u64")
             ec.args[i] = a
-        ioctl(self.fd, lib.KVM_ENABLE_CAP, ec, name=f"KVM_ENABLE_CAP({_cap_name(cap)})")
+        name = f"KVM_ENABLE_CAP({_cap_name(cap)})"
+        try:
+            ioctl(self.fd, lib.KVM_ENABLE_CAP, ec, name=name)
+        except KvmError as e:
+            if e.errno == errno.EINVAL and self.check_extension(cap) == 0:
+                raise KvmUnsupportedError(
+                    f"this kernel does not support capability {_cap_name(cap)} on a VM",
+                    errno=e.errno, ioctl=name) from e
+            raise
 
     # -- memory -----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterator
+from collections.abc import Mapping as Mapping_
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,8 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmio._abi import PAGE_SIZE, Mapping, ffi, lib
-from kvmio.errors import DirtyRingOverrunError, KvmClosedError, KvmStateError
-from kvmio.memory import SlotId
+from kvmio.errors import DirtyRingError, DirtyRingOverrunError, KvmClosedError, KvmStateError
+from kvmio.memory import MemoryRegion, SlotId
 
 if TYPE_CHECKING:
     from kvmio.vcpu import Vcpu
@@ -73,6 +74,21 @@ class DirtyEntries:
             return parts[0]
         return DirtyEntries(np.concatenate([p.slots for p in parts]),
                             np.concatenate([p.offsets for p in parts]))
+
+    def gpas(self, regions: Mapping_[int, MemoryRegion]) -> npt.NDArray[np.uint64]:
+        """Guest physical address of each entry's page (``regions``: ``Vm.regions``).
+
+        Raises :class:`DirtyRingError` for an entry naming an unknown slot or address space.
+        """
+        out = np.empty(len(self.slots), dtype=np.uint64)
+        for raw in np.unique(self.slots).tolist():
+            sid = SlotId.decode(raw)
+            region = regions.get(sid.slot)
+            if sid.address_space != 0 or region is None:
+                raise DirtyRingError(f"ring entry names unknown memory slot {sid}")
+            sel = self.slots == raw
+            out[sel] = np.uint64(region.guest_phys_addr) + self.offsets[sel] * np.uint64(PAGE_SIZE)
+        return out
 
     def distinct_pages(self) -> dict[SlotId, npt.NDArray[np.uint64]]:
         """Sorted distinct page offsets per slot."""
