@@ -40,6 +40,7 @@ class FakeKernel:
         self.acq_rel = acq_rel
         self.legacy = legacy
         self.bitmap_enable_errno = bitmap_enable_errno
+        self.ring_enable_errno: int | None = None
         self.enabled: list[int] = []
         self.backup_pages: dict[int, list[int]] = {}
         self.get_dirty_log_calls = 0
@@ -55,6 +56,9 @@ class FakeKernel:
                 return int(answers[int(arg)])  # type: ignore[arg-type]
         if request == lib.KVM_ENABLE_CAP:
             cap = int(arg.cap)
+            if cap in (Cap.DIRTY_LOG_RING_ACQ_REL, Cap.DIRTY_LOG_RING) and \
+                    self.ring_enable_errno is not None:
+                raise KvmError("refused", errno=self.ring_enable_errno, ioctl=name)
             if cap == Cap.DIRTY_LOG_RING_WITH_BITMAP:
                 if self.bitmap_enable_errno is not None:
                     raise KvmError("refused", errno=self.bitmap_enable_errno, ioctl=name)
@@ -161,3 +165,18 @@ def test_final_collection_reads_the_backup_bitmap_last(kvm: Kvm, fake: FakeKerne
         assert final.pages[MEM_SLOT].tolist() == [5, 4000]
         # GET_DIRTY_LOG is allowed on a ring VM with the backup bitmap.
         assert len(w.vm.get_dirty_log(MEM_SLOT)) == 0
+
+
+def test_ring_refused_by_the_kernel_leaves_no_ring(kvm: Kvm, fake: FakeKernel) -> None:
+    """The kernel refuses the ring itself (e.g. ENOMEM): kvmio reports no ring, maps none, and
+    tries nothing after it (no backup bitmap)."""
+    fake.ring_enable_errno = 12
+    with kvm.create_vm() as vm:
+        with pytest.raises(DirtyRingError, match="refused a ring of 4096") as ei:
+            vm.enable_dirty_ring(4096)
+        assert ei.value.errno == 12
+        assert vm.dirty_ring is None and fake.enabled == []
+        v = vm.create_vcpu()
+        assert v._ring is None
+        with pytest.raises(KvmStateError, match="no dirty ring"):
+            _ = v.dirty_ring

@@ -57,6 +57,7 @@ class RingProtocol(RuleBasedStateMachine):
         self.harvested: list[tuple[int, int]] = []
         self.harvested_since_reset = 0
         self.overran = False
+        self.detected = False
         self.next_offset = 0
 
     def _write(self, i: int, slot: int, offset: int) -> None:
@@ -97,7 +98,13 @@ class RingProtocol(RuleBasedStateMachine):
         if not self.overran:
             assert c_stop != STOP_HOLE
             self.harvested.extend(exp)
+        before = self.harvested_since_reset
         self.harvested_since_reset += len(exp)
+        # kvmio's signals: a hole, or a ring that filled completely since the last reset.
+        if c_stop == STOP_HOLE or self.harvested_since_reset >= self.size > before:
+            self.detected = True
+        if self.overran and c_stop == STOP_EMPTY:
+            assert self.detected, "an overrun went unnoticed by the time the harvester caught up"
 
     @rule()
     def reset(self) -> None:
@@ -113,6 +120,8 @@ class RingProtocol(RuleBasedStateMachine):
             count += 1
         if not self.overran:
             assert count == self.harvested_since_reset  # reset == harvested
+        elif count != self.harvested_since_reset:
+            self.detected = True  # kvmio's reset check raises
         self.harvested_since_reset = 0
 
     @rule(k=st.integers(0, 127))

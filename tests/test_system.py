@@ -59,6 +59,7 @@ def test_not_a_kvm_device(tmp_path: os.PathLike[str]) -> None:
     assert ei.value.errno == errno.ENOTTY
 
 
+@pytest.mark.kvm
 def test_permission_denied(tmp_path: os.PathLike[str]) -> None:
     if os.geteuid() == 0:
         # root bypasses file modes; drop to an unprivileged user in a child to check the path.
@@ -76,6 +77,7 @@ def test_permission_denied(tmp_path: os.PathLike[str]) -> None:
             Kvm()
 
 
+@pytest.mark.kvm
 def test_close_is_idempotent_and_use_after_close_raises() -> None:
     k = Kvm()
     k.close()
@@ -87,6 +89,7 @@ def test_close_is_idempotent_and_use_after_close_raises() -> None:
         k.create_vm()
 
 
+@pytest.mark.kvm
 def test_vm_outlives_system_fd() -> None:
     k = Kvm()
     vm = k.create_vm()

@@ -267,3 +267,39 @@ def test_take_covers_several_slots(kvm: Kvm) -> None:
         assert set(ranges.slots) == {MEM_SLOT}
         assert extra.slot not in ranges.slots
         assert ranges.slots[MEM_SLOT].pages == len(np.flatnonzero(w.mem.page_words()))
+
+
+def test_vcpus_created_while_tracking_are_adopted(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=16 << 20, ring_entries=1024, max_writes=100,
+                  value="count") as w, DirtyTracker(w.vm, interval=0.02) as tracker:
+        late = w.vm.create_vcpu(5)  # after start
+        time.sleep(0.1)
+        with pytest.raises(KvmStateError, match="handed to a harvester"):
+            _ = late.dirty_ring
+        w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
+        assert tracker.take().pages == len(np.flatnonzero(w.mem.page_words()))
+
+
+def test_error_in_a_vcpu_thread_pass_is_recorded(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=64 << 20, ring_entries=256, max_writes=100) as w:
+        tracker = DirtyTracker(w.vm, interval=10.0)  # the worker stays asleep
+        tracker.start()
+        w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
+        burst = program("burst")
+        w.vm.write_memory(0x30000, burst.code)
+        r = w.vcpus[0].get_regs()
+        r.rip, r.rdi, r.rsi = 0x30000, MEM_BASE, 8192
+        w.vcpus[0].set_regs(r)
+        with pytest.raises(DirtyRingOverrunError):
+            w.run_vcpu(0, on_ring_full=tracker.on_ring_full)  # the pass runs in this thread
+        assert isinstance(tracker.error, DirtyRingOverrunError)
+        with pytest.raises(DirtyRingOverrunError):
+            tracker.take()
+        with pytest.raises(DirtyRingOverrunError):
+            tracker.close()
+        tracker.close()  # once is enough
+        with pytest.raises(KvmStateError, match="closed"):
+            tracker.take()
+        # The rings are back with their vCPUs and can be recovered.
+        w.vcpus[0].set_regs(r)
+        assert len(w.vcpus[0].dirty_ring.recover_from_overrun()) >= 0

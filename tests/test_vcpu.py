@@ -29,7 +29,7 @@ from kvmio import (
     Vcpu,
     Vm,
 )
-from kvmio._abi import ffi, lib
+from kvmio._abi import KvmRun, lib
 from kvmio.guests.modes import setup_protected_mode, setup_real_mode
 from kvmio.x86 import DTable
 
@@ -142,40 +142,40 @@ def test_internal_error_on_x87(kvm: Kvm) -> None:
         assert ex.suberror == InternalError.EMULATION
 
 
-def _fake_run() -> tuple[object, object]:
-    """A zeroed kvm_run in ordinary memory, for exits this machine cannot produce."""
-    buf = ffi.new("char[]", ffi.sizeof("struct kvm_run"))
-    return buf, ffi.cast("struct kvm_run *", buf)
-
-
 @pytest.mark.fake
 def test_decode_exits_this_host_cannot_produce(kvm: Kvm) -> None:
     """FAIL_ENTRY, SYSTEM_EVENT and unknown reasons, decoded from a hand-filled kvm_run (a fake:
     this host's KVM emulates every instruction and reports invalid state as SHUTDOWN)."""
     vm, vcpu = boot(kvm, "hello")
     with vm:
-        keep, run = _fake_run()
+        fake = KvmRun.in_memory()  # a kvm_run in ordinary memory, filled in by hand
+        run = fake.raw
         run.exit_reason = lib.KVM_EXIT_FAIL_ENTRY
         fe = lib.kvmio_run_fail_entry(run)
         fe.hardware_entry_failure_reason, fe.cpu = 0x21, 1
-        assert vcpu._decode(run) == FailEntry(0x21, 1)
+        assert vcpu._decode(fake) == FailEntry(0x21, 1)
         run.exit_reason = lib.KVM_EXIT_SYSTEM_EVENT
         se = lib.kvmio_run_system_event(run)
         se.type, se.ndata, se.data[0] = lib.KVM_SYSTEM_EVENT_RESET, 1, 7
-        assert vcpu._decode(run) == SystemEvent(SystemEventType.RESET, (7,))
+        assert vcpu._decode(fake) == SystemEvent(SystemEventType.RESET, (7,))
         run.exit_reason = 77
         lib.kvmio_run_hw(run).hardware_exit_reason = 5
-        assert vcpu._decode(run) == Unknown(77, 5)
+        assert vcpu._decode(fake) == Unknown(77, 5)
         run.exit_reason = lib.KVM_EXIT_DIRTY_RING_FULL
-        assert vcpu._decode(run) == DirtyRingFull()
+        assert vcpu._decode(fake) == DirtyRingFull()
         run.exit_reason = lib.KVM_EXIT_INTR
-        assert vcpu._decode(run) == Interrupted()
+        assert vcpu._decode(fake) == Interrupted()
         run.exit_reason = lib.KVM_EXIT_IO
         io = lib.kvmio_run_io(run)
         io.direction, io.size, io.count, io.data_offset = lib.KVM_EXIT_IO_OUT, 4, 1, 1 << 30
         with pytest.raises(KvmError, match="outside kvm_run"):
-            vcpu._decode(run)
-        del keep
+            vcpu._decode(fake)
+        io.direction = lib.KVM_EXIT_IO_IN
+        with pytest.raises(KvmError, match="outside kvm_run"):
+            vcpu._decode(fake)
+        fake.close()
+        with pytest.raises(KvmClosedError):
+            vcpu._decode(fake)
 
 
 def test_registers_round_trip(kvm: Kvm) -> None:
@@ -310,3 +310,39 @@ def test_vcpu_ids(kvm: Kvm) -> None:
         with pytest.raises(KvmInvalidArgumentError, match="out of range"):
             vm.create_vcpu(1 << 20)
         assert set(vm.vcpus) == {0, 1}
+
+
+def test_kick_is_never_lost(kvm: Kvm) -> None:
+    """Kicks at random moments, from two threads, before, during and after KVM_RUN: every run
+    that a kick could concern returns promptly."""
+    import random
+
+    from kvmio.guests.workload import Workload
+
+    rng = random.Random(3)
+    with Workload(kvm, mem_size=16 << 20) as w:  # a guest that never stops by itself
+        v = w.vcpus[0]
+        def kick_later(delay: float) -> None:
+            time.sleep(delay)
+            v.kick()
+
+        for _ in range(60):
+            result: list[object] = []
+            t = threading.Thread(target=lambda out=result: out.append(v.run()))
+            kickers = [threading.Thread(target=kick_later, args=(rng.uniform(0, 0.004),))
+                       for _ in range(2)]
+            order = rng.random()
+            if order < 0.3:
+                v.kick()
+            t.start()
+            for k in kickers:
+                k.start()
+            for k in kickers:
+                k.join()
+            t.join(5)
+            assert not t.is_alive(), "a kick was lost: run() did not return"
+            assert result == [Interrupted()]
+            # A kick that landed after run() returned is still pending: the next run returns
+            # at once; drain it so that iterations stay independent.
+            if v.immediate_exit:
+                assert v.run() == Interrupted()

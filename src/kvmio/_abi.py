@@ -1,7 +1,9 @@
-"""The raw layer: ioctls, mappings and C structures.
+"""The raw layer: ioctls, mappings and pointers.
 
-Everything that touches ``cffi`` pointers or ``mmap`` lives here (and in :mod:`kvmio.dirty.ring`).
-The friendly layers above deal only in Python values, ``bytes`` and numpy arrays.
+Every ``mmap`` and every pointer into memory that can go away (mappings, ``kvm_run``, numpy
+buffers handed to the kernel) lives here or in :mod:`kvmio.dirty.ring`, each with a comment on
+why it is safe.  The object modules above build ioctl arguments as owned, bounds-checked cffi
+structs (``ffi.new``) and otherwise deal in Python values, ``bytes`` and numpy arrays.
 """
 
 from __future__ import annotations
@@ -229,3 +231,115 @@ def clear_dirty_log(fd: int, slot: int, first_page: int, num_pages: int, words: 
         ioctl(fd, lib.KVM_CLEAR_DIRTY_LOG, cl, name="KVM_CLEAR_DIRTY_LOG")
     finally:
         ffi.release(buf)
+
+
+class KvmRun:
+    """A vCPU's shared ``struct kvm_run`` page; every access to it goes through this class.
+
+    Safety: the pointer is into an owned :class:`Mapping` (or, for :meth:`in_memory`, an owned
+    cffi allocation); every method checks that it is still open, and the vCPU serialises
+    ``close()`` with ``run()``, decoding and answers under its run lock, so no access can follow
+    the unmap.  Offsets reported by the kernel are bounds-checked against the mapping's size.
+    """
+
+    def __init__(self, mapping: Mapping | None, *, _buf: CData = None, _size: int = 0):
+        self._map = mapping
+        self._keep = _buf
+        if mapping is not None:
+            self.size = mapping.size
+            self._base: CData = mapping.ptr
+        else:
+            self.size = _size
+            self._base = _buf
+        self._run: CData | None = ffi.cast("struct kvm_run *", self._base)
+
+    @classmethod
+    def in_memory(cls) -> KvmRun:
+        """A zeroed kvm_run in ordinary memory (to test decoding of exits a host cannot
+        produce)."""
+        size = ffi.sizeof("struct kvm_run")
+        return cls(None, _buf=ffi.new("char[]", size), _size=size)
+
+    @property
+    def raw(self) -> CData:
+        """The ``struct kvm_run *`` (for tests that fill in a fake exit)."""
+        return self._r()
+
+    def _r(self) -> CData:
+        if self._run is None:
+            raise KvmClosedError("this vCPU's kvm_run is unmapped (the vCPU is closed)")
+        return self._run
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._run is None
+
+    def close(self) -> None:
+        """Forget the pointer, then unmap."""
+        self._run = None
+        if self._map is not None:
+            self._map.close()
+
+    @property
+    def immediate_exit(self) -> bool:
+        """``kvm_run.immediate_exit``."""
+        return bool(self._r().immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self._r().immediate_exit = 1 if value else 0
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Bytes at ``offset`` of the kvm_run area (bounds-checked)."""
+        self._r()
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise KvmError(f"kernel reported data outside kvm_run ({offset}+{n})")
+        return bytes(ffi.buffer(self._base + offset, n))
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of the kvm_run area (bounds-checked)."""
+        self._r()
+        if offset < 0 or offset + len(data) > self.size:
+            raise KvmError(f"write outside kvm_run ({offset}+{len(data)})")
+        ffi.memmove(self._base + offset, data, len(data))
+
+    def decode(self) -> tuple[int, dict[str, Any]]:
+        """``(exit_reason, fields)`` of the current exit, copied into Python values."""
+        run = self._r()
+        reason = int(run.exit_reason)
+        f: dict[str, Any] = {}
+        if reason == lib.KVM_EXIT_IO:
+            io = lib.kvmio_run_io(run)
+            f = {"out": int(io.direction) == lib.KVM_EXIT_IO_OUT, "size": int(io.size),
+                 "port": int(io.port), "count": int(io.count), "offset": int(io.data_offset)}
+            if f["out"]:
+                f["data"] = self.read(f["offset"], f["size"] * f["count"])
+            elif f["offset"] + f["size"] * f["count"] > self.size:
+                raise KvmError("kernel reported I/O data outside kvm_run "
+                               f"({f['offset']}+{f['size'] * f['count']})")
+        elif reason == lib.KVM_EXIT_MMIO:
+            m = lib.kvmio_run_mmio(run)
+            length = min(int(m.len), 8)
+            f = {"address": int(m.phys_addr), "length": length, "write": bool(m.is_write),
+                 "data": bytes(m.data[0:length])}
+        elif reason == lib.KVM_EXIT_FAIL_ENTRY:
+            fe = lib.kvmio_run_fail_entry(run)
+            f = {"reason": int(fe.hardware_entry_failure_reason), "cpu": int(fe.cpu)}
+        elif reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            ie = lib.kvmio_run_internal(run)
+            f = {"suberror": int(ie.suberror),
+                 "data": tuple(int(ie.data[i]) for i in range(min(int(ie.ndata), 16)))}
+        elif reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            se = lib.kvmio_run_system_event(run)
+            f = {"type": int(se.type),
+                 "data": tuple(int(se.data[i]) for i in range(min(int(se.ndata), 16)))}
+        else:
+            f = {"hardware_exit_reason": int(lib.kvmio_run_hw(run).hardware_exit_reason)}
+        return reason, f
+
+    def write_mmio_data(self, data: bytes) -> None:
+        """Fill ``kvm_run.mmio.data`` (the value an MMIO read returns to the guest)."""
+        if len(data) > 8:
+            raise KvmError("MMIO data is at most 8 bytes")
+        ffi.memmove(lib.kvmio_run_mmio(self._r()).data, data, len(data))

@@ -66,10 +66,16 @@ class DirtyRingOverrunError(DirtyRingError):
     with a bigger ring, a lower guest write density, or bitmap mode.
     """
 
-    def __init__(self, message: str, *, vcpu: int | None = None, lost: int | None = None):
+    def __init__(self, message: str, *, vcpu: int | None = None, lost: int | None = None,
+                 entries: object = None):
         super().__init__(message)
+        #: The vCPU whose ring overran, if known.
         self.vcpu = vcpu
+        #: How many entries the counts disagree by, if known (reset mismatch).
         self.lost = lost
+        #: A copy of the :class:`kvmio.DirtyEntries` harvested by the failing call (the ring
+        #: keeps them too, and its next harvest returns them), if any.
+        self.entries = entries
 
 
 def from_errno(err: int, ioctl: str, what: str | None = None) -> KvmError:

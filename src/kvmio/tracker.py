@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmio._abi import PAGE_SIZE
-from kvmio.dirty.ring import DirtyRing, sorted_unique
+from kvmio.dirty.ring import DirtyEntries, DirtyRing, sorted_unique
 from kvmio.errors import KvmInvalidArgumentError, KvmStateError
 from kvmio.vcpu import Vcpu
 from kvmio.vm import Vm
@@ -199,8 +199,12 @@ class DirtyTracker:
     bitmaps, and records a :class:`RateSample`.
 
     :meth:`take` returns everything dirtied since the previous take, already harvested and
-    reset, so page contents may be read right after it.  An exception in the worker (e.g. a
-    ring overrun) is re-raised by ``take``, ``rate``, ``on_ring_full`` and ``stop``.
+    reset, so page contents may be read right after it.  The first error of any pass (e.g. a
+    ring overrun), in the worker or in a vCPU thread, stops the tracker and is re-raised by
+    ``take``, ``rate``, ``on_ring_full``, ``start`` and ``stop``; nothing harvested by a
+    failed pass is lost.  To go on after an overrun: ``close()`` the tracker, recover the rings
+    (:meth:`kvmio.DirtyRing.recover_from_overrun`), resynchronise, and start a new tracker.
+    vCPUs created while tracking are adopted by the next pass.
     """
 
     def __init__(self, vm: Vm, mode: Mode = "auto", *, interval: float = 0.05,
@@ -215,8 +219,11 @@ class DirtyTracker:
             mode = "ring" if vm.dirty_ring is not None else "bitmap"
         if mode == "ring" and vm.dirty_ring is None:
             raise KvmStateError("ring mode needs the dirty ring enabled on the VM")
-        if mode == "bitmap" and vm.dirty_ring is not None and not vm.dirty_ring.with_bitmap:
-            raise KvmStateError("bitmap mode is unavailable on a VM with the dirty ring")
+        if mode == "bitmap" and vm.dirty_ring is not None:
+            # vCPU writes go to the rings (the backup bitmap only holds writes made outside
+            # vCPU context), so polling the bitmap would miss them, and full rings would stall.
+            raise KvmStateError("bitmap mode is unavailable on a VM with the dirty ring; use "
+                                "ring mode")
         self.vm = vm
         self.mode: Literal["ring", "bitmap"] = mode
         self.interval = interval
@@ -249,15 +256,13 @@ class DirtyTracker:
         with self._lock:
             if self._closed:
                 raise KvmStateError("this tracker is closed")
+            self._raise_error()
             if self._thread is not None:
                 raise KvmStateError("the tracker is already running")
-            if self.mode == "ring" and not self._rings:
-                vcpus = self.vm.vcpus
-                if not vcpus:
+            if self.mode == "ring":
+                if not self.vm.vcpus:
                     raise KvmStateError("create the vCPUs before starting a ring tracker")
-                for vid, vcpu in sorted(vcpus.items()):
-                    self._rings[vid] = vcpu.take_dirty_ring()
-                    self._vcpu_windows[vid] = WindowCounter(self.window)
+                self._adopt_rings(check_all=True)
             self._t0 = self._last = time.monotonic()
             self._stop.clear()
             self._thread = threading.Thread(target=self._worker, name="kvmio-dirty-tracker",
@@ -265,8 +270,21 @@ class DirtyTracker:
             self._thread.start()
         return self
 
+    def _adopt_rings(self, check_all: bool = False) -> None:
+        """Take the ring of every vCPU not tracked yet (vCPUs may be created while tracking)."""
+        vcpus = sorted(self.vm.vcpus.items())
+        new = [(vid, v) for vid, v in vcpus if vid not in self._rings and v._ring is not None]
+        if check_all:  # all or nothing
+            for vid, v in new:
+                if v._ring_taken:
+                    raise KvmStateError(f"the dirty ring of vCPU {vid} is owned elsewhere")
+        for vid, v in new:
+            if not v._ring_taken:
+                self._rings[vid] = v.take_dirty_ring()
+                self._vcpu_windows[vid] = WindowCounter(self.window)
+
     def stop(self) -> None:
-        """Stop the worker (after one last pass) and join it; re-raise a worker error."""
+        """Stop the worker (after one last pass) and join it; re-raise a tracker error."""
         t = self._thread
         if t is not None:
             self._stop.set()
@@ -275,7 +293,10 @@ class DirtyTracker:
         self._raise_error()
 
     def close(self) -> None:
-        """Stop, and hand the rings back to their vCPUs (idempotent)."""
+        """Stop, and hand the rings back to their vCPUs.  Re-raises a tracker error once;
+        closing again does nothing."""
+        if self._closed:
+            return
         try:
             self.stop()
         finally:
@@ -318,32 +339,66 @@ class DirtyTracker:
             try:
                 with self._lock:
                     self._pass()
-            except BaseException as e:
-                self._error = e
-                return
+            except BaseException:
+                return  # recorded by _pass; re-raised to the caller
             if stopping:
                 return
 
     # -- passes -----------------------------------------------------------------------------
 
-    def _pass(self) -> None:
-        """Harvest + reset (or get + clear) once; caller holds the lock."""
+    def _pass(self, final: bool = False) -> None:
+        """One pass; the first error of any pass (in any thread) is recorded for the caller."""
+        try:
+            self._pass_inner(final)
+        except BaseException as e:
+            if self._error is None:
+                self._error = e
+            raise
+
+    def _pass_inner(self, final: bool) -> None:
+        """Harvest + reset (or get + clear) once; caller holds the lock.  Entries harvested
+        before a failure are handed back to their rings, so a failed pass loses nothing."""
         now = time.monotonic()
         regions = self.vm.regions
         per_vcpu: dict[int, dict[int, npt.NDArray[np.uint64]]] = {}
         pages: dict[int, npt.NDArray[np.uint64]] = {}
         entries = 0
         if self.mode == "ring":
-            for vid, ring in self._rings.items():
-                got = ring.harvest()
+            self._adopt_rings()
+            harvested: list[tuple[DirtyRing, DirtyEntries]] = []
+            orphans = self.vm._take_orphans()
+            try:
+                for ring in self._rings.values():
+                    if not ring.closed:
+                        harvested.append((ring, ring.harvest()))
+                self.vm.reset_dirty_rings()
+            except BaseException:
+                for ring, got in harvested:
+                    ring._restash(got)
+                self.vm._return_orphans(orphans)
+                raise
+            for ring, got in harvested:
                 entries += len(got)
                 if len(got):
-                    per_vcpu[vid] = {s.slot: p for s, p in got.distinct_pages().items()}
-            self.vm.reset_dirty_rings()
+                    per_vcpu[ring.vcpu_id] = {s.slot: p for s, p in got.distinct_pages().items()
+                                              if s.address_space == 0}
+            for o in orphans:
+                entries += len(o)
+                for sid, p in o.distinct_pages().items():
+                    if sid.address_space == 0:
+                        q = pages.get(sid.slot)
+                        pages[sid.slot] = p if q is None else sorted_unique(np.concatenate((q, p)))
             for d in per_vcpu.values():
                 for slot, p in d.items():
                     pages[slot] = (sorted_unique(np.concatenate((pages[slot], p)))
                                    if slot in pages else p)
+            if final and self.vm.dirty_ring is not None and self.vm.dirty_ring.with_bitmap:
+                for slot, region in regions.items():  # the backup bitmap, last
+                    if region.log_dirty:
+                        extra = self.vm.get_dirty_log(slot)
+                        if len(extra):
+                            q = pages.get(slot)
+                            pages[slot] = extra if q is None else np.union1d(q, extra)
         else:
             for slot, region in regions.items():
                 if region.log_dirty:
@@ -405,12 +460,17 @@ class DirtyTracker:
         with self._lock:
             self._pass()
 
-    def take(self) -> DirtyRanges:
+    def take(self, *, final: bool = False) -> DirtyRanges:
         """Everything dirtied since the previous take (or start), harvested and reset already:
-        the pages' contents may be read right after this returns."""
+        the pages' contents may be read right after this returns.
+
+        ``final=True`` (with the vCPUs stopped) also collects the ring's backup bitmap
+        (WITH_BITMAP), as the last step."""
+        if self._closed:
+            raise KvmStateError("this tracker is closed")
         self._raise_error()
         with self._lock:
-            self._pass()
+            self._pass(final)
             acc, self._acc = self._acc, {}
         regions = self.vm.regions
         pages = {s: np.flatnonzero(a).astype(np.uint64) for s, a in acc.items()}

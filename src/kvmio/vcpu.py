@@ -12,7 +12,6 @@ from kvmio import _abi
 from kvmio._abi import IS_X86, FdOwner, Mapping, ffi, ioctl, lib
 from kvmio.errors import (
     DirtyRingOverrunError,
-    KvmClosedError,
     KvmError,
     KvmStateError,
     KvmUnsupportedError,
@@ -58,8 +57,7 @@ class Vcpu(FdOwner):
         super().__init__(fd)
         self.vm = vm
         self.id = vcpu_id
-        self._run_map = run
-        self._run = run.cast("struct kvm_run *")
+        self._run = _abi.KvmRun(run)
         self._ring = ring
         self._ring_taken = False
         if ring is not None:
@@ -70,6 +68,7 @@ class Vcpu(FdOwner):
         self._run_lock = threading.Lock()
         self._running_thread: int | None = None
         self._in_run = False
+        self._recovering = False
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} {'closed' if self.closed else f'fd={self._fd}'}>"
@@ -85,8 +84,7 @@ class Vcpu(FdOwner):
                                     "wait for run() to return before closing")
             if self._ring is not None:
                 self._ring._close()
-            self._run = None
-            self._run_map.close()
+            self._run.close()
             self._close_fd()
         self.vm._forget_vcpu(self.id)
 
@@ -102,27 +100,24 @@ class Vcpu(FdOwner):
     @property
     def immediate_exit(self) -> bool:
         """``kvm_run.immediate_exit``: when set, the next KVM_RUN returns at once (EINTR)."""
-        return bool(self._kvm_run().immediate_exit)
+        with self._run_lock:
+            return self._run.immediate_exit
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
-        self._kvm_run().immediate_exit = 1 if value else 0
-
-    def _kvm_run(self) -> Any:
-        if self._run is None:
-            raise KvmClosedError(f"vCPU {self.id} is closed")
-        return self._run
+        with self._run_lock:
+            self._run.immediate_exit = value
 
     def kick(self) -> None:
-        """Make the vCPU leave KVM_RUN: safe from any thread, at any time.
+        """Make the vCPU leave KVM_RUN; safe from any thread while the vCPU is open.
 
-        Sets ``immediate_exit`` (so a ``run()`` about to start returns at once) and signals the
-        thread currently inside KVM_RUN, if any.  The next ``run()`` returns
-        :class:`~kvmio.exits.Interrupted` and clears ``immediate_exit``.
+        Sets ``immediate_exit`` and signals the thread inside KVM_RUN, if any.  A kick is never
+        lost: if no ``run()`` is in KVM_RUN now, the next ``run()`` returns
+        :class:`~kvmio.exits.Interrupted` at once.  Each ``run()`` that returns ``Interrupted``
+        consumes all kicks made before it.  Raises :class:`KvmClosedError` once closed.
         """
         with self._run_lock:
-            run = self._kvm_run()
-            run.immediate_exit = 1
+            self._run.immediate_exit = True
             if self._running_thread is not None:
                 signal.pthread_kill(self._running_thread, _abi.kick_signal())
 
@@ -130,58 +125,59 @@ class Vcpu(FdOwner):
         """KVM_RUN: run the guest until it exits to userspace, and decode the exit.
 
         I/O-in and MMIO-read exits carry an ``answer()`` method that writes the value the guest
-        reads back into ``kvm_run``; it must be called before the next ``run()``.
+        reads back into ``kvm_run``; it must be called before the next ``run()``.  The vCPU
+        counts as running until the exit is decoded, so ``close()`` cannot unmap ``kvm_run``
+        under it.
         """
         _abi.kick_signal()  # install the kick handler before the first KVM_RUN
         with self._run_lock:
-            run = self._kvm_run()
             if self._in_run:
                 raise KvmStateError(f"vCPU {self.id} is already running in another thread")
+            if self._recovering:
+                raise KvmStateError(f"vCPU {self.id}'s dirty ring is being recovered")
+            self._run.immediate_exit  # noqa: B018  (raises KvmClosedError once closed)
             fd = self.fd
             self._in_run = True
             self._running_thread = threading.get_ident()
             self._exit_gen += 1
         try:
             r = _abi.ioctl_eintr(fd, lib.KVM_RUN, name="KVM_RUN")
+            with self._run_lock:
+                self._running_thread = None
+                if r is None:
+                    # Consume the kicks that led here; later ones stay pending.
+                    self._run.immediate_exit = False
+                    return Interrupted()
+            return self._decode(self._run)
         finally:
             with self._run_lock:
                 self._running_thread = None
                 self._in_run = False
-        if r is None:
-            run.immediate_exit = 0
-            return Interrupted()
-        return self._decode(run)
 
-    def _decode(self, run: Any) -> VcpuExit:
-        reason = int(run.exit_reason)
+    def _decode(self, run: _abi.KvmRun) -> VcpuExit:
+        reason, f = run.decode()
         gen = self._exit_gen
         if reason == ExitReason.IO:
-            io = lib.kvmio_run_io(run)
-            size, count = int(io.size), int(io.count)
-            n = size * count
-            offset = int(io.data_offset)
-            if offset + n > self._run_map.size:
-                raise KvmError(f"kernel reported I/O data outside kvm_run ({offset}+{n})")
-            if io.direction == lib.KVM_EXIT_IO_OUT:
-                data = bytes(ffi.buffer(self._run_map.ptr + offset, n))
-                return IoOut(int(io.port), size, count, data)
+            if f["out"]:
+                return IoOut(f["port"], f["size"], f["count"], f["data"])
+            n, offset = f["size"] * f["count"], f["offset"]
 
             def answer_io(data: bytes) -> None:
-                self._check_gen(gen)
-                ffi.memmove(self._run_map.ptr + offset, data, n)
+                with self._run_lock:
+                    self._check_gen(gen)
+                    self._run.write(offset, data[:n])
 
-            return IoIn(answer_io, int(io.port), size, count)
+            return IoIn(answer_io, f["port"], f["size"], f["count"])
         if reason == ExitReason.MMIO:
-            m = lib.kvmio_run_mmio(run)
-            length = min(int(m.len), 8)
-            if m.is_write:
-                return MmioWrite(int(m.phys_addr), bytes(m.data[0:length]))
+            if f["write"]:
+                return MmioWrite(f["address"], f["data"])
 
             def answer_mmio(data: bytes) -> None:
-                self._check_gen(gen)
-                ffi.memmove(lib.kvmio_run_mmio(self._kvm_run()).data, data, len(data))
+                with self._run_lock:
+                    self._check_gen(gen)
+                    self._run.write_mmio_data(data)
 
-            return MmioRead(answer_mmio, int(m.phys_addr), length)
+            return MmioRead(answer_mmio, f["address"], f["length"])
         if reason == ExitReason.HLT:
             return Hlt()
         if reason == ExitReason.SHUTDOWN:
@@ -191,18 +187,12 @@ class Vcpu(FdOwner):
         if reason == ExitReason.INTR:
             return Interrupted()
         if reason == ExitReason.FAIL_ENTRY:
-            f = lib.kvmio_run_fail_entry(run)
-            return FailEntry(int(f.hardware_entry_failure_reason), int(f.cpu))
+            return FailEntry(f["reason"], f["cpu"])
         if reason == ExitReason.INTERNAL_ERROR:
-            ie = lib.kvmio_run_internal(run)
-            nd = min(int(ie.ndata), 16)
-            return InternalError(int(ie.suberror), tuple(int(ie.data[i]) for i in range(nd)))
+            return InternalError(f["suberror"], f["data"])
         if reason == ExitReason.SYSTEM_EVENT:
-            se = lib.kvmio_run_system_event(run)
-            nd = min(int(se.ndata), 16)
-            return SystemEvent(int(se.type), tuple(int(se.data[i]) for i in range(nd)))
-        hw = lib.kvmio_run_hw(run)
-        return Unknown(reason, int(hw.hardware_exit_reason))
+            return SystemEvent(f["type"], f["data"])
+        return Unknown(reason, f["hardware_exit_reason"])
 
     def _check_gen(self, gen: int) -> None:
         if gen != self._exit_gen:
@@ -233,10 +223,11 @@ class Vcpu(FdOwner):
     def run_until_exit(self, *, max_stuck: int = RING_FULL_STUCK_LIMIT) -> VcpuExit:
         """Run, handling KVM_EXIT_DIRTY_RING_FULL: harvest this vCPU's ring, reset, re-enter.
 
-        Returns the first other exit.  The harvested entries are kept on the ring
-        (:meth:`kvmio.dirty.ring.DirtyRing.pending_entries`) so nothing is lost; a ring-full exit
-        with nothing to harvest ``max_stuck`` times in a row means the ring was overrun
-        (entries overwritten) and raises :class:`DirtyRingOverrunError`.
+        Returns the first other exit.  The harvested entries are kept by the ring (its next
+        :meth:`~kvmio.dirty.ring.DirtyRing.harvest`, or :meth:`kvmio.Vm.collect_dirty_pages`,
+        returns them first), so nothing is lost.  A ring-full exit with nothing to harvest
+        ``max_stuck`` times in a row means the ring was overrun (entries overwritten) and raises
+        :class:`DirtyRingOverrunError`; so does a harvest that finds the ring overrun.
         """
         stuck = 0
         while True:

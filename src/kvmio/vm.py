@@ -15,6 +15,7 @@ import numpy.typing as npt
 from kvmio import _abi
 from kvmio._abi import IS_X86, PAGE_SIZE, FdOwner, Mapping, ffi, ioctl, lib
 from kvmio.caps import Cap
+from kvmio.dirty.ring import DirtyEntries
 from kvmio.errors import (
     DirtyRingError,
     DirtyRingOverrunError,
@@ -23,7 +24,7 @@ from kvmio.errors import (
     KvmStateError,
     KvmUnsupportedError,
 )
-from kvmio.memory import MemoryRegion, SlotId
+from kvmio.memory import MemoryRegion
 
 if TYPE_CHECKING:
     from kvmio.dirty.ring import DirtyRing
@@ -60,6 +61,8 @@ class DirtyPages:
     pages: dict[int, npt.NDArray[np.uint64]]
     regions: dict[int, MemoryRegion]
     entries: int
+    #: Ring entries for memory slots that no longer exist (deleted since they were dirtied).
+    dropped: int = 0
 
     @property
     def count(self) -> int:
@@ -98,6 +101,9 @@ class Vm(FdOwner):
         # KVM_RESET_DIRTY_RINGS, so that "reset count == harvested count" is exact.
         self._ring: DirtyRingConfig | None = None
         self._ring_lock = threading.RLock()
+        # Entries left in the rings of closed vCPUs, and their part of the next reset's count.
+        self._orphans: list[DirtyEntries] = []
+        self._orphan_pending = 0
         self._manual_protect = False
         self._initially_set = False
 
@@ -113,8 +119,11 @@ class Vm(FdOwner):
             for vcpu in list(self._vcpus.values()):
                 vcpu.close()
             self._vcpus.clear()
-            if self._fd is not None:
-                self._close_fd()
+            # Dirty-log ioctls run under the ring lock: wait for one in flight (e.g. a tracker's)
+            # before the fd number can be reused.
+            with self._ring_lock:
+                if self._fd is not None:
+                    self._close_fd()
             for region in self._regions.values():
                 region._close()
             self._regions.clear()
@@ -437,10 +446,27 @@ class Vm(FdOwner):
             _ = fd
             return self._ring
 
+    def _adopt_orphans(self, entries: DirtyEntries, pending: int) -> None:
+        """Take over what a closing vCPU's ring still held (see DirtyRing._close)."""
+        with self._ring_lock:
+            if len(entries):
+                self._orphans.append(entries)
+            self._orphan_pending += pending
+
+    def _take_orphans(self) -> list[DirtyEntries]:
+        with self._ring_lock:
+            out, self._orphans = self._orphans, []
+            return out
+
+    def _return_orphans(self, orphans: list[DirtyEntries]) -> None:
+        """Give back orphans taken by a collection that then failed (they come first)."""
+        with self._ring_lock:
+            self._orphans[:0] = orphans
+
     def dirty_rings(self) -> dict[int, DirtyRing]:
         """Every vCPU's ring by vCPU id (for inspection; harvest through the owner)."""
         out = {}
-        for vid, vcpu in self._vcpus.items():
+        for vid, vcpu in dict(self._vcpus).items():
             r = vcpu._ring
             if r is not None:
                 out[vid] = r
@@ -459,7 +485,7 @@ class Vm(FdOwner):
             if self._ring is None:
                 raise KvmStateError("the dirty ring is not enabled on this VM")
             rings = list(self.dirty_rings().values())
-            expected = sum(r._pending_reset for r in rings)
+            expected = sum(r._pending_reset for r in rings) + self._orphan_pending
             total = 0
             for _ in range(1 << 20):
                 n = ioctl(fd, lib.KVM_RESET_DIRTY_RINGS, name="KVM_RESET_DIRTY_RINGS")
@@ -468,6 +494,7 @@ class Vm(FdOwner):
                 total += n
             for r in rings:
                 r._pending_reset = 0
+            self._orphan_pending = 0
             if total != expected:
                 raise DirtyRingOverrunError(
                     f"KVM_RESET_DIRTY_RINGS reset {total} entries but {expected} were harvested "
@@ -490,30 +517,35 @@ class Vm(FdOwner):
         if self._ring is None:
             return self._collect_bitmaps()
         with self._ring_lock:
-            slots: list[npt.NDArray[np.uint32]] = []
-            offsets: list[npt.NDArray[np.uint64]] = []
-            entries = 0
-            for vcpu in self._vcpus.values():
-                ring = vcpu._ring
-                if ring is None:
-                    continue
-                if vcpu._ring_taken:
+            vcpus = list(dict(self._vcpus).values())
+            for vcpu in vcpus:  # check every ring before harvesting any
+                if vcpu._ring is not None and vcpu._ring_taken:
                     raise KvmStateError(
                         f"the dirty ring of vCPU {vcpu.id} is owned by a harvester; collect "
                         "through that owner instead")
-                got = ring._harvest_all()
-                entries += len(got.slots)
-                slots.append(got.slots)
-                offsets.append(got.offsets)
-            self.reset_dirty_rings()
-            merged = _merge_entries(slots, offsets, self._regions)
+            harvested: list[tuple[DirtyRing, DirtyEntries]] = []
+            orphans = self._take_orphans()
+            try:
+                for vcpu in vcpus:
+                    if vcpu._ring is not None:
+                        harvested.append((vcpu._ring, vcpu._ring._harvest_all()))
+                self.reset_dirty_rings()
+            except BaseException:
+                # Nothing harvested is lost: hand it back for the next collection.
+                for ring, got in harvested:
+                    ring._restash(got)
+                self._return_orphans(orphans)
+                raise
+            parts = orphans + [got for _, got in harvested]
+            all_entries = DirtyEntries.concat(parts)
+            merged, dropped = _merge_entries(all_entries, self._regions)
             if final and self._ring.with_bitmap:
                 for sid, region in self._regions.items():
-                    if region.flags & lib.KVM_MEM_LOG_DIRTY_PAGES:
+                    if region.log_dirty:
                         extra = self.get_dirty_log(sid)
                         if len(extra):
                             merged[sid] = np.union1d(merged.get(sid, extra), extra)
-            return DirtyPages(merged, dict(self._regions), entries)
+            return DirtyPages(merged, dict(self._regions), len(all_entries), dropped)
 
     # -- dirty bitmap -----------------------------------------------------------------------
 
@@ -559,7 +591,8 @@ class Vm(FdOwner):
             raise KvmStateError("KVM_GET_DIRTY_LOG is not available on a VM with the dirty ring "
                                 "unless the backup bitmap (WITH_BITMAP) is enabled")
         words = np.zeros((region.num_pages + 63) // 64, dtype=np.uint64)
-        _abi.get_dirty_log(self.fd, slot, words)
+        with self._ring_lock:  # Vm.close() waits for it
+            _abi.get_dirty_log(self.fd, slot, words)
         return bitmap_to_pages(words, region.num_pages)
 
     def clear_dirty_log(self, slot: int, first_page: int = 0, num_pages: int | None = None,
@@ -596,12 +629,13 @@ class Vm(FdOwner):
                 raise KvmInvalidArgumentError("pages lie outside the range being cleared")
             bits[idx - first_page] = 1
         words = np.packbits(bits, bitorder="little").view(np.uint64).copy()
-        _abi.clear_dirty_log(self.fd, slot, first_page, num_pages, words)
+        with self._ring_lock:  # Vm.close() waits for it
+            _abi.clear_dirty_log(self.fd, slot, first_page, num_pages, words)
 
     def _collect_bitmaps(self) -> DirtyPages:
         merged: dict[int, npt.NDArray[np.uint64]] = {}
         for sid, region in self._regions.items():
-            if region.flags & lib.KVM_MEM_LOG_DIRTY_PAGES:
+            if region.log_dirty:
                 got = self.get_dirty_log(sid)
                 if self._manual_protect and len(got):
                     self.clear_dirty_log(sid, 0, region.num_pages, got)
@@ -624,24 +658,21 @@ def bitmap_to_pages(words: npt.NDArray[np.uint64], num_pages: int) -> npt.NDArra
     return pages[pages < np.uint64(num_pages)]
 
 
-def _merge_entries(slots: list[npt.NDArray[np.uint32]], offsets: list[npt.NDArray[np.uint64]],
-                   regions: dict[int, MemoryRegion]) -> dict[int, npt.NDArray[np.uint64]]:
-    """Distinct sorted page offsets per slot id (address space 0) from harvested entries."""
+def _merge_entries(entries: DirtyEntries, regions: dict[int, MemoryRegion]
+                   ) -> tuple[dict[int, npt.NDArray[np.uint64]], int]:
+    """Distinct sorted page offsets per slot id from harvested entries, and how many entries
+    named a slot that no longer exists (or an address space kvmio never maps)."""
     out: dict[int, npt.NDArray[np.uint64]] = {}
-    if not slots:
-        return out
-    s = np.concatenate(slots)
-    o = np.concatenate(offsets)
-    for raw in np.unique(s):
-        sid = SlotId.decode(int(raw))
-        pages = np.unique(o[s == raw]).astype(np.uint64)
+    dropped = 0
+    for sid, pages in entries.distinct_pages().items():
         region = regions.get(sid.slot)
         if sid.address_space != 0 or region is None:
-            raise DirtyRingError(f"ring entry names unknown memory slot {sid}")
+            dropped += int(np.count_nonzero(entries.slots == sid.encode()))
+            continue
         if len(pages) and int(pages[-1]) >= region.num_pages:
             raise DirtyRingError(f"ring entry offset {int(pages[-1])} is beyond slot {sid.slot}")
         out[sid.slot] = pages
-    return out
+    return out, dropped
 
 
 def _cap_name(cap: Cap | int) -> str:

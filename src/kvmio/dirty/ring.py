@@ -90,6 +90,10 @@ class DirtyEntries:
             out[sel] = np.uint64(region.guest_phys_addr) + self.offsets[sel] * np.uint64(PAGE_SIZE)
         return out
 
+    def copy(self) -> DirtyEntries:
+        """A copy that owns its memory."""
+        return DirtyEntries(self.slots.copy(), self.offsets.copy())
+
     def distinct_pages(self) -> dict[SlotId, npt.NDArray[np.uint64]]:
         """Sorted distinct page offsets per slot."""
         if len(self.slots) == 0:
@@ -101,13 +105,18 @@ class DirtyEntries:
                 for raw in np.unique(self.slots).tolist()}
 
 
+_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
+
+
 class _OutputPool:
     """Reusable output arrays for harvests, so that a steady harvest loop neither allocates nor
     page-faults (a fresh 768 KiB array costs ~200 page faults, ~1 us each on this host).
 
     A pair is reused only when nothing but the pool refers to it: every numpy view of an array
     (however derived) keeps a reference to it, so its reference count tells.  Two pairs let
-    ``got = ring.harvest()`` reuse the pair the previous result does not hold.
+    ``got = ring.harvest()`` reuse the pair the previous result does not hold.  (Code that keeps
+    only a raw address of a result, e.g. ``arr.ctypes.data``, must keep the array too.)  On a
+    free-threaded Python, reference counts prove nothing, and fresh arrays are used instead.
     """
 
     def __init__(self, size: int):
@@ -121,6 +130,8 @@ class _OutputPool:
         return sys.getrefcount(self._pairs[k][0]), sys.getrefcount(self._pairs[k][1])
 
     def get(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]:
+        if not _GIL:  # reference counts are no proof of ownership without the GIL
+            return np.empty(self.size, dtype=np.uint32), np.empty(self.size, dtype=np.uint64)
         for k in range(len(self._pairs)):
             if self._refs(k) == (self._baseline, self._baseline):
                 return self._pairs[k]
@@ -218,6 +229,7 @@ class DirtyRing:
         self._stash: list[DirtyEntries] = []
         self._pool = _OutputPool(entries)
         self._vcpu: Vcpu | None = None
+        #: Entries harvested from this ring since it was mapped.
         self.harvested_total = 0
 
     def __repr__(self) -> str:
@@ -244,11 +256,23 @@ class DirtyRing:
                                  "VM was closed)")
 
     def _close(self) -> None:
+        """Unmap.  What is still in the ring or the stash goes to the VM, which reports it with
+        the next collection and counts it in the next reset (KVM keeps the vCPU's ring until the
+        VM is destroyed, and KVM_RESET_DIRTY_RINGS still recycles it)."""
         with self._lock:
+            if self._map is None:
+                return
+            try:
+                left = self._harvest_locked(self.size, check=False)
+            except KvmClosedError:
+                left = DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
+            parts = [*self._stash, left.copy()]
+            self._stash.clear()
+            self.vm._adopt_orphans(DirtyEntries.concat(parts), self._pending_reset)
+            self._pending_reset = 0
             m, self._map = self._map, None
             self._gfns = None
-            if m is not None:
-                m.close()
+            m.close()
 
     def harvest(self, limit: int | None = None) -> DirtyEntries:
         """Take up to ``limit`` dirty entries (default: all), in ring order.
@@ -258,9 +282,12 @@ class DirtyRing:
         (or at ``limit``) and resumes there next time.  Entries that
         :meth:`kvmio.Vcpu.run_until_exit` harvested on a ring-full exit come first.
 
+        ``limit`` applies to the ring; entries already stashed come in addition.
+
         Raises :class:`DirtyRingOverrunError` when the ring shows that the kernel overwrote
         entries: a hole (the entry at the index is not dirty but a later one is) or a completely
-        full ring since the last reset.  The exception's ``entries`` holds what was harvested.
+        full ring since the last reset.  What was harvested is kept (the next harvest returns
+        it) and a copy is on the exception's ``entries``.
         """
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0")
@@ -296,30 +323,39 @@ class DirtyRing:
         if stop == STOP_HOLE:
             self._overrun(got, "an entry the kernel should have published is missing (a hole "
                                "in the ring)")
-        if self._pending_reset >= self.size:
+        if self._pending_reset >= self.size > self._pending_reset - n:  # reported once
             self._overrun(got, f"the ring filled completely ({self._pending_reset} of "
                                f"{self.size} entries since the last reset)")
         return got
 
     def _overrun(self, got: DirtyEntries, why: str) -> None:
-        err = DirtyRingOverrunError(
+        kept = got.copy()
+        if len(kept):
+            self._stash.append(kept)  # harvested (flags are RESET): keep them for the caller
+        raise DirtyRingOverrunError(
             f"dirty ring of vCPU {self.vcpu_id} overrun: {why}; the kernel overwrote entries, so "
             "dirty pages may have been lost. Treat the tracked slots as wholly dirty and "
             "resynchronise them; to avoid it use a bigger ring, a guest that writes fewer pages "
-            "per burst, or bitmap mode", vcpu=self.vcpu_id)
-        err.entries = got  # type: ignore[attr-defined]
-        raise err
+            "per burst, or bitmap mode", vcpu=self.vcpu_id, entries=kept.copy())
+
+    def _restash(self, got: DirtyEntries) -> None:
+        """Give back entries harvested by a collection that then failed (they come first)."""
+        with self._lock:
+            if len(got):
+                self._stash.insert(0, got.copy())
 
     def _harvest_all(self) -> DirtyEntries:
         with self._lock:
             return self.harvest()
 
     def _harvest_into_pending(self) -> int:
-        """Harvest everything into the stash (for the ring-full handler); return the count."""
+        """Harvest everything into the stash (for the ring-full handler); return the count.
+
+        Stashed entries are copies, so they do not pin the output buffers."""
         with self._lock:
             got = self._harvest_locked(self.size)
             if len(got):
-                self._stash.append(got)
+                self._stash.append(got.copy())
             return len(got)
 
     def count_dirty(self) -> int:
@@ -337,11 +373,22 @@ class DirtyRing:
         the entries harvested on the way.  The writes behind the lost entries stay lost: treat
         the tracked slots as wholly dirty and resynchronise them.
         """
+        vcpu = self._vcpu
+        if vcpu is not None:
+            with vcpu._run_lock:
+                if vcpu._in_run:
+                    raise KvmStateError("recover the ring only while its vCPU is outside run()")
+                vcpu._recovering = True  # run() refuses until we are done
+        try:
+            return self._recover()
+        finally:
+            if vcpu is not None:
+                with vcpu._run_lock:
+                    vcpu._recovering = False
+
+    def _recover(self) -> DirtyEntries:
         with self._lock:
             self._check()
-            vcpu = self._vcpu
-            if vcpu is not None and vcpu._in_run:
-                raise KvmStateError("recover the ring only while its vCPU is outside run()")
             parts = list(self._stash)
             self._stash.clear()
             for _ in range(self.size):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from kvmio._abi import PAGE_SIZE
-from kvmio.errors import DirtyRingOverrunError, KvmInvalidArgumentError
+from kvmio.errors import DirtyRingError, DirtyRingOverrunError, KvmInvalidArgumentError
 from kvmio.exits import DirtyRingFull, Hlt, Interrupted, IoOut, VcpuExit
 from kvmio.guests.modes import PAGE_TABLE_ADDR, page_tables_size, setup_long_mode
 from kvmio.guests.programs import program
@@ -236,11 +236,13 @@ class Workload:
         the workload does not handle (returned).
 
         Ring-full exits go to ``on_ring_full`` (default: harvest this vCPU's own ring into its
-        pending entries and reset).  If the guest makes no write across ``max_stuck`` ring-full
-        exits in a row, the ring was overrun: :class:`DirtyRingOverrunError`.
+        pending entries and reset).  ``max_stuck`` ring-full exits in a row with no guest write
+        and no harvest raise: :class:`DirtyRingOverrunError` if nothing is left to harvest (the
+        ring was overrun), :class:`DirtyRingError` if entries wait for a harvester that does
+        not come.
         """
         vcpu = self.vcpus[i]
-        stuck, last = 0, -1
+        stuck, last = 0, (-1, -1)
         while True:
             if stop is not None and stop.is_set():
                 return Interrupted()
@@ -254,14 +256,24 @@ class Workload:
                     return ex
                 continue
             if isinstance(ex, DirtyRingFull):
-                now = self.writes(i)
+                # No progress = the guest made no write and nobody harvested since the last
+                # ring-full exit.  Repeated, with nothing left to harvest, the ring was overrun;
+                # with entries waiting, the ring's owner is not harvesting.
+                ring = vcpu._ring
+                now = (self.writes(i), ring.harvested_total if ring is not None else 0)
                 stuck = stuck + 1 if now == last else 0
                 last = now
+                if stuck >= max_stuck and ring is not None and ring.count_dirty() > 0:
+                    raise DirtyRingError(
+                        f"vCPU {i} keeps exiting with a full dirty ring that nobody harvests "
+                        f"({ring.count_dirty()} entries waiting): the ring's owner must harvest "
+                        "and reset on ring-full exits")
                 if stuck >= max_stuck:
                     raise DirtyRingOverrunError(
                         f"vCPU {i} keeps exiting with a full dirty ring while the guest makes no "
-                        "progress: the ring was overrun and dirty pages were lost; use a bigger "
-                        "ring, a lower write density, or bitmap mode", vcpu=i)
+                        "progress and nothing is left to harvest: the ring was overrun and "
+                        "dirty pages were lost; use a bigger ring, a lower write density, or "
+                        "bitmap mode", vcpu=i)
                 if on_ring_full is not None:
                     on_ring_full(vcpu)
                 else:
