@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from kvmio.system import Kvm
     from kvmio.vcpu import Vcpu
 
-#: Entries the kernel keeps in reserve at the end of every ring (without Intel PML).
+#: Entries the kernel keeps in reserve at the end of every ring (without Intel PML; with PML it
+#: reserves 512 more, which only the kernel knows: its refusal then names that rule).
 RING_RESERVED_ENTRIES = 64
 #: Bytes per ``struct kvm_dirty_gfn``.
 DIRTY_GFN_SIZE = 16
@@ -429,8 +430,12 @@ class Vm(FdOwner):
             try:
                 self.enable_cap(cap, nbytes)
             except KvmError as e:
+                hint = ""
+                if e.errno == errno.EINVAL and entries < 1024:
+                    hint = (" (with Intel PML the kernel reserves 576 entries, so rings need at "
+                            "least 1024 entries there)")
                 raise DirtyRingError(
-                    f"the kernel refused a ring of {entries} entries ({nbytes} bytes): {e}",
+                    f"the kernel refused a ring of {entries} entries ({nbytes} bytes): {e}{hint}",
                     errno=e.errno, ioctl="KVM_ENABLE_CAP") from e
             self._ring = DirtyRingConfig(cap, entries, nbytes, cap == Cap.DIRTY_LOG_RING_ACQ_REL,
                                          False)

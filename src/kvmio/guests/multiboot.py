@@ -869,7 +869,8 @@ class MultibootMachine:
         timeout the kernel may be run again (it resumes where it stopped); after any other stop
         this raises :class:`KvmStateError`.  With a dirty ring (``ring_entries``), ring-full
         exits go to ``on_ring_full`` (e.g. :meth:`kvmio.tracker.DirtyTracker.on_ring_full`), or
-        else are handled by :meth:`kvmio.Vcpu.run_until_exit`'s harvest-and-reset.
+        else the vCPU's own ring is harvested (the entries are kept for its next harvest) and
+        the rings are reset.
         """
         if self._terminal is not None:
             raise KvmStateError(f"the kernel cannot be resumed after a {self._terminal.value} "
