@@ -16,6 +16,7 @@ import platform
 import threading
 from typing import Any
 
+from kvmio._closing import Closing
 from kvmio._native import ffi, lib
 from kvmio.errors import KvmClosedError, KvmError, from_errno
 
@@ -71,7 +72,7 @@ def kick_signal() -> int:
     return int(lib.kvmio_kick_signal())
 
 
-class FdOwner:
+class FdOwner(Closing):
     """Owns one file descriptor; ``close()`` is idempotent and later use raises KvmClosedError."""
 
     _what = "object"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno as _errno
 import os
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from kvmio import _abi
@@ -77,12 +76,6 @@ class Kvm(FdOwner):
         """Close ``/dev/kvm``.  VMs already created stay usable (they hold their own fds)."""
         self._close_fd()
 
-    def __enter__(self) -> Kvm:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def get_api_version(self) -> int:
         """KVM_GET_API_VERSION (always 12)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno as _errno
 import signal
 import threading
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from kvmio import _abi
@@ -88,12 +87,6 @@ class Vcpu(FdOwner):
             self._close_fd()
         self.vm._forget_vcpu(self.id)
 
-    def __enter__(self) -> Vcpu:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # -- running ----------------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ import contextlib
 import errno
 import threading
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -129,12 +128,6 @@ class Vm(FdOwner):
                 region._close()
             self._regions.clear()
 
-    def __enter__(self) -> Vm:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # -- capabilities -----------------------------------------------------------------------
 

@@ -63,10 +63,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from kvmio._abi import IS_X86, PAGE_SIZE
+from kvmio._closing import Closing
 from kvmio.errors import (
     KvmError,
     KvmInvalidArgumentError,
@@ -783,7 +783,7 @@ class _Stop:
     exit_code: int | None = None
 
 
-class MultibootMachine:
+class MultibootMachine(Closing):
     """A one-vCPU VM with a Multiboot kernel loaded and ready to run.
 
     ``kernel`` is the file's bytes or its path; ``mem`` the guest RAM in bytes (one memory slot
@@ -847,12 +847,6 @@ class MultibootMachine:
         """Close the VM (idempotent)."""
         self.vm.close()
 
-    def __enter__(self) -> MultibootMachine:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def vga_text(self) -> str:
         """The VGA text screen now (see :func:`render_vga_text`)."""

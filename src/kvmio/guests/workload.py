@@ -18,9 +18,9 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 
 from kvmio._abi import PAGE_SIZE
+from kvmio._closing import Closing
 from kvmio.errors import DirtyRingError, DirtyRingOverrunError, KvmInvalidArgumentError
 from kvmio.exits import DirtyRingFull, Hlt, Interrupted, IoOut, VcpuExit
 from kvmio.guests.modes import PAGE_TABLE_ADDR, page_tables_size, setup_long_mode
@@ -112,7 +112,7 @@ class DirtierParams:
 INSTRUCTIONS_PER_WRITE = {Order.RANDOM: 37, Order.SEQUENTIAL: 28}
 
 
-class Workload:
+class Workload(Closing):
     """A VM running the dirtier on ``vcpus`` vCPUs over ``mem_size`` bytes of tracked memory.
 
     ``ring_entries`` enables the dirty ring (before the vCPUs are created) with that many
@@ -319,9 +319,3 @@ class Workload:
         """Close the VM (vCPUs and memory)."""
         self.vm.close()
 
-    def __enter__(self) -> Workload:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
