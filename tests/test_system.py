@@ -97,3 +97,14 @@ def test_vm_outlives_system_fd() -> None:
     vm.add_memory_region(0, 4096)
     vm.create_vcpu()
     vm.close()
+
+
+def test_fds_are_close_on_exec(kvm: Kvm) -> None:
+    import fcntl
+
+    assert fcntl.fcntl(kvm.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    with kvm.create_vm() as vm:
+        v = vm.create_vcpu()
+        # KVM creates VM and vCPU fds with O_CLOEXEC itself.
+        assert fcntl.fcntl(vm.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert fcntl.fcntl(v.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
