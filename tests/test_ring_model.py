@@ -58,6 +58,7 @@ class RingProtocol(RuleBasedStateMachine):
         self.harvested_since_reset = 0
         self.overran = False
         self.detected = False
+        self.published_after_overrun = False
         self.next_offset = 0
 
     def _write(self, i: int, slot: int, offset: int) -> None:
@@ -73,6 +74,7 @@ class RingProtocol(RuleBasedStateMachine):
                 break
             self._write(self.dirty_index, slot, self.next_offset)
             self.pushed.append((slot, self.next_offset))
+            self.published_after_overrun = self.overran
             self.next_offset += 1
             self.dirty_index = (self.dirty_index + 1) & M32
 
@@ -103,8 +105,12 @@ class RingProtocol(RuleBasedStateMachine):
         # kvmio's signals: a hole, or a ring that filled completely since the last reset.
         if c_stop == STOP_HOLE or self.harvested_since_reset >= self.size > before:
             self.detected = True
-        if self.overran and c_stop == STOP_EMPTY:
-            assert self.detected, "an overrun went unnoticed by the time the harvester caught up"
+        # An overrun is noticed at the latest once the kernel has published past it and the
+        # harvester has caught up (a hole).  Not sooner in every case: if a partial harvest
+        # took the entry that wrapped around and a reset followed, the full-ring signal never
+        # forms, and the loss shows only when the kernel publishes again.
+        if self.overran and c_stop == STOP_EMPTY and self.published_after_overrun:
+            assert self.detected, "an overrun went unnoticed after the kernel published again"
 
     @rule()
     def reset(self) -> None:
@@ -143,7 +149,7 @@ class RingProtocol(RuleBasedStateMachine):
             assert self.harvested == self.pushed[: len(self.harvested)]
 
 
-RingProtocol.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+RingProtocol.TestCase.settings = settings(max_examples=400, stateful_step_count=40,
                                           deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 test_ring_protocol = RingProtocol.TestCase

@@ -303,3 +303,42 @@ def test_error_in_a_vcpu_thread_pass_is_recorded(kvm: Kvm) -> None:
         # The rings are back with their vCPUs and can be recovered.
         w.vcpus[0].set_regs(r)
         assert len(w.vcpus[0].dirty_ring.recover_from_overrun()) >= 0
+
+
+def test_close_hands_collected_pages_to_the_vm(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=16 << 20, ring_entries=1024, max_writes=300,
+                  value="count") as w:
+        tracker = DirtyTracker(w.vm, interval=0.01).start()
+        w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
+        time.sleep(0.1)  # the worker harvests and resets: the pages are only in the tracker
+        assert tracker.passes > 0
+        tracker.close()
+        d = w.vm.collect_dirty_pages()
+        assert np.array_equal(d.pages[MEM_SLOT], np.flatnonzero(w.mem.page_words()))
+
+
+def test_a_closed_tracker_never_takes_rings_back(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=16 << 20, ring_entries=256, max_writes=2000,
+                  value="count") as w:
+        tracker = DirtyTracker(w.vm, interval=5.0).start()
+        tracker.close()
+        w.run_vcpu(0, on_ring_full=tracker.on_ring_full)  # ring-full exits after the close
+        ring = w.vcpus[0].dirty_ring  # still the vCPU's
+        assert ring.harvested_total > 0
+        d = w.vm.collect_dirty_pages()
+        assert np.array_equal(d.pages[MEM_SLOT], np.flatnonzero(w.mem.page_words()))
+        DirtyTracker(w.vm).start().close()  # the rings are free for a new tracker
+
+
+def test_tracker_survives_a_recreated_slot(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=16 << 20, order="sequential", ring_entries=1024,
+                  max_writes=600, value="count") as w, DirtyTracker(w.vm, interval=5.0) as tracker:
+        w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
+        tracker.take()
+        w.vm.write_memory(w.params_addr(0) + 80, (900).to_bytes(8, "little"))
+        w.run_vcpu(0, on_ring_full=tracker.on_ring_full)  # pages 600..899, not harvested
+        w.vm.delete_memory_region(MEM_SLOT)
+        w.vm.add_memory_region(MEM_BASE, 700 * 4096, log_dirty=True)
+        ranges = tracker.take()  # stale offsets beyond page 700 are dropped, no crash
+        assert list(ranges) == [(MEM_BASE + 600 * 4096, 100 * 4096)]
+        assert tracker.error is None

@@ -67,15 +67,15 @@ class DirtyRingOverrunError(DirtyRingError):
     """
 
     def __init__(self, message: str, *, vcpu: int | None = None, lost: int | None = None,
-                 entries: object = None):
+                 harvested: int = 0):
         super().__init__(message)
         #: The vCPU whose ring overran, if known.
         self.vcpu = vcpu
         #: How many entries the counts disagree by, if known (reset mismatch).
         self.lost = lost
-        #: A copy of the :class:`kvmio.DirtyEntries` harvested by the failing call (the ring
-        #: keeps them too, and its next harvest returns them), if any.
-        self.entries = entries
+        #: How many entries the failing call had harvested.  They are not lost and not on the
+        #: exception: the ring keeps them, and its next harvest (or collection) returns them.
+        self.harvested = harvested
 
 
 def from_errno(err: int, ioctl: str, what: str | None = None) -> KvmError:

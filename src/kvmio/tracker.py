@@ -21,6 +21,7 @@ import numpy.typing as npt
 from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.ring import DirtyEntries, DirtyRing, sorted_unique
 from kvmio.errors import KvmInvalidArgumentError, KvmStateError
+from kvmio.memory import MemoryRegion
 from kvmio.vcpu import Vcpu
 from kvmio.vm import Vm
 
@@ -130,12 +131,14 @@ class WindowCounter:
         self._counts[p] = 0
         oldest = self._starts[0][0]
         for slot, idx in pages.items():
-            if len(idx) == 0:
+            if len(idx) == 0 or slot not in slot_pages:
                 continue
             stamps = self._stamps.get(slot)
-            if stamps is None:
+            if stamps is None or len(stamps) != slot_pages[slot]:  # new, or re-created
+
                 # np.zeros maps lazily: only stamp pages for touched guest pages are allocated.
                 stamps = self._stamps[slot] = np.zeros(slot_pages[slot], dtype=np.uint32)
+            idx = idx[idx < np.uint64(len(stamps))]
             ix = idx.astype(np.intp)  # index with intp: uint64 indices are converted per use
             prev = stamps[ix]
             stamps[ix] = p
@@ -202,8 +205,10 @@ class DirtyTracker:
     reset, so page contents may be read right after it.  The first error of any pass (e.g. a
     ring overrun), in the worker or in a vCPU thread, stops the tracker and is re-raised by
     ``take``, ``rate``, ``on_ring_full``, ``start`` and ``stop``; nothing harvested by a
-    failed pass is lost.  To go on after an overrun: ``close()`` the tracker, recover the rings
-    (:meth:`kvmio.DirtyRing.recover_from_overrun`), resynchronise, and start a new tracker.
+    failed pass is lost: ``close()`` hands what the tracker collected since the last ``take``
+    to the VM, whose next collection reports it.  To go on after an overrun: ``close()`` the
+    tracker, recover the rings (:meth:`kvmio.DirtyRing.recover_from_overrun`), resynchronise,
+    and start a new tracker.
     vCPUs created while tracking are adopted by the next pass.
     """
 
@@ -293,20 +298,28 @@ class DirtyTracker:
         self._raise_error()
 
     def close(self) -> None:
-        """Stop, and hand the rings back to their vCPUs.  Re-raises a tracker error once;
-        closing again does nothing."""
+        """Stop, hand the rings back to their vCPUs, and hand the pages collected since the
+        last :meth:`take` to the VM (its next :meth:`kvmio.Vm.collect_dirty_pages`, or the next
+        tracker, reports them: they were harvested and reset already, so nothing else would).
+        Re-raises a tracker error once; closing again does nothing."""
         if self._closed:
             return
         try:
             self.stop()
         finally:
             with self._lock:
+                self._closed = True
                 for vid, ring in self._rings.items():
                     vcpu = self.vm._vcpus.get(vid)
                     if vcpu is not None and vcpu._ring is ring:
                         vcpu._ring_taken = False
                 self._rings.clear()
-                self._closed = True
+                acc, self._acc = self._acc, {}
+                for slot, a in acc.items():
+                    p = np.flatnonzero(a).astype(np.uint64)
+                    if len(p):
+                        self.vm._adopt_orphans(
+                            DirtyEntries(np.full(len(p), slot, dtype=np.uint32), p), 0)
 
     def __enter__(self) -> DirtyTracker:
         return self.start()
@@ -338,19 +351,25 @@ class DirtyTracker:
             stopping = self._stop.wait(self.interval)
             try:
                 with self._lock:
+                    if self._closed:
+                        return
                     self._pass()
             except BaseException:
-                return  # recorded by _pass; re-raised to the caller
+                return  # recorded by _pass (by whichever thread failed first)
             if stopping:
                 return
 
     # -- passes -----------------------------------------------------------------------------
 
     def _pass(self, final: bool = False) -> None:
-        """One pass; the first error of any pass (in any thread) is recorded for the caller."""
+        """One pass; the first error of any pass (in any thread) stops the tracker and is
+        recorded for the caller.  Caller holds the lock."""
+        if self._closed:
+            raise KvmStateError("this tracker is closed")
+        self._raise_error()
         try:
             self._pass_inner(final)
-        except BaseException as e:
+        except Exception as e:
             if self._error is None:
                 self._error = e
             raise
@@ -364,19 +383,23 @@ class DirtyTracker:
         pages: dict[int, npt.NDArray[np.uint64]] = {}
         entries = 0
         if self.mode == "ring":
-            self._adopt_rings()
-            harvested: list[tuple[DirtyRing, DirtyEntries]] = []
-            orphans = self.vm._take_orphans()
-            try:
-                for ring in self._rings.values():
-                    if not ring.closed:
-                        harvested.append((ring, ring.harvest()))
-                self.vm.reset_dirty_rings()
-            except BaseException:
-                for ring, got in harvested:
-                    ring._restash(got)
-                self.vm._return_orphans(orphans)
-                raise
+            # Under the VM's ring lock from adoption to reset: no vCPU can close its ring in
+            # between, so every ring harvested here is reset here.
+            with self.vm._ring_lock:
+                self._adopt_rings()
+                harvested: list[tuple[DirtyRing, DirtyEntries]] = []
+                orphans = self.vm._take_orphans()
+                try:
+                    for ring in self._rings.values():
+                        if not ring.closed:
+                            harvested.append((ring, ring.harvest()))
+                    self.vm.reset_dirty_rings()
+                except BaseException:
+                    for ring, got in harvested:
+                        ring._restash(got)
+                    self.vm._return_orphans(orphans)
+                    raise
+            # From here on nothing may raise: these pages are harvested and reset already.
             for ring, got in harvested:
                 entries += len(got)
                 if len(got):
@@ -392,14 +415,22 @@ class DirtyTracker:
                 for slot, p in d.items():
                     pages[slot] = (sorted_unique(np.concatenate((pages[slot], p)))
                                    if slot in pages else p)
+            self._accumulate(pages, regions)
             if final and self.vm.dirty_ring is not None and self.vm.dirty_ring.with_bitmap:
+                extra_pages: dict[int, npt.NDArray[np.uint64]] = {}
                 for slot, region in regions.items():  # the backup bitmap, last
                     if region.log_dirty:
                         extra = self.vm.get_dirty_log(slot)
                         if len(extra):
+                            extra_pages[slot] = extra
                             q = pages.get(slot)
                             pages[slot] = extra if q is None else np.union1d(q, extra)
+                self._accumulate(extra_pages, regions)
         else:
+            for o in self.vm._take_orphans():  # e.g. left by an earlier tracker
+                for sid, p in o.distinct_pages().items():
+                    if sid.address_space == 0:
+                        self._accumulate({sid.slot: p}, regions)
             for slot, region in regions.items():
                 if region.log_dirty:
                     logged = self.vm.get_dirty_log(slot)
@@ -407,13 +438,9 @@ class DirtyTracker:
                         if self.vm.manual_dirty_log_protect:
                             self.vm.clear_dirty_log(slot, pages=logged)
                         pages[slot] = logged
+                        self._accumulate({slot: logged}, regions)
         sizes = {s: r.num_pages for s, r in regions.items()}
-        pages = {s: p for s, p in pages.items() if s in sizes}  # a slot deleted meanwhile
-        for slot, p in pages.items():
-            acc = self._acc.get(slot)
-            if acc is None:
-                acc = self._acc[slot] = np.zeros(sizes[slot], dtype=np.bool_)
-            acc[p] = True
+        pages = {s: p[p < np.uint64(sizes[s])] for s, p in pages.items() if s in sizes}
         distinct, span = self._vm_window.add(self._last, now, pages, sizes)
         vrates = {}
         for vid, win in self._vcpu_windows.items():
@@ -427,6 +454,19 @@ class DirtyTracker:
         self.passes += 1
         self.entries += entries
         self.cpu_time += time.monotonic() - now
+
+    def _accumulate(self, pages: dict[int, npt.NDArray[np.uint64]],
+                    regions: dict[int, MemoryRegion]) -> None:
+        """Add pages to the per-slot bitmaps; pages of slots that no longer exist (or beyond a
+        smaller successor) are dropped.  Never raises."""
+        for slot, p in pages.items():
+            region = regions.get(slot)
+            if region is None:
+                continue
+            acc = self._acc.get(slot)
+            if acc is None or len(acc) != region.num_pages:  # new, or a re-created slot
+                acc = self._acc[slot] = np.zeros(region.num_pages, dtype=np.bool_)
+            acc[p[p < np.uint64(region.num_pages)]] = True
 
     def _histogram(self, pages: dict[int, npt.NDArray[np.uint64]]) -> npt.NDArray[np.int64]:
         lo, hi = self.tracked_span()
@@ -452,12 +492,16 @@ class DirtyTracker:
         """For vCPU threads: call on KVM_EXIT_DIRTY_RING_FULL, then run the vCPU again.
 
         Harvests every ring and resets, in the calling thread, so the vCPU can re-enter at once
-        and nothing is lost.  Re-raises a worker error.
+        and nothing is lost.  Re-raises a tracker error.  Once the tracker is closed (its rings
+        handed back), the vCPU's own ring is harvested into its stash and reset instead.
         """
-        self._raise_error()
         if self.mode != "ring":
             raise KvmStateError("on_ring_full is for ring mode")
         with self._lock:
+            if self._closed:
+                vcpu.dirty_ring._harvest_into_pending()
+                self.vm.reset_dirty_rings()
+                return
             self._pass()
 
     def take(self, *, final: bool = False) -> DirtyRanges:
@@ -466,11 +510,8 @@ class DirtyTracker:
 
         ``final=True`` (with the vCPUs stopped) also collects the ring's backup bitmap
         (WITH_BITMAP), as the last step."""
-        if self._closed:
-            raise KvmStateError("this tracker is closed")
-        self._raise_error()
         with self._lock:
-            self._pass(final)
+            self._pass(final)  # refuses once closed, re-raises a tracker error
             acc, self._acc = self._acc, {}
         regions = self.vm.regions
         pages = {s: np.flatnonzero(a).astype(np.uint64) for s, a in acc.items()}

@@ -107,7 +107,9 @@ class Vcpu(FdOwner):
         Sets ``immediate_exit`` and signals the thread inside KVM_RUN, if any.  A kick is never
         lost: if no ``run()`` is in KVM_RUN now, the next ``run()`` returns
         :class:`~kvmio.exits.Interrupted` at once.  Each ``run()`` that returns ``Interrupted``
-        consumes all kicks made before it.  Raises :class:`KvmClosedError` once closed.
+        consumes all kicks made before it.  Raises :class:`KvmClosedError` once closed.  Do
+        not call it from a Python signal handler running on the vCPU's own thread (the handler
+        may run while that thread holds the vCPU's lock); kick from another thread instead.
         """
         with self._run_lock:
             self._run.immediate_exit = True

@@ -61,7 +61,8 @@ class DirtyPages:
     pages: dict[int, npt.NDArray[np.uint64]]
     regions: dict[int, MemoryRegion]
     entries: int
-    #: Ring entries for memory slots that no longer exist (deleted since they were dirtied).
+    #: Entries for memory that no longer exists (a slot deleted, or replaced by a smaller one,
+    #: since the page was dirtied).
     dropped: int = 0
 
     @property
@@ -104,6 +105,7 @@ class Vm(FdOwner):
         # Entries left in the rings of closed vCPUs, and their part of the next reset's count.
         self._orphans: list[DirtyEntries] = []
         self._orphan_pending = 0
+        self._overrun_note: str | None = None
         self._manual_protect = False
         self._initially_set = False
 
@@ -451,6 +453,11 @@ class Vm(FdOwner):
                 self._orphans.append(entries)
             self._orphan_pending += pending
 
+    def _note_overrun(self, vcpu_id: int) -> None:
+        with self._ring_lock:
+            self._overrun_note = (f"the dirty ring of vCPU {vcpu_id} was overrun when the vCPU "
+                                  "closed")
+
     def _take_orphans(self) -> list[DirtyEntries]:
         with self._ring_lock:
             out, self._orphans = self._orphans, []
@@ -485,20 +492,37 @@ class Vm(FdOwner):
             rings = list(self.dirty_rings().values())
             expected = sum(r._pending_reset for r in rings) + self._orphan_pending
             total = 0
-            for _ in range(1 << 20):
-                n = ioctl(fd, lib.KVM_RESET_DIRTY_RINGS, name="KVM_RESET_DIRTY_RINGS")
-                if n == 0:
-                    break
-                total += n
+            try:
+                for _ in range(1 << 20):
+                    n = ioctl(fd, lib.KVM_RESET_DIRTY_RINGS, name="KVM_RESET_DIRTY_RINGS")
+                    if n == 0:
+                        break
+                    total += n
+            finally:
+                # Whatever the kernel reset is no longer pending, even if a later call failed.
+                left = total
+                take = min(left, self._orphan_pending)
+                self._orphan_pending -= take
+                left -= take
+                for r in rings:
+                    take = min(left, r._pending_reset)
+                    r._pending_reset -= take
+                    left -= take
+            # Matched or not, the kernel has now reset everything it could: start afresh.
+            self._orphan_pending = 0
             for r in rings:
                 r._pending_reset = 0
-            self._orphan_pending = 0
             if total != expected:
                 raise DirtyRingOverrunError(
                     f"KVM_RESET_DIRTY_RINGS reset {total} entries but {expected} were harvested "
                     "since the last reset: the ring's state is inconsistent and dirty pages may "
                     "have been lost; treat the tracked slots as wholly dirty, and use a bigger "
                     "ring or bitmap mode", lost=abs(expected - total))
+            note, self._overrun_note = self._overrun_note, None
+            if note is not None:
+                raise DirtyRingOverrunError(
+                    f"{note}: dirty pages may have been lost; treat the tracked slots as wholly "
+                    "dirty and resynchronise them")
             return total
 
     def collect_dirty_pages(self, *, final: bool = False) -> DirtyPages:
@@ -525,8 +549,9 @@ class Vm(FdOwner):
             orphans = self._take_orphans()
             try:
                 for vcpu in vcpus:
-                    if vcpu._ring is not None:
-                        harvested.append((vcpu._ring, vcpu._ring._harvest_all()))
+                    ring = vcpu._ring
+                    if ring is not None and not ring.closed:  # a closed one gave us orphans
+                        harvested.append((ring, ring._harvest_all()))
                 self.reset_dirty_rings()
             except BaseException:
                 # Nothing harvested is lost: hand it back for the next collection.
@@ -631,14 +656,17 @@ class Vm(FdOwner):
             _abi.clear_dirty_log(self.fd, slot, first_page, num_pages, words)
 
     def _collect_bitmaps(self) -> DirtyPages:
-        merged: dict[int, npt.NDArray[np.uint64]] = {}
+        orphans = self._take_orphans()  # e.g. pages a closed tracker had collected
+        merged, dropped = _merge_entries(DirtyEntries.concat(orphans), self._regions)
         for sid, region in self._regions.items():
             if region.log_dirty:
                 got = self.get_dirty_log(sid)
                 if self._manual_protect and len(got):
                     self.clear_dirty_log(sid, 0, region.num_pages, got)
+                if sid in merged:
+                    got = np.union1d(merged[sid], got).astype(np.uint64)
                 merged[sid] = got
-        return DirtyPages(merged, dict(self._regions), 0)
+        return DirtyPages(merged, dict(self._regions), 0, dropped)
 
 
 def bitmap_to_pages(words: npt.NDArray[np.uint64], num_pages: int) -> npt.NDArray[np.uint64]:
@@ -659,7 +687,8 @@ def bitmap_to_pages(words: npt.NDArray[np.uint64], num_pages: int) -> npt.NDArra
 def _merge_entries(entries: DirtyEntries, regions: dict[int, MemoryRegion]
                    ) -> tuple[dict[int, npt.NDArray[np.uint64]], int]:
     """Distinct sorted page offsets per slot id from harvested entries, and how many entries
-    named a slot that no longer exists (or an address space kvmio never maps)."""
+    named a slot (or a page of it) that no longer exists, or an address space kvmio never maps.
+    Runs after the reset, so it never raises."""
     out: dict[int, npt.NDArray[np.uint64]] = {}
     dropped = 0
     for sid, pages in entries.distinct_pages().items():
@@ -667,9 +696,13 @@ def _merge_entries(entries: DirtyEntries, regions: dict[int, MemoryRegion]
         if sid.address_space != 0 or region is None:
             dropped += int(np.count_nonzero(entries.slots == sid.encode()))
             continue
-        if len(pages) and int(pages[-1]) >= region.num_pages:
-            raise DirtyRingError(f"ring entry offset {int(pages[-1])} is beyond slot {sid.slot}")
-        out[sid.slot] = pages
+        inside = pages < np.uint64(region.num_pages)  # beyond: a deleted, smaller successor
+        if not inside.all():
+            sel = (entries.slots == sid.encode()) & (entries.offsets >= region.num_pages)
+            dropped += int(np.count_nonzero(sel))
+            pages = pages[inside]
+        if len(pages):
+            out[sid.slot] = pages
     return out, dropped
 
 

@@ -262,10 +262,10 @@ class DirtyRing:
         with self._lock:
             if self._map is None:
                 return
-            try:
-                left = self._harvest_locked(self.size, check=False)
-            except KvmClosedError:
-                left = DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
+            left = self._harvest_locked(self.size, check=False)
+            if int(self._stop[0]) == STOP_HOLE or self._pending_reset >= self.size:
+                # An overrun the closing vCPU can no longer report: the next reset does.
+                self.vm._note_overrun(self.vcpu_id)
             parts = [*self._stash, left.copy()]
             self._stash.clear()
             self.vm._adopt_orphans(DirtyEntries.concat(parts), self._pending_reset)
@@ -286,8 +286,8 @@ class DirtyRing:
 
         Raises :class:`DirtyRingOverrunError` when the ring shows that the kernel overwrote
         entries: a hole (the entry at the index is not dirty but a later one is) or a completely
-        full ring since the last reset.  What was harvested is kept (the next harvest returns
-        it) and a copy is on the exception's ``entries``.
+        full ring since the last reset.  What was harvested is kept: the next harvest returns
+        it (the exception only counts it, in ``harvested``).
         """
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0")
@@ -336,12 +336,17 @@ class DirtyRing:
             f"dirty ring of vCPU {self.vcpu_id} overrun: {why}; the kernel overwrote entries, so "
             "dirty pages may have been lost. Treat the tracked slots as wholly dirty and "
             "resynchronise them; to avoid it use a bigger ring, a guest that writes fewer pages "
-            "per burst, or bitmap mode", vcpu=self.vcpu_id, entries=kept.copy())
+            "per burst, or bitmap mode", vcpu=self.vcpu_id, harvested=len(kept))
 
     def _restash(self, got: DirtyEntries) -> None:
-        """Give back entries harvested by a collection that then failed (they come first)."""
+        """Give back entries harvested by a collection that then failed (they come first).
+        A ring closed meanwhile hands them to the VM instead."""
         with self._lock:
-            if len(got):
+            if not len(got):
+                return
+            if self._map is None:
+                self.vm._adopt_orphans(got.copy(), 0)
+            else:
                 self._stash.insert(0, got.copy())
 
     def _harvest_all(self) -> DirtyEntries:
@@ -372,6 +377,10 @@ class DirtyRing:
         resets the VM's rings, so that the kernel's reset index catches up with ours.  Returns
         the entries harvested on the way.  The writes behind the lost entries stay lost: treat
         the tracked slots as wholly dirty and resynchronise them.
+
+        The hole must be visible: after an overrun reported as a *full* ring, the kernel has
+        not published past the hole yet, so nothing is skipped; run the vCPU on until a harvest
+        reports the hole, and recover again then.
         """
         vcpu = self._vcpu
         if vcpu is not None:
@@ -398,5 +407,9 @@ class DirtyRing:
                 parts.append(got)
                 if skipped == 0 and len(got) == 0:
                     break
-            self.vm.reset_dirty_rings()
+            try:
+                self.vm.reset_dirty_rings()
+            except BaseException:
+                self._stash[:0] = [p.copy() for p in parts if len(p)]
+                raise
             return DirtyEntries.concat(parts)

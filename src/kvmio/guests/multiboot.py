@@ -927,10 +927,11 @@ class MultibootMachine(Closing):
             if timer is not None:
                 timer.cancel()
                 timer.join()
-            # A timer that fired as the run ended leaves a kick pending: drop it, so that a
-            # resumed run is not cut short.
-            with contextlib.suppress(KvmError):
-                vcpu.immediate_exit = False
+            # A timer that fired as the run ended leaves its kick pending: drop it, so that a
+            # resumed run is not cut short.  (Other threads' kicks stay pending.)
+            if timed_out:
+                with contextlib.suppress(KvmError):
+                    vcpu.immediate_exit = False
         elapsed = time.monotonic() - start
         if stop.reason in _TERMINAL:
             self._terminal = stop.reason
