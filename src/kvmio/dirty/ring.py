@@ -231,6 +231,9 @@ class DirtyRing:
         self._vcpu: Vcpu | None = None
         #: Entries harvested from this ring since it was mapped.
         self.harvested_total = 0
+        #: Entries that :meth:`recover_from_overrun` skipped (counted by the kernel, but
+        #: overwritten before they were harvested).
+        self.lost_total = 0
 
     def __repr__(self) -> str:
         return f"<DirtyRing vcpu={self.vcpu_id} size={self.size} index={self.index}>"
@@ -378,9 +381,12 @@ class DirtyRing:
         the entries harvested on the way.  The writes behind the lost entries stay lost: treat
         the tracked slots as wholly dirty and resynchronise them.
 
-        The hole must be visible: after an overrun reported as a *full* ring, the kernel has
-        not published past the hole yet, so nothing is skipped; run the vCPU on until a harvest
-        reports the hole, and recover again then.
+        The hole must be visible: a dirty entry must follow it.  After an overrun reported as a
+        *full* ring, run the vCPU on until a harvest reports the hole, then recover.  If more
+        than the ring's soft limit was lost, the vCPU is stuck on ring-full with nothing to
+        harvest and nothing ever shows past the hole: that ring cannot be recovered (the kernel
+        resets every entry marked harvested, whatever its own dirty index says, so blind
+        marking would corrupt its state); use bitmap mode or a bigger ring.
         """
         vcpu = self._vcpu
         if vcpu is not None:
@@ -403,13 +409,14 @@ class DirtyRing:
             for _ in range(self.size):
                 skipped = int(lib.kvmio_ring_skip_hole(self._gfns, self.size, self._index))
                 self._pending_reset += skipped
+                self.lost_total += skipped
                 got = self._harvest_locked(self.size, check=False)
-                parts.append(got)
+                parts.append(got.copy())
                 if skipped == 0 and len(got) == 0:
                     break
             try:
                 self.vm.reset_dirty_rings()
             except BaseException:
-                self._stash[:0] = [p.copy() for p in parts if len(p)]
+                self._stash[:0] = [p for p in parts if len(p)]
                 raise
             return DirtyEntries.concat(parts)
