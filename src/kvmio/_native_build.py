@@ -17,6 +17,18 @@ import platform
 
 from cffi import FFI
 
+# kvmio's own views of kvm_run's exit union members (declared to cffi and compiled in the
+# source alike; the source checks each against <linux/kvm.h> with static asserts).
+EXIT_VIEWS = """
+struct kvmio_exit_io { uint8_t direction; uint8_t size; uint16_t port; uint32_t count;
+                       uint64_t data_offset; };
+struct kvmio_exit_mmio { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; };
+struct kvmio_exit_fail_entry { uint64_t hardware_entry_failure_reason; uint32_t cpu; };
+struct kvmio_exit_internal { uint32_t suberror; uint32_t ndata; uint64_t data[16]; };
+struct kvmio_exit_system_event { uint32_t type; uint32_t ndata; uint64_t data[16]; };
+struct kvmio_exit_hw { uint64_t hardware_exit_reason; };
+"""
+
 # Declarations every architecture shares.
 CDEF_COMMON = """
 #define KVM_API_VERSION ...
@@ -173,14 +185,7 @@ struct kvm_run {
 };
 
 /* kvm_run's exit union, read through accessors so that cffi need not model anonymous unions */
-struct kvmio_exit_io { uint8_t direction; uint8_t size; uint16_t port; uint32_t count;
-                       uint64_t data_offset; };
-struct kvmio_exit_mmio { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; };
-struct kvmio_exit_fail_entry { uint64_t hardware_entry_failure_reason; uint32_t cpu; };
-struct kvmio_exit_internal { uint32_t suberror; uint32_t ndata; uint64_t data[16]; };
-struct kvmio_exit_system_event { uint32_t type; uint32_t ndata; uint64_t data[16]; };
-struct kvmio_exit_hw { uint64_t hardware_exit_reason; };
-
+""" + EXIT_VIEWS + """
 struct kvmio_exit_io *kvmio_run_io(struct kvm_run *run);
 struct kvmio_exit_mmio *kvmio_run_mmio(struct kvm_run *run);
 struct kvmio_exit_fail_entry *kvmio_run_fail_entry(struct kvm_run *run);
@@ -372,14 +377,7 @@ SOURCE = r"""
 
 /* Views of kvm_run's exit union; each matches the corresponding member of <linux/kvm.h>'s
  * union (checked by the layout test, and by the static asserts below). */
-struct kvmio_exit_io { uint8_t direction; uint8_t size; uint16_t port; uint32_t count;
-                       uint64_t data_offset; };
-struct kvmio_exit_mmio { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; };
-struct kvmio_exit_fail_entry { uint64_t hardware_entry_failure_reason; uint32_t cpu; };
-struct kvmio_exit_internal { uint32_t suberror; uint32_t ndata; uint64_t data[16]; };
-struct kvmio_exit_system_event { uint32_t type; uint32_t ndata; uint64_t data[16]; };
-struct kvmio_exit_hw { uint64_t hardware_exit_reason; };
-
+""" + EXIT_VIEWS + r"""
 _Static_assert(sizeof(struct kvmio_exit_io) == sizeof(((struct kvm_run *)0)->io), "io");
 _Static_assert(sizeof(struct kvmio_exit_mmio) == sizeof(((struct kvm_run *)0)->mmio), "mmio");
 _Static_assert(offsetof(struct kvm_run, io) == offsetof(struct kvm_run, mmio), "union");
