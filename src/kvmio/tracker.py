@@ -387,18 +387,7 @@ class DirtyTracker:
             # between, so every ring harvested here is reset here.
             with self.vm._ring_lock:
                 self._adopt_rings()
-                harvested: list[tuple[DirtyRing, DirtyEntries]] = []
-                orphans = self.vm._take_orphans()
-                try:
-                    for ring in self._rings.values():
-                        if not ring.closed:
-                            harvested.append((ring, ring.harvest()))
-                    self.vm.reset_dirty_rings()
-                except BaseException:
-                    for ring, got in harvested:
-                        ring._restash(got)
-                    self.vm._return_orphans(orphans)
-                    raise
+                harvested, orphans = self.vm._harvest_and_reset(list(self._rings.values()))
             # From here on nothing may raise: these pages are harvested and reset already.
             for ring, got in harvested:
                 entries += len(got)
@@ -499,8 +488,7 @@ class DirtyTracker:
             raise KvmStateError("on_ring_full is for ring mode")
         with self._lock:
             if self._closed:
-                vcpu.dirty_ring._harvest_into_pending()
-                self.vm.reset_dirty_rings()
+                vcpu._drain_own_ring()
                 return
             self._pass()
 

@@ -215,6 +215,13 @@ class Vcpu(FdOwner):
         self._ring_taken = True
         return ring
 
+    def _drain_own_ring(self) -> int:
+        """Serve a ring-full exit from this vCPU's own ring: harvest it into its stash (the next
+        harvest or collection returns the entries) and reset.  Returns how many were taken."""
+        got = self.dirty_ring._harvest_into_pending()
+        self.vm.reset_dirty_rings()
+        return got
+
     def run_until_exit(self, *, max_stuck: int = RING_FULL_STUCK_LIMIT) -> VcpuExit:
         """Run, handling KVM_EXIT_DIRTY_RING_FULL: harvest this vCPU's ring, reset, re-enter.
 
@@ -229,9 +236,7 @@ class Vcpu(FdOwner):
             ex = self.run()
             if not isinstance(ex, DirtyRingFull):
                 return ex
-            ring = self.dirty_ring
-            got = ring._harvest_into_pending()
-            self.vm.reset_dirty_rings()
+            got = self._drain_own_ring()
             stuck = stuck + 1 if got == 0 else 0
             if stuck >= max_stuck:
                 raise DirtyRingOverrunError(

@@ -458,6 +458,27 @@ class Vm(FdOwner):
             self._overrun_note = (f"the dirty ring of vCPU {vcpu_id} was overrun when the vCPU "
                                   "closed")
 
+    def _harvest_and_reset(self, rings: list[DirtyRing]
+                           ) -> tuple[list[tuple[DirtyRing, DirtyEntries]], list[DirtyEntries]]:
+        """Harvest every open ring of ``rings`` and take the orphans, then reset: one
+        transaction under the ring lock.  If anything fails, everything harvested is handed
+        back (to its ring, or to the orphans) for the next collection, and the error raised.
+        Returns ``[(ring, entries)]`` and the orphans."""
+        with self._ring_lock:
+            harvested: list[tuple[DirtyRing, DirtyEntries]] = []
+            orphans = self._take_orphans()
+            try:
+                for ring in rings:
+                    if not ring.closed:  # a closed ring gave its entries to the orphans
+                        harvested.append((ring, ring.harvest()))
+                self.reset_dirty_rings()
+            except BaseException:
+                for ring, got in harvested:
+                    ring._restash(got)
+                self._return_orphans(orphans)
+                raise
+            return harvested, orphans
+
     def _take_orphans(self) -> list[DirtyEntries]:
         with self._ring_lock:
             out, self._orphans = self._orphans, []
@@ -545,20 +566,8 @@ class Vm(FdOwner):
                     raise KvmStateError(
                         f"the dirty ring of vCPU {vcpu.id} is owned by a harvester; collect "
                         "through that owner instead")
-            harvested: list[tuple[DirtyRing, DirtyEntries]] = []
-            orphans = self._take_orphans()
-            try:
-                for vcpu in vcpus:
-                    ring = vcpu._ring
-                    if ring is not None and not ring.closed:  # a closed one gave us orphans
-                        harvested.append((ring, ring._harvest_all()))
-                self.reset_dirty_rings()
-            except BaseException:
-                # Nothing harvested is lost: hand it back for the next collection.
-                for ring, got in harvested:
-                    ring._restash(got)
-                self._return_orphans(orphans)
-                raise
+            harvested, orphans = self._harvest_and_reset(
+                [v._ring for v in vcpus if v._ring is not None])
             parts = orphans + [got for _, got in harvested]
             all_entries = DirtyEntries.concat(parts)
             merged, dropped = _merge_entries(all_entries, self._regions)

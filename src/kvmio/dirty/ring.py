@@ -352,10 +352,6 @@ class DirtyRing:
             else:
                 self._stash.insert(0, got.copy())
 
-    def _harvest_all(self) -> DirtyEntries:
-        with self._lock:
-            return self.harvest()
-
     def _harvest_into_pending(self) -> int:
         """Harvest everything into the stash (for the ring-full handler); return the count.
 

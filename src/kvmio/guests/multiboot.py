@@ -909,8 +909,7 @@ class MultibootMachine(Closing):
                     if on_ring_full is not None:
                         on_ring_full(vcpu)
                     else:
-                        vcpu.dirty_ring._harvest_into_pending()
-                        self.vm.reset_dirty_rings()
+                        vcpu._drain_own_ring()
                     continue
                 if isinstance(ex, Interrupted):
                     if timed_out:

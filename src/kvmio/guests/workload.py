@@ -277,8 +277,7 @@ class Workload(Closing):
                 if on_ring_full is not None:
                     on_ring_full(vcpu)
                 else:
-                    vcpu.dirty_ring._harvest_into_pending()
-                    self.vm.reset_dirty_rings()
+                    vcpu._drain_own_ring()
                 continue
             if isinstance(ex, IoOut) and ex.port == PROGRESS_PORT + 1:
                 continue
