@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from kvmio import IoOut, Kvm, Vcpu, Vm
 from kvmio.exits import VcpuExit
 from kvmio.guests.modes import setup_long_mode, setup_protected_mode, setup_real_mode
@@ -39,3 +42,13 @@ def run_collecting(vcpu: Vcpu, limit: int = 10_000) -> tuple[dict[int, list[byte
             continue
         return out, ex
     raise AssertionError("guest did not stop")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    """Wait for a condition (never a fixed sleep): poll ``predicate`` until it holds, or fail
+    after ``timeout`` seconds (generous: the machine may be busy)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.001)

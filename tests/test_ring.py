@@ -28,6 +28,8 @@ from kvmio._abi import kick_signal
 from kvmio.guests.programs import program
 from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
 
+from guests import wait_until
+
 
 @pytest.mark.parametrize(
     ("entries", "exc", "match"),
@@ -175,8 +177,7 @@ def test_ring_full_exits_are_handled_without_loss(kvm: Kvm) -> None:
                 fulls += 1
                 # The soft limit: size - 64 reserved entries, give or take one emulation batch.
                 assert 256 - 64 <= v.dirty_ring.count_dirty() < 256
-                v.dirty_ring._harvest_into_pending()
-                w.vm.reset_dirty_rings()
+                v.dirty_ring.drain()  # harvests into the ring's pending entries, and resets
                 continue
             if isinstance(ex, Hlt):
                 break
@@ -293,9 +294,9 @@ def test_recover_refused_while_running(kvm: Kvm) -> None:
         v = w.vcpus[0]
         t = threading.Thread(target=v.run)
         t.start()
-        time.sleep(0.1)
+        wait_until(lambda: v.running, what="the vCPU to enter run()")
         try:
-            with pytest.raises(KvmStateError, match="outside run"):
+            with pytest.raises(KvmStateError, match="inside run"):
                 v.dirty_ring.recover_from_overrun()
         finally:
             v.kick()

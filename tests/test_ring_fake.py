@@ -22,9 +22,7 @@ from kvmio import (
     KvmStateError,
     KvmUnsupportedError,
     _abi,
-    system,
 )
-from kvmio import vm as vm_mod
 from kvmio._abi import lib
 from kvmio.guests.workload import MEM_SLOT, Workload
 
@@ -79,8 +77,7 @@ class FakeKernel:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernel]:
     fk = FakeKernel()
-    for mod in (vm_mod, system):
-        monkeypatch.setattr(mod, "ioctl", fk.ioctl)
+    monkeypatch.setattr(_abi, "ioctl", fk.ioctl)  # the one patch point every object uses
     monkeypatch.setattr(_abi, "get_dirty_log", fk.get_dirty_log)
     yield fk
 

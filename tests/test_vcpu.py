@@ -33,7 +33,7 @@ from kvmio._abi import KvmRun, lib
 from kvmio.guests.modes import setup_protected_mode, setup_real_mode
 from kvmio.x86 import DTable
 
-from guests import boot, run_collecting
+from guests import boot, run_collecting, wait_until
 
 
 def _protected(kvm: Kvm, code: bytes) -> tuple[Vm, Vcpu]:
@@ -282,16 +282,18 @@ def test_concurrent_run_and_close_while_running(kvm: Kvm) -> None:
 
     with Workload(kvm, mem_size=64 << 20) as w:
         v = w.vcpus[0]
-        t = threading.Thread(target=v.run)
+        results: list[object] = []
+        t = threading.Thread(target=lambda: results.append(v.run()))
         t.start()
-        time.sleep(0.2)
+        wait_until(lambda: v.running, what="the vCPU to enter run()")
         with pytest.raises(KvmStateError, match="already running"):
             v.run()
-        with pytest.raises(KvmStateError, match="kick"):
-            v.close()
-        v.kick()
-        t.join(5)
+        # close() from another thread stops the run (kick) and waits for it to return.
         v.close()
+        assert not v.running and v.closed
+        t.join(30)
+        assert not t.is_alive()
+        assert [type(r) for r in results] == [Interrupted]
         with pytest.raises(KvmClosedError):
             v.run()
         with pytest.raises(KvmClosedError):

@@ -42,7 +42,7 @@ def test_add_read_write_delete(kvm: Kvm) -> None:
 @pytest.mark.parametrize(
     ("gpa", "size", "match"),
     [(0, 0, "positive multiple"), (0, 100, "positive multiple"), (0x800, 4096, "page aligned"),
-     (-4096, 4096, "page aligned"), (1 << 52, 4096, "52-bit")])
+     (-4096, 4096, "guest_phys_addr must be >= 0"), (1 << 52, 4096, "52-bit")])
 def test_bad_region_arguments(kvm: Kvm, gpa: int, size: int, match: str) -> None:
     with kvm.create_vm() as vm, pytest.raises(KvmInvalidArgumentError, match=match):
         vm.add_memory_region(gpa, size)

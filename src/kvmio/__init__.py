@@ -6,7 +6,9 @@ memory slots and creates :class:`Vcpu` objects; each vCPU has a dirty ring once
 """
 
 from kvmio.caps import Cap
+from kvmio.dirty.pages import PageSet
 from kvmio.dirty.ring import DirtyEntries, DirtyRing
+from kvmio.dirty.ringset import RingSet
 from kvmio.errors import (
     DirtyRingError,
     DirtyRingOverrunError,
@@ -36,10 +38,10 @@ from kvmio.exits import (
     VcpuExit,
 )
 from kvmio.memory import MemoryRegion, SlotId
-from kvmio.system import API_VERSION, CpuidEntry, Kvm
+from kvmio.system import API_VERSION, Kvm
 from kvmio.vcpu import Vcpu
-from kvmio.vm import DirtyPages, DirtyRingConfig, Vm
-from kvmio.x86 import DTable, Regs, Segment, Sregs
+from kvmio.vm import DirtyLogClaim, DirtyPages, DirtyRingConfig, Vm, VmLimits
+from kvmio.x86 import CpuidEntry, DTable, Regs, Segment, Sregs
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,7 @@ __all__ = [
     "CpuidEntry",
     "DTable",
     "DirtyEntries",
+    "DirtyLogClaim",
     "DirtyPages",
     "DirtyRing",
     "DirtyRingConfig",
@@ -73,7 +76,9 @@ __all__ = [
     "MemoryRegion",
     "MmioRead",
     "MmioWrite",
+    "PageSet",
     "Regs",
+    "RingSet",
     "Segment",
     "Shutdown",
     "SlotId",
@@ -84,5 +89,6 @@ __all__ = [
     "Vcpu",
     "VcpuExit",
     "Vm",
+    "VmLimits",
     "__version__",
 ]

@@ -14,6 +14,7 @@ import mmap
 import os
 import platform
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from kvmio._closing import Closing
@@ -34,16 +35,20 @@ def ioctl(fd: int, request: int, arg: CData | int = 0, *, name: str) -> int:
     """Issue ``ioctl(fd, request, arg)``; return its non-negative result or raise KvmError.
 
     ``arg`` is either a cffi pointer (the kernel reads/writes the struct it points to, which the
-    caller keeps alive for the duration of the call) or an integer passed by value.  EINTR is
-    reported (``KvmError`` with errno EINTR), never retried: see :func:`ioctl_eintr`.
+    caller keeps alive for the duration of the call) or an integer passed by value.  A call
+    interrupted by a signal (EINTR) is issued again: a profiler's or the user's signal must not
+    fail KVM_CREATE_VM.  (Python still runs its signal handlers between the attempts, so Ctrl-C
+    raises KeyboardInterrupt here.)  KVM_RUN, where EINTR is a kick, uses :func:`ioctl_eintr`.
     """
-    if isinstance(arg, int):
-        r = lib.kvmio_ioctl_val(fd, request, arg)
-    else:
-        r = lib.kvmio_ioctl(fd, request, arg)
-    if r < 0:
-        raise from_errno(-r, name)
-    return int(r)
+    while True:
+        if isinstance(arg, int):
+            r = lib.kvmio_ioctl_val(fd, request, arg)
+        else:
+            r = lib.kvmio_ioctl(fd, request, arg)
+        if r >= 0:
+            return int(r)
+        if r != -_errno.EINTR:
+            raise from_errno(-r, name)
 
 
 def ioctl_eintr(fd: int, request: int, *, name: str) -> int | None:
@@ -73,29 +78,90 @@ def kick_signal() -> int:
 
 
 class FdOwner(Closing):
-    """Owns one file descriptor; ``close()`` is idempotent and later use raises KvmClosedError."""
+    """Owns one file descriptor; ``close()`` is idempotent and later use raises KvmClosedError.
+
+    Every ioctl goes through :meth:`_ioctl` (or holds :meth:`_acquire_fd` /
+    :meth:`_release_fd` around its use), which counts the calls in flight; :meth:`_close_fd`
+    refuses new calls, waits for those in flight, and only then closes the number.  So an fd
+    number is never used after it was closed, not even by a call racing ``close()`` in another
+    thread (the number could by then belong to another object, e.g. another vCPU).
+    """
 
     _what = "object"
 
     def __init__(self, fd: int):
         self._fd: int | None = fd
+        self._fd_cond = threading.Condition(threading.Lock())
+        self._fd_users = 0
+        self._fd_closing = False
 
     @property
     def fd(self) -> int:
-        """The file descriptor (raises :class:`KvmClosedError` once closed)."""
-        if self._fd is None:
+        """The file descriptor (raises :class:`KvmClosedError` once closed).  Only valid while
+        the object is open: kvmio's own calls hold it against a concurrent ``close()``."""
+        if self._fd is None or self._fd_closing:
             raise KvmClosedError(f"this {self._what} is closed")
         return self._fd
 
     @property
     def closed(self) -> bool:
         """Whether ``close()`` was called."""
-        return self._fd is None
+        return self._fd is None or self._fd_closing
 
-    def _close_fd(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+    def _acquire_fd(self) -> int:
+        """The fd, held open until the matching :meth:`_release_fd`."""
+        with self._fd_cond:
+            if self._fd is None or self._fd_closing:
+                raise KvmClosedError(f"this {self._what} is closed")
+            self._fd_users += 1
+            return self._fd
+
+    def _release_fd(self) -> None:
+        with self._fd_cond:
+            self._fd_users -= 1
+            if self._fd_users == 0 and self._fd_closing:
+                self._fd_cond.notify_all()
+
+    def _ioctl(self, request: int, arg: CData | int = 0, *, name: str) -> int:
+        """:func:`ioctl` on this object's fd, held against a concurrent close."""
+        fd = self._acquire_fd()
+        try:
+            return ioctl(fd, request, arg, name=name)
+        finally:
+            self._release_fd()
+
+    def _close_fd(self, *, wake: Callable[[], None] | None = None,
+                  before_close: Callable[[], None] | None = None) -> bool:
+        """Refuse new calls, wait for the calls in flight (calling ``wake`` while waiting, e.g.
+        to kick a vCPU out of KVM_RUN), run ``before_close``, and close the fd.  Returns
+        whether this call closed it (False if it was closed already)."""
+        with self._fd_cond:
+            if self._fd is None or self._fd_closing:
+                return False
+            self._fd_closing = True
+            while self._fd_users:
+                if wake is not None:
+                    wake()
+                self._fd_cond.wait(0.05)
+        try:
+            if before_close is not None:
+                before_close()
+        finally:
+            with self._fd_cond:
+                fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+        return True
+
+    def __del__(self) -> None:
+        # A finaliser for objects dropped without close(), as Python's own files have.
+        if getattr(self, "_fd", None) is not None and not getattr(self, "_fd_closing", True):
+            import warnings
+
+            warnings.warn(f"unclosed {self._what} (fd {self._fd}); call close() or use 'with'",
+                          ResourceWarning, source=self, stacklevel=2)
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 class Mapping:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from kvmio._abi import PAGE_SIZE, Mapping
+from kvmio._abi import PAGE_SIZE, Mapping, lib
+from kvmio._check import buffer_bytes, integer
 from kvmio.errors import KvmInvalidArgumentError
 
 
@@ -56,7 +57,7 @@ class MemoryRegion:
     @property
     def log_dirty(self) -> bool:
         """Whether the slot is dirty-logged (KVM_MEM_LOG_DIRTY_PAGES)."""
-        return bool(self.flags & 1)
+        return bool(self.flags & lib.KVM_MEM_LOG_DIRTY_PAGES)
 
     @property
     def num_pages(self) -> int:
@@ -78,6 +79,8 @@ class MemoryRegion:
         return self.guest_phys_addr <= gpa and gpa + length <= self.end
 
     def _offset(self, gpa: int, length: int) -> int:
+        gpa = integer("gpa", gpa)
+        length = integer("length", length, lo=None)
         if length < 0 or not self.contains(gpa, max(length, 1)):
             raise KvmInvalidArgumentError(
                 f"guest range {gpa:#x}+{length:#x} is outside slot {self.slot} "
@@ -90,10 +93,12 @@ class MemoryRegion:
         return self._mapping.mm[off:off + length]
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` at guest physical address ``gpa`` (not dirty-logged: host writes are
-        not guest writes)."""
-        off = self._offset(gpa, len(data))
-        self._mapping.mm[off:off + len(data)] = bytes(data)
+        """Write ``data`` (any bytes-like object, e.g. a numpy array: its length counts bytes)
+        at guest physical address ``gpa`` (not dirty-logged: host writes are not guest
+        writes)."""
+        mv = buffer_bytes("data", data)
+        off = self._offset(gpa, len(mv))
+        self._mapping.mm[off:off + len(mv)] = mv
 
     def array(self, dtype: npt.DTypeLike = np.uint8) -> npt.NDArray[np.generic]:
         """A writable numpy view of the whole slot (no copy)."""
@@ -106,7 +111,9 @@ class MemoryRegion:
 
     def page_gpa(self, page_index: int) -> int:
         """Guest physical address of page ``page_index`` of the slot."""
+        page_index = integer("page_index", page_index, hi=self.num_pages)
         return self.guest_phys_addr + page_index * PAGE_SIZE
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Unmap the memory (done by the VM when the slot is deleted or the VM closes)."""
         self._mapping.close()

@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from kvmio import _abi
-from kvmio._abi import IS_X86, FdOwner, ffi, ioctl, lib
+from kvmio import _abi, _check
+from kvmio._abi import IS_X86, FdOwner, ffi, lib
 from kvmio.caps import Cap
 from kvmio.errors import KvmError, KvmUnavailableError, KvmUnsupportedError
-
-if TYPE_CHECKING:
-    from kvmio.vm import Vm
+from kvmio.vm import Vm, VmLimits
+from kvmio.x86 import CpuidEntry, cpuid_entries
 
 DEFAULT_PATH = "/dev/kvm"
 #: The only KVM API version there has ever been (KVM_GET_API_VERSION).
 API_VERSION = 12
-
-
-@dataclass(frozen=True)
-class CpuidEntry:
-    """One ``struct kvm_cpuid_entry2``."""
-
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
 
 
 class Kvm(FdOwner):
@@ -61,7 +45,7 @@ class Kvm(FdOwner):
         super().__init__(fd)
         self.path = path
         try:
-            version = ioctl(fd, lib.KVM_GET_API_VERSION, name="KVM_GET_API_VERSION")
+            version = self._ioctl(lib.KVM_GET_API_VERSION, name="KVM_GET_API_VERSION")
         except KvmError as e:
             self.close()
             raise KvmUnavailableError(f"{path} is not a KVM device", errno=e.errno,
@@ -79,16 +63,17 @@ class Kvm(FdOwner):
 
     def get_api_version(self) -> int:
         """KVM_GET_API_VERSION (always 12)."""
-        return ioctl(self.fd, lib.KVM_GET_API_VERSION, name="KVM_GET_API_VERSION")
+        return self._ioctl(lib.KVM_GET_API_VERSION, name="KVM_GET_API_VERSION")
 
     def check_extension(self, cap: Cap | int) -> int:
         """KVM_CHECK_EXTENSION on the system fd: 0 if unsupported, else a capability-specific
         value (e.g. the maximum ring size in bytes for the dirty-ring capabilities)."""
-        return ioctl(self.fd, lib.KVM_CHECK_EXTENSION, int(cap), name="KVM_CHECK_EXTENSION")
+        cap = _check.integer("cap", cap)
+        return self._ioctl(lib.KVM_CHECK_EXTENSION, int(cap), name="KVM_CHECK_EXTENSION")
 
     def get_vcpu_mmap_size(self) -> int:
         """KVM_GET_VCPU_MMAP_SIZE: bytes of each vCPU's shared ``kvm_run`` area."""
-        return ioctl(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, name="KVM_GET_VCPU_MMAP_SIZE")
+        return self._ioctl(lib.KVM_GET_VCPU_MMAP_SIZE, name="KVM_GET_VCPU_MMAP_SIZE")
 
     def get_nr_vcpus(self) -> int:
         """Recommended maximum vCPUs per VM (KVM_CAP_NR_VCPUS; 4 if not reported)."""
@@ -114,14 +99,15 @@ class Kvm(FdOwner):
     def get_supported_cpuid(self, max_entries: int = 256) -> list[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID (x86): the CPUID leaves KVM can expose to a guest."""
         _require_x86("KVM_GET_SUPPORTED_CPUID")
+        max_entries = _check.integer("max_entries", max_entries, lo=1, hi=1 << 16)
         while True:
             buf = ffi.new("struct kvm_cpuid2 *", {"entries": max_entries})
             buf.nent = max_entries
             try:
-                ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, buf, name="KVM_GET_SUPPORTED_CPUID")
+                self._ioctl(lib.KVM_GET_SUPPORTED_CPUID, buf, name="KVM_GET_SUPPORTED_CPUID")
             except KvmError as e:
-                if e.errno == _errno.E2BIG and max_entries < 4096:
-                    max_entries *= 2
+                if e.errno == _errno.E2BIG and max_entries < 1 << 16:
+                    max_entries = min(max_entries * 2, 1 << 16)
                     continue
                 raise
             return cpuid_entries(buf)
@@ -134,7 +120,7 @@ class Kvm(FdOwner):
             buf = ffi.new("struct kvm_msr_list *", {"indices": n})
             buf.nmsrs = n
             try:
-                ioctl(self.fd, lib.KVM_GET_MSR_INDEX_LIST, buf, name="KVM_GET_MSR_INDEX_LIST")
+                self._ioctl(lib.KVM_GET_MSR_INDEX_LIST, buf, name="KVM_GET_MSR_INDEX_LIST")
             except KvmError as e:
                 if e.errno == _errno.E2BIG and buf.nmsrs > n:
                     n = int(buf.nmsrs)
@@ -144,20 +130,14 @@ class Kvm(FdOwner):
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         """KVM_CREATE_VM: a new, empty virtual machine."""
-        from kvmio.vm import Vm
-
-        fd = ioctl(self.fd, lib.KVM_CREATE_VM, vm_type, name="KVM_CREATE_VM")
-        return Vm(fd, self)
-
-
-def cpuid_entries(buf: _abi.CData) -> list[CpuidEntry]:
-    """Decode a filled ``struct kvm_cpuid2``."""
-    out = []
-    for i in range(buf.nent):
-        e = buf.entries[i]
-        out.append(CpuidEntry(int(e.function), int(e.index), int(e.flags), int(e.eax),
-                              int(e.ebx), int(e.ecx), int(e.edx)))
-    return out
+        vm_type = _check.integer("vm_type", vm_type)
+        limits = VmLimits(vcpu_mmap_size=self.get_vcpu_mmap_size(),
+                          max_vcpus=self.get_max_vcpus(),
+                          max_vcpu_id=self.check_extension(Cap.MAX_VCPU_ID)
+                          or self.get_max_vcpus(),
+                          max_memslots=self.get_nr_memslots())
+        fd = self._ioctl(lib.KVM_CREATE_VM, vm_type, name="KVM_CREATE_VM")
+        return Vm(fd, limits)
 
 
 def _require_x86(what: str) -> None:

@@ -10,7 +10,7 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -19,31 +19,19 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmio._abi import PAGE_SIZE
-from kvmio.dirty.ring import DirtyEntries, DirtyRing, sorted_unique
+from kvmio.dirty.pages import PageSet, coalesce
+from kvmio.dirty.ring import DirtyRing
 from kvmio.errors import KvmInvalidArgumentError, KvmStateError
-from kvmio.memory import MemoryRegion
 from kvmio.vcpu import Vcpu
-from kvmio.vm import Vm
+from kvmio.vm import DirtyLogClaim, Vm
+
+__all__ = ["DirtyRanges", "DirtyRate", "DirtyTracker", "RateSample", "SlotRanges",
+           "WindowCounter", "coalesce"]
 
 Mode = Literal["ring", "bitmap", "auto"]
 
 # --------------------------------------------------------------------------------------------
 # Range tables
-
-
-def coalesce(pages: npt.ArrayLike) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    """Runs of consecutive page indices: ``(first_page, page_count)`` arrays.
-
-    ``pages`` may be unsorted and hold duplicates.
-    """
-    p = np.unique(np.asarray(pages, dtype=np.uint64))
-    if len(p) == 0:
-        empty = np.zeros(0, dtype=np.uint64)
-        return empty, empty.copy()
-    breaks = np.flatnonzero(np.diff(p) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(p)]))
-    return p[starts], (ends - starts).astype(np.uint64)
 
 
 @dataclass(frozen=True)
@@ -66,8 +54,8 @@ class DirtyRanges:
     slots: dict[int, SlotRanges]
 
     @classmethod
-    def from_pages(cls, pages: dict[int, npt.NDArray[np.uint64]],
-                   bases: dict[int, int]) -> DirtyRanges:
+    def from_pages(cls, pages: Mapping[int, npt.NDArray[np.uint64]],
+                   bases: Mapping[int, int]) -> DirtyRanges:
         """From page indices per slot and each slot's guest physical base."""
         out = {}
         for slot, p in pages.items():
@@ -253,6 +241,7 @@ class DirtyTracker:
         #: their CPU time; per-thread CPU clocks cost a system call each on some hosts).
         self.cpu_time = 0.0
         self._closed = False
+        self._claim: DirtyLogClaim | None = None
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -268,6 +257,8 @@ class DirtyTracker:
                 if not self.vm.vcpus:
                     raise KvmStateError("create the vCPUs before starting a ring tracker")
                 self._adopt_rings(check_all=True)
+            elif self._claim is None:
+                self._claim = self.vm.claim_dirty_log("a DirtyTracker")
             self._t0 = self._last = time.monotonic()
             self._stop.clear()
             self._thread = threading.Thread(target=self._worker, name="kvmio-dirty-tracker",
@@ -277,15 +268,15 @@ class DirtyTracker:
 
     def _adopt_rings(self, check_all: bool = False) -> None:
         """Take the ring of every vCPU not tracked yet (vCPUs may be created while tracking)."""
-        vcpus = sorted(self.vm.vcpus.items())
-        new = [(vid, v) for vid, v in vcpus if vid not in self._rings and v._ring is not None]
+        new = [(vid, v.ring) for vid, v in sorted(self.vm.vcpus.items())
+               if vid not in self._rings and v.ring is not None]
         if check_all:  # all or nothing
-            for vid, v in new:
-                if v._ring_taken:
+            for vid, ring in new:
+                if ring is not None and ring.taken:
                     raise KvmStateError(f"the dirty ring of vCPU {vid} is owned elsewhere")
-        for vid, v in new:
-            if not v._ring_taken:
-                self._rings[vid] = v.take_dirty_ring()
+        for vid, ring in new:
+            if ring is not None and not ring.taken:
+                self._rings[vid] = ring.take()
                 self._vcpu_windows[vid] = WindowCounter(self.window)
 
     def stop(self) -> None:
@@ -298,10 +289,10 @@ class DirtyTracker:
         self._raise_error()
 
     def close(self) -> None:
-        """Stop, hand the rings back to their vCPUs, and hand the pages collected since the
-        last :meth:`take` to the VM (its next :meth:`kvmio.Vm.collect_dirty_pages`, or the next
-        tracker, reports them: they were harvested and reset already, so nothing else would).
-        Re-raises a tracker error once; closing again does nothing."""
+        """Stop, hand the rings (or the dirty-log claim) back, and hand the pages collected
+        since the last :meth:`take` to the VM (:meth:`kvmio.Vm.adopt_dirty_pages`: its next
+        collection, or the next tracker, reports them, since they were harvested and reset
+        already).  Re-raises a tracker error once; closing again does nothing."""
         if self._closed:
             return
         try:
@@ -309,17 +300,16 @@ class DirtyTracker:
         finally:
             with self._lock:
                 self._closed = True
-                for vid, ring in self._rings.items():
-                    vcpu = self.vm._vcpus.get(vid)
-                    if vcpu is not None and vcpu._ring is ring:
-                        vcpu._ring_taken = False
+                for ring in self._rings.values():
+                    ring.release()
                 self._rings.clear()
+                if self._claim is not None:
+                    self.vm.release_dirty_log(self._claim)
+                    self._claim = None
                 acc, self._acc = self._acc, {}
-                for slot, a in acc.items():
-                    p = np.flatnonzero(a).astype(np.uint64)
-                    if len(p):
-                        self.vm._adopt_orphans(
-                            DirtyEntries(np.full(len(p), slot, dtype=np.uint32), p), 0)
+                pages = PageSet.from_mask(acc)
+                if pages.count and not self.vm.closed:
+                    self.vm.adopt_dirty_pages(pages)
 
     def __enter__(self) -> DirtyTracker:
         return self.start()
@@ -375,97 +365,59 @@ class DirtyTracker:
             raise
 
     def _pass_inner(self, final: bool) -> None:
-        """Harvest + reset (or get + clear) once; caller holds the lock.  Entries harvested
-        before a failure are handed back to their rings, so a failed pass loses nothing."""
-        now = time.monotonic()
-        regions = self.vm.regions
-        per_vcpu: dict[int, dict[int, npt.NDArray[np.uint64]]] = {}
-        pages: dict[int, npt.NDArray[np.uint64]] = {}
-        entries = 0
+        """One collection (harvest + reset, or get + clear) through the VM; caller holds the
+        lock.  The VM hands back whatever a failed collection had harvested, so a failed pass
+        loses nothing."""
+        t_start = time.monotonic()
         if self.mode == "ring":
-            # Under the VM's ring lock from adoption to reset: no vCPU can close its ring in
-            # between, so every ring harvested here is reset here.
-            with self.vm._ring_lock:
+            rs = self.vm.ring_set
+            assert rs is not None
+            with rs.lock:  # no vCPU can close its ring between adoption and harvest
                 self._adopt_rings()
-                harvested, orphans = self.vm._harvest_and_reset(list(self._rings.values()))
-            # From here on nothing may raise: these pages are harvested and reset already.
-            for ring, got in harvested:
-                entries += len(got)
-                if len(got):
-                    per_vcpu[ring.vcpu_id] = {s.slot: p for s, p in got.distinct_pages().items()
-                                              if s.address_space == 0}
-            for o in orphans:
-                entries += len(o)
-                for sid, p in o.distinct_pages().items():
-                    if sid.address_space == 0:
-                        q = pages.get(sid.slot)
-                        pages[sid.slot] = p if q is None else sorted_unique(np.concatenate((q, p)))
-            for d in per_vcpu.values():
-                for slot, p in d.items():
-                    pages[slot] = (sorted_unique(np.concatenate((pages[slot], p)))
-                                   if slot in pages else p)
-            self._accumulate(pages, regions)
-            if final and self.vm.dirty_ring is not None and self.vm.dirty_ring.with_bitmap:
-                extra_pages: dict[int, npt.NDArray[np.uint64]] = {}
-                for slot, region in regions.items():  # the backup bitmap, last
-                    if region.log_dirty:
-                        extra = self.vm.get_dirty_log(slot)
-                        if len(extra):
-                            extra_pages[slot] = extra
-                            q = pages.get(slot)
-                            pages[slot] = extra if q is None else np.union1d(q, extra)
-                self._accumulate(extra_pages, regions)
+                got = self.vm.collect_dirty_pages(final=final, rings=self._rings.values())
         else:
-            for o in self.vm._take_orphans():  # e.g. left by an earlier tracker
-                for sid, p in o.distinct_pages().items():
-                    if sid.address_space == 0:
-                        self._accumulate({sid.slot: p}, regions)
-            for slot, region in regions.items():
-                if region.log_dirty:
-                    logged = self.vm.get_dirty_log(slot)
-                    if len(logged):
-                        if self.vm.manual_dirty_log_protect:
-                            self.vm.clear_dirty_log(slot, pages=logged)
-                        pages[slot] = logged
-                        self._accumulate({slot: logged}, regions)
-        sizes = {s: r.num_pages for s, r in regions.items()}
-        pages = {s: p[p < np.uint64(sizes[s])] for s, p in pages.items() if s in sizes}
-        distinct, span = self._vm_window.add(self._last, now, pages, sizes)
+            got = self.vm.collect_dirty_pages(claim=self._claim)
+        # The pass covers the time up to its harvest: stamp it now, not before the collection
+        # (under load a collection can wait, and its pages would be credited to too short a
+        # span).  From here on nothing may raise: the pages are harvested and reset already.
+        now = time.monotonic()
+        sizes = self.vm.slot_pages()
+        pages, _ = got.pages.restrict(sizes)
+        self._accumulate(pages, sizes)
+        distinct, span = self._vm_window.add(self._last, now, dict(pages), sizes)
         vrates = {}
         for vid, win in self._vcpu_windows.items():
-            vd, vs = win.add(self._last, now, per_vcpu.get(vid, {}), sizes)
+            vd, vs = win.add(self._last, now, dict(got.per_vcpu.get(vid, PageSet())), sizes)
             vrates[vid] = vd / vs if vs > 0 else 0.0
-        npages = sum(len(p) for p in pages.values())
-        self.samples.append(RateSample(now - self._t0, npages, entries,
+        self.samples.append(RateSample(now - self._t0, pages.count, got.entries,
                                        distinct / span if span > 0 else 0.0, vrates))
         self.heatmap_rows.append(self._histogram(pages))
         self._last = now
         self.passes += 1
-        self.entries += entries
-        self.cpu_time += time.monotonic() - now
+        self.entries += got.entries
+        self.cpu_time += time.monotonic() - t_start
 
-    def _accumulate(self, pages: dict[int, npt.NDArray[np.uint64]],
-                    regions: dict[int, MemoryRegion]) -> None:
-        """Add pages to the per-slot bitmaps; pages of slots that no longer exist (or beyond a
-        smaller successor) are dropped.  Never raises."""
+    def _accumulate(self, pages: PageSet, sizes: dict[int, int]) -> None:
+        """Add pages to the per-slot bitmaps (a slot re-created with another size starts
+        afresh).  Never raises."""
         for slot, p in pages.items():
-            region = regions.get(slot)
-            if region is None:
+            size = sizes.get(slot)
+            if size is None:
                 continue
             acc = self._acc.get(slot)
-            if acc is None or len(acc) != region.num_pages:  # new, or a re-created slot
-                acc = self._acc[slot] = np.zeros(region.num_pages, dtype=np.bool_)
-            acc[p[p < np.uint64(region.num_pages)]] = True
+            if acc is None or len(acc) != size:  # new, or a re-created slot
+                acc = self._acc[slot] = np.zeros(size, dtype=np.bool_)
+            acc[p] = True
 
-    def _histogram(self, pages: dict[int, npt.NDArray[np.uint64]]) -> npt.NDArray[np.int64]:
+    def _histogram(self, pages: PageSet) -> npt.NDArray[np.int64]:
         lo, hi = self.tracked_span()
         regions = self.vm.regions
-        if not pages or hi <= lo:
+        parts = [((regions[s].guest_phys_addr - lo + p.astype(np.float64) * PAGE_SIZE)
+                  * (self._bins / (hi - lo))).astype(np.int64)
+                 for s, p in pages.items() if s in regions and hi > lo]
+        if not parts:
             return np.zeros(self._bins, dtype=np.int64)
-        scale = self._bins / (hi - lo)
-        idx = np.concatenate([
-            ((regions[s].guest_phys_addr - lo + p.astype(np.float64) * PAGE_SIZE) * scale)
-            .astype(np.int64) for s, p in pages.items()])
+        idx = np.concatenate(parts)
         return np.bincount(np.clip(idx, 0, self._bins - 1), minlength=self._bins)
 
     def tracked_span(self) -> tuple[int, int]:
@@ -488,7 +440,9 @@ class DirtyTracker:
             raise KvmStateError("on_ring_full is for ring mode")
         with self._lock:
             if self._closed:
-                vcpu._drain_own_ring()
+                ring = vcpu.ring
+                if ring is not None:
+                    ring.drain()
                 return
             self._pass()
 
@@ -501,22 +455,23 @@ class DirtyTracker:
         with self._lock:
             self._pass(final)  # refuses once closed, re-raises a tracker error
             acc, self._acc = self._acc, {}
-        regions = self.vm.regions
-        pages = {s: np.flatnonzero(a).astype(np.uint64) for s, a in acc.items()}
-        bases = {s: regions[s].guest_phys_addr for s in pages if s in regions}
-        return DirtyRanges.from_pages({s: p for s, p in pages.items() if s in bases}, bases)
+            regions = self.vm.regions
+        pages, _ = PageSet.from_mask(acc).restrict({s: r.num_pages for s, r in regions.items()})
+        return DirtyRanges.from_pages(pages, {s: r.guest_phys_addr for s, r in regions.items()})
 
     def rate(self) -> DirtyRate:
         """The latest windowed dirty rate (VM and, in ring mode, per vCPU)."""
         self._raise_error()
-        if not self.samples:
-            return DirtyRate(0.0, {}, self.window)
-        s = self.samples[-1]
+        with self._lock:
+            if not self.samples:
+                return DirtyRate(0.0, {}, self.window)
+            s = self.samples[-1]
         return DirtyRate(s.pages_per_second, dict(s.vcpu_pages_per_second), self.window)
 
     def heatmap(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], tuple[int, int]]:
         """``(times, counts[pass, bin], (lo, hi))``: dirty pages per address bin per pass."""
-        times = np.array([s.time for s in self.samples], dtype=np.float64)
-        rows = list(self.heatmap_rows)
+        with self._lock:  # a pass may append meanwhile
+            times = np.array([s.time for s in self.samples], dtype=np.float64)
+            rows = list(self.heatmap_rows)
         counts = np.vstack(rows) if rows else np.zeros((0, self._bins), dtype=np.int64)
         return times, counts, self.tracked_span()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import errno as _errno
+import contextlib
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from kvmio import _abi
-from kvmio._abi import IS_X86, FdOwner, Mapping, ffi, ioctl, lib
+from kvmio import _abi, _check
+from kvmio._abi import IS_X86, FdOwner, Mapping, ffi, lib
 from kvmio.errors import (
     DirtyRingOverrunError,
     KvmError,
+    KvmInvalidArgumentError,
     KvmStateError,
     KvmUnsupportedError,
 )
@@ -32,12 +34,11 @@ from kvmio.exits import (
     VcpuExit,
     stale_answer,
 )
-from kvmio.system import CpuidEntry, cpuid_entries
-from kvmio.x86 import Regs, Sregs
+from kvmio.x86 import CpuidEntry, Regs, Sregs, cpuid_entries
 
 if TYPE_CHECKING:
     from kvmio.dirty.ring import DirtyRing
-    from kvmio.vm import Vm
+    from kvmio.dirty.ringset import RingSet
 
 #: Ring-full exits in a row with nothing to harvest before kvmio declares the ring overrun.
 RING_FULL_STUCK_LIMIT = 3
@@ -47,20 +48,19 @@ class Vcpu(FdOwner):
     """A virtual CPU (from :meth:`kvmio.Vm.create_vcpu`).
 
     :meth:`run` enters the guest and returns a decoded exit.  :meth:`kick` (from any thread)
-    makes a ``run`` in progress return :class:`~kvmio.exits.Interrupted` promptly.
+    makes a ``run`` in progress return :class:`~kvmio.exits.Interrupted` promptly.  A vCPU
+    knows nothing of its VM: the VM hands it the ring set (to map its ring) and a callable to
+    run when it closes.
     """
 
     _what = "Vcpu"
 
-    def __init__(self, vm: Vm, vcpu_id: int, fd: int, run: Mapping, ring: DirtyRing | None):
+    def __init__(self, vcpu_id: int, fd: int, run: Mapping, *, ring_set: RingSet | None = None,
+                 on_close: Callable[[int], None] | None = None):
         super().__init__(fd)
-        self.vm = vm
         self.id = vcpu_id
         self._run = _abi.KvmRun(run)
-        self._ring = ring
-        self._ring_taken = False
-        if ring is not None:
-            ring._vcpu = self
+        self._on_close = on_close
         self._exit_gen = 0
         # Guards the identity of the thread inside KVM_RUN, so that kick() never signals a
         # thread that has left run() (or exited).
@@ -68,6 +68,13 @@ class Vcpu(FdOwner):
         self._running_thread: int | None = None
         self._in_run = False
         self._recovering = False
+        self._ring: DirtyRing | None = None
+        if ring_set is not None:
+            try:
+                self._ring = ring_set.map_ring(vcpu_id, fd, outside_run=self.outside_run)
+            except BaseException:
+                self._fd = None  # the caller closes the fd and kvm_run; the finaliser must not
+                raise
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.id} {'closed' if self.closed else f'fd={self._fd}'}>"
@@ -75,18 +82,45 @@ class Vcpu(FdOwner):
     # -- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Unmap the ring and ``kvm_run`` and close the fd (idempotent).  Closing a vCPU while
-        another thread is inside :meth:`run` raises :class:`KvmStateError`; kick it first."""
+        """Stop a ``run()`` in progress in another thread (kick it and wait for it to return),
+        then unmap the ring and ``kvm_run`` and close the fd (idempotent).  That thread's next
+        ``run()`` raises :class:`KvmClosedError`."""
+
+        def unmap() -> None:
+            with self._run_lock:
+                if self._ring is not None:
+                    self._ring.close()
+                self._run.close()
+
+        if self._close_fd(wake=self._wake, before_close=unmap) and self._on_close is not None:
+            self._on_close(self.id)
+
+    def _wake(self) -> None:
+        with self._run_lock:
+            if self._running_thread is not None:
+                self._run.immediate_exit = True
+                signal.pthread_kill(self._running_thread, _abi.kick_signal())
+
+    @property
+    def running(self) -> bool:
+        """Whether a thread is inside :meth:`run` now."""
+        return self._in_run
+
+    @contextlib.contextmanager
+    def outside_run(self) -> Iterator[None]:
+        """Hold the vCPU outside ``run()``: raises :class:`KvmStateError` if a thread is in it
+        now, and makes ``run()`` raise until the block ends (ring recovery needs this)."""
         with self._run_lock:
             if self._in_run:
-                raise KvmStateError(f"vCPU {self.id} is running in another thread; kick() it and "
-                                    "wait for run() to return before closing")
-            if self._ring is not None:
-                self._ring._close()
-            self._run.close()
-            self._close_fd()
-        self.vm._forget_vcpu(self.id)
-
+                raise KvmStateError(f"vCPU {self.id} is inside run(); stop it first")
+            if self._recovering:
+                raise KvmStateError(f"vCPU {self.id} is already held outside run()")
+            self._recovering = True
+        try:
+            yield
+        finally:
+            with self._run_lock:
+                self._recovering = False
 
     # -- running ----------------------------------------------------------------------------
 
@@ -122,16 +156,16 @@ class Vcpu(FdOwner):
         I/O-in and MMIO-read exits carry an ``answer()`` method that writes the value the guest
         reads back into ``kvm_run``; it must be called before the next ``run()``.  The vCPU
         counts as running until the exit is decoded, so ``close()`` cannot unmap ``kvm_run``
-        under it.
+        under it.  Raises :class:`KvmClosedError` once the vCPU is closed (or closing).
         """
         _abi.kick_signal()  # install the kick handler before the first KVM_RUN
         with self._run_lock:
             if self._in_run:
                 raise KvmStateError(f"vCPU {self.id} is already running in another thread")
             if self._recovering:
-                raise KvmStateError(f"vCPU {self.id}'s dirty ring is being recovered")
-            self._run.immediate_exit  # noqa: B018  (raises KvmClosedError once closed)
-            fd = self.fd
+                raise KvmStateError(f"vCPU {self.id} is held outside run() (its dirty ring is "
+                                    "being recovered)")
+            fd = self._acquire_fd()
             self._in_run = True
             self._running_thread = threading.get_ident()
             self._exit_gen += 1
@@ -148,6 +182,7 @@ class Vcpu(FdOwner):
             with self._run_lock:
                 self._running_thread = None
                 self._in_run = False
+            self._release_fd()
 
     def _decode(self, run: _abi.KvmRun) -> VcpuExit:
         reason, f = run.decode()
@@ -196,12 +231,19 @@ class Vcpu(FdOwner):
     # -- dirty ring -------------------------------------------------------------------------
 
     @property
+    def ring(self) -> DirtyRing | None:
+        """The vCPU's ring whoever owns it (``None`` without a ring): for inspection and for
+        serving ring-full exits (:meth:`~kvmio.dirty.ring.DirtyRing.drain`).  Harvest it
+        through its owner (:attr:`dirty_ring` while the vCPU owns it)."""
+        return self._ring
+
+    @property
     def dirty_ring(self) -> DirtyRing:
         """This vCPU's dirty ring while the vCPU still owns it (see :meth:`take_dirty_ring`)."""
         if self._ring is None:
             raise KvmStateError(f"vCPU {self.id} has no dirty ring (enable it on the VM before "
                                 "creating vCPUs)")
-        if self._ring_taken:
+        if self._ring.taken:
             raise KvmStateError(f"the dirty ring of vCPU {self.id} was handed to a harvester")
         return self._ring
 
@@ -209,34 +251,30 @@ class Vcpu(FdOwner):
         """Hand this vCPU's ring to a harvester (e.g. another thread), once.
 
         After this the vCPU, :attr:`dirty_ring` and :meth:`kvmio.Vm.collect_dirty_pages` no
-        longer harvest it; a second call raises :class:`KvmStateError`.
+        longer harvest it; a second call raises :class:`KvmStateError` until the owner calls
+        :meth:`~kvmio.dirty.ring.DirtyRing.release`.
         """
-        ring = self.dirty_ring
-        self._ring_taken = True
-        return ring
-
-    def _drain_own_ring(self) -> int:
-        """Serve a ring-full exit from this vCPU's own ring: harvest it into its stash (the next
-        harvest or collection returns the entries) and reset.  Returns how many were taken."""
-        got = self.dirty_ring._harvest_into_pending()
-        self.vm.reset_dirty_rings()
-        return got
+        return self.dirty_ring.take()
 
     def run_until_exit(self, *, max_stuck: int = RING_FULL_STUCK_LIMIT) -> VcpuExit:
-        """Run, handling KVM_EXIT_DIRTY_RING_FULL: harvest this vCPU's ring, reset, re-enter.
+        """Run, handling KVM_EXIT_DIRTY_RING_FULL: drain this vCPU's ring, reset, re-enter.
 
-        Returns the first other exit.  The harvested entries are kept by the ring (its next
-        :meth:`~kvmio.dirty.ring.DirtyRing.harvest`, or :meth:`kvmio.Vm.collect_dirty_pages`,
-        returns them first), so nothing is lost.  A ring-full exit with nothing to harvest
-        ``max_stuck`` times in a row means the ring was overrun (entries overwritten) and raises
+        Returns the first other exit.  The drained entries are kept by the ring (its owner's
+        next :meth:`~kvmio.dirty.ring.DirtyRing.harvest`, or
+        :meth:`kvmio.Vm.collect_dirty_pages`, returns them first), so nothing is lost, whoever
+        owns the ring.  A ring-full exit with nothing to harvest ``max_stuck`` times in a row
+        means the ring was overrun (entries overwritten) and raises
         :class:`DirtyRingOverrunError`; so does a harvest that finds the ring overrun.
         """
+        max_stuck = _check.integer("max_stuck", max_stuck, lo=1)
         stuck = 0
         while True:
             ex = self.run()
             if not isinstance(ex, DirtyRingFull):
                 return ex
-            got = self._drain_own_ring()
+            if self._ring is None:
+                return ex
+            got = self._ring.drain()
             stuck = stuck + 1 if got == 0 else 0
             if stuck >= max_stuck:
                 raise DirtyRingOverrunError(
@@ -249,7 +287,7 @@ class Vcpu(FdOwner):
 
     def _get(self, ctype: str, req: str) -> Any:
         buf = ffi.new(ctype + " *")
-        ioctl(self.fd, getattr(lib, req), buf, name=req)
+        self._ioctl(getattr(lib, req), buf, name=req)
         return buf
 
     def _x86(self, what: str) -> None:
@@ -262,9 +300,11 @@ class Vcpu(FdOwner):
         return Regs.from_c(self._get("struct kvm_regs", "KVM_GET_REGS"))
 
     def set_regs(self, regs: Regs) -> None:
-        """KVM_SET_REGS."""
+        """KVM_SET_REGS.  Every register must be a u64."""
         self._x86("KVM_SET_REGS as Regs")
-        ioctl(self.fd, lib.KVM_SET_REGS, regs.to_c(), name="KVM_SET_REGS")
+        _check.instance("regs", regs, Regs)
+        regs.validate()
+        self._ioctl(lib.KVM_SET_REGS, regs.to_c(), name="KVM_SET_REGS")
 
     def get_sregs(self) -> Sregs:
         """KVM_GET_SREGS."""
@@ -274,7 +314,8 @@ class Vcpu(FdOwner):
     def set_sregs(self, sregs: Sregs) -> None:
         """KVM_SET_SREGS."""
         self._x86("KVM_SET_SREGS as Sregs")
-        ioctl(self.fd, lib.KVM_SET_SREGS, sregs.to_c(), name="KVM_SET_SREGS")
+        _check.instance("sregs", sregs, Sregs)
+        self._ioctl(lib.KVM_SET_SREGS, sregs.to_c(), name="KVM_SET_SREGS")
 
     def _get_raw(self, ctype: str, req: str) -> bytes:
         self._x86(req)
@@ -282,7 +323,7 @@ class Vcpu(FdOwner):
 
     def _set_raw(self, ctype: str, req: str, data: bytes) -> None:
         self._x86(req)
-        ioctl(self.fd, getattr(lib, req), _abi.from_bytes(ctype, data), name=req)
+        self._ioctl(getattr(lib, req), _abi.from_bytes(ctype, data), name=req)
 
     def get_fpu(self) -> bytes:
         """KVM_GET_FPU: the raw ``struct kvm_fpu``."""
@@ -333,15 +374,18 @@ class Vcpu(FdOwner):
     def set_xcrs(self, xcrs: dict[int, int]) -> None:
         """KVM_SET_XCRS."""
         self._x86("KVM_SET_XCRS")
+        _check.instance("xcrs", xcrs, dict)
         x = ffi.new("struct kvm_xcrs *")
         cap = len(x.xcrs)
         if len(xcrs) > cap:
-            raise KvmError(f"at most {cap} XCRs", errno=_errno.EINVAL)
-        x.nr_xcrs = len(xcrs)
-        for i, (k, v) in enumerate(sorted(xcrs.items())):
+            raise KvmInvalidArgumentError(f"at most {cap} XCRs, not {len(xcrs)}")
+        items = sorted((_check.u32("XCR index", k), _check.u64(f"XCR {k!r}", v))
+                       for k, v in xcrs.items())
+        x.nr_xcrs = len(items)
+        for i, (k, v) in enumerate(items):
             x.xcrs[i].xcr = k
             x.xcrs[i].value = v
-        ioctl(self.fd, lib.KVM_SET_XCRS, x, name="KVM_SET_XCRS")
+        self._ioctl(lib.KVM_SET_XCRS, x, name="KVM_SET_XCRS")
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE (``KVM_MP_STATE_*``)."""
@@ -350,51 +394,56 @@ class Vcpu(FdOwner):
     def set_mp_state(self, state: int) -> None:
         """KVM_SET_MP_STATE."""
         mp = ffi.new("struct kvm_mp_state *")
-        mp.mp_state = state
-        ioctl(self.fd, lib.KVM_SET_MP_STATE, mp, name="KVM_SET_MP_STATE")
+        mp.mp_state = _check.u32("state", state)
+        self._ioctl(lib.KVM_SET_MP_STATE, mp, name="KVM_SET_MP_STATE")
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         """KVM_GET_MSRS: the values of the given MSRs.  Raises if the kernel reads fewer."""
         self._x86("KVM_GET_MSRS")
+        indices = [_check.u32("MSR index", i) for i in indices]
         m = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
         m.nmsrs = len(indices)
         for i, idx in enumerate(indices):
             m.entries[i].index = idx
-        n = ioctl(self.fd, lib.KVM_GET_MSRS, m, name="KVM_GET_MSRS")
+        n = self._ioctl(lib.KVM_GET_MSRS, m, name="KVM_GET_MSRS")
         if n != len(indices):
-            raise KvmError(f"MSR {indices[n]:#x} cannot be read", errno=_errno.EINVAL,
-                           ioctl="KVM_GET_MSRS")
+            raise KvmError(f"MSR {indices[n]:#x} cannot be read (the kernel read {n} of "
+                           f"{len(indices)})", ioctl="KVM_GET_MSRS")
         return {int(m.entries[i].index): int(m.entries[i].data) for i in range(n)}
 
     def set_msrs(self, values: dict[int, int]) -> None:
         """KVM_SET_MSRS.  Raises naming the first MSR the kernel refused."""
         self._x86("KVM_SET_MSRS")
-        items = list(values.items())
+        _check.instance("values", values, dict)
+        items = [(_check.u32("MSR index", k), _check.u64(f"MSR {k!r} value", v))
+                 for k, v in values.items()]
         m = ffi.new("struct kvm_msrs *", {"entries": len(items)})
         m.nmsrs = len(items)
         for i, (idx, val) in enumerate(items):
             m.entries[i].index = idx
             m.entries[i].data = val
-        n = ioctl(self.fd, lib.KVM_SET_MSRS, m, name="KVM_SET_MSRS")
+        n = self._ioctl(lib.KVM_SET_MSRS, m, name="KVM_SET_MSRS")
         if n != len(items):
-            raise KvmError(f"MSR {items[n][0]:#x} cannot be set to {items[n][1]:#x}",
-                           errno=_errno.EINVAL, ioctl="KVM_SET_MSRS")
+            raise KvmError(f"MSR {items[n][0]:#x} cannot be set to {items[n][1]:#x} (the kernel "
+                           f"set {n} of {len(items)})", ioctl="KVM_SET_MSRS")
 
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
         """KVM_SET_CPUID2: the CPUID the guest sees (usually from ``get_supported_cpuid``)."""
         self._x86("KVM_SET_CPUID2")
+        entries = [_check.instance("CPUID entry", e, CpuidEntry) for e in entries]
         buf = ffi.new("struct kvm_cpuid2 *", {"entries": len(entries)})
         buf.nent = len(entries)
         for i, e in enumerate(entries):
             c = buf.entries[i]
             c.function, c.index, c.flags = e.function, e.index, e.flags
             c.eax, c.ebx, c.ecx, c.edx = e.eax, e.ebx, e.ecx, e.edx
-        ioctl(self.fd, lib.KVM_SET_CPUID2, buf, name="KVM_SET_CPUID2")
+        self._ioctl(lib.KVM_SET_CPUID2, buf, name="KVM_SET_CPUID2")
 
     def get_cpuid2(self, max_entries: int = 256) -> list[CpuidEntry]:
         """KVM_GET_CPUID2: the CPUID entries set on this vCPU."""
         self._x86("KVM_GET_CPUID2")
+        max_entries = _check.integer("max_entries", max_entries, lo=1, hi=1 << 16)
         buf = ffi.new("struct kvm_cpuid2 *", {"entries": max_entries})
         buf.nent = max_entries
-        ioctl(self.fd, lib.KVM_GET_CPUID2, buf, name="KVM_GET_CPUID2")
+        self._ioctl(lib.KVM_GET_CPUID2, buf, name="KVM_GET_CPUID2")
         return cpuid_entries(buf)

@@ -1,42 +1,58 @@
-"""The VM file descriptor: :class:`Vm` (memory slots, vCPUs, capabilities, dirty tracking)."""
+"""The VM file descriptor: :class:`Vm` (memory slots, vCPUs, capabilities, dirty logging).
+
+The VM keeps its ioctls and its registries (slots, vCPUs); the dirty-ring accounting lives in
+its :class:`~kvmio.dirty.ringset.RingSet`, page sets in :mod:`kvmio.dirty.pages`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from kvmio import _abi
-from kvmio._abi import IS_X86, PAGE_SIZE, FdOwner, Mapping, ffi, ioctl, lib
+from kvmio import _abi, _check
+from kvmio._abi import IS_X86, PAGE_SIZE, FdOwner, Mapping, ffi, lib
 from kvmio.caps import Cap
-from kvmio.dirty.ring import DirtyEntries
+from kvmio.dirty.pages import PageSet, bitmap_to_pages
+from kvmio.dirty.ring import GFN_SIZE, DirtyEntries, DirtyRing
+from kvmio.dirty.ringset import RingSet
 from kvmio.errors import (
     DirtyRingError,
-    DirtyRingOverrunError,
+    KvmClosedError,
     KvmError,
     KvmInvalidArgumentError,
     KvmStateError,
     KvmUnsupportedError,
 )
 from kvmio.memory import MemoryRegion
+from kvmio.vcpu import Vcpu
 
-if TYPE_CHECKING:
-    from kvmio.dirty.ring import DirtyRing
-    from kvmio.system import Kvm
-    from kvmio.vcpu import Vcpu
+__all__ = ["DEFAULT_RING_ENTRIES", "RING_RESERVED_ENTRIES", "DirtyLogClaim", "DirtyPages",
+           "DirtyRingConfig", "Vm", "VmLimits", "bitmap_to_pages"]
 
 #: Entries the kernel keeps in reserve at the end of every ring (without Intel PML; with PML it
 #: reserves 512 more, which only the kernel knows: its refusal then names that rule).
 RING_RESERVED_ENTRIES = 64
-#: Bytes per ``struct kvm_dirty_gfn``.
-DIRTY_GFN_SIZE = 16
+#: Bytes per ``struct kvm_dirty_gfn`` (from the C compiler).
+DIRTY_GFN_SIZE = GFN_SIZE
 #: Default ring size: 4096 entries (64 KiB), the size the kernel documentation recommends.
 DEFAULT_RING_ENTRIES = 4096
+
+
+@dataclass(frozen=True)
+class VmLimits:
+    """What a VM needs to know of its system: the limits its ``Kvm`` reported."""
+
+    vcpu_mmap_size: int
+    max_vcpus: int
+    max_vcpu_id: int
+    max_memslots: int
 
 
 @dataclass(frozen=True)
@@ -58,54 +74,67 @@ class DirtyPages:
     contents now is safe: a later write is reported again by the next collection.
     """
 
-    pages: dict[int, npt.NDArray[np.uint64]]
+    pages: PageSet
     regions: dict[int, MemoryRegion]
+    #: Ring entries harvested (0 in bitmap mode).
     entries: int
     #: Entries for memory that no longer exists (a slot deleted, or replaced by a smaller one,
     #: since the page was dirtied).
     dropped: int = 0
+    #: Ring mode: the pages each vCPU's ring reported, by vCPU id (entries of closed vCPUs and
+    #: pages handed over with :meth:`Vm.adopt_dirty_pages` are only in :attr:`pages`).
+    per_vcpu: dict[int, PageSet] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
         """Distinct dirty pages over all slots."""
-        return sum(len(p) for p in self.pages.values())
+        return self.pages.count
 
     def gpas(self) -> npt.NDArray[np.uint64]:
         """Guest physical addresses of every dirty page, sorted."""
-        parts = [self.regions[s].guest_phys_addr + p.astype(np.uint64) * np.uint64(PAGE_SIZE)
-                 for s, p in self.pages.items() if len(p)]
-        if not parts:
-            return np.zeros(0, dtype=np.uint64)
-        return np.sort(np.concatenate(parts)).astype(np.uint64)
+        return self.pages.gpas({s: r.guest_phys_addr for s, r in self.regions.items()})
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """``(gpa, length in bytes)`` of every run of consecutive dirty pages."""
+        return self.pages.ranges({s: r.guest_phys_addr for s, r in self.regions.items()})
+
+
+class DirtyLogClaim:
+    """Proof of exclusive use of a VM's dirty log (from :meth:`Vm.claim_dirty_log`).
+
+    While a claim is held, only calls that pass it may read or clear the dirty bitmap or
+    collect, so a second consumer cannot silently take pages from the first.
+    """
+
+    def __init__(self, vm_fd: int, holder: str):
+        self.holder = holder
+        self._vm_fd = vm_fd
+        self.released = False
+
+    def __repr__(self) -> str:
+        return f"<DirtyLogClaim by {self.holder}{' released' if self.released else ''}>"
 
 
 class Vm(FdOwner):
     """A virtual machine (from :meth:`kvmio.Kvm.create_vm`).
 
-    Closing it closes its vCPUs and unmaps its memory.
+    Closing it stops and closes its vCPUs and unmaps its memory.  A VM holds no link to the
+    ``Kvm`` that created it: it keeps the limits it was given (:class:`VmLimits`).
     """
 
     _what = "Vm"
 
-    def __init__(self, fd: int, kvm: Kvm):
+    def __init__(self, fd: int, limits: VmLimits):
         super().__init__(fd)
-        self.kvm = kvm
-        self._kvm_path = kvm.path
-        self._vcpu_mmap_size = kvm.get_vcpu_mmap_size()
-        self._max_vcpus = kvm.get_max_vcpus()
-        self._max_vcpu_id = kvm.check_extension(Cap.MAX_VCPU_ID) or self._max_vcpus
-        self._max_memslots = kvm.get_nr_memslots()
+        self.limits = limits
         self._regions: dict[int, MemoryRegion] = {}
         self._vcpus: dict[int, Vcpu] = {}
+        self._used_vcpu_ids: set[int] = set()
         self._lock = threading.RLock()
-        # Dirty ring state.  ``_ring_lock`` serialises every harvest with every
-        # KVM_RESET_DIRTY_RINGS, so that "reset count == harvested count" is exact.
         self._ring: DirtyRingConfig | None = None
-        self._ring_lock = threading.RLock()
-        # Entries left in the rings of closed vCPUs, and their part of the next reset's count.
-        self._orphans: list[DirtyEntries] = []
-        self._orphan_pending = 0
-        self._overrun_note: str | None = None
+        self._ring_set: RingSet | None = None
+        self._claim: DirtyLogClaim | None = None
+        self._unreported = PageSet()
         self._manual_protect = False
         self._initially_set = False
 
@@ -116,26 +145,33 @@ class Vm(FdOwner):
     # -- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close every vCPU, unmap every memory region, and close the VM fd (idempotent)."""
+        """Stop and close every vCPU (a ``run()`` in another thread is kicked and returns; that
+        thread's next ``run()`` raises :class:`KvmClosedError`), wait for calls in flight,
+        unmap every memory region, and close the VM fd (idempotent)."""
         with self._lock:
-            for vcpu in list(self._vcpus.values()):
-                vcpu.close()
-            self._vcpus.clear()
-            # Dirty-log ioctls run under the ring lock: wait for one in flight (e.g. a tracker's)
-            # before the fd number can be reused.
-            with self._ring_lock:
-                if self._fd is not None:
-                    self._close_fd()
-            for region in self._regions.values():
-                region._close()
-            self._regions.clear()
+            vcpus = list(self._vcpus.values())
+        for vcpu in vcpus:
+            vcpu.close()
 
+        def unmap() -> None:
+            with self._lock:
+                for region in self._regions.values():
+                    region.close()
+                self._regions.clear()
+                self._vcpus.clear()
+
+        self._close_fd(before_close=unmap)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise KvmClosedError("this Vm is closed")
 
     # -- capabilities -----------------------------------------------------------------------
 
     def check_extension(self, cap: Cap | int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers may differ from the system fd's)."""
-        return ioctl(self.fd, lib.KVM_CHECK_EXTENSION, int(cap), name="KVM_CHECK_EXTENSION")
+        cap = _check.integer("cap", cap)
+        return self._ioctl(lib.KVM_CHECK_EXTENSION, cap, name="KVM_CHECK_EXTENSION")
 
     def enable_cap(self, cap: Cap | int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM (every architecture): up to four u64 arguments.
@@ -143,18 +179,17 @@ class Vm(FdOwner):
         Raises :class:`KvmUnsupportedError` (errno EINVAL) if the kernel does not offer the
         capability, and :class:`KvmError` with the kernel's errno if it refuses the arguments.
         """
+        cap = _check.u32("cap", cap)
         if len(args) > 4:
             raise KvmInvalidArgumentError("KVM_ENABLE_CAP takes at most 4 arguments")
         ec = ffi.new("struct kvm_enable_cap *")
-        ec.cap = int(cap)
-        ec.flags = flags
+        ec.cap = cap
+        ec.flags = _check.u32("flags", flags)
         for i, a in enumerate(args):
-            if not 0 <= a < 1 << 64:
-                raise KvmInvalidArgumentError(f"KVM_ENABLE_CAP argument {a} is not a u64")
-            ec.args[i] = a
+            ec.args[i] = _check.u64(f"KVM_ENABLE_CAP argument {i}", a)
         name = f"KVM_ENABLE_CAP({_cap_name(cap)})"
         try:
-            ioctl(self.fd, lib.KVM_ENABLE_CAP, ec, name=name)
+            self._ioctl(lib.KVM_ENABLE_CAP, ec, name=name)
         except KvmError as e:
             if e.errno == errno.EINVAL and self.check_extension(cap) == 0:
                 raise KvmUnsupportedError(
@@ -167,7 +202,13 @@ class Vm(FdOwner):
     @property
     def regions(self) -> dict[int, MemoryRegion]:
         """Memory regions by slot id (a copy)."""
-        return dict(self._regions)
+        with self._lock:
+            return dict(self._regions)
+
+    def slot_pages(self) -> dict[int, int]:
+        """Size in pages of every slot, by slot id."""
+        with self._lock:
+            return {s: r.num_pages for s, r in self._regions.items()}
 
     def add_memory_region(self, guest_phys_addr: int, size: int, *, slot: int | None = None,
                           log_dirty: bool = False, readonly: bool = False,
@@ -178,23 +219,29 @@ class Vm(FdOwner):
         ``readonly`` sets KVM_MEM_READONLY (guest writes become MMIO exits); ``noreserve`` maps
         with MAP_NORESERVE so that a guest far larger than host memory can be created (pages are
         allocated only when touched).  Raises :class:`KvmInvalidArgumentError` for a misaligned
-        or empty range, an overlap with another slot, or a slot id in use.
+        or empty range, an overlap with another slot, a slot id in use, or an argument of the
+        wrong type.
         """
+        guest_phys_addr = _check.integer("guest_phys_addr", guest_phys_addr)
+        size = _check.integer("size", size)
+        if slot is not None:
+            slot = _check.integer("slot", slot)
         with self._lock:
-            fd = self.fd
+            self._check_open()
             if size <= 0 or size % PAGE_SIZE:
                 raise KvmInvalidArgumentError(
                     f"memory size {size:#x} must be a positive multiple of {PAGE_SIZE:#x}")
-            if guest_phys_addr < 0 or guest_phys_addr % PAGE_SIZE:
+            if guest_phys_addr % PAGE_SIZE:
                 raise KvmInvalidArgumentError(
                     f"guest physical address {guest_phys_addr:#x} is not page aligned")
             if guest_phys_addr + size > 1 << 52:
                 raise KvmInvalidArgumentError("guest range exceeds the 52-bit physical space")
+            max_slots = self.limits.max_memslots
             if slot is None:
-                slot = next(i for i in range(self._max_memslots + 1) if i not in self._regions)
-            if not 0 <= slot < min(self._max_memslots, 1 << 16):
+                slot = next(i for i in range(max_slots + 1) if i not in self._regions)
+            if not 0 <= slot < min(max_slots, 1 << 16):
                 raise KvmInvalidArgumentError(
-                    f"slot {slot} is out of range (this kernel has {self._max_memslots} slots)")
+                    f"slot {slot} is out of range (this kernel has {max_slots} slots)")
             if slot in self._regions:
                 raise KvmInvalidArgumentError(f"slot {slot} is already in use")
             for r in self._regions.values():
@@ -211,7 +258,7 @@ class Vm(FdOwner):
                 flags |= lib.KVM_MEM_READONLY
             mapping = Mapping(size, noreserve=noreserve, what=f"guest memory slot {slot}")
             try:
-                self._set_region(fd, slot, flags, guest_phys_addr, size, mapping.address)
+                self._set_region(slot, flags, guest_phys_addr, size, mapping.address)
             except BaseException:
                 mapping.close()
                 raise
@@ -219,88 +266,120 @@ class Vm(FdOwner):
             self._regions[slot] = region
             return region
 
-    @staticmethod
-    def _set_region(fd: int, slot: int, flags: int, gpa: int, size: int, addr: int) -> None:
+    def _set_region(self, slot: int, flags: int, gpa: int, size: int, addr: int) -> None:
         mr = ffi.new("struct kvm_userspace_memory_region *")
         mr.slot = slot
         mr.flags = flags
         mr.guest_phys_addr = gpa
         mr.memory_size = size
         mr.userspace_addr = addr
-        ioctl(fd, lib.KVM_SET_USER_MEMORY_REGION, mr, name="KVM_SET_USER_MEMORY_REGION")
+        self._ioctl(lib.KVM_SET_USER_MEMORY_REGION, mr, name="KVM_SET_USER_MEMORY_REGION")
 
-    def delete_memory_region(self, slot: int) -> None:
-        """Remove a memory slot from the guest and unmap its memory."""
+    def set_dirty_logging(self, slot: int, enabled: bool) -> None:
+        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for an existing slot (as a migration starts
+        or ends: a guest runs at full speed until tracking starts).  Turning it on starts the
+        dirty log afresh."""
+        slot = _check.integer("slot", slot)
         with self._lock:
-            fd = self.fd
             region = self._regions.get(slot)
             if region is None:
                 raise KvmInvalidArgumentError(f"no memory region in slot {slot}")
-            self._set_region(fd, slot, 0, region.guest_phys_addr, 0, 0)
+            flags = region.flags | lib.KVM_MEM_LOG_DIRTY_PAGES if enabled else \
+                region.flags & ~lib.KVM_MEM_LOG_DIRTY_PAGES
+            if flags == region.flags:
+                return
+            self._set_region(slot, flags, region.guest_phys_addr, region.size,
+                             region.host_address)
+            region.flags = flags
+
+    def delete_memory_region(self, slot: int) -> None:
+        """Remove a memory slot from the guest and unmap its memory.  Dirty pages of the slot
+        not collected yet are counted as dropped by the next collection."""
+        slot = _check.integer("slot", slot)
+        with self._lock:
+            self._check_open()
+            region = self._regions.get(slot)
+            if region is None:
+                raise KvmInvalidArgumentError(f"no memory region in slot {slot}")
+            self._set_region(slot, 0, region.guest_phys_addr, 0, 0)
             del self._regions[slot]
-            region._close()
+            region.close()
 
     def region_at(self, gpa: int, length: int = 1) -> MemoryRegion:
         """The memory region holding guest range ``[gpa, gpa+length)``."""
-        for r in self._regions.values():
+        gpa = _check.integer("gpa", gpa)
+        length = _check.integer("length", length)
+        for r in self.regions.values():
             if r.contains(gpa, length):
                 return r
         raise KvmInvalidArgumentError(f"guest range {gpa:#x}+{length:#x} is not in one slot")
 
     def read_memory(self, gpa: int, length: int) -> bytes:
         """Copy guest memory (within one slot)."""
+        length = _check.integer("length", length)
         return self.region_at(gpa, max(length, 1)).read(gpa, length)
 
     def write_memory(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Write guest memory (within one slot).  Host writes are not dirty-logged."""
-        self.region_at(gpa, max(len(data), 1)).write(gpa, data)
+        """Write guest memory (within one slot).  Host writes are not dirty-logged.  ``data``
+        is any bytes-like object; its length counts bytes."""
+        mv = _check.buffer_bytes("data", data)
+        self.region_at(gpa, max(len(mv), 1)).write(gpa, mv)
 
     # -- vCPUs ------------------------------------------------------------------------------
 
     @property
     def vcpus(self) -> dict[int, Vcpu]:
-        """vCPUs by id (a copy)."""
-        return dict(self._vcpus)
+        """Open vCPUs by id (a copy)."""
+        with self._lock:
+            return dict(self._vcpus)
 
     def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
-        """KVM_CREATE_VCPU.  With the dirty ring enabled, the vCPU's ring is mapped here."""
-        from kvmio.dirty.ring import DirtyRing
-        from kvmio.vcpu import Vcpu
+        """KVM_CREATE_VCPU.  With the dirty ring enabled, the vCPU's ring is mapped here.
 
+        Without ``vcpu_id`` the lowest id never used in this VM is taken: KVM keeps a closed
+        vCPU's id (and counts it against the maximum) until the VM is closed, so an id can be
+        used once only; asking for a used one raises :class:`KvmStateError`.
+        """
+        if vcpu_id is not None:
+            vcpu_id = _check.integer("vcpu_id", vcpu_id)
         with self._lock:
-            fd = self.fd
+            self._check_open()
             if vcpu_id is None:
-                vcpu_id = len(self._vcpus)
-                while vcpu_id in self._vcpus:
+                vcpu_id = 0
+                while vcpu_id in self._used_vcpu_ids:
                     vcpu_id += 1
-            if not 0 <= vcpu_id < max(self._max_vcpu_id, 1):
+            max_id = max(self.limits.max_vcpu_id, 1)
+            if not 0 <= vcpu_id < max_id:
                 raise KvmInvalidArgumentError(
-                    f"vCPU id {vcpu_id} is out of range (ids below {self._max_vcpu_id})")
+                    f"vCPU id {vcpu_id} is out of range (ids below {max_id})")
             if vcpu_id in self._vcpus:
                 raise KvmInvalidArgumentError(f"vCPU {vcpu_id} already exists")
-            if len(self._vcpus) >= self._max_vcpus:
+            if vcpu_id in self._used_vcpu_ids:
+                raise KvmStateError(f"vCPU id {vcpu_id} belonged to a closed vCPU; KVM keeps it "
+                                    "until the VM is closed")
+            if len(self._used_vcpu_ids) >= self.limits.max_vcpus:
                 raise KvmInvalidArgumentError(
-                    f"this VM already has the maximum of {self._max_vcpus} vCPUs")
-            vfd = ioctl(fd, lib.KVM_CREATE_VCPU, vcpu_id, name="KVM_CREATE_VCPU")
+                    f"this VM already had the maximum of {self.limits.max_vcpus} vCPUs (closed "
+                    "ones count until the VM is closed)")
+            vfd = self._ioctl(lib.KVM_CREATE_VCPU, vcpu_id, name="KVM_CREATE_VCPU")
+            self._used_vcpu_ids.add(vcpu_id)
             try:
-                run = Mapping(self._vcpu_mmap_size, fd=vfd, shared=True,
+                run = Mapping(self.limits.vcpu_mmap_size, fd=vfd, shared=True,
                               what=f"kvm_run of vCPU {vcpu_id}")
             except BaseException:
                 _close_quietly(vfd)
                 raise
-            ring: DirtyRing | None = None
-            if self._ring is not None:
-                try:
-                    ring = DirtyRing(self, vcpu_id, vfd, self._ring.entries)
-                except BaseException:
-                    run.close()
-                    _close_quietly(vfd)
-                    raise
-            vcpu = Vcpu(self, vcpu_id, vfd, run, ring)
+            try:
+                vcpu = Vcpu(vcpu_id, vfd, run, ring_set=self._ring_set,
+                            on_close=self._vcpu_closed)
+            except BaseException:
+                run.close()
+                _close_quietly(vfd)
+                raise
             self._vcpus[vcpu_id] = vcpu
             return vcpu
 
-    def _forget_vcpu(self, vcpu_id: int) -> None:
+    def _vcpu_closed(self, vcpu_id: int) -> None:
         with self._lock:
             self._vcpus.pop(vcpu_id, None)
 
@@ -309,43 +388,44 @@ class Vm(FdOwner):
     def set_tss_address(self, addr: int = 0xFFFBD000) -> None:
         """KVM_SET_TSS_ADDR (x86, Intel): three pages of guest physical space KVM may use."""
         self._x86("KVM_SET_TSS_ADDR")
-        ioctl(self.fd, lib.KVM_SET_TSS_ADDR, addr, name="KVM_SET_TSS_ADDR")
+        addr = _check.u32("addr", addr)
+        self._ioctl(lib.KVM_SET_TSS_ADDR, addr, name="KVM_SET_TSS_ADDR")
 
     def set_identity_map_address(self, addr: int = 0xFFFBC000) -> None:
         """KVM_SET_IDENTITY_MAP_ADDR (x86, Intel): one page KVM may use for real mode."""
         self._x86("KVM_SET_IDENTITY_MAP_ADDR")
-        p = ffi.new("uint64_t *", addr)
-        ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, p, name="KVM_SET_IDENTITY_MAP_ADDR")
+        p = ffi.new("uint64_t *", _check.u64("addr", addr))
+        self._ioctl(lib.KVM_SET_IDENTITY_MAP_ADDR, p, name="KVM_SET_IDENTITY_MAP_ADDR")
 
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: the in-kernel interrupt controller (PIC + IOAPIC on x86)."""
-        ioctl(self.fd, lib.KVM_CREATE_IRQCHIP, name="KVM_CREATE_IRQCHIP")
+        self._ioctl(lib.KVM_CREATE_IRQCHIP, name="KVM_CREATE_IRQCHIP")
 
     def create_pit2(self, speaker_dummy: bool = True) -> None:
         """KVM_CREATE_PIT2 (x86): the in-kernel i8254 timer (needs an irqchip)."""
         self._x86("KVM_CREATE_PIT2")
         cfg = ffi.new("struct kvm_pit_config *")
         cfg.flags = lib.KVM_PIT_SPEAKER_DUMMY if speaker_dummy else 0
-        ioctl(self.fd, lib.KVM_CREATE_PIT2, cfg, name="KVM_CREATE_PIT2")
+        self._ioctl(lib.KVM_CREATE_PIT2, cfg, name="KVM_CREATE_PIT2")
 
     def set_irq_line(self, irq: int, level: bool) -> None:
         """KVM_IRQ_LINE: raise or lower an interrupt line of the in-kernel irqchip."""
         il = ffi.new("struct kvm_irq_level *")
-        il.irq = irq
+        il.irq = _check.u32("irq", irq)
         il.level = 1 if level else 0
-        ioctl(self.fd, lib.KVM_IRQ_LINE, il, name="KVM_IRQ_LINE")
+        self._ioctl(lib.KVM_IRQ_LINE, il, name="KVM_IRQ_LINE")
 
     def get_clock(self) -> int:
         """KVM_GET_CLOCK: the guest's kvmclock time in nanoseconds."""
         cd = ffi.new("struct kvm_clock_data *")
-        ioctl(self.fd, lib.KVM_GET_CLOCK, cd, name="KVM_GET_CLOCK")
+        self._ioctl(lib.KVM_GET_CLOCK, cd, name="KVM_GET_CLOCK")
         return int(cd.clock)
 
     def set_clock(self, ns: int) -> None:
         """KVM_SET_CLOCK: set the guest's kvmclock time in nanoseconds."""
         cd = ffi.new("struct kvm_clock_data *")
-        cd.clock = ns
-        ioctl(self.fd, lib.KVM_SET_CLOCK, cd, name="KVM_SET_CLOCK")
+        cd.clock = _check.u64("ns", ns)
+        self._ioctl(lib.KVM_SET_CLOCK, cd, name="KVM_SET_CLOCK")
 
     def _x86(self, what: str) -> None:
         if not IS_X86:
@@ -357,6 +437,11 @@ class Vm(FdOwner):
     def dirty_ring(self) -> DirtyRingConfig | None:
         """The enabled dirty ring, or ``None``."""
         return self._ring
+
+    @property
+    def ring_set(self) -> RingSet | None:
+        """The rings' shared accounting (lock, resets, orphans), or ``None`` without a ring."""
+        return self._ring_set
 
     def max_dirty_ring_entries(self) -> int:
         """The largest ring (in entries) this VM could enable; 0 if unsupported."""
@@ -379,7 +464,7 @@ class Vm(FdOwner):
         and the error says so.
         """
         with self._lock:
-            fd = self.fd
+            self._check_open()
             if self._ring is not None:
                 raise KvmStateError("the dirty ring is already enabled on this VM (rule: "
                                     "enable once)")
@@ -394,8 +479,7 @@ class Vm(FdOwner):
             max_bytes = acq or legacy
             if entries is None:
                 entries = min(DEFAULT_RING_ENTRIES, max_bytes // DIRTY_GFN_SIZE)
-            if isinstance(entries, bool) or not isinstance(entries, int):
-                raise KvmInvalidArgumentError(f"ring entries must be an int, not {entries!r}")
+            entries = _check.integer("entries", entries, lo=None)
             nbytes = entries * DIRTY_GFN_SIZE
             if entries <= 0 or entries & (entries - 1):
                 raise KvmInvalidArgumentError(f"ring size {entries} entries is not a power of two")
@@ -434,6 +518,7 @@ class Vm(FdOwner):
                     errno=e.errno, ioctl="KVM_ENABLE_CAP") from e
             self._ring = DirtyRingConfig(cap, entries, nbytes, cap == Cap.DIRTY_LOG_RING_ACQ_REL,
                                          False)
+            self._ring_set = RingSet(entries, self._reset_ioctl)
             if want_bitmap:
                 try:
                     self.enable_cap(Cap.DIRTY_LOG_RING_WITH_BITMAP)
@@ -443,145 +528,149 @@ class Vm(FdOwner):
                         f"({e}); memory dirtied outside vCPU context will not be reported",
                         errno=e.errno, ioctl="KVM_ENABLE_CAP") from e
                 self._ring = DirtyRingConfig(cap, entries, nbytes, True, True)
-            _ = fd
             return self._ring
 
-    def _adopt_orphans(self, entries: DirtyEntries, pending: int) -> None:
-        """Take over what a closing vCPU's ring still held (see DirtyRing._close)."""
-        with self._ring_lock:
-            if len(entries):
-                self._orphans.append(entries)
-            self._orphan_pending += pending
-
-    def _note_overrun(self, vcpu_id: int) -> None:
-        with self._ring_lock:
-            self._overrun_note = (f"the dirty ring of vCPU {vcpu_id} was overrun when the vCPU "
-                                  "closed")
-
-    def _harvest_and_reset(self, rings: list[DirtyRing]
-                           ) -> tuple[list[tuple[DirtyRing, DirtyEntries]], list[DirtyEntries]]:
-        """Harvest every open ring of ``rings`` and take the orphans, then reset: one
-        transaction under the ring lock.  If anything fails, everything harvested is handed
-        back (to its ring, or to the orphans) for the next collection, and the error raised.
-        Returns ``[(ring, entries)]`` and the orphans."""
-        with self._ring_lock:
-            harvested: list[tuple[DirtyRing, DirtyEntries]] = []
-            orphans = self._take_orphans()
-            try:
-                for ring in rings:
-                    if not ring.closed:  # a closed ring gave its entries to the orphans
-                        harvested.append((ring, ring.harvest()))
-                self.reset_dirty_rings()
-            except BaseException:
-                for ring, got in harvested:
-                    ring._restash(got)
-                self._return_orphans(orphans)
-                raise
-            return harvested, orphans
-
-    def _take_orphans(self) -> list[DirtyEntries]:
-        with self._ring_lock:
-            out, self._orphans = self._orphans, []
-            return out
-
-    def _return_orphans(self, orphans: list[DirtyEntries]) -> None:
-        """Give back orphans taken by a collection that then failed (they come first)."""
-        with self._ring_lock:
-            self._orphans[:0] = orphans
+    def _reset_ioctl(self) -> int:
+        return self._ioctl(lib.KVM_RESET_DIRTY_RINGS, name="KVM_RESET_DIRTY_RINGS")
 
     def dirty_rings(self) -> dict[int, DirtyRing]:
-        """Every vCPU's ring by vCPU id (for inspection; harvest through the owner)."""
-        out = {}
-        for vid, vcpu in dict(self._vcpus).items():
-            r = vcpu._ring
-            if r is not None:
-                out[vid] = r
-        return out
+        """Every open vCPU's ring by vCPU id (for inspection; harvest through the owner)."""
+        return {} if self._ring_set is None else self._ring_set.rings
 
     def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS: recycle every harvested entry of every vCPU's ring.
 
         Returns how many entries the kernel reset, and checks that this equals the entries
-        harvested since the last reset.  The call is repeated until it returns 0, because a
-        pending signal cuts it short without an error.  A mismatch raises
-        :class:`DirtyRingOverrunError`.
+        harvested since the last reset (see :meth:`kvmio.dirty.ringset.RingSet.reset`).  The
+        call is repeated until it returns 0, because a pending signal cuts it short without an
+        error.  A mismatch raises :class:`DirtyRingOverrunError`.
         """
-        with self._ring_lock:
-            fd = self.fd
-            if self._ring is None:
-                raise KvmStateError("the dirty ring is not enabled on this VM")
-            rings = list(self.dirty_rings().values())
-            expected = sum(r._pending_reset for r in rings) + self._orphan_pending
-            total = 0
-            try:
-                for _ in range(1 << 20):
-                    n = ioctl(fd, lib.KVM_RESET_DIRTY_RINGS, name="KVM_RESET_DIRTY_RINGS")
-                    if n == 0:
-                        break
-                    total += n
-            finally:
-                # Whatever the kernel reset is no longer pending, even if a later call failed.
-                left = total
-                take = min(left, self._orphan_pending)
-                self._orphan_pending -= take
-                left -= take
-                for r in rings:
-                    take = min(left, r._pending_reset)
-                    r._pending_reset -= take
-                    left -= take
-            # Matched or not, the kernel has now reset everything it could: start afresh.
-            self._orphan_pending = 0
-            for r in rings:
-                r._pending_reset = 0
-            if total != expected:
-                raise DirtyRingOverrunError(
-                    f"KVM_RESET_DIRTY_RINGS reset {total} entries but {expected} were harvested "
-                    "since the last reset: the ring's state is inconsistent and dirty pages may "
-                    "have been lost; treat the tracked slots as wholly dirty, and use a bigger "
-                    "ring or bitmap mode", lost=abs(expected - total))
-            note, self._overrun_note = self._overrun_note, None
-            if note is not None:
-                raise DirtyRingOverrunError(
-                    f"{note}: dirty pages may have been lost; treat the tracked slots as wholly "
-                    "dirty and resynchronise them")
-            return total
+        if self._ring_set is None:
+            self._check_open()
+            raise KvmStateError("the dirty ring is not enabled on this VM")
+        return self._ring_set.reset()
 
-    def collect_dirty_pages(self, *, final: bool = False) -> DirtyPages:
+    def adopt_dirty_pages(self, pages: PageSet) -> None:
+        """Hand over pages that were harvested and reset (or cleared) already but not reported
+        to anyone: the next collection reports them.  A tracker that closes uses this, so
+        nothing it collected is lost."""
+        _check.instance("pages", pages, PageSet)
+        with self._lock:
+            self._unreported = self._unreported.union(pages)
+
+    # -- claiming the dirty log -------------------------------------------------------------
+
+    def claim_dirty_log(self, holder: str = "a dirty tracker") -> DirtyLogClaim:
+        """Take exclusive use of the dirty log (bitmap mode), as a ring's owner has its ring:
+        until :meth:`release_dirty_log`, :meth:`get_dirty_log`, :meth:`clear_dirty_log` and
+        :meth:`collect_dirty_pages` refuse callers that do not pass the claim."""
+        with self._lock:
+            self._check_open()
+            if self._claim is not None:
+                raise KvmStateError(f"the dirty log is already claimed by {self._claim.holder}")
+            self._claim = DirtyLogClaim(self.fd, holder)
+            return self._claim
+
+    def release_dirty_log(self, claim: DirtyLogClaim) -> None:
+        """Give up a claim (idempotent for the claim's holder)."""
+        with self._lock:
+            if self._claim is claim:
+                self._claim = None
+                claim.released = True
+
+    def _check_claim(self, claim: DirtyLogClaim | None) -> None:
+        if claim is not None:
+            _check.instance("claim", claim, DirtyLogClaim)
+        if self._claim is not None and claim is not self._claim:
+            raise KvmStateError(f"the dirty log is claimed by {self._claim.holder}; a second "
+                                "consumer would take its pages. Collect through that owner")
+        if claim is not None and claim is not self._claim:
+            raise KvmStateError("this dirty-log claim was released")
+
+    # -- collection -------------------------------------------------------------------------
+
+    def collect_dirty_pages(self, *, final: bool = False, rings: Iterable[DirtyRing] | None = None,
+                            claim: DirtyLogClaim | None = None) -> DirtyPages:
         """Harvest every vCPU's ring, reset the rings, and only then return the dirty pages.
 
         This is the safe order: page contents read after this call are at least as new as the
         report, and later writes are reported by the next collection.  Rings taken by a
-        harvester (:meth:`kvmio.Vcpu.take_dirty_ring`) cannot be collected here.  Entries of a
-        running vCPU may still be in flight; for a complete final picture stop the vCPUs first
-        and pass ``final=True``, which also collects the backup bitmap (WITH_BITMAP) last.
+        harvester (:meth:`kvmio.Vcpu.take_dirty_ring`) are collected only by that owner, which
+        passes them as ``rings`` (then only those rings are harvested; the reset and the
+        entries left by closed vCPUs are the VM's).  Entries of a running vCPU may still be in
+        flight; for a complete final picture stop the vCPUs first and pass ``final=True``,
+        which also collects the backup bitmap (WITH_BITMAP) last.
 
-        Without a dirty ring, this collects the bitmap of every dirty-logged slot instead.
+        Without a dirty ring, this collects the bitmap of every dirty-logged slot instead (and
+        clears it under manual protect); ``claim`` is the caller's
+        :meth:`claim_dirty_log`, if the log is claimed.
         """
-        if self._ring is None:
-            return self._collect_bitmaps()
-        with self._ring_lock:
-            vcpus = list(dict(self._vcpus).values())
-            for vcpu in vcpus:  # check every ring before harvesting any
-                if vcpu._ring is not None and vcpu._ring_taken:
-                    raise KvmStateError(
-                        f"the dirty ring of vCPU {vcpu.id} is owned by a harvester; collect "
-                        "through that owner instead")
-            harvested, orphans = self._harvest_and_reset(
-                [v._ring for v in vcpus if v._ring is not None])
-            parts = orphans + [got for _, got in harvested]
-            all_entries = DirtyEntries.concat(parts)
-            merged, dropped = _merge_entries(all_entries, self._regions)
-            if final and self._ring.with_bitmap:
-                for sid, region in self._regions.items():
-                    if region.log_dirty:
-                        extra = self.get_dirty_log(sid)
-                        if len(extra):
-                            merged[sid] = np.union1d(merged.get(sid, extra), extra)
-            return DirtyPages(merged, dict(self._regions), len(all_entries), dropped)
+        if self._ring_set is None:
+            return self._collect_bitmaps(claim)
+        ring_set = self._ring_set
+        with ring_set.lock:
+            self._check_open()
+            if rings is None:
+                todo = list(ring_set.rings.values())
+                for ring in todo:  # check every ring before harvesting any
+                    if ring.taken:
+                        raise KvmStateError(
+                            f"the dirty ring of vCPU {ring.vcpu_id} is owned by a harvester; "
+                            "collect through that owner instead")
+            else:
+                todo = [_check.instance("rings item", r, DirtyRing) for r in rings]
+                for ring in todo:
+                    if ring.ring_set is not ring_set:
+                        raise KvmInvalidArgumentError(
+                            f"the ring of vCPU {ring.vcpu_id} belongs to another VM")
+            harvest = ring_set.harvest_and_reset(todo)
+            # From here on nothing may raise: the entries are harvested and reset already.
+            sizes = self.slot_pages()
+            per_vcpu: dict[int, PageSet] = {}
+            dropped = 0
+            for ring, got in harvest.rings:
+                if len(got):
+                    ps, d = PageSet.from_entries(got, sizes)
+                    per_vcpu[ring.vcpu_id] = ps
+                    dropped += d
+            orphans, d = PageSet.from_entries(DirtyEntries.concat(harvest.orphans), sizes)
+            dropped += d
+            with self._lock:
+                unreported, self._unreported = self._unreported, PageSet()
+            unreported, _ = unreported.restrict(sizes)
+            pages = orphans.union(unreported, *per_vcpu.values())
+            if final and self._ring is not None and self._ring.with_bitmap:
+                extra = [self._get_log(slot, sizes[slot]) for slot in self._logged_slots()
+                         if slot in sizes]
+                pages = pages.union(*extra)
+            return DirtyPages(pages, self.regions, harvest.entries, dropped, per_vcpu)
+
+    def _logged_slots(self) -> list[int]:
+        with self._lock:
+            return [s for s, r in self._regions.items() if r.log_dirty]
+
+    def _collect_bitmaps(self, claim: DirtyLogClaim | None) -> DirtyPages:
+        with self._lock:  # slots cannot change during a bitmap collection
+            self._check_claim(claim)
+            unreported, self._unreported = self._unreported, PageSet()
+            sizes = self.slot_pages()
+            unreported, dropped = unreported.restrict(sizes)
+            parts = [unreported]
+            try:
+                for slot in self._logged_slots():
+                    got = self._get_log(slot, sizes[slot])
+                    if self._manual_protect and got.count:
+                        self._clear_pages(slot, sizes[slot], got[slot])
+                    parts.append(got)
+            except BaseException:
+                self._unreported = PageSet().union(*parts)  # keep what was taken
+                raise
+            return DirtyPages(PageSet().union(*parts), self.regions, 0, dropped)
 
     # -- dirty bitmap -----------------------------------------------------------------------
 
     def _tracked_region(self, slot: int) -> MemoryRegion:
+        slot = _check.integer("slot", slot)
         region = self._regions.get(slot)
         if region is None:
             raise KvmInvalidArgumentError(f"no memory region in slot {slot}")
@@ -611,108 +700,86 @@ class Vm(FdOwner):
         """Whether manual protect is on (GET_DIRTY_LOG does not clear)."""
         return self._manual_protect
 
-    def get_dirty_log(self, slot: int) -> npt.NDArray[np.uint64]:
+    def get_dirty_log(self, slot: int, *,
+                      claim: DirtyLogClaim | None = None) -> npt.NDArray[np.uint64]:
         """KVM_GET_DIRTY_LOG: sorted indices of the slot's dirty pages.
 
         Without manual protect this also clears the log and write-protects the pages again.
         On a ring VM it works only with the backup bitmap (WITH_BITMAP); otherwise the kernel
-        answers ENXIO and kvmio raises :class:`KvmStateError` saying so.
+        answers ENXIO and kvmio raises :class:`KvmStateError` saying so.  While the log is
+        claimed (:meth:`claim_dirty_log`), only the claim's holder may call it.
         """
-        region = self._tracked_region(slot)
-        if self._ring is not None and not self._ring.with_bitmap:
-            raise KvmStateError("KVM_GET_DIRTY_LOG is not available on a VM with the dirty ring "
-                                "unless the backup bitmap (WITH_BITMAP) is enabled")
-        words = np.zeros((region.num_pages + 63) // 64, dtype=np.uint64)
-        with self._ring_lock:  # Vm.close() waits for it
-            _abi.get_dirty_log(self.fd, slot, words)
-        return bitmap_to_pages(words, region.num_pages)
+        with self._lock:
+            self._check_claim(claim)
+            region = self._tracked_region(slot)
+            if self._ring is not None and not self._ring.with_bitmap:
+                raise KvmStateError("KVM_GET_DIRTY_LOG is not available on a VM with the dirty "
+                                    "ring unless the backup bitmap (WITH_BITMAP) is enabled")
+            return self._get_log(region.slot, region.num_pages).get(
+                region.slot, np.zeros(0, dtype=np.uint64))
+
+    def _get_log(self, slot: int, num_pages: int) -> PageSet:
+        words = np.zeros((num_pages + 63) // 64, dtype=np.uint64)
+        fd = self._acquire_fd()
+        try:
+            _abi.get_dirty_log(fd, slot, words)
+        finally:
+            self._release_fd()
+        return PageSet.from_bitmap(slot, words, num_pages)
 
     def clear_dirty_log(self, slot: int, first_page: int = 0, num_pages: int | None = None,
-                        pages: npt.ArrayLike | None = None) -> None:
+                        pages: npt.ArrayLike | None = None, *,
+                        claim: DirtyLogClaim | None = None) -> None:
         """KVM_CLEAR_DIRTY_LOG (manual protect): clear and re-protect pages of a slot.
 
         Clears ``[first_page, first_page+num_pages)`` (default: to the end of the slot), or, if
-        ``pages`` (page indices within the slot) is given, only those pages of that range.
-        ``first_page`` must be a multiple of 64, and so must ``num_pages`` unless the range ends
-        at the end of the slot.
+        ``pages`` (integer page indices within the slot) is given, only those pages of that
+        range.  ``first_page`` must be a multiple of 64, and so must ``num_pages`` unless the
+        range ends at the end of the slot.
         """
-        region = self._tracked_region(slot)
-        if not self._manual_protect:
-            raise KvmStateError("KVM_CLEAR_DIRTY_LOG needs manual protect "
-                                "(enable_manual_dirty_log_protect())")
-        total = region.num_pages
-        if num_pages is None:
-            num_pages = total - first_page
-        if first_page < 0 or num_pages <= 0 or first_page + num_pages > total:
-            raise KvmInvalidArgumentError(
-                f"page range {first_page}+{num_pages} is outside slot {slot} ({total} pages)")
-        if first_page % 64:
-            raise KvmInvalidArgumentError(f"first_page {first_page} is not a multiple of 64")
-        if num_pages % 64 and first_page + num_pages != total:
-            raise KvmInvalidArgumentError(
-                f"num_pages {num_pages} must be a multiple of 64 unless the range ends at the "
-                f"end of the slot (page {total})")
+        first_page = _check.integer("first_page", first_page, lo=None)
+        if num_pages is not None:
+            num_pages = _check.integer("num_pages", num_pages, lo=None)
+        idx = None if pages is None else _check.index_array("pages", pages)
+        with self._lock:
+            self._check_claim(claim)
+            region = self._tracked_region(slot)
+            if not self._manual_protect:
+                raise KvmStateError("KVM_CLEAR_DIRTY_LOG needs manual protect "
+                                    "(enable_manual_dirty_log_protect())")
+            total = region.num_pages
+            if num_pages is None:
+                num_pages = total - first_page
+            if first_page < 0 or num_pages <= 0 or first_page + num_pages > total:
+                raise KvmInvalidArgumentError(
+                    f"page range {first_page}+{num_pages} is outside slot {slot} ({total} pages)")
+            if first_page % 64:
+                raise KvmInvalidArgumentError(f"first_page {first_page} is not a multiple of 64")
+            if num_pages % 64 and first_page + num_pages != total:
+                raise KvmInvalidArgumentError(
+                    f"num_pages {num_pages} must be a multiple of 64 unless the range ends at the "
+                    f"end of the slot (page {total})")
+            if idx is not None and len(idx) and (idx.min() < first_page
+                                                 or idx.max() >= first_page + num_pages):
+                raise KvmInvalidArgumentError("pages lie outside the range being cleared")
+            self._clear(region.slot, first_page, num_pages, idx)
+
+    def _clear_pages(self, slot: int, total: int, pages: npt.NDArray[np.uint64]) -> None:
+        self._clear(slot, 0, total, pages.astype(np.int64))
+
+    def _clear(self, slot: int, first_page: int, num_pages: int,
+               idx: npt.NDArray[np.int64] | None) -> None:
         bits = np.zeros(((num_pages + 63) // 64) * 64, dtype=np.uint8)
-        if pages is None:
+        if idx is None:
             bits[:num_pages] = 1
         else:
-            idx = np.asarray(pages, dtype=np.int64).ravel()
-            if len(idx) and (idx.min() < first_page or idx.max() >= first_page + num_pages):
-                raise KvmInvalidArgumentError("pages lie outside the range being cleared")
             bits[idx - first_page] = 1
         words = np.packbits(bits, bitorder="little").view(np.uint64).copy()
-        with self._ring_lock:  # Vm.close() waits for it
-            _abi.clear_dirty_log(self.fd, slot, first_page, num_pages, words)
-
-    def _collect_bitmaps(self) -> DirtyPages:
-        orphans = self._take_orphans()  # e.g. pages a closed tracker had collected
-        merged, dropped = _merge_entries(DirtyEntries.concat(orphans), self._regions)
-        for sid, region in self._regions.items():
-            if region.log_dirty:
-                got = self.get_dirty_log(sid)
-                if self._manual_protect and len(got):
-                    self.clear_dirty_log(sid, 0, region.num_pages, got)
-                if sid in merged:
-                    got = np.union1d(merged[sid], got).astype(np.uint64)
-                merged[sid] = got
-        return DirtyPages(merged, dict(self._regions), 0, dropped)
-
-
-def bitmap_to_pages(words: npt.NDArray[np.uint64], num_pages: int) -> npt.NDArray[np.uint64]:
-    """Sorted indices of the set bits of a little-endian u64 bitmap (bit 0 = page 0).
-
-    Only non-zero words are unpacked, so a sparse bitmap of a huge slot costs a scan of its
-    words, not one byte per page.
-    """
-    nz = np.flatnonzero(words)
-    if len(nz) == 0:
-        return np.zeros(0, dtype=np.uint64)
-    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64)
-    row, col = np.nonzero(bits)
-    pages = nz[row].astype(np.uint64) * np.uint64(64) + col.astype(np.uint64)
-    return pages[pages < np.uint64(num_pages)]
-
-
-def _merge_entries(entries: DirtyEntries, regions: dict[int, MemoryRegion]
-                   ) -> tuple[dict[int, npt.NDArray[np.uint64]], int]:
-    """Distinct sorted page offsets per slot id from harvested entries, and how many entries
-    named a slot (or a page of it) that no longer exists, or an address space kvmio never maps.
-    Runs after the reset, so it never raises."""
-    out: dict[int, npt.NDArray[np.uint64]] = {}
-    dropped = 0
-    for sid, pages in entries.distinct_pages().items():
-        region = regions.get(sid.slot)
-        if sid.address_space != 0 or region is None:
-            dropped += int(np.count_nonzero(entries.slots == sid.encode()))
-            continue
-        inside = pages < np.uint64(region.num_pages)  # beyond: a deleted, smaller successor
-        if not inside.all():
-            sel = (entries.slots == sid.encode()) & (entries.offsets >= region.num_pages)
-            dropped += int(np.count_nonzero(sel))
-            pages = pages[inside]
-        if len(pages):
-            out[sid.slot] = pages
-    return out, dropped
+        fd = self._acquire_fd()
+        try:
+            _abi.clear_dirty_log(fd, slot, first_page, num_pages, words)
+        finally:
+            self._release_fd()
 
 
 def _cap_name(cap: Cap | int) -> str:
@@ -723,7 +790,5 @@ def _cap_name(cap: Cap | int) -> str:
 
 
 def _close_quietly(fd: int) -> None:
-    import os
-
     with contextlib.suppress(OSError):
         os.close(fd)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from kvmio._abi import ffi
+from kvmio._check import u64
+from kvmio.errors import KvmInvalidArgumentError
 
 REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
              "r12", "r13", "r14", "r15", "rip", "rflags")
@@ -53,8 +55,15 @@ class Regs:
         """From a ``struct kvm_regs``."""
         return cls(**{n: int(getattr(c, n)) for n in REG_NAMES})
 
+    def validate(self) -> None:
+        """Raise :class:`KvmInvalidArgumentError` naming the first register that is not a
+        u64."""
+        for n in REG_NAMES:
+            u64(n, getattr(self, n))
+
     def to_c(self) -> Any:
         """A new ``struct kvm_regs *``."""
+        self.validate()
         c = ffi.new("struct kvm_regs *")
         for n in REG_NAMES:
             setattr(c, n, getattr(self, n))
@@ -133,19 +142,54 @@ class Sregs:
         return cls(**kw)
 
     def to_c(self) -> Any:
-        """A new ``struct kvm_sregs *``."""
+        """A new ``struct kvm_sregs *``.  A field of the wrong type or range raises
+        :class:`KvmInvalidArgumentError` naming it."""
         c = ffi.new("struct kvm_sregs *")
-        for s in _SEGS:
-            getattr(self, s)._into(getattr(c, s))
-        c.gdt.base, c.gdt.limit = self.gdt.base, self.gdt.limit
-        c.idt.base, c.idt.limit = self.idt.base, self.idt.limit
-        for r in _CRS:
-            setattr(c, r, getattr(self, r))
-        for i, v in enumerate(self.interrupt_bitmap):
-            c.interrupt_bitmap[i] = v
+        field = "sregs"
+        try:
+            for s in _SEGS:
+                field = s
+                getattr(self, s)._into(getattr(c, s))
+            for t in ("gdt", "idt"):
+                field = t
+                d = getattr(self, t)
+                getattr(c, t).base, getattr(c, t).limit = d.base, d.limit
+            for r in _CRS:
+                field = r
+                setattr(c, r, u64(r, getattr(self, r)))
+            field = "interrupt_bitmap"
+            if len(self.interrupt_bitmap) > len(c.interrupt_bitmap):
+                raise KvmInvalidArgumentError("interrupt_bitmap has too many words")
+            for i, v in enumerate(self.interrupt_bitmap):
+                c.interrupt_bitmap[i] = u64("interrupt_bitmap word", v)
+        except (TypeError, OverflowError, AttributeError) as e:
+            raise KvmInvalidArgumentError(f"sregs.{field} is invalid: {e}") from None
         return c
 
     def copy(self) -> Sregs:
         """A deep copy."""
         return replace(self, **{s: replace(getattr(self, s)) for s in _SEGS},
                        gdt=replace(self.gdt), idt=replace(self.idt))
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2``."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+def cpuid_entries(buf: Any) -> list[CpuidEntry]:
+    """Decode a filled ``struct kvm_cpuid2``."""
+    out = []
+    for i in range(buf.nent):
+        e = buf.entries[i]
+        out.append(CpuidEntry(int(e.function), int(e.index), int(e.flags), int(e.eax),
+                              int(e.ebx), int(e.ecx), int(e.edx)))
+    return out

@@ -7,10 +7,11 @@ takes entries in ring order, never skipping one, and resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Mapping as Mapping_
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,12 +19,20 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmio._abi import PAGE_SIZE, Mapping, ffi, lib
-from kvmio.errors import DirtyRingError, DirtyRingOverrunError, KvmClosedError, KvmStateError
+from kvmio.errors import (
+    DirtyRingError,
+    DirtyRingOverrunError,
+    KvmClosedError,
+    KvmInvalidArgumentError,
+    KvmStateError,
+)
 from kvmio.memory import MemoryRegion, SlotId
 
 if TYPE_CHECKING:
-    from kvmio.vcpu import Vcpu
-    from kvmio.vm import Vm
+    from kvmio.dirty.ringset import RingSet
+
+#: Bytes per ``struct kvm_dirty_gfn`` (from the C compiler).
+GFN_SIZE: int = ffi.sizeof("struct kvm_dirty_gfn")
 
 #: numpy dtype of ``struct kvm_dirty_gfn`` (checked against the C layout by the layout test).
 GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
@@ -162,7 +171,7 @@ def _harvest_raw(gfns: object, size: int, index: object, stop: object, limit: in
     else:
         slots, offsets = out
         if len(slots) < limit or len(offsets) < limit:
-            raise ValueError("output arrays are smaller than the limit")
+            raise KvmInvalidArgumentError("output arrays are smaller than the limit")
     ps = ffi.from_buffer("uint32_t[]", slots, require_writable=True)
     po = ffi.from_buffer("uint64_t[]", offsets, require_writable=True)
     try:
@@ -183,12 +192,12 @@ def harvest_array(ring: npt.NDArray[np.void], index: int, limit: int | None = No
     """
     size = len(ring)
     if ring.dtype != GFN_DTYPE or not ring.flags.c_contiguous or not ring.flags.writeable:
-        raise ValueError("ring must be a writable C-contiguous array of GFN_DTYPE")
+        raise KvmInvalidArgumentError("ring must be a writable C-contiguous array of GFN_DTYPE")
     if size == 0 or size & (size - 1):
-        raise ValueError("ring size must be a power of two")
+        raise KvmInvalidArgumentError("ring size must be a power of two")
     limit = size if limit is None else min(limit, size)
     if limit < 0:
-        raise ValueError("limit must be >= 0")
+        raise KvmInvalidArgumentError("limit must be >= 0")
     # Safety: the pointer covers exactly `size` entries of the pinned array.
     buf = ffi.from_buffer("struct kvm_dirty_gfn[]", ring, require_writable=True)
     idx = ffi.new("uint32_t *", index & 0xFFFFFFFF)
@@ -202,25 +211,36 @@ def harvest_array(ring: npt.NDArray[np.void], index: int, limit: int | None = No
     return DirtyEntries(slots[:n], offsets[:n]), int(idx[0]), int(stop[0])
 
 
+def _no_guard() -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
 class DirtyRing:
     """One vCPU's dirty ring, mapped ``MAP_SHARED`` at ``KVM_DIRTY_LOG_PAGE_OFFSET`` pages.
 
-    Created by :meth:`kvmio.Vm.create_vcpu` once the ring is enabled; reach it through
-    :attr:`kvmio.Vcpu.dirty_ring` or hand it to another thread with
-    :meth:`kvmio.Vcpu.take_dirty_ring`.  Every harvest holds the VM's ring lock, as does
-    :meth:`kvmio.Vm.reset_dirty_rings` and closing the vCPU, so a harvest never races a reset's
-    accounting nor touches an unmapped ring: after close it raises :class:`KvmClosedError`.
+    Created with its vCPU (:meth:`kvmio.Vm.create_vcpu`) once the ring is enabled, through the
+    VM's :class:`~kvmio.dirty.ringset.RingSet`; reach it through :attr:`kvmio.Vcpu.dirty_ring`
+    or hand it to another thread with :meth:`kvmio.Vcpu.take_dirty_ring`.  Every harvest holds
+    the ring set's lock, as do :meth:`RingSet.reset` and :meth:`close`, so a harvest never
+    races a reset's accounting nor touches an unmapped ring: after close it raises
+    :class:`KvmClosedError`.
+
+    ``outside_run`` is a context-manager factory from the ring's vCPU: entering it raises
+    :class:`KvmStateError` while the vCPU is inside ``run()`` and keeps ``run()`` out until it
+    exits (:meth:`recover_from_overrun` needs the vCPU stopped).
     """
 
-    def __init__(self, vm: Vm, vcpu_id: int, vcpu_fd: int, entries: int):
-        self.vm = vm
+    def __init__(self, ring_set: RingSet, vcpu_id: int, vcpu_fd: int, entries: int, *,
+                 outside_run: Callable[[], AbstractContextManager[None]] = _no_guard):
+        self.ring_set = ring_set
         self.vcpu_id = vcpu_id
         self.size = entries
-        self._lock: threading.RLock = vm._ring_lock
+        self._lock = ring_set.lock
+        self._outside_run = outside_run
         offset = int(lib.KVM_DIRTY_LOG_PAGE_OFFSET) * PAGE_SIZE
-        self._map: Mapping | None = Mapping(entries * 16, fd=vcpu_fd, offset=offset, shared=True,
-                                            what=f"dirty ring of vCPU {vcpu_id}")
-        # Safety: the pointer is into self._map, which stays mapped until _close(), and every use
+        self._map: Mapping | None = Mapping(entries * GFN_SIZE, fd=vcpu_fd, offset=offset,
+                                            shared=True, what=f"dirty ring of vCPU {vcpu_id}")
+        # Safety: the pointer is into self._map, which stays mapped until close(), and every use
         # of it below happens under self._lock after checking that _map is not None.
         self._gfns = self._map.cast("struct kvm_dirty_gfn *")
         self._index = ffi.new("uint32_t *", 0)
@@ -228,7 +248,7 @@ class DirtyRing:
         self._pending_reset = 0
         self._stash: list[DirtyEntries] = []
         self._pool = _OutputPool(entries)
-        self._vcpu: Vcpu | None = None
+        self._taken = False
         #: Entries harvested from this ring since it was mapped.
         self.harvested_total = 0
         #: Entries that :meth:`recover_from_overrun` skipped (counted by the kernel, but
@@ -248,42 +268,81 @@ class DirtyRing:
         """Entries harvested since the last KVM_RESET_DIRTY_RINGS."""
         return self._pending_reset
 
+    def settle_reset(self, n: int) -> int:
+        """Count ``n`` entries as recycled by a reset (called by the ring set under its lock);
+        returns how many of them this ring accounted for."""
+        with self._lock:
+            take = min(n, self._pending_reset)
+            self._pending_reset -= take
+            return take
+
+    def forget_pending(self) -> None:
+        """After a reset whose count did not match: start counting afresh."""
+        with self._lock:
+            self._pending_reset = 0
+
     @property
     def closed(self) -> bool:
         """Whether the ring was unmapped (its vCPU or VM closed)."""
         return self._map is None
+
+    # -- ownership --------------------------------------------------------------------------
+
+    @property
+    def taken(self) -> bool:
+        """Whether a harvester owns the ring (see :meth:`kvmio.Vcpu.take_dirty_ring`)."""
+        return self._taken
+
+    def take(self) -> DirtyRing:
+        """Become the ring's one owner; raises :class:`KvmStateError` if it has one."""
+        with self._lock:
+            self._check()
+            if self._taken:
+                raise KvmStateError(f"the dirty ring of vCPU {self.vcpu_id} is already owned "
+                                    "by a harvester")
+            self._taken = True
+            return self
+
+    def release(self) -> None:
+        """Give the ring back to its vCPU (the owner is done with it)."""
+        with self._lock:
+            self._taken = False
+
+    # -- lifetime ---------------------------------------------------------------------------
 
     def _check(self) -> None:
         if self._map is None:
             raise KvmClosedError(f"the dirty ring of vCPU {self.vcpu_id} is closed (its vCPU or "
                                  "VM was closed)")
 
-    def _close(self) -> None:
-        """Unmap.  What is still in the ring or the stash goes to the VM, which reports it with
-        the next collection and counts it in the next reset (KVM keeps the vCPU's ring until the
-        VM is destroyed, and KVM_RESET_DIRTY_RINGS still recycles it)."""
+    def close(self) -> None:
+        """Unmap (idempotent; called when the vCPU closes).  What is still in the ring or the
+        stash goes to the ring set, which reports it with the next collection and counts it
+        in the next reset (KVM keeps the vCPU's ring until the VM is destroyed, and
+        KVM_RESET_DIRTY_RINGS still recycles it)."""
         with self._lock:
             if self._map is None:
                 return
             left = self._harvest_locked(self.size, check=False)
-            if int(self._stop[0]) == STOP_HOLE or self._pending_reset >= self.size:
-                # An overrun the closing vCPU can no longer report: the next reset does.
-                self.vm._note_overrun(self.vcpu_id)
+            overrun = int(self._stop[0]) == STOP_HOLE or self._pending_reset >= self.size
             parts = [*self._stash, left.copy()]
             self._stash.clear()
-            self.vm._adopt_orphans(DirtyEntries.concat(parts), self._pending_reset)
+            self.ring_set.detach(self, DirtyEntries.concat(parts), self._pending_reset,
+                                 overrun=overrun)
             self._pending_reset = 0
             m, self._map = self._map, None
             self._gfns = None
             m.close()
+
+    # -- harvesting -------------------------------------------------------------------------
 
     def harvest(self, limit: int | None = None) -> DirtyEntries:
         """Take up to ``limit`` dirty entries (default: all), in ring order.
 
         Each entry is read after a load-acquire of its flags and then marked harvested with a
         store-release, in compiled code.  Harvesting stops at the first entry that is not dirty
-        (or at ``limit``) and resumes there next time.  Entries that
-        :meth:`kvmio.Vcpu.run_until_exit` harvested on a ring-full exit come first.
+        (or at ``limit``) and resumes there next time.  Entries that a ring-full exit's
+        :meth:`drain` took come first.
 
         ``limit`` applies to the ring; entries already stashed come in addition.
 
@@ -292,8 +351,9 @@ class DirtyRing:
         full ring since the last reset.  What was harvested is kept: the next harvest returns
         it (the exception only counts it, in ``harvested``).
         """
-        if limit is not None and limit < 0:
-            raise ValueError("limit must be >= 0")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 0):
+            raise KvmInvalidArgumentError(f"limit must be an int >= 0 or None, not {limit!r}")
         with self._lock:
             got = self._harvest_locked(self.size if limit is None else limit)
             if self._stash:
@@ -310,7 +370,7 @@ class DirtyRing:
         limit = min(limit, self.size)
         if limit == 0:
             return DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
-        # The ring pointer is valid: checked above, and _close() needs the lock we hold.
+        # The ring pointer is valid: checked above, and close() needs the lock we hold.
         slots, offsets, n = _harvest_raw(self._gfns, self.size, self._index, self._stop, limit,
                                          self._pool.get())
         stop = int(self._stop[0])
@@ -341,25 +401,26 @@ class DirtyRing:
             "resynchronise them; to avoid it use a bigger ring, a guest that writes fewer pages "
             "per burst, or bitmap mode", vcpu=self.vcpu_id, harvested=len(kept))
 
-    def _restash(self, got: DirtyEntries) -> None:
-        """Give back entries harvested by a collection that then failed (they come first).
-        A ring closed meanwhile hands them to the VM instead."""
+    def give_back(self, got: DirtyEntries) -> None:
+        """Return entries harvested by a collection that then failed (they come first in the
+        next harvest).  A ring closed meanwhile hands them to its ring set instead."""
         with self._lock:
             if not len(got):
                 return
             if self._map is None:
-                self.vm._adopt_orphans(got.copy(), 0)
+                self.ring_set.adopt(got.copy())
             else:
                 self._stash.insert(0, got.copy())
 
-    def _harvest_into_pending(self) -> int:
-        """Harvest everything into the stash (for the ring-full handler); return the count.
-
-        Stashed entries are copies, so they do not pin the output buffers."""
+    def drain(self) -> int:
+        """Serve a ring-full exit: harvest everything into the ring's own pending entries (its
+        next :meth:`harvest`, or the next collection, returns them) and reset the VM's rings.
+        Safe from any thread, whoever owns the ring.  Returns how many entries were taken."""
         with self._lock:
             got = self._harvest_locked(self.size)
             if len(got):
-                self._stash.append(got.copy())
+                self._stash.append(got.copy())  # copies: they must not pin the output pool
+            self.ring_set.reset()
             return len(got)
 
     def count_dirty(self) -> int:
@@ -371,11 +432,12 @@ class DirtyRing:
     def recover_from_overrun(self) -> DirtyEntries:
         """After :class:`DirtyRingOverrunError`: make the ring usable again.
 
-        With the vCPU outside ``run()`` (it does not work on a running vCPU), marks every hole
-        (entries the kernel counted but overwrote) as harvested, harvests what follows, and
-        resets the VM's rings, so that the kernel's reset index catches up with ours.  Returns
-        the entries harvested on the way.  The writes behind the lost entries stay lost: treat
-        the tracked slots as wholly dirty and resynchronise them.
+        With the vCPU outside ``run()`` (it does not work on a running vCPU; raises
+        :class:`KvmStateError` then), marks every hole (entries the kernel counted but
+        overwrote) as harvested, harvests what follows, and resets the VM's rings, so that the
+        kernel's reset index catches up with ours.  Returns the entries harvested on the way.
+        The writes behind the lost entries stay lost: treat the tracked slots as wholly dirty
+        and resynchronise them.
 
         The hole must be visible: a dirty entry must follow it.  After an overrun reported as a
         *full* ring, run the vCPU on until a harvest reports the hole, then recover.  If more
@@ -384,18 +446,8 @@ class DirtyRing:
         resets every entry marked harvested, whatever its own dirty index says, so blind
         marking would corrupt its state); use bitmap mode or a bigger ring.
         """
-        vcpu = self._vcpu
-        if vcpu is not None:
-            with vcpu._run_lock:
-                if vcpu._in_run:
-                    raise KvmStateError("recover the ring only while its vCPU is outside run()")
-                vcpu._recovering = True  # run() refuses until we are done
-        try:
+        with self._outside_run():
             return self._recover()
-        finally:
-            if vcpu is not None:
-                with vcpu._run_lock:
-                    vcpu._recovering = False
 
     def _recover(self) -> DirtyEntries:
         with self._lock:
@@ -411,7 +463,7 @@ class DirtyRing:
                 if skipped == 0 and len(got) == 0:
                     break
             try:
-                self.vm.reset_dirty_rings()
+                self.ring_set.reset()
             except BaseException:
                 self._stash[:0] = [p for p in parts if len(p)]
                 raise

@@ -909,7 +909,7 @@ class MultibootMachine(Closing):
                     if on_ring_full is not None:
                         on_ring_full(vcpu)
                     else:
-                        vcpu._drain_own_ring()
+                        vcpu.ring.drain() if vcpu.ring is not None else None
                     continue
                 if isinstance(ex, Interrupted):
                     if timed_out:

@@ -259,7 +259,7 @@ class Workload(Closing):
                 # No progress = the guest made no write and nobody harvested since the last
                 # ring-full exit.  Repeated, with nothing left to harvest, the ring was overrun;
                 # with entries waiting, the ring's owner is not harvesting.
-                ring = vcpu._ring
+                ring = vcpu.ring
                 now = (self.writes(i), ring.harvested_total if ring is not None else 0)
                 stuck = stuck + 1 if now == last else 0
                 last = now
@@ -277,7 +277,7 @@ class Workload(Closing):
                 if on_ring_full is not None:
                     on_ring_full(vcpu)
                 else:
-                    vcpu._drain_own_ring()
+                    vcpu.ring.drain() if vcpu.ring is not None else None
                 continue
             if isinstance(ex, IoOut) and ex.port == PROGRESS_PORT + 1:
                 continue

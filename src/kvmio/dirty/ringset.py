@@ -1,0 +1,184 @@
+"""The rings of one VM as one object: :class:`RingSet`.
+
+KVM_RESET_DIRTY_RINGS is a VM ioctl that recycles the harvested entries of *every* vCPU's ring,
+so the accounting that makes "reset count == harvested count" checkable is per VM: one lock
+that serialises every harvest with every reset, the count each ring harvested since the last
+reset, what the rings of closed vCPUs still held (their *orphans*), and overruns noticed when a
+ring closed.  The ring set also runs the harvest -> reset transaction that every collection
+uses.  It knows nothing of the VM object: the VM hands it the reset ioctl when it builds it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from kvmio.dirty.ring import DirtyEntries, DirtyRing, _no_guard
+from kvmio.errors import DirtyRingOverrunError, KvmStateError
+
+#: How many times a reset is repeated at most (each repeat follows a partial count that a
+#: pending signal caused; the kernel returns 0 once nothing is left).
+_MAX_RESET_CALLS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Harvest:
+    """What :meth:`RingSet.harvest_and_reset` took: per ring, and the orphans of closed rings."""
+
+    rings: list[tuple[DirtyRing, DirtyEntries]]
+    orphans: list[DirtyEntries]
+
+    @property
+    def entries(self) -> int:
+        """Entries taken in all."""
+        return sum(len(g) for _, g in self.rings) + sum(len(o) for o in self.orphans)
+
+    def all_entries(self) -> DirtyEntries:
+        """Every entry, orphans first, then ring by ring."""
+        return DirtyEntries.concat([*self.orphans, *(g for _, g in self.rings)])
+
+
+class RingSet:
+    """The dirty rings of one VM and their shared accounting.
+
+    ``reset_ioctl`` issues KVM_RESET_DIRTY_RINGS once and returns the kernel's count.
+    """
+
+    def __init__(self, entries: int, reset_ioctl: Callable[[], int]):
+        self.entries = entries
+        #: Serialises every harvest with every reset (re-entrant).
+        self.lock = threading.RLock()
+        self._reset_ioctl = reset_ioctl
+        self._rings: dict[int, DirtyRing] = {}
+        self._orphans: list[DirtyEntries] = []
+        self._orphan_pending = 0
+        self._overrun_note: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<RingSet entries={self.entries} rings={sorted(self._rings)}>"
+
+    # -- rings ------------------------------------------------------------------------------
+
+    def map_ring(self, vcpu_id: int, vcpu_fd: int, *,
+                 outside_run: Callable[[], AbstractContextManager[None]] = _no_guard) -> DirtyRing:
+        """Map vCPU ``vcpu_id``'s ring (from its fd) and add it to the set."""
+        with self.lock:
+            if vcpu_id in self._rings:
+                raise KvmStateError(f"vCPU {vcpu_id} already has a ring in this set")
+            ring = DirtyRing(self, vcpu_id, vcpu_fd, self.entries, outside_run=outside_run)
+            self._rings[vcpu_id] = ring
+            return ring
+
+    @property
+    def rings(self) -> dict[int, DirtyRing]:
+        """The open rings by vCPU id (a copy)."""
+        with self.lock:
+            return dict(self._rings)
+
+    def detach(self, ring: DirtyRing, left: DirtyEntries, pending: int, *,
+               overrun: bool = False) -> None:
+        """A closing ring leaves the set: what it still held (``left``, harvested and not yet
+        reported) is reported by the next collection, its ``pending`` count is checked by the
+        next reset, and an ``overrun`` it can no longer report is raised by the next reset."""
+        with self.lock:
+            if self._rings.get(ring.vcpu_id) is ring:
+                del self._rings[ring.vcpu_id]
+            if len(left):
+                self._orphans.append(left)
+            self._orphan_pending += pending
+            if overrun:
+                self._overrun_note = (f"the dirty ring of vCPU {ring.vcpu_id} was overrun when "
+                                      "the vCPU closed")
+
+    # -- orphans ----------------------------------------------------------------------------
+
+    def adopt(self, entries: DirtyEntries) -> None:
+        """Keep entries that were harvested and reset already but not reported yet (e.g. the
+        pages a tracker collected when it closes); the next collection reports them."""
+        if len(entries):
+            with self.lock:
+                self._orphans.append(entries)
+
+    def take_orphans(self) -> list[DirtyEntries]:
+        """Everything adopted so far (and forget it)."""
+        with self.lock:
+            out, self._orphans = self._orphans, []
+            return out
+
+    def return_orphans(self, orphans: list[DirtyEntries]) -> None:
+        """Give back orphans taken by a collection that then failed (they come first)."""
+        with self.lock:
+            self._orphans[:0] = orphans
+
+    # -- reset and the transaction ----------------------------------------------------------
+
+    def pending_reset(self) -> int:
+        """Entries harvested (from open and closed rings) since the last reset."""
+        with self.lock:
+            return sum(r.pending_reset for r in self._rings.values()) + self._orphan_pending
+
+    def reset(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: recycle every harvested entry of every ring, and check that
+        the kernel's count equals the entries harvested since the last reset.
+
+        The call is repeated until it returns 0, because a pending signal cuts it short without
+        an error.  A mismatch, or an overrun noted when a ring closed, raises
+        :class:`DirtyRingOverrunError`; the accounting starts afresh either way.
+        """
+        with self.lock:
+            rings = list(self._rings.values())
+            expected = sum(r.pending_reset for r in rings) + self._orphan_pending
+            total = 0
+            try:
+                for _ in range(_MAX_RESET_CALLS):
+                    n = self._reset_ioctl()
+                    if n == 0:
+                        break
+                    total += n
+            finally:
+                # Whatever the kernel reset is no longer pending, even if a later call failed.
+                left = total
+                take = min(left, self._orphan_pending)
+                self._orphan_pending -= take
+                left -= take
+                for r in rings:
+                    left -= r.settle_reset(left)
+            # Matched or not, the kernel has now reset everything it could: start afresh.
+            self._orphan_pending = 0
+            for r in rings:
+                r.forget_pending()
+            if total != expected:
+                raise DirtyRingOverrunError(
+                    f"KVM_RESET_DIRTY_RINGS reset {total} entries but {expected} were harvested "
+                    "since the last reset: the ring's state is inconsistent and dirty pages may "
+                    "have been lost; treat the tracked slots as wholly dirty, and use a bigger "
+                    "ring or bitmap mode", lost=abs(expected - total))
+            note, self._overrun_note = self._overrun_note, None
+            if note is not None:
+                raise DirtyRingOverrunError(
+                    f"{note}: dirty pages may have been lost; treat the tracked slots as wholly "
+                    "dirty and resynchronise them")
+            return total
+
+    def harvest_and_reset(self, rings: Iterable[DirtyRing] | None = None) -> Harvest:
+        """Harvest ``rings`` (default: every open ring) and take the orphans, then reset: one
+        transaction under the lock.  If anything fails, everything harvested is given back (to
+        its ring, or to the orphans) for the next collection, and the error raised.  Rings
+        that closed meanwhile are skipped (they gave their entries to the orphans)."""
+        with self.lock:
+            todo = list(self._rings.values()) if rings is None else list(rings)
+            harvested: list[tuple[DirtyRing, DirtyEntries]] = []
+            orphans = self.take_orphans()
+            try:
+                for ring in todo:
+                    if not ring.closed:
+                        harvested.append((ring, ring.harvest()))
+                self.reset()
+            except BaseException:
+                for ring, got in harvested:
+                    ring.give_back(got)
+                self.return_orphans(orphans)
+                raise
+            return Harvest(harvested, orphans)
