@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import time
 
 from kvmio import Kvm
@@ -32,23 +31,14 @@ def measure(kvm: Kvm, mode: str, vcpus: int, seconds: float) -> dict[str, float]
     ring = 4096 if mode == "ring" else None
     with Workload(kvm, mem_size=1 << 30, vcpus=vcpus, shared=False, ring_entries=ring) as w:
         tracker = DirtyTracker(w.vm, mode, interval=0.05)  # type: ignore[arg-type]
-        stop = threading.Event()
         cb = tracker.on_ring_full if ring else None
-        threads = [threading.Thread(target=w.run_vcpu, args=(i, stop),
-                                    kwargs={"on_ring_full": cb}) for i in range(vcpus)]
         with tracker:
-            worker = tracker._thread
+            worker = tracker.worker_thread
             assert worker is not None and worker.native_id is not None
             t0 = time.monotonic()
-            for t in threads:
-                t.start()
-            time.sleep(seconds)
-            worker_cpu = _thread_cpu(worker.native_id)
-            stop.set()
-            for v in w.vcpus:
-                v.kick()
-            for t in threads:
-                t.join()
+            with w.runner(on_ring_full=cb):
+                time.sleep(seconds)  # the measurement period, not a synchronisation
+                worker_cpu = _thread_cpu(worker.native_id)
             elapsed = time.monotonic() - t0
         return {"elapsed": elapsed, "passes": tracker.passes, "entries": tracker.entries,
                 "pass_seconds": tracker.cpu_time, "worker_cpu": worker_cpu,

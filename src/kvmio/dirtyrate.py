@@ -77,9 +77,10 @@ Progress = Callable[[DirtyTracker, float], None]
 
 
 def _watch(tracker: DirtyTracker, duration: float, progress: Progress | None,
-           done: threading.Event, tick: float = 0.25) -> None:
+           done: threading.Event, tick: float = 0.25,
+           until: Callable[[], bool] | None = None) -> None:
     t0 = time.monotonic()
-    while not done.is_set():
+    while not done.is_set() and not (until is not None and until()):
         elapsed = time.monotonic() - t0
         if elapsed >= duration:
             break
@@ -105,34 +106,12 @@ def measure_workload(kvm: Kvm, *, mem: int = 1 << 30, vcpus: int = 1,
                   pace=pace, shared=False, ring_entries=ring_entries if use_ring else None) as w:
         tracker = DirtyTracker(w.vm, "ring" if use_ring else "bitmap", interval=interval,
                                window=window, heatmap_bins=heatmap_bins)
-        stop = threading.Event()
-        errors: list[BaseException] = []
-
-        def run(i: int) -> None:
-            try:
-                w.run_vcpu(i, stop, on_ring_full=tracker.on_ring_full if use_ring else None)
-            except BaseException as e:
-                errors.append(e)
-            finally:
-                stop.set()
-
-        with tracker:
-            threads = [threading.Thread(target=run, args=(i,), daemon=True)
-                       for i in range(vcpus)]
+        with tracker, w.runner(on_ring_full=tracker.on_ring_full if use_ring else None) as r:
             t0 = time.monotonic()
-            for t in threads:
-                t.start()
-            try:
-                _watch(tracker, duration, progress, stop)
-            finally:
-                stop.set()
-                for v in w.vcpus:
-                    v.kick()
-                for t in threads:
-                    t.join()
+            done = threading.Event()
+            _watch(tracker, duration, progress, done, until=lambda: not r.running)
+            r.stop()  # kick and join every vCPU thread; re-raises a vCPU thread's error
             elapsed = time.monotonic() - t0
-        if errors:
-            raise errors[0]
         return _report(tracker, config, elapsed, guest_writes=w.total_writes(),
                        stop="duration reached")
 

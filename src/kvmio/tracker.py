@@ -323,6 +323,11 @@ class DirtyTracker:
                 self.close()
 
     @property
+    def worker_thread(self) -> threading.Thread | None:
+        """The worker thread while the tracker runs (e.g. to read its CPU time)."""
+        return self._thread
+
+    @property
     def running(self) -> bool:
         """Whether the worker thread is alive."""
         return self._thread is not None and self._thread.is_alive()

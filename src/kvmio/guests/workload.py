@@ -18,16 +18,19 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from kvmio import _check
 from kvmio._abi import PAGE_SIZE
 from kvmio._closing import Closing
-from kvmio.errors import DirtyRingError, DirtyRingOverrunError, KvmInvalidArgumentError
-from kvmio.exits import DirtyRingFull, Hlt, Interrupted, IoOut, VcpuExit
+from kvmio.errors import KvmInvalidArgumentError
+from kvmio.exits import Interrupted, IoOut, VcpuExit
 from kvmio.guests.modes import PAGE_TABLE_ADDR, page_tables_size, setup_long_mode
 from kvmio.guests.programs import program
 from kvmio.memory import MemoryRegion
+from kvmio.runner import ExitHandler, RingFullHandler, VcpuRunner, run_until_handled
 from kvmio.system import Kvm
-from kvmio.vcpu import Vcpu
+from kvmio.vcpu import RING_FULL_STUCK_LIMIT, Vcpu
 
 LOW_SLOT = 0
 LOW_SIZE = 4 << 20
@@ -138,8 +141,8 @@ class Workload(Closing):
         working_set = mem_size if working_set is None else working_set
         if not PAGE_SIZE <= working_set <= mem_size:
             raise KvmInvalidArgumentError("working_set must be between one page and mem_size")
-        order = Order[order.upper()] if isinstance(order, str) else Order(order)
-        value = Value[value.upper()] if isinstance(value, str) else Value(value)
+        order = _enum_arg("order", Order, order)
+        value = _enum_arg("value", Value, value)
         ws_pages = working_set // PAGE_SIZE
         per = ws_pages if shared else ws_pages // vcpus
         if per == 0:
@@ -228,93 +231,76 @@ class Workload(Closing):
         """Writes made by all vCPUs."""
         return sum(self.writes(i) for i in range(len(self.vcpus)))
 
-    def run_vcpu(self, i: int, stop: threading.Event | None = None, *,
-                 on_ring_full: Callable[[Vcpu], None] | None = None,
-                 on_progress: Callable[[int, int], None] | None = None,
-                 max_stuck: int = 3) -> VcpuExit:
-        """Run vCPU ``i`` until ``stop`` is set (then kick it), it halts, or it exits in a way
-        the workload does not handle (returned).
+    def exit_handler(self, on_progress: Callable[[int, int], None] | None = None
+                     ) -> ExitHandler:
+        """The workload's exit handler for a :class:`~kvmio.runner.VcpuRunner`: progress
+        reports (port ``PROGRESS_PORT``) go to ``on_progress(vcpu_id, value)`` and the guest
+        runs on; any other exit (``Hlt`` once ``max_writes`` is reached) ends the vCPU."""
 
-        Ring-full exits go to ``on_ring_full`` (default: harvest this vCPU's own ring into its
-        pending entries and reset).  ``max_stuck`` ring-full exits in a row with no guest write
-        and no harvest raise: :class:`DirtyRingOverrunError` if nothing is left to harvest (the
-        ring was overrun), :class:`DirtyRingError` if entries wait for a harvester that does
-        not come.
+        def handle(vcpu: Vcpu, ex: VcpuExit) -> bool:
+            if isinstance(ex, IoOut) and ex.port == PROGRESS_PORT:
+                if on_progress is not None:
+                    on_progress(vcpu.id, ex.value)
+                return True
+            return isinstance(ex, IoOut) and ex.port == PROGRESS_PORT + 1
+
+        return handle
+
+    def runner(self, *, on_ring_full: RingFullHandler | None = None,
+               on_progress: Callable[[int, int], None] | None = None,
+               max_stuck: int = RING_FULL_STUCK_LIMIT) -> VcpuRunner:
+        """A :class:`~kvmio.runner.VcpuRunner` for every vCPU, with :meth:`exit_handler`
+        (start it, or use it as a context manager)."""
+        return VcpuRunner(self.vcpus, self.exit_handler(on_progress),
+                          on_ring_full=on_ring_full, max_stuck=max_stuck,
+                          name="kvmio-workload")
+
+    def run_vcpu(self, i: int, stop: threading.Event | None = None, *,
+                 on_ring_full: RingFullHandler | None = None,
+                 on_progress: Callable[[int, int], None] | None = None,
+                 max_stuck: int = RING_FULL_STUCK_LIMIT) -> VcpuExit:
+        """Run vCPU ``i`` in the calling thread until ``stop`` is set (then kick it), it halts,
+        or it exits in a way the workload does not handle (returned).
+
+        Ring-full exits go to ``on_ring_full`` (default: drain this vCPU's own ring, which
+        keeps the entries for its owner).  ``max_stuck`` ring-full exits in a row with no
+        harvest raise: :class:`DirtyRingOverrunError` if nothing is left to harvest (the ring
+        was overrun), :class:`DirtyRingError` if entries wait for a harvester that does not
+        come.  For several vCPUs in threads, use :meth:`runner`.
         """
-        vcpu = self.vcpus[i]
-        stuck, last = 0, (-1, -1)
+        i = _check.integer("i", i, hi=len(self.vcpus))
+        handler = self.exit_handler(on_progress)
         while True:
             if stop is not None and stop.is_set():
                 return Interrupted()
-            ex = vcpu.run()
-            if isinstance(ex, IoOut) and ex.port == PROGRESS_PORT:
-                if on_progress is not None:
-                    on_progress(i, ex.value)
-                continue
-            if isinstance(ex, Interrupted):
-                if stop is None or stop.is_set():
-                    return ex
-                continue
-            if isinstance(ex, DirtyRingFull):
-                # No progress = the guest made no write and nobody harvested since the last
-                # ring-full exit.  Repeated, with nothing left to harvest, the ring was overrun;
-                # with entries waiting, the ring's owner is not harvesting.
-                ring = vcpu.ring
-                now = (self.writes(i), ring.harvested_total if ring is not None else 0)
-                stuck = stuck + 1 if now == last else 0
-                last = now
-                if stuck >= max_stuck and ring is not None and ring.count_dirty() > 0:
-                    raise DirtyRingError(
-                        f"vCPU {i} keeps exiting with a full dirty ring that nobody harvests "
-                        f"({ring.count_dirty()} entries waiting): the ring's owner must harvest "
-                        "and reset on ring-full exits")
-                if stuck >= max_stuck:
-                    raise DirtyRingOverrunError(
-                        f"vCPU {i} keeps exiting with a full dirty ring while the guest makes no "
-                        "progress and nothing is left to harvest: the ring was overrun and "
-                        "dirty pages were lost; use a bigger ring, a lower write density, or "
-                        "bitmap mode", vcpu=i)
-                if on_ring_full is not None:
-                    on_ring_full(vcpu)
-                else:
-                    vcpu.ring.drain() if vcpu.ring is not None else None
-                continue
-            if isinstance(ex, IoOut) and ex.port == PROGRESS_PORT + 1:
-                continue
+            ex = run_until_handled(self.vcpus[i], handler, on_ring_full=on_ring_full,
+                                   max_stuck=max_stuck)
+            if isinstance(ex, Interrupted) and stop is not None and not stop.is_set():
+                continue  # a stray signal
             return ex
 
     def run_all(self, *, timeout: float | None = None) -> list[VcpuExit]:
         """Run every vCPU in its own thread until each returns (e.g. ``max_writes`` reached and
-        halted), or until ``timeout`` seconds (then kick them).  Returns their final exits."""
-        results: list[VcpuExit | BaseException | None] = [None] * len(self.vcpus)
-        stop = threading.Event()
-
-        def worker(i: int) -> None:
-            try:
-                results[i] = self.run_vcpu(i, stop)
-            except BaseException as e:  # re-raised below in the caller's thread
-                results[i] = e
-
-        threads = [threading.Thread(target=worker, args=(i,), daemon=True)
-                   for i in range(len(self.vcpus))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout)
-        if any(t.is_alive() for t in threads):
-            stop.set()
-            for v in self.vcpus:
-                v.kick()
-            for t in threads:
-                t.join()
-        out: list[VcpuExit] = []
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-            out.append(r if r is not None else Hlt())
-        return out
+        halted), or until ``timeout`` seconds (then stop them: their exit is ``Interrupted``).
+        Returns their final exits; re-raises the first error of a vCPU thread."""
+        with self.runner() as r:
+            r.wait(timeout)
+        return [ex if ex is not None else Interrupted() for ex in r.exits.values()]
 
     def close(self) -> None:
         """Close the VM (vCPUs and memory)."""
         self.vm.close()
 
+
+E = TypeVar("E", bound=enum.IntEnum)
+
+
+def _enum_arg(name: str, kind: type[E], value: object) -> E:
+    """``value`` (a member, its value, or its name in any case) as a member of ``kind``."""
+    try:
+        if isinstance(value, str):
+            return kind[value.upper()]
+        return kind(value)  # type: ignore[arg-type]
+    except (KeyError, ValueError):
+        names = ", ".join(m.name.lower() for m in kind)
+        raise KvmInvalidArgumentError(f"{name} must be one of {names}, not {value!r}") from None
