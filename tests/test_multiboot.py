@@ -7,6 +7,7 @@ assembly.  Parsing errors are checked on small ELF files crafted in Python.
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import subprocess
@@ -19,6 +20,18 @@ from click.testing import CliRunner
 
 from kvmio import Interrupted, Kvm, KvmError, KvmInvalidArgumentError, KvmStateError
 from kvmio.cli import main
+from kvmio.devices import (
+    DebugConsole,
+    DebugExit,
+    DebugExitPort,
+    IoBus,
+    Output,
+    PowerControl,
+    PowerOff,
+    ResetRequest,
+    Uart16550,
+    VgaText,
+)
 from kvmio.exits import InternalError
 from kvmio.guests import multiboot as mb
 from kvmio.guests.multiboot import (
@@ -30,9 +43,11 @@ from kvmio.guests.multiboot import (
     render_vga_text,
     run_multiboot,
 )
+from kvmio.units import parse_size
 from kvmio.x86 import CR0_PE, CR0_PG
 
 MIB = 1 << 20
+COM1 = 0x3F8
 
 # -- the test kernels -----------------------------------------------------------------------
 
@@ -772,3 +787,119 @@ def test_cli_subprocess_streams_and_exits(kernels: dict[str, Path]) -> None:
         assert first == b"Hello from multiboot\n"
         assert done - seen > 0.7
         assert p.returncode == 0
+
+
+# -- the devices (kvmio.devices) and sizes (kvmio.units) ------------------------------------
+
+
+def _uart_script(u: Uart16550) -> list[int]:
+    """What a polling driver reads after the state under test: registers and a loopback byte."""
+    u.io_write(COM1 + 0, 1, 0x5A)  # THR: output, or RBR in loopback
+    return [u.io_read(COM1 + r, 1) for r in (5, 0, 1, 2, 3, 4, 6, 7, 5)]
+
+
+def test_uart_state_round_trip() -> None:
+    u = Uart16550()
+    for reg, v in [(3, 0x80), (0, 0x01), (1, 0x02), (3, 0x03), (2, 0xC7), (7, 0x42),
+                   (4, 0x1E), (0, 0xAE)]:
+        assert u.io_write(COM1 + reg, 1, v) is None  # loopback: nothing goes out
+    saved = u.state()
+    assert saved["data_ready"] == 1 and saved["rbr"] == 0xAE and saved["dll"] == 1
+    json.dumps(saved)  # plain values
+    fresh = Uart16550()
+    assert fresh.state() != saved
+    fresh.restore(saved)
+    assert fresh.state() == saved
+    assert fresh.io_read(COM1 + 0, 1) == u.io_read(COM1 + 0, 1) == 0xAE
+    assert _uart_script(fresh) == _uart_script(u)
+    # Out of loopback a THR write is output.
+    u.io_write(COM1 + 4, 1, 0x0B)
+    assert u.io_write(COM1, 1, ord("x")) == Output("serial", b"x")
+
+
+@pytest.mark.parametrize(("state", "match"), [
+    ("nope", "must be a mapping"),
+    ({}, "missing"),
+    ({**Uart16550().state(), "extra": 1}, "unknown extra"),
+    ({**Uart16550().state(), "ier": 0x10}, r"ier=16 is outside \[0, 15\]"),
+    ({**Uart16550().state(), "lcr": True}, "lcr must be an int"),
+    ({**Uart16550().state(), "rbr": -1}, "rbr=-1"),
+])
+def test_uart_refuses_bad_state(state: object, match: str) -> None:
+    u = Uart16550()
+    u.io_write(COM1 + 7, 1, 0x99)
+    before = u.state()
+    with pytest.raises(KvmInvalidArgumentError, match=match):
+        u.restore(state)  # type: ignore[arg-type]
+    assert u.state() == before
+
+
+def test_power_and_debug_devices() -> None:
+    p = PowerControl()
+    assert p.io_write(0x64, 1, 0xAD) is None
+    assert isinstance(p.io_write(0x64, 1, 0xFE), ResetRequest)
+    assert p.io_write(0xCF9, 1, 0x02) is None and p.io_read(0xCF9, 1) == 0x02
+    assert isinstance(p.io_write(0xCF9, 1, 0x06), ResetRequest)
+    assert p.io_write(0x604, 1, 0x00) is None and p.io_write(0x604, 2, 0x1000) is None
+    assert isinstance(p.io_write(0xB004, 2, 0x2000), PowerOff)
+    p.io_write(0xCF9, 1, 0x08)
+    q = PowerControl()
+    q.restore(p.state())
+    assert q.io_read(0xCF9, 1) == p.io_read(0xCF9, 1) == 0x08
+    with pytest.raises(KvmInvalidArgumentError, match="bits other than 1 and 3"):
+        q.restore({"rcr": 0x04})
+    d, x = DebugConsole(), DebugExitPort()
+    assert d.io_write(0xE9, 1, 0x141) == Output("debugcon", b"A") and d.io_read(0xE9, 1) == 0xE9
+    ev = x.io_write(0xF4, 4, 0x1234)
+    assert isinstance(ev, DebugExit) and ev.exit_code == (0x1234 << 1) | 1
+    for dev in (d, x):
+        assert dev.state() == {}
+        dev.restore({})
+        with pytest.raises(KvmInvalidArgumentError, match="unknown a"):
+            dev.restore({"a": 1})
+
+
+def test_vga_crtc_state_round_trip() -> None:
+    v = VgaText()
+    v.io_write(0x3D4, 1, 0x0F)
+    v.io_write(0x3D5, 1, 0xA2)
+    v.io_write(0x3D4, 2, 0x010E)  # outw: index 0x0E, data 0x01
+    assert v.cursor == divmod(0x1A2, 80) and v.io_read(0x3D5, 1) == 0x01
+    saved = v.state()
+    w = VgaText()
+    w.restore(saved)
+    assert (w.cursor, w.io_read(0x3D4, 1), w.state()) == (v.cursor, 0x0E, saved)
+    with pytest.raises(KvmInvalidArgumentError, match="crtc must be 25 bytes"):
+        w.restore({"crtc_index": 0, "crtc": b"\0"})
+
+
+def test_bus_routes_and_restores_all_or_nothing() -> None:
+    bus = IoBus([DebugConsole(), Uart16550(), PowerControl()])
+    assert bus.read(0x60, 1) == 0 and bus.write(0x80, 1, 0x12) is None  # unclaimed
+    assert bus.read(0xE9, 2) == 0xE9
+    with pytest.raises(KvmInvalidArgumentError, match="already belong to debugcon"):
+        bus.add(DebugConsole(name="other"))
+    bus.write(COM1 + 7, 1, 0x77)
+    saved = bus.state()
+    other = IoBus([DebugConsole(), Uart16550(), PowerControl()])
+    bad = {**saved, "power": {"rcr": 0x100}}
+    with pytest.raises(KvmInvalidArgumentError, match="rcr=256"):
+        other.restore(bad)
+    assert other.read(COM1 + 7, 1) == 0  # nothing restored
+    other.restore(saved)
+    assert other.read(COM1 + 7, 1) == 0x77 and other.state() == saved
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("4096", 4096), ("2K", 2048), ("1.5M", 3 << 19), ("3GiB", 3 << 30), ("7B", 7),
+])
+def test_parse_size_in_bytes_by_default(text: str, size: int) -> None:
+    assert parse_size(text, default_shift=0) == size
+
+
+def test_parse_size_names_what() -> None:
+    assert parse_size("64") == 64 * MIB
+    with pytest.raises(KvmInvalidArgumentError, match="bad working set '1Q'"):
+        parse_size("1Q", what="working set")
+    with pytest.raises(KvmInvalidArgumentError, match="must be a string"):
+        parse_size(12)  # type: ignore[arg-type]
