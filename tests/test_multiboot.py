@@ -663,8 +663,7 @@ def test_internal_error_ends_the_run(kvm: Kvm) -> None:
     # KVM_EXIT_INTERNAL_ERROR depends on the host; feed the handler a decoded exit instead.
     with MultibootMachine(kvm, make_elf([(0x100000, EXIT_CODE_BLOB, 16)], 0x100000),
                           mem=4 * MIB) as m:
-        stop = m._handle(InternalError(1, (2, 3)), lambda sink, data: None, bytearray(),
-                         bytearray())
+        stop = m._handle(InternalError(1, (2, 3)), lambda source, data: None)
         assert stop is not None and stop.reason is StopReason.INTERNAL_ERROR
         assert "suberror 1 (emulation failure)" in stop.detail and "data 0x2 0x3" in stop.detail
 
