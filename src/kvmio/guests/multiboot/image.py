@@ -49,7 +49,7 @@ _U32 = 1 << 32
 @dataclass(frozen=True)
 class LoadSegment:
     """``data`` goes to guest physical ``paddr``; ``[paddr + len(data), paddr + memsz)`` is
-    zeroed (the bss)."""
+    the bss, which must read as zero (it is left untouched in fresh guest RAM)."""
 
     paddr: int
     memsz: int
@@ -104,15 +104,16 @@ class KernelImage:
                     f"{HIGH_MEMORY_START:#x}) (EBDA, VGA memory, BIOS area)")
 
     def load(self, vm: Vm) -> None:
-        """Copy every segment into guest memory and zero its bss.
+        """Copy the file bytes of every segment into guest memory.
 
-        Call :meth:`check_placement` first; this only needs the ranges to lie in memory slots.
+        The bss (``memsz`` beyond the file bytes) is not written: guest RAM is fresh anonymous
+        memory, already zero, so writing zeros would only make the host commit memory for it
+        (a 100-byte file may declare a bss of gigabytes).  Load into fresh RAM only.  Call
+        :meth:`check_placement` first; this only needs the ranges to lie in memory slots.
         """
         for s in self.segments:
-            vm.write_memory(s.paddr, s.data)
-            bss = s.memsz - len(s.data)
-            if bss > 0:
-                vm.write_memory(s.paddr + len(s.data), bytes(bss))
+            if s.data:
+                vm.write_memory(s.paddr, s.data)
 
 
 def parse_kernel(data: bytes) -> KernelImage:
