@@ -467,6 +467,26 @@ def test_bad_elf_files_are_refused(data: bytes, match: str) -> None:
     assert isinstance(e.value, KvmError)
 
 
+#: Enough program headers that checking every pair (the old, quadratic check) takes many seconds.
+MANY_HEADERS = 20_000
+
+
+def test_many_program_headers_are_checked_in_n_log_n() -> None:
+    # In reverse address order, so that a sort is really needed.
+    segs = [(0x100000 + i * 0x1000, b"\x90", 16) for i in reversed(range(MANY_HEADERS))]
+    img = parse_kernel(make_elf(segs, 0x100000))
+    assert len(img.segments) == MANY_HEADERS
+    assert (img.start, img.end) == (0x100000, 0x100000 + (MANY_HEADERS - 1) * 0x1000 + 16)
+    # The last header overlaps the first one; all the others are disjoint.
+    segs.append((segs[0][0] + 8, b"\x90", 16))
+    with pytest.raises(KvmInvalidArgumentError,
+                       match=f"ELF segment {MANY_HEADERS} .* overlaps loaded segment 0 "):
+        parse_kernel(make_elf(segs, 0x100000))
+    # Touching is not overlapping.
+    ok = [(0x100000, b"\x90", 0x1000), (0x101000, b"\x90", 0x10), (0x0F0000, b"", 0x10000)]
+    assert len(parse_kernel(make_elf(ok, 0x100000)).segments) == 3
+
+
 def test_truncated_real_kernel_is_refused(kernels: dict[str, Path]) -> None:
     data = kernels["elf"].read_bytes()
     with pytest.raises(KvmInvalidArgumentError, match="truncated kernel"):

@@ -221,6 +221,7 @@ def _elf_segments(data: bytes) -> tuple[int, tuple[LoadSegment, ...]]:
             f"truncated kernel: the ELF program headers end at {e_phoff + e_phnum * e_phentsize:#x}"
             f" but the file is only {len(data):#x} bytes long")
     segments: list[LoadSegment] = []
+    phdr_index: list[int] = []  # the program header of each loaded segment
     entry: int | None = None
     for i in range(e_phnum):
         (p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _,
@@ -238,11 +239,7 @@ def _elf_segments(data: bytes) -> tuple[int, tuple[LoadSegment, ...]]:
         if p_paddr + p_memsz > _U32:
             raise KvmInvalidArgumentError(f"{where}: runs past 4 GiB")
         seg = LoadSegment(p_paddr, p_memsz, data[p_offset:p_offset + p_filesz])
-        for j, other in enumerate(segments):
-            if seg.paddr < other.end and other.paddr < seg.end:
-                raise KvmInvalidArgumentError(
-                    f"{where} [{seg.paddr:#x}, {seg.end:#x}) overlaps loaded segment {j} "
-                    f"[{other.paddr:#x}, {other.end:#x})")
+        phdr_index.append(i)
         if entry is None:
             if p_paddr <= e_entry < p_paddr + p_memsz:
                 entry = e_entry
@@ -251,7 +248,25 @@ def _elf_segments(data: bytes) -> tuple[int, tuple[LoadSegment, ...]]:
         segments.append(seg)
     if not segments:
         raise KvmInvalidArgumentError("the ELF kernel has no loadable (PT_LOAD) segment")
+    _check_overlaps(segments, phdr_index)
     if entry is None:
         raise KvmInvalidArgumentError(
             f"the ELF entry point {e_entry:#x} is in no loadable segment")
     return entry, tuple(segments)
+
+
+def _check_overlaps(segments: list[LoadSegment], phdr_index: list[int]) -> None:
+    """Refuse segments that overlap, in O(n log n): sorted by address, a segment overlaps an
+    earlier one exactly when it starts before the furthest end seen so far.  The error names
+    the later segment (in file order) as the one that overlaps."""
+    order = sorted(range(len(segments)), key=lambda k: (segments[k].paddr, k))
+    reach = -1  # index (into segments) of the segment ending furthest so far
+    for k in order:
+        if reach >= 0 and segments[k].paddr < segments[reach].end:
+            a, b = (reach, k) if reach < k else (k, reach)
+            seg, other = segments[b], segments[a]
+            raise KvmInvalidArgumentError(
+                f"ELF segment {phdr_index[b]} (paddr {seg.paddr:#x}) [{seg.paddr:#x}, "
+                f"{seg.end:#x}) overlaps loaded segment {a} [{other.paddr:#x}, {other.end:#x})")
+        if reach < 0 or segments[k].end > segments[reach].end:
+            reach = k
