@@ -754,6 +754,35 @@ def test_a_huge_bss_costs_no_host_memory(kvm: Kvm) -> None:
     assert (r.reason, r.exit_code) == (StopReason.DEBUG_EXIT, 0x55)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_non_regular_kernel_files_are_refused_before_reading(kvm: Kvm, tmp_path: Path,
+                                                             kind: str) -> None:
+    # A FIFO without a writer used to block in open(); /dev/zero was read without end.
+    path = {"fifo": tmp_path / "fifo", "dev-zero": Path("/dev/zero"), "directory": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    what = {"fifo": "a FIFO", "dev-zero": "a character device", "directory": "a directory"}
+    with pytest.raises(KvmInvalidArgumentError, match=f"it is {what[kind]}; a kernel must be"):
+        MultibootMachine(kvm, path, mem=4 * MIB)
+
+
+def test_a_kernel_larger_than_guest_memory_is_refused_before_reading(kvm: Kvm,
+                                                                     tmp_path: Path) -> None:
+    big = tmp_path / "big.elf"
+    good = make_elf([(0x100000, EXIT_CODE_BLOB, 16)], 0x100000)
+    with open(big, "wb") as f:
+        f.write(good)
+        f.truncate(1 << 40)  # sparse: 1 TiB that nothing should try to read
+    with pytest.raises(KvmInvalidArgumentError, match="larger than guest memory"):
+        MultibootMachine(kvm, big, mem=4 * MIB)
+    with pytest.raises(KvmInvalidArgumentError, match="larger than guest memory"):
+        MultibootMachine(kvm, good + bytes(4 * MIB), mem=4 * MIB)
+    small = tmp_path / "small.elf"
+    small.write_bytes(good)
+    with MultibootMachine(kvm, small, mem=4 * MIB) as m:
+        assert m.run(timeout=20).exit_code == 0x55
+
+
 # -- the command line -----------------------------------------------------------------------
 
 

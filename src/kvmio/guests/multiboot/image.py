@@ -6,6 +6,8 @@ kludge) into a :class:`KernelImage`: segments to copy to physical addresses, and
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ __all__ = [
     "KernelImage",
     "LoadSegment",
     "parse_kernel",
+    "read_kernel_file",
 ]
 
 #: First byte past the loader's own low area; kernel segments may start here.
@@ -44,6 +47,55 @@ _ELF32_EHDR = struct.Struct("<16sHHIIIIIHHHHHH")
 _ELF32_PHDR = struct.Struct("<IIIIIIII")
 
 _U32 = 1 << 32
+
+
+def read_kernel_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """Read a kernel file of at most ``limit`` bytes (the guest's memory: a larger file cannot
+    be loaded).
+
+    The file is opened without blocking (a FIFO would otherwise wait for a writer) and checked
+    with ``fstat`` before anything is read: anything but a regular file (a FIFO, a device such
+    as ``/dev/zero``, a directory) is refused, and so is a file larger than ``limit``.  At most
+    ``limit + 1`` bytes are then read, so a file that grows meanwhile is refused too.  Raises
+    :class:`KvmInvalidArgumentError` naming the problem.
+    """
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise KvmInvalidArgumentError(f"cannot read kernel {path!r}: {e.strerror}",
+                                      errno=e.errno) from e
+    try:
+        _check_kernel_fd(fd, path, limit)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise KvmInvalidArgumentError(f"cannot read kernel {path!r}: {e.strerror}",
+                                          errno=e.errno) from e
+    if len(data) > limit:
+        raise KvmInvalidArgumentError(
+            f"kernel {path!r} grew past guest memory ({limit} bytes) while it was read")
+    return data
+
+
+def _check_kernel_fd(fd: int, path: str, limit: int) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
+                "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                "a character device" if stat.S_ISCHR(st.st_mode) else
+                "a block device" if stat.S_ISBLK(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise KvmInvalidArgumentError(
+            f"cannot load kernel {path!r}: it is {kind}; a kernel must be a regular file")
+    if st.st_size > limit:
+        raise KvmInvalidArgumentError(
+            f"kernel {path!r} is {st.st_size} bytes, larger than guest memory ({limit} "
+            "bytes): it cannot be loaded")
 
 
 @dataclass(frozen=True)

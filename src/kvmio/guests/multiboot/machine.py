@@ -57,7 +57,7 @@ from kvmio.guests.multiboot.bootinfo import (
     write_boot_info,
 )
 from kvmio.guests.multiboot.header import BOOTLOADER_MAGIC
-from kvmio.guests.multiboot.image import parse_kernel
+from kvmio.guests.multiboot.image import parse_kernel, read_kernel_file
 from kvmio.x86 import Regs
 
 if TYPE_CHECKING:
@@ -163,19 +163,16 @@ class MultibootMachine(Closing):
                  log_dirty: bool = False, ring_entries: int | None = None):
         if not IS_X86:
             raise KvmUnsupportedError("Multiboot kernels run only on x86_64 hosts")
+        check_memory(mem)
         if isinstance(kernel, bytes | bytearray | memoryview):
             data = bytes(kernel)
             default_name = "kernel"
+            if len(data) > mem:
+                raise KvmInvalidArgumentError(
+                    f"the kernel is {len(data)} bytes, larger than guest memory ({mem} bytes)")
         else:
-            path = os.fspath(kernel)
-            default_name = path
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise KvmInvalidArgumentError(f"cannot read kernel {path!r}: {e.strerror}",
-                                              errno=e.errno) from e
-        check_memory(mem)
+            default_name = os.fspath(kernel)
+            data = read_kernel_file(kernel, mem)
         name = default_name if name is None else name
         self.cmdline = f"{name} {cmdline}" if cmdline else name
         _encode_cmdline(self.cmdline)
