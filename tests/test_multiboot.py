@@ -625,6 +625,32 @@ def test_entry_state(kvm: Kvm, kernels: dict[str, Path]) -> None:
     assert m.vm.closed
 
 
+def test_boot_information_follows_the_kernel(kvm: Kvm, kernels: dict[str, Path]) -> None:
+    # Not at a fixed low address a kernel may use for its own data (it was 0x9000..0x10000).
+    with MultibootMachine(kvm, kernels["elf"], mem=32 * MIB, cmdline="x") as m:
+        page_end = (m.image.end + 4095) & ~4095
+        assert m.info_addr == m.boot_info.info == page_end
+        assert m.vm.read_memory(0x9000, 0x7000) == bytes(0x7000)
+        info = struct.unpack("<17I", m.vm.read_memory(m.info_addr, 68))
+        # The memory map, the loader name and the command line lie in the same block.
+        assert m.info_addr < info[12] < info[16] < info[4] < m.boot_info.end
+        assert m.vm.read_memory(info[4], len(m.cmdline) + 1) == m.cmdline.encode() + b"\0"
+        assert m.boot_info.end <= m.mem_size
+    # A kernel in low memory whose next page would run into the hole: the block moves to 1 MiB.
+    low = make_elf([(0x10000, EXIT_CODE_BLOB, 0x9F000 - 0x10000)], 0x10000)
+    with MultibootMachine(kvm, low, mem=4 * MIB, cmdline="y" * 8000) as m:
+        assert m.info_addr == 0x100000
+        assert m.run(timeout=20).exit_code == 0x55
+
+
+def test_boot_information_must_fit_in_guest_memory(kvm: Kvm) -> None:
+    full = make_elf([(0x100000, EXIT_CODE_BLOB, 3 * MIB - 4096)], 0x100000)
+    with pytest.raises(KvmInvalidArgumentError, match="no room for the Multiboot information"):
+        MultibootMachine(kvm, full, mem=4 * MIB, cmdline="z" * 5000)
+    with MultibootMachine(kvm, full, mem=4 * MIB, cmdline="z" * 1000) as m:
+        assert m.boot_info.end <= 4 * MIB and m.info_addr == 4 * MIB - 4096
+
+
 def test_vga_text(kvm: Kvm, kernels: dict[str, Path]) -> None:
     with MultibootMachine(kvm, kernels["elf"], mem=16 * MIB) as m:
         r = m.run(timeout=20)
@@ -714,7 +740,7 @@ def test_aout_kludge_kernel(kvm: Kvm, kernels: dict[str, Path]) -> None:
     ({"mem": 4 << 30}, "between 2 MiB and 3 GiB"),
     ({"mem": 16 * MIB + 100}, "not a multiple of the page size"),
     ({"cmdline": "a\0b"}, "NUL"),
-    ({"cmdline": "x" * 30000}, "at most"),
+    ({"cmdline": "x" * 30000}, "at most 16383"),
 ])
 def test_bad_machine_arguments(kvm: Kvm, kernels: dict[str, Path], kwargs: dict[str, object],
                                match: str) -> None:

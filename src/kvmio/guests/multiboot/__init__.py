@@ -18,17 +18,25 @@ Guest physical layout:
 ==========================  ======================================================
 ``0x500``                   GDT (flat 4 GiB code and data, written by the mode helper)
 below ``0x7000``            initial stack (the spec leaves ESP undefined: kernels set their own)
-``0x9000``                  Multiboot information structure (EBX points here)
-``0x9100``                  memory map entries
-``0x9200``                  boot loader name ``"kvmio"``
-``0x9300`` .. ``0x10000``   command line (NUL-terminated)
 ``0x10000`` .. ``0x9FC00``  free for the kernel
 ``0x9FC00`` .. ``0x100000`` reserved hole (EBDA, VGA memory at ``0xB8000``, BIOS area)
 ``0x100000`` .. RAM end     free for the kernel
+after the kernel            the boot information block (see below)
 ==========================  ======================================================
 
 Kernel segments must lie in one of the two "free for the kernel" ranges.  The memory slot covers
 the hole too, so the VGA text buffer is ordinary RAM that the host reads back.
+
+The boot information block starts at the first page boundary at or past the end of the
+kernel's highest segment (bss included) and holds, in order: the Multiboot information
+structure (EBX points here; 128 bytes reserved), the memory map, the boot loader name
+``"kvmio"`` and the command line (NUL-terminated, at most 16 KiB).  A block that would reach
+into the reserved hole (a kernel in low memory) goes to 1 MiB instead; one that does not fit in
+guest RAM is refused.  Nothing is written at a fixed low address a kernel may use for its own
+data.  QEMU's ``-kernel`` places its command line and loader name the same way (after the
+page-aligned image); it keeps the information structure and memory map at ``0x9000``/``0x9500``
+(its option ROM's area), which kvmio does not, so that a kernel owns all of low memory above
+``0x10000``.
 
 Devices (:mod:`kvmio.devices`; everything is port I/O except the catch-all MMIO answer):
 

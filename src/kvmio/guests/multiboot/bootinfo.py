@@ -18,7 +18,9 @@ __all__ = [
     "DEFAULT_MEMORY",
     "MAX_MEMORY",
     "MIN_MEMORY",
+    "BootInfoLayout",
     "MemoryMapEntry",
+    "boot_info_layout",
     "check_memory",
     "memory_map",
     "parse_memory_size",
@@ -35,14 +37,11 @@ INFO_BOOT_LOADER_NAME = 1 << 9
 MEMORY_AVAILABLE = 1
 MEMORY_RESERVED = 2
 
-#: Guest physical addresses of the boot information.
-INFO_ADDR = 0x9000
-MMAP_ADDR = 0x9100
-LOADER_NAME_ADDR = 0x9200
-CMDLINE_ADDR = 0x9300
-BOOT_AREA_END = 0x10000
+#: Size reserved for the information structure (through the framebuffer fields of spec
+#: 0.6.96: 116 bytes, all zero unless set), then the memory map follows.
+INFO_SIZE = 128
 #: Longest command line, in bytes, without its terminating NUL.
-MAX_CMDLINE = BOOT_AREA_END - CMDLINE_ADDR - 1
+MAX_CMDLINE = (16 << 10) - 1
 #: ``mem_lower``: conventional memory in KiB, as QEMU reports it (the EBDA included).
 MEM_LOWER_KIB = 640
 #: The boot loader name passed to the kernel.
@@ -107,29 +106,65 @@ def _encode_cmdline(cmdline: str) -> bytes:
     return raw + b"\0"
 
 
-def write_boot_info(vm: Vm, mem_size: int, cmdline: str) -> int:
-    """Write the Multiboot information structure, memory map, command line (UTF-8) and boot
-    loader name into guest memory; return the structure's address (for EBX).
+@dataclass(frozen=True)
+class BootInfoLayout:
+    """Where the boot information goes: one block starting at ``info`` (page-aligned), holding
+    the information structure, then the memory map, the boot loader name and the command line;
+    ``end`` is the first byte past it."""
+
+    info: int
+    mmap: int
+    loader_name: int
+    cmdline: int
+    end: int
+
+
+def boot_info_layout(mem_size: int, cmdline: str, kernel_end: int) -> BootInfoLayout:
+    """Place the boot information after the loaded kernel, as QEMU's ``-kernel`` places its
+    command line and boot loader name: at the first page boundary at or past ``kernel_end``
+    (the end of the highest segment, bss included).  A block that would reach into the
+    reserved hole below 1 MiB moves to 1 MiB.  Raises :class:`KvmInvalidArgumentError` when
+    the block does not fit in guest memory.
+    """
+    check_memory(mem_size)
+    raw = _encode_cmdline(cmdline)
+    mmap_len = len(memory_map(mem_size)) * 24
+    name_len = len(LOADER_NAME) + 1
+    size = INFO_SIZE + mmap_len + name_len + len(raw)
+    base = -(-kernel_end // PAGE_SIZE) * PAGE_SIZE
+    if base < HIGH_MEMORY_START and base + size > LOW_MEMORY_END:
+        base = HIGH_MEMORY_START
+    if base + size > mem_size:
+        raise KvmInvalidArgumentError(
+            f"no room for the Multiboot information ({size} bytes) after the kernel, which "
+            f"ends at {kernel_end:#x}: guest memory ends at {mem_size:#x}; give the guest "
+            "more memory")
+    mmap = base + INFO_SIZE
+    return BootInfoLayout(base, mmap, mmap + mmap_len, mmap + mmap_len + name_len, base + size)
+
+
+def write_boot_info(vm: Vm, mem_size: int, cmdline: str,
+                    kernel_end: int = HIGH_MEMORY_START) -> int:
+    """Write the Multiboot information structure, memory map, boot loader name and command line
+    (UTF-8) into guest memory after the kernel (see :func:`boot_info_layout`); return the
+    structure's address (for EBX).
 
     Flags: memory (``mem_lower`` 640 KiB, ``mem_upper`` the KiB from 1 MiB to the end of RAM),
     command line, memory map (:func:`memory_map`) and boot loader name (``"kvmio"``).
     """
-    entries = memory_map(mem_size)
-    raw_cmdline = _encode_cmdline(cmdline)
-    mmap = b"".join(e.pack() for e in entries)
-    info = bytearray(120)  # through the framebuffer fields of spec 0.6.96, all zero unless set
+    at = boot_info_layout(mem_size, cmdline, kernel_end)
+    mmap = b"".join(e.pack() for e in memory_map(mem_size))
+    info = bytearray(INFO_SIZE)
     flags = INFO_MEMORY | INFO_CMDLINE | INFO_MMAP | INFO_BOOT_LOADER_NAME
     struct.pack_into("<III", info, 0, flags, MEM_LOWER_KIB,
                      (mem_size - HIGH_MEMORY_START) // 1024)
-    struct.pack_into("<I", info, 16, CMDLINE_ADDR)
-    struct.pack_into("<II", info, 44, len(mmap), MMAP_ADDR)
-    struct.pack_into("<I", info, 64, LOADER_NAME_ADDR)
-    vm.write_memory(INFO_ADDR, bytes(BOOT_AREA_END - INFO_ADDR))
-    vm.write_memory(INFO_ADDR, bytes(info))
-    vm.write_memory(MMAP_ADDR, mmap)
-    vm.write_memory(LOADER_NAME_ADDR, LOADER_NAME.encode() + b"\0")
-    vm.write_memory(CMDLINE_ADDR, raw_cmdline)
-    return INFO_ADDR
+    struct.pack_into("<I", info, 16, at.cmdline)
+    struct.pack_into("<II", info, 44, len(mmap), at.mmap)
+    struct.pack_into("<I", info, 64, at.loader_name)
+    block = bytes(info) + mmap + LOADER_NAME.encode() + b"\0" + _encode_cmdline(cmdline)
+    assert len(block) == at.end - at.info
+    vm.write_memory(at.info, block)
+    return at.info
 
 
 def parse_memory_size(text: str) -> int:

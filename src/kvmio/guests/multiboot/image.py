@@ -149,7 +149,7 @@ class KernelImage:
             if s.paddr < BOOT_AREA_END:
                 raise KvmInvalidArgumentError(
                     f"{where} overlaps the boot loader's area [0, {BOOT_AREA_END:#x}) (GDT, "
-                    "stack and Multiboot information)")
+                    "and stack)")
             if s.paddr < HIGH_MEMORY_START and s.end > LOW_MEMORY_END:
                 raise KvmInvalidArgumentError(
                     f"{where} overlaps the reserved hole [{LOW_MEMORY_END:#x}, "

@@ -53,6 +53,7 @@ from kvmio.guests.modes import setup_protected_mode
 from kvmio.guests.multiboot.bootinfo import (
     DEFAULT_MEMORY,
     _encode_cmdline,
+    boot_info_layout,
     check_memory,
     write_boot_info,
 )
@@ -178,6 +179,7 @@ class MultibootMachine(Closing):
         _encode_cmdline(self.cmdline)
         self.image = parse_kernel(data)
         self.image.check_placement(mem)
+        self.boot_info = boot_info_layout(mem, self.cmdline, self.image.end)
         self.mem_size = mem
         self.uart = Uart16550()
         self.vga = VgaText()
@@ -191,7 +193,7 @@ class MultibootMachine(Closing):
             self.ram = self.vm.add_memory_region(0, mem, slot=0, noreserve=True,
                                                  log_dirty=log_dirty or ring_entries is not None)
             self.image.load(self.vm)
-            self.info_addr = write_boot_info(self.vm, mem, self.cmdline)
+            self.info_addr = write_boot_info(self.vm, mem, self.cmdline, self.image.end)
             self.vcpu: Vcpu = self.vm.create_vcpu(0)
             with contextlib.suppress(KvmUnsupportedError):
                 self.vcpu.set_cpuid2(kvm.get_supported_cpuid())
