@@ -672,6 +672,19 @@ def test_resume_after_debug_exit_then_halt(kvm: Kvm, kernels: dict[str, Path]) -
         assert "interrupts disabled" in r.detail
 
 
+def test_output_keeps_a_bounded_tail(kvm: Kvm, kernels: dict[str, Path]) -> None:
+    chunks: list[bytes] = []
+    r = run_multiboot(kvm, kernels["elf"], mem=16 * MIB, name="k", timeout=20,
+                      on_output=chunks.append, max_output=100)
+    everything = expected_output("k", 16 * MIB)
+    assert b"".join(chunks) == everything  # the callback sees every byte
+    assert r.output == everything[-100:] and r.output_dropped == len(everything) - 100
+    assert r.serial == b"serial OK\n" and len(r.debugcon) == 100
+    assert f"{len(everything)} bytes of output" in r.summary()
+    with pytest.raises(KvmInvalidArgumentError, match="max_output"):
+        run_multiboot(kvm, kernels["elf"], mem=16 * MIB, max_output=-1)
+
+
 def test_timeout_stops_a_spinning_kernel(kvm: Kvm, kernels: dict[str, Path]) -> None:
     with MultibootMachine(kvm, kernels["elf"], mem=16 * MIB, cmdline="spin") as m:
         t0 = time.monotonic()

@@ -67,6 +67,9 @@ if TYPE_CHECKING:
 
 __all__ = ["MultibootMachine", "MultibootResult", "StopReason", "run_multiboot"]
 
+#: How many bytes of output a result keeps by default (the last ones).
+DEFAULT_MAX_OUTPUT = 1 << 20
+
 #: Initial ESP (the specification leaves it undefined).
 STACK_TOP = 0x7000
 
@@ -112,6 +115,10 @@ class MultibootResult:
     and ``serial`` hold each one's share); ``exit_code`` is ``(value << 1) | 1`` after a debug
     exit, else ``None``; ``exit`` is the last vCPU exit and ``regs`` the registers at the stop;
     ``vga_text`` is :func:`render_vga_text` of the screen at the stop.
+
+    Only the last ``max_output`` bytes (see :meth:`MultibootMachine.run`) of ``output``, and of
+    ``debugcon`` and ``serial`` each, are kept; ``output_dropped`` counts the bytes of
+    ``output`` dropped before them (``on_output`` saw every byte).
     """
 
     reason: StopReason
@@ -126,11 +133,12 @@ class MultibootResult:
     elapsed: float
     exits: int
     warnings: tuple[str, ...] = ()
+    output_dropped: int = 0
 
     def summary(self) -> str:
         """One line: why the run stopped, how long it took and how many exits it made."""
         return (f"{self.detail} after {self.elapsed:.2f} s ({self.exits} exits, "
-                f"{len(self.output)} bytes of output)")
+                f"{len(self.output) + self.output_dropped} bytes of output)")
 
 
 @dataclass
@@ -138,6 +146,30 @@ class _Stop:
     reason: StopReason
     detail: str
     exit_code: int | None = None
+
+
+class _Tail:
+    """The last ``limit`` bytes written to it, and how many were dropped before them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.dropped = 0
+        self._buf = bytearray()
+
+    def add(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= 2 * self.limit + 4096:  # trim now and then: amortised O(1)
+            self._trim()
+
+    def _trim(self) -> None:
+        extra = len(self._buf) - self.limit
+        if extra > 0:
+            del self._buf[:extra]
+            self.dropped += extra
+
+    def value(self) -> bytes:
+        self._trim()
+        return bytes(self._buf)
 
 
 #: Emits output: (source device name, bytes).
@@ -219,21 +251,28 @@ class MultibootMachine(Closing):
 
     def run(self, *, timeout: float | None = None,
             on_output: Callable[[bytes], None] | None = None,
-            on_ring_full: Callable[[Vcpu], None] | None = None) -> MultibootResult:
+            on_ring_full: Callable[[Vcpu], None] | None = None,
+            max_output: int = DEFAULT_MAX_OUTPUT) -> MultibootResult:
         """Run the kernel until it stops (see :class:`StopReason`) or ``timeout`` seconds pass.
 
-        Output bytes are passed to ``on_output`` as they are written (and collected in the
-        result).  The timeout is a :class:`threading.Timer` that kicks the vCPU; with
-        ``timeout=None`` a kernel that never stops runs forever.  After a debug exit, a halt or a
-        timeout the kernel may be run again (it resumes where it stopped); after any other stop
-        this raises :class:`KvmStateError`.  With a dirty ring (``ring_entries``), ring-full
-        exits go to ``on_ring_full`` (e.g. :meth:`kvmio.tracker.DirtyTracker.on_ring_full`), or
-        else the vCPU's own ring is harvested (the entries are kept for its next harvest) and
+        Output bytes are passed to ``on_output`` as they are written; the result keeps the last
+        ``max_output`` bytes (1 MiB by default) and counts the ones it dropped, so that a
+        kernel that writes without end does not fill the host's memory.
+
+        The timeout is a :class:`threading.Timer` that kicks the vCPU; with ``timeout=None`` a
+        kernel that never stops runs forever.  After a debug exit, a halt or a timeout the
+        kernel may be run again (it resumes where it stopped); after any other stop this raises
+        :class:`KvmStateError`.  With a dirty ring (``ring_entries``), ring-full exits go to
+        ``on_ring_full`` (e.g. :meth:`kvmio.tracker.DirtyTracker.on_ring_full`), or else the
+        vCPU's own ring is harvested (the entries are kept for its next harvest) and
         the rings are reset.
         """
         if self._terminal is not None:
             raise KvmStateError(f"the kernel cannot be resumed after a {self._terminal.value} "
                                 "stop")
+        if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 0:
+            raise KvmInvalidArgumentError(
+                f"max_output must be a non-negative int, not {max_output!r}")
         if timeout is not None and timeout < 0:
             raise KvmInvalidArgumentError(f"timeout must be non-negative, not {timeout}")
         vcpu = self.vcpu
@@ -250,12 +289,14 @@ class MultibootMachine(Closing):
                 with contextlib.suppress(KvmError):
                     vcpu.kick()
 
-        output = bytearray()
-        shares: dict[str, bytearray] = {"debugcon": bytearray(), "serial": bytearray()}
+        output = _Tail(max_output)
+        shares = {"debugcon": _Tail(max_output), "serial": _Tail(max_output)}
 
         def emit(source: str, data: bytes) -> None:
-            shares.setdefault(source, bytearray()).extend(data)
-            output.extend(data)
+            if source not in shares:
+                shares[source] = _Tail(max_output)
+            shares[source].add(data)
+            output.add(data)
             if on_output is not None:
                 on_output(data)
 
@@ -300,10 +341,10 @@ class MultibootMachine(Closing):
             self._terminal = stop.reason
         regs = vcpu.get_regs()
         return MultibootResult(
-            reason=stop.reason, detail=stop.detail, exit=ex, output=bytes(output),
-            debugcon=bytes(shares["debugcon"]), serial=bytes(shares["serial"]),
+            reason=stop.reason, detail=stop.detail, exit=ex, output=output.value(),
+            debugcon=shares["debugcon"].value(), serial=shares["serial"].value(),
             exit_code=stop.exit_code, regs=regs, vga_text=self.vga_text(), elapsed=elapsed,
-            exits=exits, warnings=self.image.warnings)
+            exits=exits, warnings=self.image.warnings, output_dropped=output.dropped)
 
     def _handle(self, ex: VcpuExit, emit: _Emit) -> _Stop | None:
         if isinstance(ex, IoOut):
@@ -377,10 +418,11 @@ def _stop_for(event: DeviceEvent) -> _Stop:
 def run_multiboot(kvm: Kvm, kernel: bytes | str | os.PathLike[str], *,
                   mem: int = DEFAULT_MEMORY, cmdline: str = "", name: str | None = None,
                   timeout: float | None = None,
-                  on_output: Callable[[bytes], None] | None = None) -> MultibootResult:
+                  on_output: Callable[[bytes], None] | None = None,
+                  max_output: int = DEFAULT_MAX_OUTPUT) -> MultibootResult:
     """Load and run a Multiboot kernel in a new VM, closed afterwards; return the result.
 
     The arguments are those of :class:`MultibootMachine` and :meth:`MultibootMachine.run`.
     """
     with MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, name=name) as machine:
-        return machine.run(timeout=timeout, on_output=on_output)
+        return machine.run(timeout=timeout, on_output=on_output, max_output=max_output)
