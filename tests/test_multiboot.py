@@ -302,6 +302,121 @@ bss_end:
     .section .note.GNU-stack, "", @progbits
 """
 
+# Programs the PIC (IRQ0 at vector 0x20, everything else masked) and the PIT (100 Hz), sets up
+# an IDT, then waits in `sti; hlt`.  The timer handler prints "tick " to port 0xE9 three times,
+# then a newline, and exits through port 0xF4 with 0x10.  Any exception exits with 0x7F.
+# The handler returns by hand (pop EIP, drop CS, popf, jmp) rather than with IRET: the host
+# this project is tested on emulates every guest instruction, and KVM's instruction emulator
+# implements IRET only in real mode (a protected-mode IRET is an emulation failure there).
+TIMER_S = r"""
+    .code32
+    .text
+    .globl start
+start:
+    jmp entry
+    .align 4
+header:
+    .long 0x1BADB002
+    .long 0x00010002
+    .long -(0x1BADB002 + 0x00010002)
+    .long header
+    .long start
+    .long load_end
+    .long bss_end
+    .long entry
+entry:
+    cli
+    mov $stack_top, %esp
+    xor %ecx, %ecx
+1:  mov $fault, %eax
+    cmp $0x20, %ecx
+    jb 2f
+    mov $spurious, %eax
+    jne 2f
+    mov $timer, %eax
+2:  mov %ax, idt(,%ecx,8)
+    movw %cs, idt+2(,%ecx,8)
+    movw $0x8E00, idt+4(,%ecx,8)
+    shr $16, %eax
+    mov %ax, idt+6(,%ecx,8)
+    inc %ecx
+    cmp $0x30, %ecx
+    jb 1b
+    lidt idt_desc
+    mov $0x11, %al          /* PIC: ICW1..ICW4, master at 0x20, slave at 0x28 */
+    out %al, $0x20
+    out %al, $0xA0
+    mov $0x20, %al
+    out %al, $0x21
+    mov $0x28, %al
+    out %al, $0xA1
+    mov $0x04, %al
+    out %al, $0x21
+    mov $0x02, %al
+    out %al, $0xA1
+    mov $0x01, %al
+    out %al, $0x21
+    out %al, $0xA1
+    mov $0xFE, %al          /* unmask IRQ0 only */
+    out %al, $0x21
+    mov $0xFF, %al
+    out %al, $0xA1
+    mov $0x34, %al          /* PIT channel 0, lobyte/hibyte, mode 2 */
+    out %al, $0x43
+    mov $0x9C, %al          /* divisor 11932: 100 Hz */
+    out %al, $0x40
+    mov $0x2E, %al
+    out %al, $0x40
+3:  sti
+    hlt
+    jmp 3b
+timer:
+    mov $msg, %esi
+    mov $5, %ecx
+    mov $0xE9, %dx
+    rep outsb
+    incl ticks
+    cmpl $3, ticks
+    jb 4f
+    mov $0x0A, %al
+    out %al, $0xE9
+    mov $0x10, %al
+    out %al, $0xF4
+4:  mov $0x20, %al          /* EOI */
+    out %al, $0x20
+    pop %eax                /* return by hand: EIP, CS, EFLAGS */
+    add $4, %esp
+    popfl
+    jmp *%eax
+spurious:
+    pop %eax
+    add $4, %esp
+    popfl
+    jmp *%eax
+fault:
+    mov $0x7F, %al
+    out %al, $0xF4
+    cli
+    hlt
+msg:
+    .ascii "tick "
+    .align 4
+idt_desc:
+    .word 0x30 * 8 - 1
+    .long idt
+load_end:
+    .bss
+    .align 8
+idt:
+    .skip 0x30 * 8
+ticks:
+    .skip 4
+    .skip 4096
+stack_top:
+bss_end:
+    .section .note.GNU-stack, "", @progbits
+"""
+
 CFLAGS = ["-m32", "-march=i686", "-ffreestanding", "-nostdlib", "-mgeneral-regs-only",
           "-fno-pic", "-fno-pie", "-no-pie", "-fno-stack-protector",
           "-fno-asynchronous-unwind-tables", "-O2", "-static", "-Wl,--build-id=none"]
@@ -317,7 +432,8 @@ def _gcc(args: list[str], cwd: Path) -> None:
 
 @pytest.fixture(scope="session")
 def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The test kernels: ``elf`` (C, ELF32) and ``aout`` (a flat a.out-kludge binary)."""
+    """The test kernels: ``elf`` (C, ELF32), ``aout`` (a flat a.out-kludge binary) and
+    ``timer`` (a.out kludge: waits for three PIT interrupts)."""
     # gcc is a build requirement of kvmio itself, so its absence is a failure, not a skip.
     if shutil.which("gcc") is None:
         pytest.fail("gcc is not installed")
@@ -332,12 +448,16 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (d / "kernel.c").write_text(KERNEL_C)
     (d / "link.ld").write_text(LINK_LD)
     (d / "aout.S").write_text(AOUT_S)
+    (d / "timer.S").write_text(TIMER_S)
     _gcc([*CFLAGS, "-Wl,--no-warn-rwx-segments", "-Wl,-T,link.ld", "entry.S", "kernel.c",
           "-o", "kernel.elf"], d)
     _gcc(["-m32", "-nostdlib", "-static", "-fno-pic", "-no-pie", "-Wl,--build-id=none",
           "-Wl,-e,start", "-Wl,-Ttext=0x100000", "-Wl,--oformat=binary", "aout.S", "-o",
           "aout.bin"], d)
-    return {"elf": d / "kernel.elf", "aout": d / "aout.bin"}
+    _gcc(["-m32", "-nostdlib", "-static", "-fno-pic", "-no-pie", "-Wl,--build-id=none",
+          "-Wl,-e,start", "-Wl,-Ttext=0x100000", "-Wl,--oformat=binary", "timer.S", "-o",
+          "timer.bin"], d)
+    return {"elf": d / "kernel.elf", "aout": d / "aout.bin", "timer": d / "timer.bin"}
 
 
 def expected_output(cmdline: str, mem: int) -> bytes:
@@ -700,16 +820,18 @@ def test_timeout_stops_a_spinning_kernel(kvm: Kvm, kernels: dict[str, Path]) -> 
         assert time.monotonic() - t0 >= 0.15
 
 
-@pytest.mark.parametrize(("word", "reason", "detail"), [
-    ("halt", StopReason.HALTED, "with interrupts disabled"),
-    ("sti", StopReason.HALTED, "with interrupts enabled"),
-    ("ud2", StopReason.SHUTDOWN, "triple fault"),
-    ("reset", StopReason.RESET, "keyboard controller"),
-    ("poweroff", StopReason.POWEROFF, "port 0x604"),
+@pytest.mark.parametrize(("word", "reason", "detail", "irqchip"), [
+    ("halt", StopReason.HALTED, "with interrupts disabled", True),  # found by polling
+    ("halt", StopReason.HALTED, "with interrupts disabled", False),  # a HLT exit
+    ("sti", StopReason.HALTED, "with interrupts enabled", False),
+    ("ud2", StopReason.SHUTDOWN, "triple fault", True),
+    ("reset", StopReason.RESET, "keyboard controller", True),
+    ("poweroff", StopReason.POWEROFF, "port 0x604", True),
 ])
 def test_other_stops(kvm: Kvm, kernels: dict[str, Path], word: str, reason: StopReason,
-                     detail: str) -> None:
-    with MultibootMachine(kvm, kernels["elf"], mem=16 * MIB, cmdline=word) as m:
+                     detail: str, irqchip: bool) -> None:
+    with MultibootMachine(kvm, kernels["elf"], mem=16 * MIB, cmdline=word,
+                          irqchip=irqchip) as m:
         r = m.run(timeout=20)
         assert r.reason is reason and detail in r.detail, r.detail
         assert r.output.endswith(b"probe e9=0xe9 kbc=0x00 com2=0x00 mmio=0xffffffff\n")
@@ -717,6 +839,27 @@ def test_other_stops(kvm: Kvm, kernels: dict[str, Path], word: str, reason: Stop
         if reason is not StopReason.HALTED:
             with pytest.raises(KvmStateError, match="cannot be resumed"):
                 m.run(timeout=1)
+
+
+def test_hlt_with_interrupts_enabled_waits_under_the_irqchip(kvm: Kvm,
+                                                             kernels: dict[str, Path]) -> None:
+    # KVM handles HLT in the kernel when the irqchip is there: no exit, the vCPU waits for an
+    # interrupt (this kernel never programs the timer), so only the timeout ends the run.
+    with MultibootMachine(kvm, kernels["elf"], mem=16 * MIB, cmdline="sti") as m:
+        r = m.run(timeout=0.5)
+        assert r.reason is StopReason.TIMEOUT, r.detail
+        assert m.vcpu.get_mp_state() == 3  # KVM_MP_STATE_HALTED
+        assert r.regs.rflags & (1 << 9)
+
+
+def test_timer_interrupts_are_delivered(kvm: Kvm, kernels: dict[str, Path]) -> None:
+    r = run_multiboot(kvm, kernels["timer"], mem=4 * MIB, timeout=20)
+    assert (r.reason, r.exit_code) == (StopReason.DEBUG_EXIT, (0x10 << 1) | 1), r.detail
+    assert r.output == b"tick tick tick \n"
+    # Without the irqchip and PIT the same kernel halts with nothing to wake it.
+    r = run_multiboot(kvm, kernels["timer"], mem=4 * MIB, timeout=20, irqchip=False)
+    assert r.reason is StopReason.HALTED and "interrupts enabled" in r.detail
+    assert r.output == b""
 
 
 def test_internal_error_ends_the_run(kvm: Kvm) -> None:

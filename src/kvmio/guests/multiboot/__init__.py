@@ -59,8 +59,13 @@ Devices (:mod:`kvmio.devices`; everything is port I/O except the catch-all MMIO 
 - MMIO (guest physical addresses outside RAM): reads return all-ones bytes (``0xFF``...), as
   an empty bus does; writes are ignored.
 
-There is no interrupt controller and no timer: nothing ever interrupts the guest.  A ``HLT``
-therefore ends the run whatever the interrupt flag (with IF set the guest would wait forever);
+Interrupts: by default the VM has KVM's in-kernel irqchip (8259 PICs, IOAPIC, local APIC) and
+i8254 PIT, so a kernel can program the timer, unmask IRQ0 and wait for it in ``sti; hlt``.  KVM
+then handles HLT in the kernel: there is no HLT exit, a HLT with interrupts enabled simply
+waits, and a HLT with interrupts disabled (which nothing can end) is found by checking the
+vCPU's MP state every :data:`~kvmio.guests.multiboot.machine.HALT_POLL_INTERVAL` seconds and
+ends the run as :attr:`StopReason.HALTED`.  With ``irqchip=False`` nothing ever interrupts the
+guest and every ``HLT`` exits and ends the run, whatever the interrupt flag;
 :attr:`MultibootResult.detail` says which.
 """
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvmio._abi import IS_X86
+from kvmio._abi import IS_X86, lib
 from kvmio._closing import Closing
 from kvmio.devices import (
     DebugConsole,
@@ -70,6 +70,10 @@ __all__ = ["MultibootMachine", "MultibootResult", "StopReason", "run_multiboot"]
 #: How many bytes of output a result keeps by default (the last ones).
 DEFAULT_MAX_OUTPUT = 1 << 20
 
+#: With the in-kernel irqchip, how often (seconds) a run checks whether the vCPU halted with
+#: interrupts disabled (KVM then handles HLT itself and never exits).
+HALT_POLL_INTERVAL = 0.05
+
 #: Initial ESP (the specification leaves it undefined).
 STACK_TOP = 0x7000
 
@@ -81,7 +85,11 @@ class StopReason(enum.Enum):
 
     #: The kernel wrote to the ``isa-debug-exit`` port (``exit_code`` is set).
     DEBUG_EXIT = "debug-exit"
-    #: The kernel executed HLT (nothing can wake it: there are no interrupts).
+    #: The kernel executed HLT and nothing can wake it.  With the in-kernel irqchip (the
+    #: default) KVM handles HLT itself and no exit comes: a HLT with interrupts enabled waits
+    #: for an interrupt (the timer's, say), and only a HLT with interrupts disabled is found,
+    #: by checking the vCPU's MP state every :data:`HALT_POLL_INTERVAL` seconds.  Without the
+    #: irqchip nothing ever interrupts the guest, and every HLT exits and ends the run.
     HALTED = "halted"
     #: The guest shut down (a triple fault).
     SHUTDOWN = "shutdown"
@@ -189,11 +197,17 @@ class MultibootMachine(Closing):
     (``0xE9``), ``isa-debug-exit`` (``0xF4``), COM1, the reset and power-off ports and the VGA
     CRT controller; other ports read 0 and ignore writes.  MMIO (addresses outside RAM) reads
     all-ones, as an empty bus does, and ignores writes.
+
+    With ``irqchip`` (the default) the VM has KVM's in-kernel interrupt controllers (PIC,
+    IOAPIC, local APIC) and i8254 PIT, created before the vCPU, so kernels that program the
+    timer and wait for its interrupt run.  ``irqchip=False`` gives the older machine where
+    nothing interrupts the guest and every HLT ends the run.
     """
 
     def __init__(self, kvm: Kvm, kernel: bytes | str | os.PathLike[str], *,
                  mem: int = DEFAULT_MEMORY, cmdline: str = "", name: str | None = None,
-                 log_dirty: bool = False, ring_entries: int | None = None):
+                 log_dirty: bool = False, ring_entries: int | None = None,
+                 irqchip: bool = True):
         if not IS_X86:
             raise KvmUnsupportedError("Multiboot kernels run only on x86_64 hosts")
         check_memory(mem)
@@ -217,9 +231,13 @@ class MultibootMachine(Closing):
         self.vga = VgaText()
         self.bus = IoBus([DebugConsole(), DebugExitPort(), self.uart, PowerControl(), self.vga])
         self._terminal: StopReason | None = None
+        self.irqchip = irqchip
         self.vm = kvm.create_vm()
         try:
             self.vm.set_tss_address()
+            if irqchip:
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
             if ring_entries is not None:
                 self.vm.enable_dirty_ring(ring_entries)
             self.ram = self.vm.add_memory_region(0, mem, slot=0, noreserve=True,
@@ -259,13 +277,14 @@ class MultibootMachine(Closing):
         ``max_output`` bytes (1 MiB by default) and counts the ones it dropped, so that a
         kernel that writes without end does not fill the host's memory.
 
-        The timeout is a :class:`threading.Timer` that kicks the vCPU; with ``timeout=None`` a
-        kernel that never stops runs forever.  After a debug exit, a halt or a timeout the
-        kernel may be run again (it resumes where it stopped); after any other stop this raises
-        :class:`KvmStateError`.  With a dirty ring (``ring_entries``), ring-full exits go to
-        ``on_ring_full`` (e.g. :meth:`kvmio.tracker.DirtyTracker.on_ring_full`), or else the
-        vCPU's own ring is harvested (the entries are kept for its next harvest) and
-        the rings are reset.
+        The timeout is a watcher thread that kicks the vCPU (with the irqchip it also kicks
+        every :data:`HALT_POLL_INTERVAL` seconds to find a HLT with interrupts disabled); with
+        ``timeout=None`` a kernel that never stops runs forever.  After a debug exit, a halt or
+        a timeout the kernel may be run again (it resumes where it stopped); after any other
+        stop this raises :class:`KvmStateError`.  With a dirty ring (``ring_entries``),
+        ring-full exits go to ``on_ring_full`` (e.g.
+        :meth:`kvmio.tracker.DirtyTracker.on_ring_full`), or else the vCPU's own ring is
+        harvested (the entries are kept for its next harvest) and the rings are reset.
         """
         if self._terminal is not None:
             raise KvmStateError(f"the kernel cannot be resumed after a {self._terminal.value} "
@@ -277,17 +296,30 @@ class MultibootMachine(Closing):
             raise KvmInvalidArgumentError(f"timeout must be non-negative, not {timeout}")
         vcpu = self.vcpu
         lock = threading.Lock()
+        done = threading.Event()
         finished = False
         timed_out = False
+        kicked = False
+        poll = HALT_POLL_INTERVAL if self.irqchip else None
 
-        def expire() -> None:
-            nonlocal timed_out
-            with lock:
-                if finished:
+        def watch(deadline: float | None) -> None:
+            # Kicks the vCPU at the deadline, and every `poll` seconds to look for a dead halt.
+            nonlocal timed_out, kicked
+            while True:
+                waits = [w for w in (poll, None if deadline is None
+                                     else deadline - time.monotonic()) if w is not None]
+                if done.wait(max(0.0, min(waits))):
                     return
-                timed_out = True
-                with contextlib.suppress(KvmError):
-                    vcpu.kick()
+                with lock:
+                    if finished:
+                        return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        timed_out = True
+                    kicked = True
+                    with contextlib.suppress(KvmError):
+                        vcpu.kick()
+                    if timed_out:
+                        return
 
         output = _Tail(max_output)
         shares = {"debugcon": _Tail(max_output), "serial": _Tail(max_output)}
@@ -300,13 +332,16 @@ class MultibootMachine(Closing):
             if on_output is not None:
                 on_output(data)
 
-        timer = threading.Timer(timeout, expire) if timeout is not None else None
         exits = 0
         start = time.monotonic()
+        watcher = None
+        if timeout is not None or poll is not None:
+            watcher = threading.Thread(
+                target=watch, args=(None if timeout is None else start + timeout,),
+                name="kvmio-multiboot-watch", daemon=True)
         try:
-            if timer is not None:
-                timer.daemon = True
-                timer.start()
+            if watcher is not None:
+                watcher.start()
             while True:
                 ex = vcpu.run()
                 exits += 1
@@ -320,20 +355,24 @@ class MultibootMachine(Closing):
                     if timed_out:
                         stop = _Stop(StopReason.TIMEOUT, f"timeout ({timeout:g} s)")
                         break
-                    continue  # a stray signal: carry on
+                    dead = self._dead_halt() if self.irqchip else None
+                    if dead is not None:
+                        stop = dead
+                        break
+                    continue  # a poll that found the vCPU busy, or a stray signal
                 got = self._handle(ex, emit)
                 if got is not None:
                     stop = got
                     break
         finally:
+            done.set()
             with lock:
                 finished = True
-            if timer is not None:
-                timer.cancel()
-                timer.join()
-            # A timer that fired as the run ended leaves its kick pending: drop it, so that a
-            # resumed run is not cut short.  (Other threads' kicks stay pending.)
-            if timed_out:
+            if watcher is not None and watcher.is_alive():
+                watcher.join()
+            # A kick made as the run ended stays pending: drop it, so that a resumed run is not
+            # cut short.  (This also drops other threads' kicks made meanwhile.)
+            if kicked:
                 with contextlib.suppress(KvmError):
                     vcpu.immediate_exit = False
         elapsed = time.monotonic() - start
@@ -345,6 +384,17 @@ class MultibootMachine(Closing):
             debugcon=shares["debugcon"].value(), serial=shares["serial"].value(),
             exit_code=stop.exit_code, regs=regs, vga_text=self.vga_text(), elapsed=elapsed,
             exits=exits, warnings=self.image.warnings, output_dropped=output.dropped)
+
+    def _dead_halt(self) -> _Stop | None:
+        """With the in-kernel irqchip: a stop if the vCPU sits in HLT with interrupts disabled
+        (KVM keeps it halted in the kernel; nothing will wake it)."""
+        if self.vcpu.get_mp_state() != lib.KVM_MP_STATE_HALTED:
+            return None
+        regs = self.vcpu.get_regs()
+        if regs.rflags & _RFLAGS_IF:
+            return None  # waiting for an interrupt, as it should
+        return _Stop(StopReason.HALTED,
+                     f"halted at EIP {regs.rip:#x} with interrupts disabled")
 
     def _handle(self, ex: VcpuExit, emit: _Emit) -> _Stop | None:
         if isinstance(ex, IoOut):
@@ -363,8 +413,8 @@ class MultibootMachine(Closing):
         if isinstance(ex, Hlt):
             if regs.rflags & _RFLAGS_IF:
                 return _Stop(StopReason.HALTED,
-                             f"halted at EIP {eip:#x} with interrupts enabled (nothing here "
-                             "ever interrupts, so it would wait forever)")
+                             f"halted at EIP {eip:#x} with interrupts enabled (without the "
+                             "irqchip nothing ever interrupts, so it would wait forever)")
             return _Stop(StopReason.HALTED, f"halted at EIP {eip:#x} with interrupts disabled")
         if isinstance(ex, Shutdown):
             return _Stop(StopReason.SHUTDOWN, f"shutdown (triple fault) near EIP {eip:#x}")
@@ -417,12 +467,13 @@ def _stop_for(event: DeviceEvent) -> _Stop:
 
 def run_multiboot(kvm: Kvm, kernel: bytes | str | os.PathLike[str], *,
                   mem: int = DEFAULT_MEMORY, cmdline: str = "", name: str | None = None,
-                  timeout: float | None = None,
+                  timeout: float | None = None, irqchip: bool = True,
                   on_output: Callable[[bytes], None] | None = None,
                   max_output: int = DEFAULT_MAX_OUTPUT) -> MultibootResult:
     """Load and run a Multiboot kernel in a new VM, closed afterwards; return the result.
 
     The arguments are those of :class:`MultibootMachine` and :meth:`MultibootMachine.run`.
     """
-    with MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, name=name) as machine:
+    with MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, name=name,
+                          irqchip=irqchip) as machine:
         return machine.run(timeout=timeout, on_output=on_output, max_output=max_output)
