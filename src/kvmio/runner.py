@@ -152,8 +152,9 @@ class VcpuRunner:
     close = stop
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every vCPU thread has ended (each one's handler ended it, or an error);
-        returns whether they all did within ``timeout`` seconds.  Re-raises the first error."""
+        """Wait until every vCPU thread has ended (each one's handler ended it); returns
+        whether they all did within ``timeout`` seconds.  As soon as a vCPU thread fails, its
+        error is raised (the other vCPUs go on until :meth:`stop`)."""
         if timeout is not None:
             timeout = _check.positive_float("timeout", timeout, allow_zero=True)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -162,6 +163,7 @@ class VcpuRunner:
             if t is None:
                 raise KvmStateError("the runner was not started")
             while t.is_alive():
+                self._raise_first()
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False

@@ -1,0 +1,476 @@
+"""Running a Multiboot kernel: :class:`MultibootMachine`, :class:`MultibootResult`,
+:class:`StopReason` and :func:`run_multiboot`."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvmio._abi import IS_X86, lib
+from kvmio._closing import Closing
+from kvmio.devices import (
+    DebugConsole,
+    DebugExit,
+    DebugExitPort,
+    DeviceEvent,
+    IoBus,
+    Output,
+    PowerControl,
+    PowerOff,
+    ResetRequest,
+    Uart16550,
+    VgaText,
+    render_vga_text,
+)
+from kvmio.errors import (
+    KvmError,
+    KvmInvalidArgumentError,
+    KvmStateError,
+    KvmUnsupportedError,
+)
+from kvmio.exits import (
+    DirtyRingFull,
+    FailEntry,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    Unknown,
+    VcpuExit,
+)
+from kvmio.guests.modes import setup_protected_mode
+from kvmio.guests.multiboot.bootinfo import (
+    DEFAULT_MEMORY,
+    _encode_cmdline,
+    boot_info_layout,
+    check_memory,
+    write_boot_info,
+)
+from kvmio.guests.multiboot.header import BOOTLOADER_MAGIC
+from kvmio.guests.multiboot.image import parse_kernel, read_kernel_file
+from kvmio.runner import run_until_handled
+from kvmio.x86 import Regs
+
+if TYPE_CHECKING:
+    from kvmio.system import Kvm
+    from kvmio.vcpu import Vcpu
+
+__all__ = ["MultibootMachine", "MultibootResult", "StopReason", "run_multiboot"]
+
+#: How many bytes of output a result keeps by default (the last ones).
+DEFAULT_MAX_OUTPUT = 1 << 20
+
+#: With the in-kernel irqchip, how often (seconds) a run checks whether the vCPU halted with
+#: interrupts disabled (KVM then handles HLT itself and never exits).
+HALT_POLL_INTERVAL = 0.05
+
+#: Initial ESP (the specification leaves it undefined).
+STACK_TOP = 0x7000
+
+_RFLAGS_IF = 1 << 9
+
+
+class StopReason(enum.Enum):
+    """Why :meth:`MultibootMachine.run` returned."""
+
+    #: The kernel wrote to the ``isa-debug-exit`` port (``exit_code`` is set).
+    DEBUG_EXIT = "debug-exit"
+    #: The kernel executed HLT and nothing can wake it.  With the in-kernel irqchip (the
+    #: default) KVM handles HLT itself and no exit comes: a HLT with interrupts enabled waits
+    #: for an interrupt (the timer's, say), and only a HLT with interrupts disabled is found,
+    #: by checking the vCPU's MP state every :data:`HALT_POLL_INTERVAL` seconds.  Without the
+    #: irqchip nothing ever interrupts the guest, and every HLT exits and ends the run.
+    HALTED = "halted"
+    #: The guest shut down (a triple fault).
+    SHUTDOWN = "shutdown"
+    #: The kernel asked for a reset (keyboard controller or port 0xCF9).
+    RESET = "reset"
+    #: The kernel asked for power-off (ACPI PM1a control, QEMU/Bochs style).
+    POWEROFF = "poweroff"
+    #: KVM could not handle an exit (e.g. an instruction it cannot emulate).
+    INTERNAL_ERROR = "internal-error"
+    #: The hardware refused to enter the guest.
+    FAIL_ENTRY = "fail-entry"
+    #: KVM reported a system event (shutdown, reset, crash).
+    SYSTEM_EVENT = "system-event"
+    #: An exit kvmio does not handle.
+    UNHANDLED_EXIT = "unhandled-exit"
+    #: The timeout expired (the vCPU was kicked; the last exit is ``Interrupted``).
+    TIMEOUT = "timeout"
+
+
+#: Stops after which the vCPU cannot sensibly be run again.
+_TERMINAL = frozenset({StopReason.SHUTDOWN, StopReason.RESET, StopReason.POWEROFF,
+                       StopReason.INTERNAL_ERROR, StopReason.FAIL_ENTRY,
+                       StopReason.SYSTEM_EVENT, StopReason.UNHANDLED_EXIT})
+
+
+@dataclass(frozen=True)
+class MultibootResult:
+    """The outcome of a run.
+
+    ``output`` is every byte written to the debug console and to COM1, in order (``debugcon``
+    and ``serial`` hold each one's share); ``exit_code`` is ``(value << 1) | 1`` after a debug
+    exit, else ``None``; ``exit`` is the last vCPU exit and ``regs`` the registers at the stop;
+    ``vga_text`` is :func:`render_vga_text` of the screen at the stop.
+
+    Only the last ``max_output`` bytes (see :meth:`MultibootMachine.run`) of ``output``, and of
+    ``debugcon`` and ``serial`` each, are kept; ``output_dropped`` counts the bytes of
+    ``output`` dropped before them (``on_output`` saw every byte).
+    """
+
+    reason: StopReason
+    detail: str
+    exit: VcpuExit
+    output: bytes
+    debugcon: bytes
+    serial: bytes
+    exit_code: int | None
+    regs: Regs
+    vga_text: str
+    elapsed: float
+    exits: int
+    warnings: tuple[str, ...] = ()
+    output_dropped: int = 0
+
+    def summary(self) -> str:
+        """One line: why the run stopped, how long it took and how many exits it made."""
+        return (f"{self.detail} after {self.elapsed:.2f} s ({self.exits} exits, "
+                f"{len(self.output) + self.output_dropped} bytes of output)")
+
+
+@dataclass
+class _Stop:
+    reason: StopReason
+    detail: str
+    exit_code: int | None = None
+
+
+class _Tail:
+    """The last ``limit`` bytes written to it, and how many were dropped before them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.dropped = 0
+        self._buf = bytearray()
+
+    def add(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= 2 * self.limit + 4096:  # trim now and then: amortised O(1)
+            self._trim()
+
+    def _trim(self) -> None:
+        extra = len(self._buf) - self.limit
+        if extra > 0:
+            del self._buf[:extra]
+            self.dropped += extra
+
+    def value(self) -> bytes:
+        self._trim()
+        return bytes(self._buf)
+
+
+#: Emits output: (source device name, bytes).
+_Emit = Callable[[str, bytes], None]
+
+
+class MultibootMachine(Closing):
+    """A one-vCPU VM with a Multiboot kernel loaded and ready to run.
+
+    ``kernel`` is the file's bytes or its path; ``mem`` the guest RAM in bytes (one memory slot
+    from address 0); ``cmdline`` the text appended to the command line, which starts with
+    ``name`` (default: the path as given, or ``"kernel"`` for bytes) as QEMU's does.  Raises
+    :class:`KvmInvalidArgumentError` for a kernel that cannot be loaded (nothing is created
+    then).  Close it (or use ``with``) to release the VM.
+
+    Port I/O goes to the devices on :attr:`bus` (see :mod:`kvmio.devices`): the debug console
+    (``0xE9``), ``isa-debug-exit`` (``0xF4``), COM1, the reset and power-off ports and the VGA
+    CRT controller; other ports read 0 and ignore writes.  MMIO (addresses outside RAM) reads
+    all-ones, as an empty bus does, and ignores writes.
+
+    With ``irqchip`` (the default) the VM has KVM's in-kernel interrupt controllers (PIC,
+    IOAPIC, local APIC) and i8254 PIT, created before the vCPU, so kernels that program the
+    timer and wait for its interrupt run.  ``irqchip=False`` gives the older machine where
+    nothing interrupts the guest and every HLT ends the run.
+    """
+
+    def __init__(self, kvm: Kvm, kernel: bytes | str | os.PathLike[str], *,
+                 mem: int = DEFAULT_MEMORY, cmdline: str = "", name: str | None = None,
+                 log_dirty: bool = False, ring_entries: int | None = None,
+                 irqchip: bool = True):
+        if not IS_X86:
+            raise KvmUnsupportedError("Multiboot kernels run only on x86_64 hosts")
+        check_memory(mem)
+        if isinstance(kernel, bytes | bytearray | memoryview):
+            data = bytes(kernel)
+            default_name = "kernel"
+            if len(data) > mem:
+                raise KvmInvalidArgumentError(
+                    f"the kernel is {len(data)} bytes, larger than guest memory ({mem} bytes)")
+        else:
+            default_name = os.fspath(kernel)
+            data = read_kernel_file(kernel, mem)
+        name = default_name if name is None else name
+        self.cmdline = f"{name} {cmdline}" if cmdline else name
+        _encode_cmdline(self.cmdline)
+        self.image = parse_kernel(data)
+        self.image.check_placement(mem)
+        self.boot_info = boot_info_layout(mem, self.cmdline, self.image.end)
+        self.mem_size = mem
+        self.uart = Uart16550()
+        self.vga = VgaText()
+        self.bus = IoBus([DebugConsole(), DebugExitPort(), self.uart, PowerControl(), self.vga])
+        self._terminal: StopReason | None = None
+        self.irqchip = irqchip
+        self.vm = kvm.create_vm()
+        try:
+            self.vm.set_tss_address()
+            if irqchip:
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
+            if ring_entries is not None:
+                self.vm.enable_dirty_ring(ring_entries)
+            self.ram = self.vm.add_memory_region(0, mem, slot=0, noreserve=True,
+                                                 log_dirty=log_dirty or ring_entries is not None)
+            self.image.load(self.vm)
+            self.info_addr = write_boot_info(self.vm, mem, self.cmdline, self.image.end)
+            self.vcpu: Vcpu = self.vm.create_vcpu(0)
+            with contextlib.suppress(KvmUnsupportedError):
+                self.vcpu.set_cpuid2(kvm.get_supported_cpuid())
+            setup_protected_mode(self.vcpu, self.vm, self.image.entry, stack=STACK_TOP)
+            regs = self.vcpu.get_regs()
+            regs.rax, regs.rbx, regs.rflags = BOOTLOADER_MAGIC, self.info_addr, 2
+            self.vcpu.set_regs(regs)
+        except BaseException:
+            self.vm.close()
+            raise
+
+    def __repr__(self) -> str:
+        return (f"<MultibootMachine {self.image.format} entry={self.image.entry:#x} "
+                f"mem={self.mem_size >> 20} MiB {'closed' if self.vm.closed else 'open'}>")
+
+    def close(self) -> None:
+        """Close the VM (idempotent)."""
+        self.vm.close()
+
+    def vga_text(self) -> str:
+        """The VGA text screen now (see :func:`render_vga_text`)."""
+        return render_vga_text(self.vm)
+
+    def run(self, *, timeout: float | None = None,
+            on_output: Callable[[bytes], None] | None = None,
+            on_ring_full: Callable[[Vcpu], None] | None = None,
+            max_output: int = DEFAULT_MAX_OUTPUT) -> MultibootResult:
+        """Run the kernel until it stops (see :class:`StopReason`) or ``timeout`` seconds pass.
+
+        Output bytes are passed to ``on_output`` as they are written; the result keeps the last
+        ``max_output`` bytes (1 MiB by default) and counts the ones it dropped, so that a
+        kernel that writes without end does not fill the host's memory.
+
+        The timeout is a watcher thread that kicks the vCPU (with the irqchip it also kicks
+        every :data:`HALT_POLL_INTERVAL` seconds to find a HLT with interrupts disabled); with
+        ``timeout=None`` a kernel that never stops runs forever.  After a debug exit, a halt or
+        a timeout the kernel may be run again (it resumes where it stopped); after any other
+        stop this raises :class:`KvmStateError`.  With a dirty ring (``ring_entries``),
+        ring-full exits go to ``on_ring_full`` (e.g.
+        :meth:`kvmio.tracker.DirtyTracker.on_ring_full`), or else the vCPU's own ring is
+        harvested (the entries are kept for its next harvest) and the rings are reset.
+        """
+        if self._terminal is not None:
+            raise KvmStateError(f"the kernel cannot be resumed after a {self._terminal.value} "
+                                "stop")
+        if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 0:
+            raise KvmInvalidArgumentError(
+                f"max_output must be a non-negative int, not {max_output!r}")
+        if timeout is not None and timeout < 0:
+            raise KvmInvalidArgumentError(f"timeout must be non-negative, not {timeout}")
+        vcpu = self.vcpu
+        lock = threading.Lock()
+        done = threading.Event()
+        finished = False
+        timed_out = False
+        kicked = False
+        poll = HALT_POLL_INTERVAL if self.irqchip else None
+
+        def watch(deadline: float | None) -> None:
+            # Kicks the vCPU at the deadline, and every `poll` seconds to look for a dead halt.
+            nonlocal timed_out, kicked
+            while True:
+                waits = [w for w in (poll, None if deadline is None
+                                     else deadline - time.monotonic()) if w is not None]
+                if done.wait(max(0.0, min(waits))):
+                    return
+                with lock:
+                    if finished:
+                        return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        timed_out = True
+                    kicked = True
+                    with contextlib.suppress(KvmError):
+                        vcpu.kick()
+                    if timed_out:
+                        return
+
+        output = _Tail(max_output)
+        shares = {"debugcon": _Tail(max_output), "serial": _Tail(max_output)}
+
+        def emit(source: str, data: bytes) -> None:
+            if source not in shares:
+                shares[source] = _Tail(max_output)
+            shares[source].add(data)
+            output.add(data)
+            if on_output is not None:
+                on_output(data)
+
+        exits = 0
+        start = time.monotonic()
+        watcher = None
+        if timeout is not None or poll is not None:
+            watcher = threading.Thread(
+                target=watch, args=(None if timeout is None else start + timeout,),
+                name="kvmio-multiboot-watch", daemon=True)
+        try:
+            if watcher is not None:
+                watcher.start()
+            while True:
+                # Ring-full exits are served by the runner's routing (on_ring_full, or the
+                # vCPU's own ring drained), which also reports a ring stuck full as overrun.
+                ex = run_until_handled(vcpu, on_ring_full=on_ring_full)
+                exits += 1
+                if isinstance(ex, Interrupted):
+                    if timed_out:
+                        stop = _Stop(StopReason.TIMEOUT, f"timeout ({timeout:g} s)")
+                        break
+                    dead = self._dead_halt() if self.irqchip else None
+                    if dead is not None:
+                        stop = dead
+                        break
+                    continue  # a poll that found the vCPU busy, or a stray signal
+                got = self._handle(ex, emit)
+                if got is not None:
+                    stop = got
+                    break
+        finally:
+            done.set()
+            with lock:
+                finished = True
+            if watcher is not None and watcher.is_alive():
+                watcher.join()
+            # A kick made as the run ended stays pending: drop it, so that a resumed run is not
+            # cut short.  (This also drops other threads' kicks made meanwhile.)
+            if kicked:
+                with contextlib.suppress(KvmError):
+                    vcpu.immediate_exit = False
+        elapsed = time.monotonic() - start
+        if stop.reason in _TERMINAL:
+            self._terminal = stop.reason
+        regs = vcpu.get_regs()
+        return MultibootResult(
+            reason=stop.reason, detail=stop.detail, exit=ex, output=output.value(),
+            debugcon=shares["debugcon"].value(), serial=shares["serial"].value(),
+            exit_code=stop.exit_code, regs=regs, vga_text=self.vga_text(), elapsed=elapsed,
+            exits=exits, warnings=self.image.warnings, output_dropped=output.dropped)
+
+    def _dead_halt(self) -> _Stop | None:
+        """With the in-kernel irqchip: a stop if the vCPU sits in HLT with interrupts disabled
+        (KVM keeps it halted in the kernel; nothing will wake it)."""
+        if self.vcpu.get_mp_state() != lib.KVM_MP_STATE_HALTED:
+            return None
+        regs = self.vcpu.get_regs()
+        if regs.rflags & _RFLAGS_IF:
+            return None  # waiting for an interrupt, as it should
+        return _Stop(StopReason.HALTED,
+                     f"halted at EIP {regs.rip:#x} with interrupts disabled")
+
+    def _handle(self, ex: VcpuExit, emit: _Emit) -> _Stop | None:
+        if isinstance(ex, IoOut):
+            return self._port_write(ex, emit)
+        if isinstance(ex, IoIn):
+            ex.answer(b"".join(self.bus.read(ex.port, ex.size).to_bytes(ex.size, "little")
+                               for _ in range(ex.count)))
+            return None
+        if isinstance(ex, MmioRead):
+            ex.answer(b"\xff" * ex.length)
+            return None
+        if isinstance(ex, MmioWrite):
+            return None
+        regs = self.vcpu.get_regs()
+        eip = regs.rip
+        if isinstance(ex, Hlt):
+            if regs.rflags & _RFLAGS_IF:
+                return _Stop(StopReason.HALTED,
+                             f"halted at EIP {eip:#x} with interrupts enabled (without the "
+                             "irqchip nothing ever interrupts, so it would wait forever)")
+            return _Stop(StopReason.HALTED, f"halted at EIP {eip:#x} with interrupts disabled")
+        if isinstance(ex, Shutdown):
+            return _Stop(StopReason.SHUTDOWN, f"shutdown (triple fault) near EIP {eip:#x}")
+        if isinstance(ex, InternalError):
+            what = " (emulation failure)" if ex.suberror == InternalError.EMULATION else ""
+            data = " ".join(f"{d:#x}" for d in ex.data)
+            return _Stop(StopReason.INTERNAL_ERROR,
+                         f"KVM internal error, suberror {ex.suberror}{what}, at EIP {eip:#x}"
+                         + (f" (data {data})" if data else ""))
+        if isinstance(ex, FailEntry):
+            return _Stop(StopReason.FAIL_ENTRY,
+                         f"VM entry failed (hardware reason "
+                         f"{ex.hardware_entry_failure_reason:#x})")
+        if isinstance(ex, SystemEvent):
+            return _Stop(StopReason.SYSTEM_EVENT, f"KVM system event {ex.type}")
+        assert isinstance(ex, DirtyRingFull | Unknown)
+        return _Stop(StopReason.UNHANDLED_EXIT,
+                     f"unhandled exit {type(ex).__name__} (reason {ex.reason}) at EIP {eip:#x}")
+
+    def _port_write(self, ex: IoOut, emit: _Emit) -> _Stop | None:
+        """Each item of a (``rep``) OUT goes to the bus; output is emitted per exit, and the
+        first event that stops the machine ends the exit's handling."""
+        out = bytearray()
+        source = ""
+        stop: _Stop | None = None
+        for i in range(0, ex.size * ex.count, ex.size):
+            event = self.bus.write(ex.port, ex.size, int.from_bytes(ex.data[i:i + ex.size],
+                                                                    "little"))
+            if isinstance(event, Output):
+                out += event.data
+                source = event.source
+            elif event is not None:
+                stop = _stop_for(event)
+                break
+        if out:
+            emit(source, bytes(out))
+        return stop
+
+
+def _stop_for(event: DeviceEvent) -> _Stop:
+    if isinstance(event, DebugExit):
+        return _Stop(StopReason.DEBUG_EXIT,
+                     f"debug exit: the kernel wrote {event.value:#x} to port {event.port:#x} "
+                     f"(exit code {event.exit_code})", event.exit_code)
+    if isinstance(event, ResetRequest):
+        return _Stop(StopReason.RESET, event.detail)
+    assert isinstance(event, PowerOff)
+    return _Stop(StopReason.POWEROFF, event.detail)
+
+
+def run_multiboot(kvm: Kvm, kernel: bytes | str | os.PathLike[str], *,
+                  mem: int = DEFAULT_MEMORY, cmdline: str = "", name: str | None = None,
+                  timeout: float | None = None, irqchip: bool = True,
+                  on_output: Callable[[bytes], None] | None = None,
+                  max_output: int = DEFAULT_MAX_OUTPUT) -> MultibootResult:
+    """Load and run a Multiboot kernel in a new VM, closed afterwards; return the result.
+
+    The arguments are those of :class:`MultibootMachine` and :meth:`MultibootMachine.run`.
+    """
+    with MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, name=name,
+                          irqchip=irqchip) as machine:
+        return machine.run(timeout=timeout, on_output=on_output, max_output=max_output)
