@@ -282,7 +282,7 @@ def test_vcpus_created_while_tracking_are_adopted(kvm: Kvm) -> None:
 
 def test_error_in_a_vcpu_thread_pass_is_recorded(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=64 << 20, ring_entries=256, max_writes=100) as w:
-        tracker = DirtyTracker(w.vm, interval=10.0)  # the worker stays asleep
+        tracker = DirtyTracker(w.vm, interval=10.0, strict=True)  # the worker sleeps
         tracker.start()
         w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
         burst = program("burst")

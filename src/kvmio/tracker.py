@@ -10,7 +10,9 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -18,6 +20,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from kvmio import _check
 from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.pages import PageSet, coalesce
 from kvmio.dirty.ring import DirtyRing
@@ -49,9 +52,15 @@ class SlotRanges:
 
 @dataclass(frozen=True)
 class DirtyRanges:
-    """What :meth:`DirtyTracker.take` returns: coalesced dirty runs, per slot and in total."""
+    """What :meth:`DirtyTracker.take` returns: coalesced dirty runs, per slot and in total.
+
+    ``wholly_dirty`` names the slots reported whole because a ring overran since the previous
+    take (the kernel overwrote entries, so which pages were written is unknown): the caller
+    must treat (copy, compare, resend) the whole slot.
+    """
 
     slots: dict[int, SlotRanges]
+    wholly_dirty: frozenset[int] = frozenset()
 
     @classmethod
     def from_pages(cls, pages: Mapping[int, npt.NDArray[np.uint64]],
@@ -190,18 +199,33 @@ class DirtyTracker:
     bitmaps, and records a :class:`RateSample`.
 
     :meth:`take` returns everything dirtied since the previous take, already harvested and
-    reset, so page contents may be read right after it.  The first error of any pass (e.g. a
-    ring overrun), in the worker or in a vCPU thread, stops the tracker and is re-raised by
-    ``take``, ``rate``, ``on_ring_full``, ``start`` and ``stop``; nothing harvested by a
-    failed pass is lost: ``close()`` hands what the tracker collected since the last ``take``
-    to the VM, whose next collection reports it.  To go on after an overrun: ``close()`` the
-    tracker, recover the rings (:meth:`kvmio.DirtyRing.recover_from_overrun`), resynchronise,
-    and start a new tracker.
-    vCPUs created while tracking are adopted by the next pass.
+    reset, so page contents may be read right after it.
+
+    Ring overruns (a guest that writes more pages in one emulation batch than the ring has
+    room for, e.g. a kernel clearing its bss with ``rep stos``): by default the tracker
+    survives them.  It notes the overrun (:attr:`overrun_events`), reports every dirty-logged
+    slot whole in the next :meth:`take` (:attr:`DirtyRanges.wholly_dirty`), and recovers the
+    ring from the vCPU's thread at its next ring-full exit (:meth:`on_ring_full`, when the
+    vCPU is outside KVM_RUN as recovery needs; :attr:`recoveries` counts them).  A ring that
+    lost more than it can recover leaves its vCPU stuck on ring-full, which the runner
+    reports as :class:`DirtyRingOverrunError`.  With ``strict=True`` the first overrun is an
+    error instead.
+
+    The first error of any pass, in the worker or in a vCPU thread, stops the tracker and is
+    re-raised by ``take``, ``rate``, ``on_ring_full``, ``start`` and ``stop``; nothing
+    harvested by a failed pass is lost: ``close()`` hands what the tracker collected since the
+    last ``take`` to the VM, whose next collection reports it.
+
+    ``log_slots``: slots whose dirty logging the tracker turns on at :meth:`start` and off
+    again at :meth:`close` (as a migration does), so that a guest runs unlogged until
+    tracking starts.  vCPUs created while tracking are adopted by the next pass; slots may be
+    added and deleted while it runs (pages of a deleted slot are counted in
+    :attr:`dropped`).
     """
 
     def __init__(self, vm: Vm, mode: Mode = "auto", *, interval: float = 0.05,
-                 window: float = 1.0, heatmap_bins: int = 128, history: int = 100_000):
+                 window: float = 1.0, heatmap_bins: int = 128, history: int = 100_000,
+                 strict: bool = False, log_slots: Iterable[int] = ()):
         if mode not in ("ring", "bitmap", "auto"):
             raise KvmInvalidArgumentError(f"mode must be 'ring', 'bitmap' or 'auto', not {mode!r}")
         if not interval > 0:
@@ -237,11 +261,27 @@ class DirtyTracker:
         self._last = self._t0
         self.passes = 0
         self.entries = 0
+        #: Entries and pages collected for memory that no longer exists (deleted slots).
+        self.dropped = 0
         #: Seconds spent in passes, in whichever thread ran them (wall clock: an upper bound on
         #: their CPU time; per-thread CPU clocks cost a system call each on some hosts).
         self.cpu_time = 0.0
         self._closed = False
         self._claim: DirtyLogClaim | None = None
+        #: Ring mode: raise at the first overrun (True), or survive it (False: recover the
+        #: ring, report the tracked slots as wholly dirty in the next take, go on).
+        self.strict = bool(strict)
+        #: Overruns survived: ``(time since start, vCPU id, why)``.
+        self.overrun_events: list[tuple[float, int, str]] = []
+        #: Rings recovered after an overrun.
+        self.recoveries = 0
+        self._wholly_dirty: set[int] = set()
+        self._log_slots = sorted({_check.integer("log_slots item", s) for s in log_slots})
+        regions = vm.regions
+        for slot in self._log_slots:
+            if slot not in regions:
+                raise KvmInvalidArgumentError(f"log_slots names slot {slot}, which does not exist")
+        self._logging_started: list[int] = []
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -259,10 +299,15 @@ class DirtyTracker:
                 self._adopt_rings(check_all=True)
             elif self._claim is None:
                 self._claim = self.vm.claim_dirty_log("a DirtyTracker")
+            for slot in self._log_slots:  # dirty logging starts when tracking starts
+                if not self.vm.regions[slot].log_dirty:
+                    self.vm.set_dirty_logging(slot, True)
+                    self._logging_started.append(slot)
             self._t0 = self._last = time.monotonic()
             self._stop.clear()
-            self._thread = threading.Thread(target=self._worker, name="kvmio-dirty-tracker",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=DirtyTracker._worker, args=(weakref.ref(self), self._stop, self.interval),
+                name="kvmio-dirty-tracker", daemon=True)
             self._thread.start()
         return self
 
@@ -306,6 +351,10 @@ class DirtyTracker:
                 if self._claim is not None:
                     self.vm.release_dirty_log(self._claim)
                     self._claim = None
+                for slot in self._logging_started:
+                    if not self.vm.closed and slot in self.vm.regions:
+                        self.vm.set_dirty_logging(slot, False)
+                self._logging_started.clear()
                 acc, self._acc = self._acc, {}
                 pages = PageSet.from_mask(acc)
                 if pages.count and not self.vm.closed:
@@ -341,18 +390,42 @@ class DirtyTracker:
         if self._error is not None:
             raise self._error
 
-    def _worker(self) -> None:
+    @staticmethod
+    def _worker(ref: weakref.ReferenceType[DirtyTracker], stop: threading.Event,
+                interval: float) -> None:
+        # The thread holds the tracker only weakly between passes, so that a tracker dropped
+        # without close() can be collected: its finaliser stops this thread.
         while True:
-            stopping = self._stop.wait(self.interval)
+            stopping = stop.wait(interval)
+            tracker = ref()
+            if tracker is None:
+                return
             try:
-                with self._lock:
-                    if self._closed:
+                with tracker._lock:
+                    if tracker._closed:
                         return
-                    self._pass()
+                    tracker._pass()
             except BaseException:
                 return  # recorded by _pass (by whichever thread failed first)
+            finally:
+                del tracker
             if stopping:
                 return
+
+    def __del__(self) -> None:
+        # A tracker dropped without close(): stop its thread and give its rings back, with a
+        # ResourceWarning as Python's own files do.
+        if getattr(self, "_closed", True) or getattr(self, "_thread", None) is None:
+            return
+        warnings.warn("unclosed DirtyTracker; call close() or use 'with'", ResourceWarning,
+                      source=self, stacklevel=2)
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self._closed = True
+            for ring in self._rings.values():
+                ring.release()
+            if self._claim is not None:
+                self.vm.release_dirty_log(self._claim)
 
     # -- passes -----------------------------------------------------------------------------
 
@@ -379,7 +452,9 @@ class DirtyTracker:
             assert rs is not None
             with rs.lock:  # no vCPU can close its ring between adoption and harvest
                 self._adopt_rings()
-                got = self.vm.collect_dirty_pages(final=final, rings=self._rings.values())
+                got = self.vm.collect_dirty_pages(
+                    final=final, rings=self._rings.values(),
+                    on_overrun="raise" if self.strict else "report")
         else:
             got = self.vm.collect_dirty_pages(claim=self._claim)
         # The pass covers the time up to its harvest: stamp it now, not before the collection
@@ -387,8 +462,11 @@ class DirtyTracker:
         # span).  From here on nothing may raise: the pages are harvested and reset already.
         now = time.monotonic()
         sizes = self.vm.slot_pages()
-        pages, _ = got.pages.restrict(sizes)
+        pages, dropped = got.pages.restrict(sizes)
+        self.dropped += got.dropped + dropped
         self._accumulate(pages, sizes)
+        for vid, why in got.overruns.items():
+            self._note_overrun(now, vid, why, sizes)
         distinct, span = self._vm_window.add(self._last, now, dict(pages), sizes)
         vrates = {}
         for vid, win in self._vcpu_windows.items():
@@ -401,6 +479,18 @@ class DirtyTracker:
         self.passes += 1
         self.entries += got.entries
         self.cpu_time += time.monotonic() - t_start
+
+    def _note_overrun(self, now: float, vcpu_id: int, why: str, sizes: dict[int, int]) -> None:
+        """A ring overran (non-strict mode): its lost entries could name any tracked page, so
+        every dirty-logged slot is reported whole by the next take.  Never raises."""
+        self.overrun_events.append((now - self._t0, vcpu_id, why))
+        for slot, region in self.vm.regions.items():
+            if region.log_dirty and slot in sizes:
+                self._wholly_dirty.add(slot)
+                acc = self._acc.get(slot)
+                if acc is None or len(acc) != sizes[slot]:
+                    acc = self._acc[slot] = np.zeros(sizes[slot], dtype=np.bool_)
+                acc[:] = True
 
     def _accumulate(self, pages: PageSet, sizes: dict[int, int]) -> None:
         """Add pages to the per-slot bitmaps (a slot re-created with another size starts
@@ -444,12 +534,33 @@ class DirtyTracker:
         if self.mode != "ring":
             raise KvmStateError("on_ring_full is for ring mode")
         with self._lock:
+            ring = vcpu.ring
             if self._closed:
-                ring = vcpu.ring
                 if ring is not None:
                     ring.drain()
                 return
             self._pass()
+            if ring is not None and ring.hole_pending and not self.strict:
+                self._recover(ring)
+
+    def _recover(self, ring: DirtyRing) -> None:
+        """Recover an overrun ring from its vCPU's thread (outside KVM_RUN, as recovery
+        needs); what the recovery harvests is accumulated.  A ring with nothing past its hole
+        cannot be recovered yet: its vCPU stays stuck on ring-full, which the runner reports
+        as an overrun error if it lasts."""
+        try:
+            got = ring.recover_from_overrun()
+        except Exception as e:
+            if self._error is None:
+                self._error = e
+            raise
+        sizes = self.vm.slot_pages()
+        pages, dropped = PageSet.from_entries(got, sizes)
+        self.dropped += dropped
+        self._accumulate(pages, sizes)
+        self.entries += len(got)
+        if not ring.hole_pending:
+            self.recoveries += 1
 
     def take(self, *, final: bool = False) -> DirtyRanges:
         """Everything dirtied since the previous take (or start), harvested and reset already:
@@ -460,9 +571,12 @@ class DirtyTracker:
         with self._lock:
             self._pass(final)  # refuses once closed, re-raises a tracker error
             acc, self._acc = self._acc, {}
+            whole, self._wholly_dirty = self._wholly_dirty, set()
             regions = self.vm.regions
         pages, _ = PageSet.from_mask(acc).restrict({s: r.num_pages for s, r in regions.items()})
-        return DirtyRanges.from_pages(pages, {s: r.guest_phys_addr for s, r in regions.items()})
+        ranges = DirtyRanges.from_pages(pages, {s: r.guest_phys_addr
+                                                for s, r in regions.items()})
+        return DirtyRanges(ranges.slots, frozenset(whole & set(regions)))
 
     def rate(self) -> DirtyRate:
         """The latest windowed dirty rate (VM and, in ring mode, per vCPU)."""

@@ -20,7 +20,7 @@ from kvmio import _abi, _check
 from kvmio._abi import IS_X86, PAGE_SIZE, FdOwner, Mapping, ffi, lib
 from kvmio.caps import Cap
 from kvmio.dirty.pages import PageSet, bitmap_to_pages
-from kvmio.dirty.ring import GFN_SIZE, DirtyEntries, DirtyRing
+from kvmio.dirty.ring import GFN_SIZE, DirtyEntries, DirtyRing, OverrunPolicy
 from kvmio.dirty.ringset import RingSet
 from kvmio.errors import (
     DirtyRingError,
@@ -84,6 +84,9 @@ class DirtyPages:
     #: Ring mode: the pages each vCPU's ring reported, by vCPU id (entries of closed vCPUs and
     #: pages handed over with :meth:`Vm.adopt_dirty_pages` are only in :attr:`pages`).
     per_vcpu: dict[int, PageSet] = field(default_factory=dict)
+    #: With ``on_overrun="report"``: rings found overrun by this collection (vCPU id -> why).
+    #: Pages may have been lost: treat the tracked slots as wholly dirty.
+    overruns: dict[int, str] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -590,7 +593,8 @@ class Vm(FdOwner):
     # -- collection -------------------------------------------------------------------------
 
     def collect_dirty_pages(self, *, final: bool = False, rings: Iterable[DirtyRing] | None = None,
-                            claim: DirtyLogClaim | None = None) -> DirtyPages:
+                            claim: DirtyLogClaim | None = None,
+                            on_overrun: OverrunPolicy = "raise") -> DirtyPages:
         """Harvest every vCPU's ring, reset the rings, and only then return the dirty pages.
 
         This is the safe order: page contents read after this call are at least as new as the
@@ -600,6 +604,11 @@ class Vm(FdOwner):
         entries left by closed vCPUs are the VM's).  Entries of a running vCPU may still be in
         flight; for a complete final picture stop the vCPUs first and pass ``final=True``,
         which also collects the backup bitmap (WITH_BITMAP) last.
+
+        A ring found overrun raises :class:`DirtyRingOverrunError` (what was harvested is kept
+        for the next collection); with ``on_overrun="report"`` the collection completes and
+        names the overrun rings in :attr:`DirtyPages.overruns` instead, for an owner that
+        recovers them (see :class:`kvmio.tracker.DirtyTracker`).
 
         Without a dirty ring, this collects the bitmap of every dirty-logged slot instead (and
         clears it under manual protect); ``claim`` is the caller's
@@ -623,7 +632,7 @@ class Vm(FdOwner):
                     if ring.ring_set is not ring_set:
                         raise KvmInvalidArgumentError(
                             f"the ring of vCPU {ring.vcpu_id} belongs to another VM")
-            harvest = ring_set.harvest_and_reset(todo)
+            harvest = ring_set.harvest_and_reset(todo, on_overrun=on_overrun)
             # From here on nothing may raise: the entries are harvested and reset already.
             sizes = self.slot_pages()
             per_vcpu: dict[int, PageSet] = {}
@@ -643,7 +652,8 @@ class Vm(FdOwner):
                 extra = [self._get_log(slot, sizes[slot]) for slot in self._logged_slots()
                          if slot in sizes]
                 pages = pages.union(*extra)
-            return DirtyPages(pages, self.regions, harvest.entries, dropped, per_vcpu)
+            return DirtyPages(pages, self.regions, harvest.entries, dropped, per_vcpu,
+                              harvest.overruns)
 
     def _logged_slots(self) -> list[int]:
         with self._lock:

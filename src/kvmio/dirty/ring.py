@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from collections.abc import Mapping as Mapping_
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,10 @@ from kvmio.memory import MemoryRegion, SlotId
 
 if TYPE_CHECKING:
     from kvmio.dirty.ringset import RingSet
+
+#: What a harvest does when it finds the ring overrun: raise DirtyRingOverrunError, or report
+#: it (noted on the ring) and return what it took.
+OverrunPolicy = Literal["raise", "report"]
 
 #: Bytes per ``struct kvm_dirty_gfn`` (from the C compiler).
 GFN_SIZE: int = ffi.sizeof("struct kvm_dirty_gfn")
@@ -254,6 +258,14 @@ class DirtyRing:
         #: Entries that :meth:`recover_from_overrun` skipped (counted by the kernel, but
         #: overwritten before they were harvested).
         self.lost_total = 0
+        #: Overruns detected on this ring (raised, or reported with ``on_overrun="report"``).
+        self.overruns = 0
+        #: Why the last overrun was detected (``None`` if none was).
+        self.last_overrun: str | None = None
+        #: Whether a harvest stopped at a hole that :meth:`recover_from_overrun` has not yet
+        #: skipped: harvests stay stuck there until it is recovered.
+        self.hole_pending = False
+        self._reported_now: str | None = None
 
     def __repr__(self) -> str:
         return f"<DirtyRing vcpu={self.vcpu_id} size={self.size} index={self.index}>"
@@ -336,7 +348,8 @@ class DirtyRing:
 
     # -- harvesting -------------------------------------------------------------------------
 
-    def harvest(self, limit: int | None = None) -> DirtyEntries:
+    def harvest(self, limit: int | None = None, *,
+                on_overrun: OverrunPolicy = "raise") -> DirtyEntries:
         """Take up to ``limit`` dirty entries (default: all), in ring order.
 
         Each entry is read after a load-acquire of its flags and then marked harvested with a
@@ -349,13 +362,20 @@ class DirtyRing:
         Raises :class:`DirtyRingOverrunError` when the ring shows that the kernel overwrote
         entries: a hole (the entry at the index is not dirty but a later one is) or a completely
         full ring since the last reset.  What was harvested is kept: the next harvest returns
-        it (the exception only counts it, in ``harvested``).
+        it (the exception only counts it, in ``harvested``).  With ``on_overrun="report"`` the
+        harvest returns what it took instead, and notes the overrun (:attr:`overruns`,
+        :attr:`last_overrun`, :attr:`hole_pending`, and :meth:`take_overrun_report`) for an
+        owner that recovers the ring itself.
         """
+        if on_overrun not in ("raise", "report"):
+            raise KvmInvalidArgumentError(
+                f"on_overrun must be 'raise' or 'report', not {on_overrun!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 0):
             raise KvmInvalidArgumentError(f"limit must be an int >= 0 or None, not {limit!r}")
         with self._lock:
-            got = self._harvest_locked(self.size if limit is None else limit)
+            got = self._harvest_locked(self.size if limit is None else limit,
+                                       report=on_overrun == "report")
             if self._stash:
                 got = DirtyEntries.concat([*self._stash, got])
                 self._stash.clear()
@@ -365,7 +385,8 @@ class DirtyRing:
         """Harvest everything now available and iterate over ``(SlotId, page offset)``."""
         return iter(self.harvest())
 
-    def _harvest_locked(self, limit: int, check: bool = True) -> DirtyEntries:
+    def _harvest_locked(self, limit: int, check: bool = True,
+                        report: bool = False) -> DirtyEntries:
         self._check()
         limit = min(limit, self.size)
         if limit == 0:
@@ -383,13 +404,32 @@ class DirtyRing:
             got = DirtyEntries(slots[:n], offsets[:n])
         if not check:
             return got
+        why = None
         if stop == STOP_HOLE:
-            self._overrun(got, "an entry the kernel should have published is missing (a hole "
-                               "in the ring)")
-        if self._pending_reset >= self.size > self._pending_reset - n:  # reported once
-            self._overrun(got, f"the ring filled completely ({self._pending_reset} of "
-                               f"{self.size} entries since the last reset)")
+            why = "an entry the kernel should have published is missing (a hole in the ring)"
+            new = not self.hole_pending  # a hole stays until recovered: count it once
+            self.hole_pending = True
+        elif self._pending_reset >= self.size > self._pending_reset - n:  # reported once
+            why = (f"the ring filled completely ({self._pending_reset} of {self.size} entries "
+                   "since the last reset)")
+            new = True
+        if why is None:
+            return got
+        if new:
+            self.overruns += 1
+            self.last_overrun = why
+        if not report:
+            self._overrun(got, why)
+        elif new:
+            self._reported_now = why
         return got
+
+    def take_overrun_report(self) -> str | None:
+        """The overrun noted by harvests with ``on_overrun="report"`` since the last call (and
+        forget it): what a collection reports to the ring's owner."""
+        with self._lock:
+            why, self._reported_now = self._reported_now, None
+            return why
 
     def _overrun(self, got: DirtyEntries, why: str) -> None:
         kept = got.copy()
@@ -458,6 +498,8 @@ class DirtyRing:
                 skipped = int(lib.kvmio_ring_skip_hole(self._gfns, self.size, self._index))
                 self._pending_reset += skipped
                 self.lost_total += skipped
+                if skipped:
+                    self.hole_pending = False
                 got = self._harvest_locked(self.size, check=False)
                 parts.append(got.copy())
                 if skipped == 0 and len(got) == 0:

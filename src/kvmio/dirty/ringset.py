@@ -13,9 +13,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from kvmio.dirty.ring import DirtyEntries, DirtyRing, _no_guard
+from kvmio.dirty.ring import DirtyEntries, DirtyRing, OverrunPolicy, _no_guard
 from kvmio.errors import DirtyRingOverrunError, KvmStateError
 
 #: How many times a reset is repeated at most (each repeat follows a partial count that a
@@ -29,6 +29,8 @@ class Harvest:
 
     rings: list[tuple[DirtyRing, DirtyEntries]]
     orphans: list[DirtyEntries]
+    #: With ``on_overrun="report"``: the rings found overrun by this harvest (vCPU id -> why).
+    overruns: dict[int, str] = field(default_factory=dict)
 
     @property
     def entries(self) -> int:
@@ -162,11 +164,15 @@ class RingSet:
                     "dirty and resynchronise them")
             return total
 
-    def harvest_and_reset(self, rings: Iterable[DirtyRing] | None = None) -> Harvest:
+    def harvest_and_reset(self, rings: Iterable[DirtyRing] | None = None, *,
+                          on_overrun: OverrunPolicy = "raise") -> Harvest:
         """Harvest ``rings`` (default: every open ring) and take the orphans, then reset: one
         transaction under the lock.  If anything fails, everything harvested is given back (to
         its ring, or to the orphans) for the next collection, and the error raised.  Rings
-        that closed meanwhile are skipped (they gave their entries to the orphans)."""
+        that closed meanwhile are skipped (they gave their entries to the orphans).  With
+        ``on_overrun="report"`` an overrun ring does not fail the transaction: it is named in
+        :attr:`Harvest.overruns` (its owner recovers it, see
+        :meth:`DirtyRing.recover_from_overrun`)."""
         with self.lock:
             todo = list(self._rings.values()) if rings is None else list(rings)
             harvested: list[tuple[DirtyRing, DirtyEntries]] = []
@@ -174,11 +180,16 @@ class RingSet:
             try:
                 for ring in todo:
                     if not ring.closed:
-                        harvested.append((ring, ring.harvest()))
+                        harvested.append((ring, ring.harvest(on_overrun=on_overrun)))
                 self.reset()
             except BaseException:
                 for ring, got in harvested:
                     ring.give_back(got)
                 self.return_orphans(orphans)
                 raise
-            return Harvest(harvested, orphans)
+            overruns = {}
+            for ring, _ in harvested:
+                why = ring.take_overrun_report()
+                if why is not None:
+                    overruns[ring.vcpu_id] = why
+            return Harvest(harvested, orphans, overruns)

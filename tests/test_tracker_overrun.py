@@ -1,0 +1,81 @@
+"""Ring-mode tracking survives overruns (real /dev/kvm): the dense 'burst' guest overruns the
+ring by construction (8 page writes per 11 instructions: one 1024-instruction emulation batch
+pushes ~745 entries, past the soft limit and past the ring's end), the tracker reports the
+tracked slots wholly dirty, recovers the ring at the vCPU's next ring-full exit, and goes on
+losslessly once the guest writes at a lossless density again."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvmio import DirtyRingOverrunError, Hlt, Kvm
+from kvmio.guests.programs import program
+from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
+from kvmio.tracker import DirtyTracker
+
+from guests import wait_until
+
+pytestmark = pytest.mark.kvm
+
+#: Long enough that only ring-full exits harvest: the overrun then happens by construction,
+#: not because the worker happened to be late.
+NO_WORKER = 3600.0
+
+
+def _burst(w: Workload, pages: int = 8192) -> None:
+    burst = program("burst")
+    w.vm.write_memory(0x30000, burst.code)  # position independent
+    v = w.vcpus[0]
+    r = v.get_regs()
+    r.rip, r.rdi, r.rsi, r.rax = 0x30000, MEM_BASE, pages, 0xAA
+    v.set_regs(r)
+
+
+def test_tracker_survives_an_overrun_and_recovers_the_ring(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=64 << 20, ring_entries=4096, max_writes=100,
+                  order="sequential", value="count") as w:
+        # 100 entries first, so that batch ends do not fall exactly on the ring's end.
+        assert isinstance(w.run_vcpu(0), Hlt)
+        w.vm.collect_dirty_pages()
+        saved = w.vcpus[0].get_regs()
+        _burst(w)
+        with DirtyTracker(w.vm, "ring", interval=NO_WORKER) as tracker:
+            with w.runner(on_ring_full=tracker.on_ring_full) as r:
+                wait_until(lambda: tracker.recoveries >= 2 or not r.running,
+                           what="the ring to overrun and be recovered twice")
+                r.pause()
+                assert r.errors == {}
+                first = tracker.take()
+                # Every tracked page is reported, flagged as wholly dirty.
+                assert first.wholly_dirty == {MEM_SLOT}
+                assert first.slots[MEM_SLOT].pages == w.mem.num_pages
+                assert tracker.overrun_events and all(
+                    vid == 0 for _, vid, _ in tracker.overrun_events)
+                assert w.vcpus[0].ring is not None and w.vcpus[0].ring.lost_total > 0
+                # Back to the lossless dirtier: from now on the ring is exact again.
+                w.mem.array()[:] = 0
+                w.vcpus[0].set_regs(saved)
+                target = w.writes(0) + 20_000
+                w.vm.write_memory(w.params_addr(0) + 80, target.to_bytes(8, "little"))
+                r.resume()
+                assert r.wait(300)
+            assert isinstance(r.exits[0], Hlt) and w.writes(0) == target
+            events = len(tracker.overrun_events)
+            second = tracker.take(final=True)
+        assert second.wholly_dirty == frozenset()
+        assert len(tracker.overrun_events) == events
+        got = np.concatenate([(g - w.mem.guest_phys_addr) // 4096 + np.arange(n // 4096)
+                              for g, n in second])
+        assert np.array_equal(np.sort(got), np.flatnonzero(w.mem.page_words()))
+
+
+def test_strict_tracker_raises_at_the_first_overrun(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=64 << 20, ring_entries=4096, max_writes=100) as w:
+        assert isinstance(w.run_vcpu(0), Hlt)
+        _burst(w)
+        tracker = DirtyTracker(w.vm, "ring", interval=NO_WORKER, strict=True)
+        with (pytest.raises(DirtyRingOverrunError, match="lost"), tracker,
+              w.runner(on_ring_full=tracker.on_ring_full) as r):
+            r.wait(300)
+        assert tracker.recoveries == 0 and tracker.error is not None
