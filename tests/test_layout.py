@@ -327,3 +327,15 @@ def test_build_refuses_missing_dirty_log_page_offset(guard_setup: dict[str, Path
     assert len(errors) == 1, r.stderr
     assert "#error" in errors[0]
     assert "lacks KVM_DIRTY_LOG_PAGE_OFFSET" in errors[0]
+
+
+def test_native_stub_is_current() -> None:
+    """The typed stub of kvmio._native is generated from the cffi declarations."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "tools" / "gen_native_stub.py"), "--check"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr

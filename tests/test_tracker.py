@@ -15,38 +15,14 @@ from hypothesis import strategies as st
 from kvmio import DirtyRingOverrunError, Kvm, KvmInvalidArgumentError, KvmStateError
 from kvmio.guests.programs import program
 from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
+from kvmio.runner import RingFullHandler
 from kvmio.tracker import DirtyRanges, DirtyTracker, WindowCounter, coalesce
 
+from guests import wait_until
 
-class Runner:
-    """Runs every vCPU of a workload in its own thread, ring-full exits going to the tracker."""
 
-    def __init__(self, w: Workload, tracker: DirtyTracker | None):
-        self.w, self.tracker = w, tracker
-        self.errors: list[BaseException] = []
-        self.stop = threading.Event()
-        self.threads: list[threading.Thread] = []
-
-    def _run(self, i: int) -> None:
-        try:
-            cb = self.tracker.on_ring_full if self.tracker and self.tracker.mode == "ring" else None
-            self.w.run_vcpu(i, self.stop, on_ring_full=cb)
-        except BaseException as e:
-            self.errors.append(e)
-
-    def start(self) -> None:
-        self.stop.clear()
-        self.threads = [threading.Thread(target=self._run, args=(i,))
-                        for i in range(len(self.w.vcpus))]
-        for t in self.threads:
-            t.start()
-
-    def halt(self) -> None:
-        self.stop.set()
-        for v in self.w.vcpus:
-            v.kick()
-        for t in self.threads:
-            t.join(30)
+def _ring_full(tracker: DirtyTracker) -> RingFullHandler | None:
+    return tracker.on_ring_full if tracker.mode == "ring" else None
 
 
 @pytest.mark.parametrize("mode", ["ring", "bitmap"])
@@ -56,15 +32,13 @@ def test_tracker_never_loses_a_page(kvm: Kvm, mode: str) -> None:
                   manual_protect=mode == "bitmap") as w:
         tracker = DirtyTracker(w.vm, mode=mode, interval=0.003)  # type: ignore[arg-type]
         assert tracker.mode == mode
-        runner = Runner(w, tracker)
         with tracker:
             total = 0
             for it in range(1, 21):
                 w.generation = it
-                runner.start()
-                time.sleep(rng.uniform(0.005, 0.02))
-                runner.halt()
-                assert not runner.errors, runner.errors
+                with w.runner(on_ring_full=_ring_full(tracker)) as r:
+                    time.sleep(rng.uniform(0.005, 0.02))  # how long the guest runs
+                assert not r.errors, r.errors
                 ranges = tracker.take()
                 reported = np.zeros(w.mem.num_pages, dtype=bool)
                 for gpa, length in ranges:
@@ -85,6 +59,19 @@ def _truth(points: list[tuple[float, int]], t: float, window: float) -> float:
     return float(np.interp(t, ts, cs) - np.interp(t - window, ts, cs)) / window
 
 
+def _sampling_gap(points: list[tuple[float, int]], t: float, window: float) -> float:
+    """How far apart the guest-counter samples around ``t - window`` and ``t`` are: the truth
+    interpolated between them is uncertain by up to that much time at each end (a busy machine
+    delays the sampling thread)."""
+    ts = np.array([p[0] for p in points])
+    gap = 0.0
+    for x in (t - window, t):
+        i = int(np.searchsorted(ts, x))
+        if 0 < i < len(ts):
+            gap += float(ts[i] - ts[i - 1])
+    return gap
+
+
 @pytest.mark.parametrize("mode", ["ring", "bitmap"])
 def test_rate_matches_the_guests_own_counters(kvm: Kvm, mode: str) -> None:
     """A sequential writer over 1 GiB never revisits a page within the window, so its true rate
@@ -92,30 +79,30 @@ def test_rate_matches_the_guests_own_counters(kvm: Kvm, mode: str) -> None:
     with Workload(kvm, mem_size=1 << 30, vcpus=2, shared=False, order="sequential",
                   ring_entries=4096 if mode == "ring" else None) as w:
         tracker = DirtyTracker(w.vm, mode=mode, interval=0.05, window=0.5)  # type: ignore[arg-type]
-        runner = Runner(w, tracker)
         points: list[list[tuple[float, int]]] = [[], [], []]
-        with tracker:
-            runner.start()
+        with tracker, w.runner(on_ring_full=_ring_full(tracker)) as r:
             t_end = time.monotonic() + 1.6
             while time.monotonic() < t_end:
-                t = time.monotonic() - tracker._t0
+                t = time.monotonic() - tracker.started_at
                 points[0].append((t, w.writes(0)))
                 points[1].append((t, w.writes(1)))
                 points[2].append((t, w.writes(0) + w.writes(1)))
-                time.sleep(0.005)
-            runner.halt()
-            assert not runner.errors
+                time.sleep(0.005)  # the sampling period of the guest's counters
+            r.stop()
+            assert not r.errors
         checked = 0
         for s in list(tracker.samples):
             if not 0.6 < s.time < 1.55:
                 continue
             truth = _truth(points[2], s.time, 0.5)
-            assert s.pages_per_second == pytest.approx(truth, rel=0.05), s
+            # 5%, plus what the truth's own sampling cannot resolve (~2% on an idle machine).
+            rel = 0.05 + _sampling_gap(points[2], s.time, 0.5) / 0.5
+            assert s.pages_per_second == pytest.approx(truth, rel=rel), s
             assert s.bytes_per_second == s.pages_per_second * 4096
             if mode == "ring":
                 for i in (0, 1):
                     assert s.vcpu_pages_per_second[i] == pytest.approx(
-                        _truth(points[i], s.time, 0.5), rel=0.05)
+                        _truth(points[i], s.time, 0.5), rel=rel)
             else:
                 assert s.vcpu_pages_per_second == {}
             checked += 1
@@ -129,11 +116,8 @@ def test_rate_counts_distinct_pages_not_entries(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=16 << 20, working_set=16 * 4096, order="sequential",
                   ring_entries=4096) as w:
         tracker = DirtyTracker(w.vm, interval=0.05, window=0.5)
-        runner = Runner(w, tracker)
-        with tracker:
-            runner.start()
-            time.sleep(0.5)
-            runner.halt()
+        with tracker, w.runner(on_ring_full=tracker.on_ring_full):
+            wait_until(lambda: tracker.passes >= 10, what="ten tracker passes")
         assert tracker.entries > 10 * tracker.passes * 16 / 10
         assert all(s.pages <= 16 for s in tracker.samples)
         assert max(s.entries for s in tracker.samples) > 16
@@ -182,7 +166,7 @@ def test_window_counter_matches_brute_force(passes: list[tuple[float, list[int]]
 
 def test_worker_error_reaches_the_caller(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=64 << 20, ring_entries=4096, max_writes=100) as w:
-        tracker = DirtyTracker(w.vm, interval=0.01)
+        tracker = DirtyTracker(w.vm, interval=0.01, strict=True)
         tracker.start()
         w.run_vcpu(0, on_ring_full=tracker.on_ring_full)  # 100 entries in the ring
         burst = program("burst")
@@ -192,10 +176,8 @@ def test_worker_error_reaches_the_caller(kvm: Kvm) -> None:
         w.vcpus[0].set_regs(r)
         with pytest.raises(DirtyRingOverrunError):
             w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
-        for _ in range(100):
-            if tracker.error is not None or not tracker.running:
-                break
-            time.sleep(0.02)
+        wait_until(lambda: tracker.error is not None or not tracker.running,
+                   what="the worker to stop on the error")
         with pytest.raises(DirtyRingOverrunError):
             tracker.take()
         with pytest.raises(DirtyRingOverrunError):
@@ -223,9 +205,11 @@ def test_lifecycle_and_bad_arguments(kvm: Kvm) -> None:
         with pytest.raises(KvmStateError, match="handed to a harvester"):
             _ = w.vcpus[0].dirty_ring
         w.run_vcpu(0)
-        time.sleep(0.35)
-        passes = tracker.passes
-        assert 2 <= passes <= 6  # one pass per interval: no busy polling
+        t0, p0 = time.monotonic(), tracker.passes
+        wait_until(lambda: tracker.passes >= p0 + 3, what="three passes")
+        elapsed = time.monotonic() - t0
+        # One pass per interval, never more (no busy polling); fewer on a busy machine.
+        assert tracker.passes - p0 <= elapsed / tracker.interval + 2
         assert tracker.take().pages == len(np.flatnonzero(w.mem.page_words()))
         assert tracker.take().pages == 0
         threads = {t.name for t in threading.enumerate()}
@@ -273,7 +257,8 @@ def test_vcpus_created_while_tracking_are_adopted(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=16 << 20, ring_entries=1024, max_writes=100,
                   value="count") as w, DirtyTracker(w.vm, interval=0.02) as tracker:
         late = w.vm.create_vcpu(5)  # after start
-        time.sleep(0.1)
+        wait_until(lambda: late.ring is not None and late.ring.taken,
+                   what="the tracker to adopt the late vCPU's ring")
         with pytest.raises(KvmStateError, match="handed to a harvester"):
             _ = late.dirty_ring
         w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
@@ -309,9 +294,10 @@ def test_close_hands_collected_pages_to_the_vm(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=16 << 20, ring_entries=1024, max_writes=300,
                   value="count") as w:
         tracker = DirtyTracker(w.vm, interval=0.01).start()
+        p0 = tracker.passes
         w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
-        time.sleep(0.1)  # the worker harvests and resets: the pages are only in the tracker
-        assert tracker.passes > 0
+        # The worker harvests and resets: the pages are then only in the tracker.
+        wait_until(lambda: tracker.passes > p0 + 1, what="a pass after the run")
         tracker.close()
         d = w.vm.collect_dirty_pages()
         assert np.array_equal(d.pages[MEM_SLOT], np.flatnonzero(w.mem.page_words()))

@@ -37,7 +37,14 @@ from kvmio.exits import (
     Unknown,
     VcpuExit,
 )
-from kvmio.memory import MemoryRegion, SlotId
+from kvmio.memory import (
+    AnonymousMemory,
+    FileMemory,
+    MemfdMemory,
+    Memory,
+    MemoryRegion,
+    SlotId,
+)
 from kvmio.system import API_VERSION, Kvm
 from kvmio.vcpu import Vcpu
 from kvmio.vm import DirtyLogClaim, DirtyPages, DirtyRingConfig, Vm, VmLimits
@@ -47,6 +54,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "API_VERSION",
+    "AnonymousMemory",
     "Cap",
     "CpuidEntry",
     "DTable",
@@ -61,6 +69,7 @@ __all__ = [
     "Exit",
     "ExitReason",
     "FailEntry",
+    "FileMemory",
     "Hlt",
     "InternalError",
     "Interrupted",
@@ -73,6 +82,8 @@ __all__ = [
     "KvmStateError",
     "KvmUnavailableError",
     "KvmUnsupportedError",
+    "MemfdMemory",
+    "Memory",
     "MemoryRegion",
     "MmioRead",
     "MmioWrite",

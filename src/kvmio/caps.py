@@ -27,12 +27,13 @@ class Cap(enum.IntEnum):
     DIRTY_LOG_RING = lib.KVM_CAP_DIRTY_LOG_RING
     DIRTY_LOG_RING_ACQ_REL = lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL
     DIRTY_LOG_RING_WITH_BITMAP = lib.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP
-    # x86-only capabilities (their numbers are fixed across architectures).
-    PIT2 = 33
-    SET_TSS_ADDR = 4
-    SET_IDENTITY_MAP_ADDR = 37
-    XSAVE = 55
-    XCRS = 56
-    VCPU_EVENTS = 41
-    DEBUGREGS = 50
-    EXT_CPUID = 7
+    # x86 capabilities (only x86's headers define them).
+    if hasattr(lib, "KVM_CAP_PIT2"):
+        PIT2 = lib.KVM_CAP_PIT2
+        SET_TSS_ADDR = lib.KVM_CAP_SET_TSS_ADDR
+        SET_IDENTITY_MAP_ADDR = lib.KVM_CAP_SET_IDENTITY_MAP_ADDR
+        XSAVE = lib.KVM_CAP_XSAVE
+        XCRS = lib.KVM_CAP_XCRS
+        VCPU_EVENTS = lib.KVM_CAP_VCPU_EVENTS
+        DEBUGREGS = lib.KVM_CAP_DEBUGREGS
+        EXT_CPUID = lib.KVM_CAP_EXT_CPUID

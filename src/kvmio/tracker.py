@@ -372,6 +372,11 @@ class DirtyTracker:
                 self.close()
 
     @property
+    def started_at(self) -> float:
+        """``time.monotonic()`` at :meth:`start`: sample times are seconds since then."""
+        return self._t0
+
+    @property
     def worker_thread(self) -> threading.Thread | None:
         """The worker thread while the tracker runs (e.g. to read its CPU time)."""
         return self._thread
@@ -457,10 +462,11 @@ class DirtyTracker:
                     on_overrun="raise" if self.strict else "report")
         else:
             got = self.vm.collect_dirty_pages(claim=self._claim)
-        # The pass covers the time up to its harvest: stamp it now, not before the collection
-        # (under load a collection can wait, and its pages would be credited to too short a
-        # span).  From here on nothing may raise: the pages are harvested and reset already.
-        now = time.monotonic()
+        # The pass covers the time up to its harvest: stamp it with the harvest's own time, not
+        # before or after the collection (under load a collection can wait, or be preempted
+        # after harvesting, and its pages would be credited to the wrong span).  From here on
+        # nothing may raise: the pages are harvested and reset already.
+        now = got.harvested_at
         sizes = self.vm.slot_pages()
         pages, dropped = got.pages.restrict(sizes)
         self.dropped += got.dropped + dropped

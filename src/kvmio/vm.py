@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ from kvmio.errors import (
     KvmStateError,
     KvmUnsupportedError,
 )
-from kvmio.memory import MemoryRegion
+from kvmio.memory import AnonymousMemory, Memory, MemoryRegion
 from kvmio.vcpu import Vcpu
 
 __all__ = ["DEFAULT_RING_ENTRIES", "RING_RESERVED_ENTRIES", "DirtyLogClaim", "DirtyPages",
@@ -87,6 +88,9 @@ class DirtyPages:
     #: With ``on_overrun="report"``: rings found overrun by this collection (vCPU id -> why).
     #: Pages may have been lost: treat the tracked slots as wholly dirty.
     overruns: dict[int, str] = field(default_factory=dict)
+    #: ``time.monotonic()`` when the rings were harvested (or the bitmaps read): the end of the
+    #: period this collection covers, for rates.
+    harvested_at: float = 0.0
 
     @property
     def count(self) -> int:
@@ -213,10 +217,17 @@ class Vm(FdOwner):
         with self._lock:
             return {s: r.num_pages for s, r in self._regions.items()}
 
-    def add_memory_region(self, guest_phys_addr: int, size: int, *, slot: int | None = None,
-                          log_dirty: bool = False, readonly: bool = False,
-                          noreserve: bool = False) -> MemoryRegion:
-        """Map anonymous memory and register it as a memory slot (KVM_SET_USER_MEMORY_REGION).
+    def add_memory_region(self, guest_phys_addr: int, size: int | None = None, *,
+                          slot: int | None = None, log_dirty: bool = False,
+                          readonly: bool = False, noreserve: bool = False,
+                          memory: Memory | None = None) -> MemoryRegion:
+        """Register host memory as a memory slot (KVM_SET_USER_MEMORY_REGION).
+
+        ``memory`` is the backend (:class:`~kvmio.memory.AnonymousMemory`,
+        :class:`~kvmio.memory.MemfdMemory` or :class:`~kvmio.memory.FileMemory`; ``size`` may
+        then be omitted, and must match if given); without it, anonymous memory of ``size``
+        bytes is mapped.  The region owns the backend from then on: deleting the slot or
+        closing the VM unmaps it.
 
         ``log_dirty`` sets KVM_MEM_LOG_DIRTY_PAGES (needed for dirty tracking, bitmap or ring);
         ``readonly`` sets KVM_MEM_READONLY (guest writes become MMIO exits); ``noreserve`` maps
@@ -226,6 +237,18 @@ class Vm(FdOwner):
         wrong type.
         """
         guest_phys_addr = _check.integer("guest_phys_addr", guest_phys_addr)
+        if memory is not None:
+            _check.instance("memory", memory, Memory)
+            if memory.closed:
+                raise KvmInvalidArgumentError("memory is closed (or registered and deleted)")
+            if size is not None and _check.integer("size", size) != memory.size:
+                raise KvmInvalidArgumentError(
+                    f"size {size:#x} does not match the memory's {memory.size:#x} bytes")
+            if noreserve:
+                raise KvmInvalidArgumentError("noreserve applies to anonymous memory only")
+            size = memory.size
+        if size is None:
+            raise KvmInvalidArgumentError("give the size, or the memory to register")
         size = _check.integer("size", size)
         if slot is not None:
             slot = _check.integer("slot", slot)
@@ -259,13 +282,16 @@ class Vm(FdOwner):
                 if not self.check_extension(Cap.READONLY_MEM):
                     raise KvmUnsupportedError("read-only memory slots need KVM_CAP_READONLY_MEM")
                 flags |= lib.KVM_MEM_READONLY
-            mapping = Mapping(size, noreserve=noreserve, what=f"guest memory slot {slot}")
+            if memory is not None and any(r.memory is memory for r in self._regions.values()):
+                raise KvmInvalidArgumentError("this memory already backs another slot")
+            owned = memory if memory is not None else AnonymousMemory(size, noreserve=noreserve)
             try:
-                self._set_region(slot, flags, guest_phys_addr, size, mapping.address)
+                self._set_region(slot, flags, guest_phys_addr, size, owned.mapping.address)
             except BaseException:
-                mapping.close()
+                if memory is None:
+                    owned.close()
                 raise
-            region = MemoryRegion(slot, guest_phys_addr, size, flags, mapping)
+            region = MemoryRegion(slot, guest_phys_addr, size, flags, owned)
             self._regions[slot] = region
             return region
 
@@ -653,7 +679,7 @@ class Vm(FdOwner):
                          if slot in sizes]
                 pages = pages.union(*extra)
             return DirtyPages(pages, self.regions, harvest.entries, dropped, per_vcpu,
-                              harvest.overruns)
+                              harvest.overruns, harvest.time)
 
     def _logged_slots(self) -> list[int]:
         with self._lock:
@@ -675,7 +701,8 @@ class Vm(FdOwner):
             except BaseException:
                 self._unreported = PageSet().union(*parts)  # keep what was taken
                 raise
-            return DirtyPages(PageSet().union(*parts), self.regions, 0, dropped)
+            t = time.monotonic()
+            return DirtyPages(PageSet().union(*parts), self.regions, 0, dropped, harvested_at=t)
 
     # -- dirty bitmap -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ uses.  It knows nothing of the VM object: the VM hands it the reset ioctl when i
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ class Harvest:
     orphans: list[DirtyEntries]
     #: With ``on_overrun="report"``: the rings found overrun by this harvest (vCPU id -> why).
     overruns: dict[int, str] = field(default_factory=dict)
+    #: ``time.monotonic()`` right after the rings were harvested (before the reset): the end
+    #: of the period the harvest covers.
+    time: float = 0.0
 
     @property
     def entries(self) -> int:
@@ -181,6 +185,7 @@ class RingSet:
                 for ring in todo:
                     if not ring.closed:
                         harvested.append((ring, ring.harvest(on_overrun=on_overrun)))
+                t = time.monotonic()
                 self.reset()
             except BaseException:
                 for ring, got in harvested:
@@ -192,4 +197,4 @@ class RingSet:
                 why = ring.take_overrun_report()
                 if why is not None:
                     overruns[ring.vcpu_id] = why
-            return Harvest(harvested, orphans, overruns)
+            return Harvest(harvested, orphans, overruns, t)
