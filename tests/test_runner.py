@@ -107,8 +107,8 @@ def test_closing_the_vm_under_a_runner_stops_its_threads(kvm: Kvm) -> None:
         r.wait(60)  # raised as soon as one vCPU thread fails
     r.stop(raise_errors=False)  # joins the other one too
     assert not r.running
-    assert set(r.errors) == {0, 1}
-    assert all(isinstance(e, KvmClosedError) for e in r.errors.values())
+    # Each thread met the closed vCPU: as an error, or (once stop() was called) as the stop.
+    assert r.errors and all(isinstance(e, KvmClosedError) for e in r.errors.values())
 
 
 def test_run_until_handled_in_the_calling_thread(kvm: Kvm) -> None:
