@@ -149,3 +149,35 @@ def test_dirtyrate_as_a_real_process(kvm: Kvm, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert "mean dirty rate" in p.stdout
     assert json.loads(j.read_text())["summary"]["samples"] >= 5
+
+
+@pytest.mark.parametrize("guest", ["workload", "kernel"])
+def test_measurement_interrupted_by_ctrl_c_carries_the_partial_report(kvm: Kvm, tmp_path: Path,
+                                                                     guest: str) -> None:
+    import threading
+
+    from kvmio.dirtyrate import MeasurementInterrupted, measure_kernel, measure_workload
+    from kvmio.tracker import DirtyTracker
+
+    before = set(threading.enumerate())
+    calls = 0
+
+    def progress(tracker: DirtyTracker, elapsed: float) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # Ctrl-C, as the main thread receives it, while the guest runs
+            raise KeyboardInterrupt
+
+    with pytest.raises(MeasurementInterrupted) as e:
+        if guest == "kernel":
+            kernel = tmp_path / "sweeper.elf"
+            kernel.write_bytes(make_elf([(0x100000, SWEEPER, len(SWEEPER))], 0x100000))
+            measure_kernel(kvm, str(kernel), mem=64 << 20, duration=30, progress=progress)
+        else:
+            measure_workload(kvm, mem=64 << 20, vcpus=2, duration=30, progress=progress)
+    assert isinstance(e.value, KeyboardInterrupt)
+    report = e.value.report
+    assert report.interrupted and report.stop == "interrupted"
+    assert report.samples and report.duration < 20
+    assert report.to_json()["interrupted"] is True
+    assert set(threading.enumerate()) <= before  # the vCPU, tracker and kernel threads joined
