@@ -421,6 +421,49 @@ def test_second_ctrl_c_does_not_cut_the_clean_up_short(capfd: pytest.CaptureFixt
     assert "still stopping" in capfd.readouterr().err
 
 
+def test_ctrl_c_reaches_a_vcpu_in_kvm_run_of_the_main_thread(kvm: Kvm) -> None:
+    # Python raises KeyboardInterrupt in the main thread only between bytecodes.  A SIGINT
+    # whose C handler runs in another thread (as a process-directed signal may, or one that
+    # lands just before the main thread enters KVM_RUN) leaves a guest that never exits
+    # running: the helper thread of sigint_once() kicks the registered vCPU.
+    import signal
+    import threading
+    import time
+
+    from kvmio.cli.errors import kick_on_interrupt, sigint_once
+    from kvmio.exits import Interrupted
+
+    with kvm.create_vm() as vm:
+        vm.add_memory_region(0, 1 << 20)
+        vm.write_memory(0x1000, b"\xeb\xfe")  # jmp $: no exit, ever
+        vcpu = vm.create_vcpu()
+        sregs = vcpu.get_sregs()
+        sregs.cs.base = sregs.cs.selector = 0
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        regs.rip = 0x1000
+        vcpu.set_regs(regs)
+
+        def interrupt() -> None:
+            time.sleep(0.3)  # the main thread is (most likely) in KVM_RUN by now
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # handled here
+
+        safety = threading.Timer(20, vcpu.kick)  # without the helper: end the test anyway
+        sender = threading.Thread(target=interrupt)
+        t0 = time.monotonic()
+        try:
+            with sigint_once(), kick_on_interrupt(vcpu.kick), pytest.raises(KeyboardInterrupt):
+                safety.start()
+                sender.start()
+                while True:
+                    assert isinstance(vcpu.run(), Interrupted)
+        finally:
+            safety.cancel()
+            sender.join()
+        assert time.monotonic() - t0 < 10
+    assert [t for t in threading.enumerate() if t.name == "kvmio-sigint"] == []
+
+
 # -- Ctrl-C, for real: a subprocess gets SIGINT while its guest runs ----------------------------
 
 

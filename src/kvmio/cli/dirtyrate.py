@@ -140,7 +140,7 @@ def dirtyrate(ctx: click.Context, mem: int, vcpus: int, working_set: int | None,
 
         def progress(tracker: DirtyTracker, elapsed: float) -> None:
             nonlocal started
-            if not started:  # the guest runs and the tracker has samples
+            if not started and tracker.samples:  # the guest runs; Ctrl-C now keeps samples
                 started = True
                 console.print(f"measuring {guest}, {format_size(mem)}, {mode} mode, for "
                               f"{duration:g} s (Ctrl-C stops early and keeps the samples)")

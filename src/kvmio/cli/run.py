@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from kvmio.cli.common import open_kvm
-from kvmio.cli.errors import error_context
+from kvmio.cli.errors import error_context, kick_on_interrupt
 from kvmio.cli.params import FiniteFloatRange, Size
-from kvmio.guests.multiboot import DEFAULT_MEMORY, run_multiboot
+from kvmio.guests.multiboot import DEFAULT_MEMORY, MultibootMachine
 from kvmio.guests.multiboot.bootinfo import MAX_MEMORY, MIN_MEMORY
 
 __all__ = ["MAX_TIMEOUT", "MULTIBOOT_MEMORY", "run_command"]
@@ -48,9 +48,10 @@ def run_command(ctx: click.Context, kernel: str, mem: int, cmdline: str, timeout
         click.echo(data, nl=False)  # bytes go to the binary stream, flushed
 
     error_context(ctx, f"cannot run {kernel}")
-    with open_kvm(ctx) as kvm:
-        result = run_multiboot(kvm, kernel, mem=mem, cmdline=cmdline, timeout=timeout,
-                               irqchip=not no_irqchip, on_output=stream)
+    with (open_kvm(ctx) as kvm,
+          MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, irqchip=not no_irqchip) as m,
+          kick_on_interrupt(m.vcpu.kick)):  # the vCPU runs in this (the main) thread
+        result = m.run(timeout=timeout, on_output=stream)
     if vga:
         sep = b"\n" if result.output and not result.output.endswith(b"\n") else b""
         screen = result.vga_text.rstrip("\n")  # the screen without its empty bottom lines
