@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -1003,7 +1004,8 @@ def test_cli_timeout_exits_zero(kernels: dict[str, Path]) -> None:
     (["run", "/nonexistent/kernel.elf"], 2, "does not exist"),
     (["run", "BAD", "--mem", "12X"], 2, "bad memory size '12X'"),
     (["run", "BAD"], 1, "no Multiboot header"),
-    (["run", "ELF", "--mem", "1M"], 1, "between 2 MiB and 3 GiB"),
+    (["run", "ELF", "--mem", "1M"], 2, "between 2 MiB and 3 GiB"),
+    (["run", "ELF", "--timeout", "nan"], 2, "not a finite number"),
 ])
 def test_cli_errors(kernels: dict[str, Path], tmp_path: Path, args: list[str], code: int,
                     message: str) -> None:
@@ -1035,6 +1037,41 @@ def test_cli_subprocess_streams_and_exits(kernels: dict[str, Path]) -> None:
         assert first == b"Hello from multiboot\n"
         assert done - seen > 0.7
         assert p.returncode == 0
+
+
+@pytest.mark.usefixtures("kvm")
+def test_cli_no_irqchip(kernels: dict[str, Path]) -> None:
+    timer = str(kernels["timer"])
+    r = _runner().invoke(main, ["run", timer, "--mem", "4M", "--timeout", "20"])
+    assert r.exit_code == (0x10 << 1) | 1 and r.stdout == "tick tick tick \n", r.output
+    # Without the irqchip and PIT nothing interrupts the kernel: its HLT ends the run.
+    r = _runner().invoke(main, ["run", timer, "--mem", "4M", "--timeout", "20",
+                                "--no-irqchip"])
+    assert r.exit_code == 0 and r.stdout == "", r.output
+    assert "interrupts enabled" in r.stderr
+    assert "--no-irqchip" in _runner().invoke(main, ["run", "--help"]).stdout
+
+
+@pytest.mark.usefixtures("kvm")
+@pytest.mark.parametrize("irqchip", [[], ["--no-irqchip"]])
+def test_cli_ctrl_c_stops_a_kernel_that_never_stops(kernels: dict[str, Path],
+                                                    irqchip: list[str]) -> None:
+    kvmio = str(Path(sys.executable).with_name("kvmio"))  # the console script
+    with subprocess.Popen([kvmio, "run", str(kernels["elf"]), "--mem", "16M", "--append",
+                           "spin", *irqchip], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as p:
+        try:
+            assert p.stdout is not None
+            first = p.stdout.readline()  # the kernel runs (then spins, without a timeout)
+            assert first == b"Hello from multiboot\n"
+            assert p.poll() is None
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert p.returncode == 130, err
+    assert err.decode().splitlines() == ["Interrupted."] and b"Traceback" not in err
 
 
 # -- the devices (kvmio.devices) and sizes (kvmio.units) ------------------------------------

@@ -1,6 +1,10 @@
 """Dirty-rate measurement of a running guest, and the ring-versus-bitmap collection benchmark.
 
 Used by ``kvmio dirtyrate`` and ``kvmio bench ring-vs-bitmap``; plots are in :mod:`kvmio.plots`.
+
+Ctrl-C (:class:`KeyboardInterrupt`) during a measurement stops the guest, joins every thread and
+raises :class:`MeasurementInterrupted`, a :class:`KeyboardInterrupt` that carries the report of
+what was measured until then (marked ``interrupted``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 from kvmio._abi import PAGE_SIZE
 from kvmio.errors import KvmError, KvmInvalidArgumentError
 from kvmio.exits import Hlt
-from kvmio.guests.multiboot import MultibootMachine, MultibootResult
+from kvmio.guests.multiboot import MultibootMachine, MultibootResult, StopReason
 from kvmio.guests.workload import Workload
 from kvmio.system import Kvm
 from kvmio.tracker import DirtyTracker, Mode
@@ -37,6 +41,8 @@ class DirtyRateReport:
     stop: str = ""
     output: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: True if Ctrl-C ended the measurement early: the samples are those taken until then.
+    interrupted: bool = False
 
     @property
     def mean_pages_per_second(self) -> float:
@@ -73,7 +79,26 @@ def _report(tracker: DirtyTracker, config: dict[str, Any], duration: float,
                            tracker.cpu_time, **kw)
 
 
+class MeasurementInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`measure_workload` or :func:`measure_kernel`.  The guest was stopped
+    and every thread joined; :attr:`report` holds what was measured until then (its
+    ``interrupted`` is true).  Being a :class:`KeyboardInterrupt`, it ends a program that does
+    not catch it as Ctrl-C always did."""
+
+    def __init__(self, report: DirtyRateReport):
+        super().__init__("measurement interrupted")
+        #: The partial report.
+        self.report = report
+
+
 Progress = Callable[[DirtyTracker, float], None]
+
+#: Longest single run of a kernel under :func:`measure_kernel`: between runs it checks whether
+#: Ctrl-C asked it to stop (a run cannot be ended from outside before its timeout).
+KERNEL_RUN_SLICE = 0.25
+
+#: How much of a kernel's output :func:`measure_kernel` keeps (the last bytes).
+KERNEL_OUTPUT_KEPT = 1 << 20
 
 
 def _watch(tracker: DirtyTracker, duration: float, progress: Progress | None,
@@ -106,14 +131,22 @@ def measure_workload(kvm: Kvm, *, mem: int = 1 << 30, vcpus: int = 1,
                   pace=pace, shared=False, ring_entries=ring_entries if use_ring else None) as w:
         tracker = DirtyTracker(w.vm, "ring" if use_ring else "bitmap", interval=interval,
                                window=window, heatmap_bins=heatmap_bins)
+        interrupted = False
         with tracker, w.runner(on_ring_full=tracker.on_ring_full if use_ring else None) as r:
             t0 = time.monotonic()
             done = threading.Event()
-            _watch(tracker, duration, progress, done, until=lambda: not r.running)
+            try:
+                _watch(tracker, duration, progress, done, until=lambda: not r.running)
+            except KeyboardInterrupt:
+                interrupted = True  # stop as at the end of the duration, and report
             r.stop()  # kick and join every vCPU thread; re-raises a vCPU thread's error
             elapsed = time.monotonic() - t0
-        return _report(tracker, config, elapsed, guest_writes=w.total_writes(),
-                       stop="duration reached")
+        report = _report(tracker, config, elapsed, guest_writes=w.total_writes(),
+                         stop="interrupted" if interrupted else "duration reached",
+                         interrupted=interrupted)
+    if interrupted:
+        raise MeasurementInterrupted(report)
+    return report
 
 
 def measure_kernel(kvm: Kvm, kernel: str, *, mem: int, cmdline: str = "", mode: Mode = "ring",
@@ -133,30 +166,59 @@ def measure_kernel(kvm: Kvm, kernel: str, *, mem: int, cmdline: str = "", mode: 
                           ring_entries=ring_entries if use_ring else None) as m:
         tracker = DirtyTracker(m.vm, "ring" if use_ring else "bitmap", interval=interval,
                                window=window, heatmap_bins=heatmap_bins)
-        done = threading.Event()
-        result: list[MultibootResult | BaseException] = []
+        done = threading.Event()  # the kernel stopped (or its thread failed)
+        stop = threading.Event()  # Ctrl-C: end the run at the end of the current slice
+        results: list[MultibootResult] = []
+        errors: list[BaseException] = []
+        output = bytearray()
 
         def run() -> None:
+            # The kernel runs in slices of at most KERNEL_RUN_SLICE seconds (it resumes where
+            # it stopped), so that Ctrl-C in the main thread can end it between two slices.
             try:
-                result.append(m.run(timeout=duration, on_output=on_output,
-                                    on_ring_full=tracker.on_ring_full if use_ring else None))
+                end = time.monotonic() + duration
+                while not stop.is_set():
+                    left = max(0.0, end - time.monotonic())
+                    r = m.run(timeout=min(KERNEL_RUN_SLICE, left), on_output=on_output,
+                              on_ring_full=tracker.on_ring_full if use_ring else None)
+                    results.append(r)
+                    output.extend(r.output)
+                    del output[:-KERNEL_OUTPUT_KEPT]
+                    if r.reason is not StopReason.TIMEOUT or time.monotonic() >= end:
+                        break
             except BaseException as e:
-                result.append(e)
+                errors.append(e)
             finally:
                 done.set()
 
+        interrupted = False
         with tracker:
             t0 = time.monotonic()
-            th = threading.Thread(target=run, daemon=True)
+            th = threading.Thread(target=run, name="kvmio-dirtyrate-kernel", daemon=True)
             th.start()
-            _watch(tracker, duration + 1.0, progress, done)
-            th.join()
+            try:
+                _watch(tracker, duration + 1.0, progress, done)
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                stop.set()
+                th.join()
             elapsed = time.monotonic() - t0
-        r = result[0]
-        if isinstance(r, BaseException):
-            raise r
-        return _report(tracker, config, elapsed, stop=r.summary(),
-                       output=r.output.decode("utf-8", "replace"))
+        if errors:
+            raise errors[0]
+        last = results[-1] if results else None
+        if interrupted:
+            why = "interrupted"
+        elif last is not None and last.reason is StopReason.TIMEOUT:
+            why = f"timeout ({duration:g} s) after {elapsed:.2f} s"
+        else:
+            why = last.summary() if last is not None else "not run"
+        report = _report(tracker, config, elapsed, stop=why,
+                         output=bytes(output).decode("utf-8", "replace"),
+                         interrupted=interrupted)
+    if interrupted:
+        raise MeasurementInterrupted(report)
+    return report
 
 
 # --------------------------------------------------------------------------------------------
