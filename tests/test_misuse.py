@@ -300,3 +300,54 @@ def test_ioctls_are_retried_when_a_signal_interrupts_them(kvm: Kvm) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0, 0)
         signal.signal(signal.SIGALRM, old)
     assert len(hits) > 10  # the signals really came
+
+
+def test_vcpus_created_while_collections_run_do_not_deadlock(kvm: Kvm) -> None:
+    """create_vcpu maps the ring under the ring set's lock, and collections read the VM's
+    slots under it: both take the locks in one order (pytest-timeout fails a deadlock)."""
+    with Workload(kvm, mem_size=16 << 20, ring_entries=4096, pace=30) as w:
+        tracker = DirtyTracker(w.vm, interval=0.0002)
+        with tracker, w.runner(on_ring_full=tracker.on_ring_full):
+            for i in range(1, 40):
+                passes = tracker.passes
+                v = w.vm.create_vcpu(i)
+                wait_until(lambda: tracker.passes > passes, what="a pass")  # noqa: B023
+                assert v.ring is not None
+            wait_until(lambda: all(v.ring is not None and v.ring.taken
+                                   for v in w.vm.vcpus.values()), what="every ring adopted")
+            assert tracker.error is None
+
+
+def test_more_wrong_types(kvm: Kvm) -> None:
+    from kvmio import CpuidEntry, MemfdMemory
+    from kvmio.runner import VcpuRunner
+
+    with Workload(kvm, mem_size=16 << 20, ring_entries=4096) as w:
+        v = w.vcpus[0]
+        cases = [
+            (lambda: w.vm.check_extension(1 << 70), "cap must be a u32"),
+            (lambda: kvm.check_extension(1 << 70), "cap must be a u32"),
+            (lambda: kvm.create_vm(1 << 70), "vm_type must be a u32"),
+            (lambda: v.set_cpuid2([CpuidEntry(0, 0, 0, -1, 0, 0, 0)]), "eax must be a u32"),
+            (lambda: v.set_cpuid2([CpuidEntry(0, 0, 0, 1.5, 0, 0, 0)]),  # type: ignore[arg-type]
+             "eax must be an int"),
+            (lambda: v.set_cpuid2(None), "entries must be a sequence"),  # type: ignore[arg-type]
+            (lambda: v.get_msrs(5), "indices must be a sequence"),  # type: ignore[arg-type]
+            (lambda: v.set_fpu("x"), "data must be bytes-like"),  # type: ignore[arg-type]
+            (lambda: v.set_lapic(None), "data must be bytes-like"),  # type: ignore[arg-type]
+            (lambda: DirtyTracker(w.vm, interval="1"), "interval must be a number"),  # type: ignore[arg-type]
+            (lambda: DirtyTracker(w.vm, window=float("nan")), "window must be a finite"),
+            (lambda: DirtyTracker(w.vm, log_slots=5), "log_slots must be a sequence"),  # type: ignore[arg-type]
+            (lambda: DirtyTracker(w.vm, history=-1), "history must be >= 1"),
+            (lambda: DirtyTracker(w.vm, heatmap_bins=1.5), "heatmap_bins must be an int"),  # type: ignore[arg-type]
+            (lambda: Workload(kvm, vcpus="2"), "vcpus must be an int"),  # type: ignore[arg-type]
+            (lambda: Workload(kvm, mem_size="x"), "mem_size must be an int"),  # type: ignore[arg-type]
+            (lambda: Workload(kvm, pace=1.5), "pace must be an int"),  # type: ignore[arg-type]
+            (lambda: VcpuRunner(v), "vcpus must be a sequence"),  # type: ignore[arg-type]
+            (lambda: PageSet(5), "pages must map slot ids"),  # type: ignore[arg-type]
+            (lambda: PageSet({0: [[1], [2, 3]]}), "pages of slot 0"),
+            (lambda: MemfdMemory(4096, name=5), "name must be a str"),  # type: ignore[arg-type]
+        ]
+        for call, match in cases:
+            with pytest.raises(KvmInvalidArgumentError, match=match):
+                call()

@@ -207,3 +207,33 @@ TestRunnerMachine.settings = settings(max_examples=8, stateful_step_count=6, dea
                                       suppress_health_check=[HealthCheck.too_slow])
 TestRunnerMachine = pytest.mark.kvm(TestRunnerMachine)
 
+
+
+def test_stopping_leaves_no_pending_kick(kvm: Kvm) -> None:
+    """stop() and pause() kick vCPUs; none of those kicks may stay pending and cut the next
+    run() of the same vCPU short."""
+    with Workload(kvm, mem_size=16 << 20, vcpus=2, shared=False, pace=20) as w:
+        for _ in range(5):
+            with w.runner() as r:
+                wait_until(lambda: w.writes(0) > 0, what="the guest to write")
+                r.pause()
+                r.resume()
+        assert not any(v.immediate_exit for v in w.vcpus)
+        target = w.writes(0) + 50
+        w.vm.write_memory(w.params_addr(0) + 80, target.to_bytes(8, "little"))
+        assert isinstance(w.run_vcpu(0), Hlt)  # not Interrupted
+        assert w.writes(0) == target
+
+
+def test_stop_or_pause_from_a_handler_is_refused_not_a_deadlock(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=16 << 20, report_every=20) as w:
+        box: list[VcpuRunner] = []
+
+        def handler(vcpu: Vcpu, ex: VcpuExit) -> bool:
+            box[0].pause()  # would wait for this very thread
+            return True
+
+        r = VcpuRunner(w.vcpus, handler)
+        box.append(r)
+        with pytest.raises(KvmStateError, match="calling vCPU thread itself"), r:
+            r.wait(60)

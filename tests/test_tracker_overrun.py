@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvmio import DirtyRingOverrunError, Hlt, Kvm
+from kvmio import DirtyRingFull, DirtyRingOverrunError, Hlt, Kvm
 from kvmio.guests.programs import program
 from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
 from kvmio.tracker import DirtyTracker
@@ -79,3 +79,49 @@ def test_strict_tracker_raises_at_the_first_overrun(kvm: Kvm) -> None:
               w.runner(on_ring_full=tracker.on_ring_full) as r):
             r.wait(300)
         assert tracker.recoveries == 0 and tracker.error is not None
+
+
+def test_a_hole_keeps_the_slots_wholly_dirty_until_the_ring_is_recovered(kvm: Kvm) -> None:
+    """Entries past a hole are not harvested until the ring is recovered: every take before
+    that must flag the tracked slots whole, and a take with the vCPU stopped recovers the ring
+    (no ring-full exit needed), after which takes are exact again."""
+    with Workload(kvm, mem_size=64 << 20, ring_entries=4096, max_writes=100,
+                  order="sequential", value="count") as w:
+        v = w.vcpus[0]
+        assert isinstance(w.run_vcpu(0), Hlt)
+        w.vm.collect_dirty_pages()
+        saved = v.get_regs()
+        _burst(w)
+        ring = v.dirty_ring
+        for _ in range(100):  # run until a ring-full exit finds the ring overrun
+            assert isinstance(v.run(), DirtyRingFull)
+            if ring.count_dirty() == ring.size:
+                break
+            ring.drain()
+        else:
+            pytest.fail("the burst guest never overran the ring")
+        tracker = DirtyTracker(w.vm, "ring", interval=NO_WORKER).start()
+        try:
+            first = tracker.take()  # harvests the full ring: overrun reported
+            assert first.wholly_dirty == {MEM_SLOT}
+            # The lossless dirtier writes a few pages, past the hole, and halts: no ring-full.
+            w.mem.array()[:] = 0
+            v.set_regs(saved)
+            target = w.writes(0) + 300
+            w.vm.write_memory(w.params_addr(0) + 80, target.to_bytes(8, "little"))
+            assert isinstance(w.run_vcpu(0, on_ring_full=tracker.on_ring_full), Hlt)
+            assert w.writes(0) == target
+            second = tracker.take()  # finds the hole; the vCPU is stopped: recovers
+            assert second.wholly_dirty == {MEM_SLOT} and not ring.hole_pending
+            assert tracker.recoveries == 1
+            target += 300
+            w.mem.array()[:] = 0
+            w.vm.write_memory(w.params_addr(0) + 80, target.to_bytes(8, "little"))
+            assert isinstance(w.run_vcpu(0, on_ring_full=tracker.on_ring_full), Hlt)
+            third = tracker.take()
+            assert third.wholly_dirty == frozenset()
+            got = np.concatenate([(g - w.mem.guest_phys_addr) // 4096 + np.arange(n // 4096)
+                                  for g, n in third])
+            assert np.array_equal(np.sort(got), np.flatnonzero(w.mem.page_words()))
+        finally:
+            tracker.close()

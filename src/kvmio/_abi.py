@@ -14,6 +14,7 @@ import mmap
 import os
 import platform
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -139,10 +140,24 @@ class FdOwner(Closing):
             if self._fd is None or self._fd_closing:
                 return False
             self._fd_closing = True
-            while self._fd_users:
+        try:
+            while True:
+                with self._fd_cond:
+                    if not self._fd_users:
+                        break
+                # Not under _fd_cond: wake() takes the object's own locks (a vCPU's run lock,
+                # which run() holds while it takes the fd).
                 if wake is not None:
                     wake()
-                self._fd_cond.wait(0.05)
+                with self._fd_cond:
+                    if self._fd_users:
+                        self._fd_cond.wait(0.05)
+        except BaseException:
+            # Interrupted (Ctrl-C) while calls were in flight: the object stays open, and
+            # close() can be called again.
+            with self._fd_cond:
+                self._fd_closing = False
+            raise
         try:
             if before_close is not None:
                 before_close()
@@ -156,8 +171,6 @@ class FdOwner(Closing):
     def __del__(self) -> None:
         # A finaliser for objects dropped without close(), as Python's own files have.
         if getattr(self, "_fd", None) is not None and not getattr(self, "_fd_closing", True):
-            import warnings
-
             warnings.warn(f"unclosed {self._what} (fd {self._fd}); call close() or use 'with'",
                           ResourceWarning, source=self, stacklevel=2)
             with contextlib.suppress(Exception):

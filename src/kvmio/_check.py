@@ -61,6 +61,13 @@ def positive_float(name: str, value: object, *, allow_zero: bool = False,
     return v
 
 
+def sequence(name: str, value: object) -> list[Any]:
+    """``value`` (any iterable but a string or bytes) as a list."""
+    if isinstance(value, str | bytes | bytearray) or not hasattr(value, "__iter__"):
+        raise KvmInvalidArgumentError(f"{name} must be a sequence, not {type(value).__name__}")
+    return list(value)
+
+
 def instance(name: str, value: object, kind: type[T]) -> T:
     """``value`` if it is a ``kind``."""
     if not isinstance(value, kind):

@@ -95,6 +95,8 @@ class MemfdMemory(Memory):
 
     def __init__(self, size: int, *, name: str = "kvmio-guest"):
         size = _size(size)
+        if not isinstance(name, str):
+            raise KvmInvalidArgumentError(f"name must be a str, not {type(name).__name__}")
         try:
             fd = os.memfd_create(name, os.MFD_CLOEXEC)
         except OSError as e:

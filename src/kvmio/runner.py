@@ -79,7 +79,7 @@ class VcpuRunner:
     def __init__(self, vcpus: Sequence[Vcpu], handler: ExitHandler = stop_on_any_exit, *,
                  on_ring_full: RingFullHandler | None = None,
                  max_stuck: int = RING_FULL_STUCK_LIMIT, name: str = "kvmio-vcpu"):
-        vcpus = list(vcpus)
+        vcpus = _check.sequence("vcpus", vcpus)
         if not vcpus:
             raise KvmStateError("a runner needs at least one vCPU")
         for v in vcpus:
@@ -135,6 +135,7 @@ class VcpuRunner:
     def stop(self, *, raise_errors: bool = True) -> None:
         """Kick every vCPU out of KVM_RUN and join every thread (idempotent).  Re-raises the
         first error a vCPU thread met, unless ``raise_errors`` is false."""
+        self._check_not_a_vcpu_thread("stop")
         with self._cond:
             self._stop = True
             self._pause = False
@@ -190,6 +191,7 @@ class VcpuRunner:
         if timeout is not None:
             timeout = _check.positive_float("timeout", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._check_not_a_vcpu_thread("pause")
         with self._cond:
             if not self._started:
                 raise KvmStateError("the runner was not started")
@@ -248,9 +250,17 @@ class VcpuRunner:
             st.vcpu.kick()
 
     def _kick_all(self) -> None:
+        # Parked threads wait on the condition, not in KVM_RUN: a kick would only stay pending
+        # (immediate_exit) and cut a later run() short.
         for st in self._states.values():
-            if not st.done:
+            if not st.done and not st.parked:
                 self._kick(st)
+
+    def _check_not_a_vcpu_thread(self, what: str) -> None:
+        me = threading.current_thread()
+        if any(st.thread is me for st in self._states.values()):
+            raise KvmStateError(f"{what}() would wait for the calling vCPU thread itself; call it "
+                                "from another thread (a handler ends its vCPU by returning False)")
 
     def _park(self, st: _State) -> bool:
         """Wait while paused; returns False once the runner stops."""
@@ -284,6 +294,11 @@ class VcpuRunner:
         except BaseException as e:  # kept for wait()/stop(), which re-raise it
             st.error = e
         finally:
+            if self._stop:
+                # A stop's kick may have landed outside KVM_RUN: leave the vCPU with no
+                # pending kick, so that whoever runs it next is not cut short.
+                with contextlib.suppress(KvmClosedError):
+                    vcpu.immediate_exit = False
             with self._cond:
                 st.done = True
                 st.parked = False

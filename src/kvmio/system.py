@@ -68,7 +68,7 @@ class Kvm(FdOwner):
     def check_extension(self, cap: Cap | int) -> int:
         """KVM_CHECK_EXTENSION on the system fd: 0 if unsupported, else a capability-specific
         value (e.g. the maximum ring size in bytes for the dirty-ring capabilities)."""
-        cap = _check.integer("cap", cap)
+        cap = _check.u32("cap", cap)
         return self._ioctl(lib.KVM_CHECK_EXTENSION, int(cap), name="KVM_CHECK_EXTENSION")
 
     def get_vcpu_mmap_size(self) -> int:
@@ -130,7 +130,7 @@ class Kvm(FdOwner):
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         """KVM_CREATE_VM: a new, empty virtual machine."""
-        vm_type = _check.integer("vm_type", vm_type)
+        vm_type = _check.u32("vm_type", vm_type)
         limits = VmLimits(vcpu_mmap_size=self.get_vcpu_mmap_size(),
                           max_vcpus=self.get_max_vcpus(),
                           max_vcpu_id=self.check_extension(Cap.MAX_VCPU_ID)

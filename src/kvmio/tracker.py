@@ -226,12 +226,14 @@ class DirtyTracker:
     def __init__(self, vm: Vm, mode: Mode = "auto", *, interval: float = 0.05,
                  window: float = 1.0, heatmap_bins: int = 128, history: int = 100_000,
                  strict: bool = False, log_slots: Iterable[int] = ()):
+        _check.instance("vm", vm, Vm)
         if mode not in ("ring", "bitmap", "auto"):
             raise KvmInvalidArgumentError(f"mode must be 'ring', 'bitmap' or 'auto', not {mode!r}")
-        if not interval > 0:
-            raise KvmInvalidArgumentError("interval must be positive")
-        if heatmap_bins < 1:
-            raise KvmInvalidArgumentError("heatmap_bins must be >= 1")
+        interval = _check.positive_float("interval", interval)
+        window = _check.positive_float("window", window)
+        heatmap_bins = _check.integer("heatmap_bins", heatmap_bins, lo=1, hi=1 << 20)
+        history = _check.integer("history", history, lo=1)
+        log_slots = _check.sequence("log_slots", log_slots)
         if mode == "auto":
             mode = "ring" if vm.dirty_ring is not None else "bitmap"
         if mode == "ring" and vm.dirty_ring is None:
@@ -351,14 +353,23 @@ class DirtyTracker:
                 if self._claim is not None:
                     self.vm.release_dirty_log(self._claim)
                     self._claim = None
-                for slot in self._logging_started:
+                self._hand_back_pages()  # first: turning logging off below may fail
+                logging, self._logging_started = self._logging_started, []
+                for slot in logging:
                     if not self.vm.closed and slot in self.vm.regions:
                         self.vm.set_dirty_logging(slot, False)
-                self._logging_started.clear()
-                acc, self._acc = self._acc, {}
-                pages = PageSet.from_mask(acc)
-                if pages.count and not self.vm.closed:
-                    self.vm.adopt_dirty_pages(pages)
+
+    def _hand_back_pages(self) -> None:
+        """Give the pages collected since the last take (and slots owed whole) to the VM."""
+        acc, self._acc = self._acc, {}
+        whole, self._wholly_dirty = self._wholly_dirty, set()
+        if self.vm.closed:
+            return
+        sizes = self.vm.slot_pages()
+        pages = PageSet.from_mask(acc).union(PageSet(
+            {s: np.arange(sizes[s], dtype=np.uint64) for s in whole if s in sizes}))
+        if pages.count:
+            self.vm.adopt_dirty_pages(pages)
 
     def __enter__(self) -> DirtyTracker:
         return self.start()
@@ -431,6 +442,7 @@ class DirtyTracker:
                 ring.release()
             if self._claim is not None:
                 self.vm.release_dirty_log(self._claim)
+            self._hand_back_pages()
 
     # -- passes -----------------------------------------------------------------------------
 
@@ -472,7 +484,15 @@ class DirtyTracker:
         self.dropped += got.dropped + dropped
         self._accumulate(pages, sizes)
         for vid, why in got.overruns.items():
-            self._note_overrun(now, vid, why, sizes)
+            self._note_overrun(now, vid, why)
+        if self.mode == "ring" and not self.strict:
+            for ring in list(self._rings.values()):
+                if ring.hole_pending:
+                    # Until it is recovered, entries past its hole are not harvested: keep
+                    # every tracked slot wholly dirty, and recover as soon as the vCPU is out.
+                    self._note_overrun(now, ring.vcpu_id, "", record=False)
+                    with contextlib.suppress(KvmStateError):  # its vCPU is inside KVM_RUN
+                        self._recover(ring)
         distinct, span = self._vm_window.add(self._last, now, dict(pages), sizes)
         vrates = {}
         for vid, win in self._vcpu_windows.items():
@@ -486,17 +506,14 @@ class DirtyTracker:
         self.entries += got.entries
         self.cpu_time += time.monotonic() - t_start
 
-    def _note_overrun(self, now: float, vcpu_id: int, why: str, sizes: dict[int, int]) -> None:
+    def _note_overrun(self, now: float, vcpu_id: int, why: str, record: bool = True) -> None:
         """A ring overran (non-strict mode): its lost entries could name any tracked page, so
         every dirty-logged slot is reported whole by the next take.  Never raises."""
-        self.overrun_events.append((now - self._t0, vcpu_id, why))
+        if record:
+            self.overrun_events.append((now - self._t0, vcpu_id, why))
         for slot, region in self.vm.regions.items():
-            if region.log_dirty and slot in sizes:
+            if region.log_dirty:
                 self._wholly_dirty.add(slot)
-                acc = self._acc.get(slot)
-                if acc is None or len(acc) != sizes[slot]:
-                    acc = self._acc[slot] = np.zeros(sizes[slot], dtype=np.bool_)
-                acc[:] = True
 
     def _accumulate(self, pages: PageSet, sizes: dict[int, int]) -> None:
         """Add pages to the per-slot bitmaps (a slot re-created with another size starts
@@ -545,21 +562,14 @@ class DirtyTracker:
                 if ring is not None:
                     ring.drain()
                 return
-            self._pass()
-            if ring is not None and ring.hole_pending and not self.strict:
-                self._recover(ring)
+            self._pass()  # recovers this vCPU's ring if it overran (it is outside KVM_RUN)
 
     def _recover(self, ring: DirtyRing) -> None:
-        """Recover an overrun ring from its vCPU's thread (outside KVM_RUN, as recovery
-        needs); what the recovery harvests is accumulated.  A ring with nothing past its hole
-        cannot be recovered yet: its vCPU stays stuck on ring-full, which the runner reports
-        as an overrun error if it lasts."""
-        try:
-            got = ring.recover_from_overrun()
-        except Exception as e:
-            if self._error is None:
-                self._error = e
-            raise
+        """Recover an overrun ring while its vCPU is outside KVM_RUN (raises KvmStateError
+        when it is inside); what the recovery harvests is accumulated.  A ring with nothing
+        past its hole cannot be recovered yet: if that lasts, its vCPU stays stuck on
+        ring-full, which the runner reports as an overrun error."""
+        got = ring.recover_from_overrun()
         sizes = self.vm.slot_pages()
         pages, dropped = PageSet.from_entries(got, sizes)
         self.dropped += dropped
@@ -579,10 +589,17 @@ class DirtyTracker:
             acc, self._acc = self._acc, {}
             whole, self._wholly_dirty = self._wholly_dirty, set()
             regions = self.vm.regions
-        pages, _ = PageSet.from_mask(acc).restrict({s: r.num_pages for s, r in regions.items()})
+        whole &= set(regions)
+        pages, _ = PageSet.from_mask({s: a for s, a in acc.items() if s not in whole}).restrict(
+            {s: r.num_pages for s, r in regions.items()})
         ranges = DirtyRanges.from_pages(pages, {s: r.guest_phys_addr
                                                 for s, r in regions.items()})
-        return DirtyRanges(ranges.slots, frozenset(whole & set(regions)))
+        slots = dict(ranges.slots)
+        for s in whole:  # one run each, never materialised page by page
+            r = regions[s]
+            slots[s] = SlotRanges(s, np.array([r.guest_phys_addr], dtype=np.uint64),
+                                  np.array([r.size], dtype=np.uint64), r.num_pages)
+        return DirtyRanges(slots, frozenset(whole))
 
     def rate(self) -> DirtyRate:
         """The latest windowed dirty rate (VM and, in ring mode, per vCPU)."""

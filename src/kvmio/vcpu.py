@@ -65,6 +65,7 @@ class Vcpu(FdOwner):
         # Guards the identity of the thread inside KVM_RUN, so that kick() never signals a
         # thread that has left run() (or exited).
         self._run_lock = threading.Lock()
+        self._outside = threading.Condition(self._run_lock)  # signalled when a hold ends
         self._running_thread: int | None = None
         self._in_run = False
         self._recovering = False
@@ -109,7 +110,7 @@ class Vcpu(FdOwner):
     @contextlib.contextmanager
     def outside_run(self) -> Iterator[None]:
         """Hold the vCPU outside ``run()``: raises :class:`KvmStateError` if a thread is in it
-        now, and makes ``run()`` raise until the block ends (ring recovery needs this)."""
+        now, and makes ``run()`` wait until the block ends (ring recovery needs this)."""
         with self._run_lock:
             if self._in_run:
                 raise KvmStateError(f"vCPU {self.id} is inside run(); stop it first")
@@ -121,6 +122,7 @@ class Vcpu(FdOwner):
         finally:
             with self._run_lock:
                 self._recovering = False
+                self._outside.notify_all()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -162,9 +164,10 @@ class Vcpu(FdOwner):
         with self._run_lock:
             if self._in_run:
                 raise KvmStateError(f"vCPU {self.id} is already running in another thread")
-            if self._recovering:
-                raise KvmStateError(f"vCPU {self.id} is held outside run() (its dirty ring is "
-                                    "being recovered)")
+            while self._recovering:  # its ring is being recovered: a short wait
+                self._outside.wait()
+            if self._in_run:
+                raise KvmStateError(f"vCPU {self.id} is already running in another thread")
             fd = self._acquire_fd()
             self._in_run = True
             self._running_thread = threading.get_ident()
@@ -323,7 +326,8 @@ class Vcpu(FdOwner):
 
     def _set_raw(self, ctype: str, req: str, data: bytes) -> None:
         self._x86(req)
-        self._ioctl(getattr(lib, req), _abi.from_bytes(ctype, data), name=req)
+        raw = bytes(_check.buffer_bytes("data", data))
+        self._ioctl(getattr(lib, req), _abi.from_bytes(ctype, raw), name=req)
 
     def get_fpu(self) -> bytes:
         """KVM_GET_FPU: the raw ``struct kvm_fpu``."""
@@ -400,7 +404,7 @@ class Vcpu(FdOwner):
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         """KVM_GET_MSRS: the values of the given MSRs.  Raises if the kernel reads fewer."""
         self._x86("KVM_GET_MSRS")
-        indices = [_check.u32("MSR index", i) for i in indices]
+        indices = [_check.u32("MSR index", i) for i in _check.sequence("indices", indices)]
         m = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
         m.nmsrs = len(indices)
         for i, idx in enumerate(indices):
@@ -430,7 +434,11 @@ class Vcpu(FdOwner):
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
         """KVM_SET_CPUID2: the CPUID the guest sees (usually from ``get_supported_cpuid``)."""
         self._x86("KVM_SET_CPUID2")
-        entries = [_check.instance("CPUID entry", e, CpuidEntry) for e in entries]
+        entries = [_check.instance("CPUID entry", e, CpuidEntry)
+                   for e in _check.sequence("entries", entries)]
+        for e in entries:
+            for f in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
+                _check.u32(f"CPUID entry {f}", getattr(e, f))
         buf = ffi.new("struct kvm_cpuid2 *", {"entries": len(entries)})
         buf.nent = len(entries)
         for i, e in enumerate(entries):

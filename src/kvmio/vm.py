@@ -177,7 +177,7 @@ class Vm(FdOwner):
 
     def check_extension(self, cap: Cap | int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers may differ from the system fd's)."""
-        cap = _check.integer("cap", cap)
+        cap = _check.u32("cap", cap)
         return self._ioctl(lib.KVM_CHECK_EXTENSION, cap, name="KVM_CHECK_EXTENSION")
 
     def enable_cap(self, cap: Cap | int, *args: int, flags: int = 0) -> None:
@@ -371,7 +371,10 @@ class Vm(FdOwner):
         """
         if vcpu_id is not None:
             vcpu_id = _check.integer("vcpu_id", vcpu_id)
-        with self._lock:
+        # Lock order (everywhere): a tracker's lock, then the ring set's, then the VM's, then
+        # an object's fd condition.  Mapping the ring takes the ring set's lock.
+        ring_lock = self._ring_set.lock if self._ring_set is not None else contextlib.nullcontext()
+        with ring_lock, self._lock:
             self._check_open()
             if vcpu_id is None:
                 vcpu_id = 0
@@ -675,8 +678,13 @@ class Vm(FdOwner):
             unreported, _ = unreported.restrict(sizes)
             pages = orphans.union(unreported, *per_vcpu.values())
             if final and self._ring is not None and self._ring.with_bitmap:
-                extra = [self._get_log(slot, sizes[slot]) for slot in self._logged_slots()
-                         if slot in sizes]
+                try:
+                    extra = [self._get_log(slot, sizes[slot]) for slot in self._logged_slots()
+                             if slot in sizes]
+                except BaseException:
+                    # The rings were reset already: keep their pages for the next collection.
+                    self.adopt_dirty_pages(pages)
+                    raise
                 pages = pages.union(*extra)
             return DirtyPages(pages, self.regions, harvest.entries, dropped, per_vcpu,
                               harvest.overruns, harvest.time)

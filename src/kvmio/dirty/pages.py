@@ -66,11 +66,17 @@ class PageSet(Mapping[int, Pages]):
     __slots__ = ("_pages",)
 
     def __init__(self, pages: Mapping[int, npt.ArrayLike] | None = None):
+        if pages is not None and not isinstance(pages, Mapping):
+            raise KvmInvalidArgumentError(
+                f"pages must map slot ids to page indices, not {type(pages).__name__}")
         out: dict[int, Pages] = {}
         for slot, p in (pages or {}).items():
             if isinstance(slot, bool) or not isinstance(slot, int | np.integer) or slot < 0:
                 raise KvmInvalidArgumentError(f"slot ids must be non-negative ints, not {slot!r}")
-            arr = np.asarray(p)
+            try:
+                arr = np.asarray(p)
+            except ValueError as e:  # ragged input
+                raise KvmInvalidArgumentError(f"pages of slot {slot}: {e}") from None
             if arr.size and (arr.dtype.kind not in "ui" or (arr.dtype.kind == "i"
                                                               and arr.min() < 0)):
                 raise KvmInvalidArgumentError(

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from kvmio.dirty.ring import DirtyEntries, DirtyRing, OverrunPolicy, _no_guard
 from kvmio.errors import DirtyRingOverrunError, KvmStateError
 
+#: The key of :attr:`Harvest.overruns` for an overrun not tied to one open ring.
+VM_WIDE = -1
+
 #: How many times a reset is repeated at most (each repeat follows a partial count that a
 #: pending signal caused; the kernel returns 0 once nothing is left).
 _MAX_RESET_CALLS = 1 << 20
@@ -30,7 +33,8 @@ class Harvest:
 
     rings: list[tuple[DirtyRing, DirtyEntries]]
     orphans: list[DirtyEntries]
-    #: With ``on_overrun="report"``: the rings found overrun by this harvest (vCPU id -> why).
+    #: With ``on_overrun="report"``: the rings found overrun by this harvest (vCPU id -> why;
+    #: :data:`VM_WIDE` for a reset whose count did not match, or a closed vCPU's ring).
     overruns: dict[int, str] = field(default_factory=dict)
     #: ``time.monotonic()`` right after the rings were harvested (before the reset): the end
     #: of the period the harvest covers.
@@ -61,6 +65,7 @@ class RingSet:
         self._orphans: list[DirtyEntries] = []
         self._orphan_pending = 0
         self._overrun_note: str | None = None
+        self._reset_report: str | None = None
 
     def __repr__(self) -> str:
         return f"<RingSet entries={self.entries} rings={sorted(self._rings)}>"
@@ -125,13 +130,14 @@ class RingSet:
         with self.lock:
             return sum(r.pending_reset for r in self._rings.values()) + self._orphan_pending
 
-    def reset(self) -> int:
+    def reset(self, *, on_overrun: OverrunPolicy = "raise") -> int:
         """KVM_RESET_DIRTY_RINGS: recycle every harvested entry of every ring, and check that
         the kernel's count equals the entries harvested since the last reset.
 
         The call is repeated until it returns 0, because a pending signal cuts it short without
         an error.  A mismatch, or an overrun noted when a ring closed, raises
-        :class:`DirtyRingOverrunError`; the accounting starts afresh either way.
+        :class:`DirtyRingOverrunError` (with ``on_overrun="report"`` it is kept for
+        :meth:`take_reset_report` instead); the accounting starts afresh either way.
         """
         with self.lock:
             rings = list(self._rings.values())
@@ -155,18 +161,31 @@ class RingSet:
             self._orphan_pending = 0
             for r in rings:
                 r.forget_pending()
-            if total != expected:
-                raise DirtyRingOverrunError(
-                    f"KVM_RESET_DIRTY_RINGS reset {total} entries but {expected} were harvested "
-                    "since the last reset: the ring's state is inconsistent and dirty pages may "
-                    "have been lost; treat the tracked slots as wholly dirty, and use a bigger "
-                    "ring or bitmap mode", lost=abs(expected - total))
             note, self._overrun_note = self._overrun_note, None
+            if total != expected:
+                why = (f"KVM_RESET_DIRTY_RINGS reset {total} entries but {expected} were "
+                       "harvested since the last reset")
+                if on_overrun == "report":
+                    self._reset_report = why
+                    return total
+                raise DirtyRingOverrunError(
+                    f"{why}: the ring's state is inconsistent and dirty pages may have been "
+                    "lost; treat the tracked slots as wholly dirty, and use a bigger ring or "
+                    "bitmap mode", lost=abs(expected - total))
             if note is not None:
+                if on_overrun == "report":
+                    self._reset_report = note
+                    return total
                 raise DirtyRingOverrunError(
                     f"{note}: dirty pages may have been lost; treat the tracked slots as wholly "
                     "dirty and resynchronise them")
             return total
+
+    def take_reset_report(self) -> str | None:
+        """The overrun a reset with ``on_overrun="report"`` noted (and forget it)."""
+        with self.lock:
+            why, self._reset_report = self._reset_report, None
+            return why
 
     def harvest_and_reset(self, rings: Iterable[DirtyRing] | None = None, *,
                           on_overrun: OverrunPolicy = "raise") -> Harvest:
@@ -186,7 +205,7 @@ class RingSet:
                     if not ring.closed:
                         harvested.append((ring, ring.harvest(on_overrun=on_overrun)))
                 t = time.monotonic()
-                self.reset()
+                self.reset(on_overrun=on_overrun)
             except BaseException:
                 for ring, got in harvested:
                     ring.give_back(got)
@@ -197,4 +216,7 @@ class RingSet:
                 why = ring.take_overrun_report()
                 if why is not None:
                     overruns[ring.vcpu_id] = why
+            why = self.take_reset_report()
+            if why is not None:
+                overruns[VM_WIDE] = why
             return Harvest(harvested, orphans, overruns, t)

@@ -130,6 +130,14 @@ class Workload(Closing):
                  shared: bool = True, ring_entries: int | None = None,
                  manual_protect: bool = False, initially_set: bool = False,
                  noreserve: bool = True):
+        vcpus = _check.integer("vcpus", vcpus)
+        mem_size = _check.integer("mem_size", mem_size)
+        if working_set is not None:
+            working_set = _check.integer("working_set", working_set)
+        pace, stride, seed = (_check.integer(n, v) for n, v in
+                              (("pace", pace), ("stride", stride), ("seed", seed)))
+        report_every = _check.integer("report_every", report_every)
+        max_writes = _check.integer("max_writes", max_writes)
         if not 1 <= vcpus <= MAX_VCPUS:
             raise KvmInvalidArgumentError(f"vcpus must be 1..{MAX_VCPUS}")
         if mem_size <= 0 or mem_size % PAGE_SIZE:
