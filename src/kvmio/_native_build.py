@@ -204,9 +204,14 @@ int kvmio_install_kick_handler(void);
 #define KVMIO_RING_STOP_LIMIT ...
 #define KVMIO_RING_STOP_HOLE ...
 uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
-                            uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop);
+                            uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop,
+                            uint32_t window);
 uint32_t kvmio_ring_count_dirty(struct kvm_dirty_gfn *ring, uint32_t size);
 uint32_t kvmio_ring_skip_hole(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index);
+void kvmio_ring_mark_harvested(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
+                               uint32_t count);
+uint32_t kvmio_ring_sweep(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start,
+                          uint32_t count, uint32_t *slots, uint64_t *offsets);
 uint32_t kvmio_ring_harvest_reference(struct kvm_dirty_gfn *ring, uint32_t size,
                                       uint32_t *index, uint32_t *slots, uint64_t *offsets);
 void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,
@@ -437,9 +442,8 @@ int kvmio_install_kick_handler(void)
 #define KVMIO_RING_STOP_LIMIT 1  /* stopped because `limit` entries were taken */
 #define KVMIO_RING_STOP_HOLE  2  /* entry at the index is not dirty but a later one is */
 
-/* How far past a non-dirty entry to look for a dirty one.  An overrun loses at most one
- * emulation batch (<= 1024 entries), so a hole is never longer than this window. */
-#define KVMIO_HOLE_WINDOW 2048u
+/* Hole scans look this far past a non-dirty entry (the caller passes the window: the whole
+ * ring once an overrun was seen, when a hole can be as long as the ring). */
 
 static inline int kvmio_gfn_dirty(struct kvm_dirty_gfn *e)
 {
@@ -447,7 +451,8 @@ static inline int kvmio_gfn_dirty(struct kvm_dirty_gfn *e)
 }
 
 uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
-                            uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop)
+                            uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop,
+                            uint32_t window)
 {
     const uint32_t mask = size - 1;
     uint32_t i = *index, n = 0;
@@ -471,7 +476,8 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
     /* Hole check: KVM publishes entries in order with release semantics, so if a later entry is
      * dirty (acquire), every earlier one of the same lap must be too.  Re-read the index entry
      * after seeing a dirty later one, so that an entry published meanwhile is no false alarm. */
-    uint32_t window = size - 1 < KVMIO_HOLE_WINDOW ? size - 1 : KVMIO_HOLE_WINDOW;
+    if (window > size - 1)
+        window = size - 1;
     for (uint32_t k = 1; k <= window; k++) {
         if (kvmio_gfn_dirty(&ring[(i + k) & mask])) {
             if (!kvmio_gfn_dirty(&ring[i & mask]))
@@ -497,7 +503,7 @@ uint32_t kvmio_ring_skip_hole(struct kvm_dirty_gfn *ring, uint32_t size, uint32_
 {
     const uint32_t mask = size - 1;
     uint32_t i = *index, n = 0;
-    uint32_t window = size - 1 < KVMIO_HOLE_WINDOW ? size - 1 : KVMIO_HOLE_WINDOW;
+    uint32_t window = size - 1;
     uint32_t k;
 
     for (k = 0; k <= window; k++)
@@ -508,6 +514,42 @@ uint32_t kvmio_ring_skip_hole(struct kvm_dirty_gfn *ring, uint32_t size, uint32_
     for (n = 0; n < k; n++)
         __atomic_store_n(&ring[(i + n) & mask].flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
     *index = i + n;
+    return n;
+}
+
+/* Stuck-ring recovery (only with the ring's vCPU outside KVM_RUN, right after a ring-full exit
+ * that found nothing to harvest, so that the kernel's count of used entries is at least the
+ * soft limit): mark `count` (<= that limit) entries from *index as harvested, without
+ * reading them, so that the next reset advances the kernel's reset index by `count`. */
+void kvmio_ring_mark_harvested(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
+                               uint32_t count)
+{
+    const uint32_t mask = size - 1;
+    uint32_t i = *index;
+    for (uint32_t n = 0; n < count; n++)
+        __atomic_store_n(&ring[(i + n) & mask].flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+    *index = i + count;
+}
+
+/* Resynchronisation after a reset the kernel cut short (only with the ring's vCPU outside
+ * KVM_RUN): the `count` entries from `start` are ours, harvested but not recycled, because the
+ * kernel overwrote some of them (DIRTY again) before its reset reached them.  Take those
+ * (acquire), mark them harvested (release), and leave the others, so that the next reset
+ * walks all `count`.  Returns how many were taken. */
+uint32_t kvmio_ring_sweep(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start,
+                          uint32_t count, uint32_t *slots, uint64_t *offsets)
+{
+    const uint32_t mask = size - 1;
+    uint32_t n = 0;
+    for (uint32_t k = 0; k < count; k++) {
+        struct kvm_dirty_gfn *e = &ring[(start + k) & mask];
+        if (!kvmio_gfn_dirty(e))
+            continue;
+        slots[n] = e->slot;
+        offsets[n] = e->offset;
+        __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+        n++;
+    }
     return n;
 }
 

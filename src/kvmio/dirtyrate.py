@@ -75,8 +75,13 @@ def _report(tracker: DirtyTracker, config: dict[str, Any], duration: float,
                 "pages_per_second": s.pages_per_second, "bytes_per_second": s.bytes_per_second,
                 "vcpu_pages_per_second": {str(k): v for k, v in s.vcpu_pages_per_second.items()}}
                for s in tracker.samples]
+    extra = kw.pop("extra", {})
+    # Ring overruns the tracker survived: when, which vCPU, why (pages were reported whole).
+    extra["overruns"] = [{"time": t, "vcpu": v, "why": why}
+                         for t, v, why in tracker.overrun_events]
+    extra["ring_recoveries"] = tracker.recoveries
     return DirtyRateReport(config, samples, times.tolist(), counts.tolist(), span, duration,
-                           tracker.cpu_time, **kw)
+                           tracker.cpu_time, extra=extra, **kw)
 
 
 class MeasurementInterrupted(KeyboardInterrupt):
@@ -162,10 +167,13 @@ def measure_kernel(kvm: Kvm, kernel: str, *, mem: int, cmdline: str = "", mode: 
               "mode": "ring" if use_ring else "bitmap",
               "ring_entries": ring_entries if use_ring else None, "interval": interval,
               "window": window, "duration": duration}
-    with MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, log_dirty=True,
+    # Guest RAM is dirty-logged from the moment tracking starts, not from boot (as a migration
+    # turns logging on when it starts).
+    with MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, log_dirty=False,
                           ring_entries=ring_entries if use_ring else None) as m:
         tracker = DirtyTracker(m.vm, "ring" if use_ring else "bitmap", interval=interval,
-                               window=window, heatmap_bins=heatmap_bins)
+                               window=window, heatmap_bins=heatmap_bins,
+                               log_slots=[m.ram.slot])
         done = threading.Event()  # the kernel stopped (or its thread failed)
         stop = threading.Event()  # Ctrl-C: end the run at the end of the current slice
         results: list[MultibootResult] = []

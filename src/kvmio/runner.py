@@ -314,7 +314,7 @@ def _serve_ring_full(st: _State, on_ring_full: RingFullHandler | None, max_stuck
         ring.drain()
     # Progress = someone harvested since the last ring-full exit.  None, repeatedly, with
     # nothing left to harvest: the ring was overrun and the vCPU is stuck on it for good.
-    harvested = ring.harvested_total
+    harvested = ring.progress
     st.stuck = st.stuck + 1 if harvested == st.last_harvested else 0
     st.last_harvested = harvested
     if st.stuck >= max_stuck:

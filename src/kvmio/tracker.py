@@ -23,10 +23,10 @@ import numpy.typing as npt
 from kvmio import _check
 from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.pages import PageSet, coalesce
-from kvmio.dirty.ring import DirtyRing
+from kvmio.dirty.ring import DirtyEntries, DirtyRing
 from kvmio.errors import KvmInvalidArgumentError, KvmStateError
 from kvmio.vcpu import Vcpu
-from kvmio.vm import DirtyLogClaim, Vm
+from kvmio.vm import DirtyLogClaim, DirtyPages, Vm
 
 __all__ = ["DirtyRanges", "DirtyRate", "DirtyTracker", "RateSample", "SlotRanges",
            "WindowCounter", "coalesce"]
@@ -464,35 +464,24 @@ class DirtyTracker:
         lock.  The VM hands back whatever a failed collection had harvested, so a failed pass
         loses nothing."""
         t_start = time.monotonic()
-        if self.mode == "ring":
-            rs = self.vm.ring_set
-            assert rs is not None
-            with rs.lock:  # no vCPU can close its ring between adoption and harvest
-                self._adopt_rings()
-                got = self.vm.collect_dirty_pages(
-                    final=final, rings=self._rings.values(),
-                    on_overrun="raise" if self.strict else "report")
-        else:
-            got = self.vm.collect_dirty_pages(claim=self._claim)
-        # The pass covers the time up to its harvest: stamp it with the harvest's own time, not
-        # before or after the collection (under load a collection can wait, or be preempted
-        # after harvesting, and its pages would be credited to the wrong span).  From here on
-        # nothing may raise: the pages are harvested and reset already.
-        now = got.harvested_at
-        sizes = self.vm.slot_pages()
-        pages, dropped = got.pages.restrict(sizes)
-        self.dropped += got.dropped + dropped
-        self._accumulate(pages, sizes)
-        for vid, why in got.overruns.items():
-            self._note_overrun(now, vid, why)
-        if self.mode == "ring" and not self.strict:
-            for ring in list(self._rings.values()):
-                if ring.hole_pending:
-                    # Until it is recovered, entries past its hole are not harvested: keep
-                    # every tracked slot wholly dirty, and recover as soon as the vCPU is out.
-                    self._note_overrun(now, ring.vcpu_id, "", record=False)
-                    with contextlib.suppress(KvmStateError):  # its vCPU is inside KVM_RUN
-                        self._recover(ring)
+        with contextlib.ExitStack() as holds:
+            if self.mode == "ring":
+                got = self._collect_rings(holds, final)
+            else:
+                got = self.vm.collect_dirty_pages(claim=self._claim)
+            # The pass covers the time up to its harvest: stamp it with the harvest's own time,
+            # not before or after the collection (under load a collection can wait, or be
+            # preempted after harvesting, and its pages would be credited to the wrong span).
+            # From here on nothing may raise: the pages are harvested and reset already.
+            now = got.harvested_at
+            sizes = self.vm.slot_pages()
+            pages, dropped = got.pages.restrict(sizes)
+            self.dropped += got.dropped + dropped
+            self._accumulate(pages, sizes)
+            for vid, why in got.overruns.items():
+                self._note_overrun(now, vid, why)
+            if self.mode == "ring" and not self.strict:
+                self._repair_rings(now)
         distinct, span = self._vm_window.add(self._last, now, dict(pages), sizes)
         vrates = {}
         for vid, win in self._vcpu_windows.items():
@@ -505,6 +494,43 @@ class DirtyTracker:
         self.passes += 1
         self.entries += got.entries
         self.cpu_time += time.monotonic() - t_start
+
+    def _collect_rings(self, holds: contextlib.ExitStack, final: bool) -> DirtyPages:
+        """Harvest and reset the tracked rings.  A ring that overran is harvested only with its
+        vCPU held outside KVM_RUN (its hold stays in ``holds`` until the pass ends): harvested
+        while the kernel laps it, a reset can stop short and leave it out of step.  Such a
+        ring whose vCPU is inside KVM_RUN now waits for a later pass (its vCPU's ring-full
+        exit, or a pause), and its slots stay wholly dirty meanwhile."""
+        rs = self.vm.ring_set
+        assert rs is not None
+        with rs.lock:  # no vCPU can close its ring between adoption and harvest
+            self._adopt_rings()
+            rings = []
+            for ring in self._rings.values():
+                if ring.suspect and not self.strict and not ring.closed:
+                    try:
+                        holds.enter_context(ring.hold_vcpu())
+                    except KvmStateError:  # inside KVM_RUN: not now
+                        self._note_overrun(time.monotonic(), ring.vcpu_id, "", record=False)
+                        continue
+                    if ring.shortfall:  # back in step first, then harvest from there
+                        self._take_repaired(ring.resync())
+                rings.append(ring)
+            return self.vm.collect_dirty_pages(final=final, rings=rings,
+                                               on_overrun="raise" if self.strict else "report")
+
+    def _repair_rings(self, now: float) -> None:
+        """After a collection: recover the overrun rings whose vCPUs are outside KVM_RUN."""
+        for ring in list(self._rings.values()):
+            if ring.shortfall or ring.hole_pending:
+                # Out of step or stopped at a hole: entries past it are not harvested until
+                # repaired, so every tracked slot stays wholly dirty meanwhile.
+                self._note_overrun(now, ring.vcpu_id, "", record=False)
+                with contextlib.suppress(KvmStateError):  # its vCPU is inside KVM_RUN
+                    if ring.shortfall:
+                        self._take_repaired(ring.resync())
+                    if ring.hole_pending:
+                        self._recover(ring)
 
     def _note_overrun(self, now: float, vcpu_id: int, why: str, record: bool = True) -> None:
         """A ring overran (non-strict mode): its lost entries could name any tracked page, so
@@ -539,8 +565,9 @@ class DirtyTracker:
         return np.bincount(np.clip(idx, 0, self._bins - 1), minlength=self._bins)
 
     def tracked_span(self) -> tuple[int, int]:
-        """``(lowest, highest)`` guest physical address of the dirty-logged slots."""
-        rs = [r for r in self.vm.regions.values() if r.log_dirty]
+        """``(lowest, highest)`` guest physical address of the dirty-logged slots (and of the
+        ``log_slots``, also once the tracker closed and turned their logging off)."""
+        rs = [r for s, r in self.vm.regions.items() if r.log_dirty or s in self._log_slots]
         if not rs:
             return 0, 0
         return min(r.guest_phys_addr for r in rs), max(r.end for r in rs)
@@ -562,21 +589,33 @@ class DirtyTracker:
                 if ring is not None:
                     ring.drain()
                 return
+            stuck = (not self.strict and ring is not None and self._rings.get(vcpu.id) is ring
+                     and ring.stuck())
             self._pass()  # recovers this vCPU's ring if it overran (it is outside KVM_RUN)
+            if stuck and ring is not None and ring.stuck():
+                # Overrun by more than the ring's soft limit (a rep stos over many pages):
+                # nothing to harvest, the kernel still counts the lost entries.  Step past
+                # them, a soft limit at a time, at each such exit.
+                skipped = ring.recover_stuck()
+                self._note_overrun(time.monotonic(), vcpu.id,
+                                   f"the ring was stuck full: {skipped} lost entries skipped")
 
     def _recover(self, ring: DirtyRing) -> None:
         """Recover an overrun ring while its vCPU is outside KVM_RUN (raises KvmStateError
         when it is inside); what the recovery harvests is accumulated.  A ring with nothing
         past its hole cannot be recovered yet: if that lasts, its vCPU stays stuck on
         ring-full, which the runner reports as an overrun error."""
-        got = ring.recover_from_overrun()
+        self._take_repaired(ring.recover_from_overrun())
+        if not ring.hole_pending:
+            self.recoveries += 1
+
+    def _take_repaired(self, got: DirtyEntries) -> None:
+        """Accumulate entries that a ring repair harvested."""
         sizes = self.vm.slot_pages()
         pages, dropped = PageSet.from_entries(got, sizes)
         self.dropped += dropped
         self._accumulate(pages, sizes)
         self.entries += len(got)
-        if not ring.hole_pending:
-            self.recoveries += 1
 
     def take(self, *, final: bool = False) -> DirtyRanges:
         """Everything dirtied since the previous take (or start), harvested and reset already:

@@ -68,7 +68,7 @@ class Vcpu(FdOwner):
         self._outside = threading.Condition(self._run_lock)  # signalled when a hold ends
         self._running_thread: int | None = None
         self._in_run = False
-        self._recovering = False
+        self._holds = 0  # outside_run() blocks in progress
         self._ring: DirtyRing | None = None
         if ring_set is not None:
             try:
@@ -110,19 +110,19 @@ class Vcpu(FdOwner):
     @contextlib.contextmanager
     def outside_run(self) -> Iterator[None]:
         """Hold the vCPU outside ``run()``: raises :class:`KvmStateError` if a thread is in it
-        now, and makes ``run()`` wait until the block ends (ring recovery needs this)."""
+        now, and makes ``run()`` wait until the block ends (ring repairs need this).  Holds
+        nest and may overlap (from any threads): ``run()`` waits for the last to end."""
         with self._run_lock:
             if self._in_run:
                 raise KvmStateError(f"vCPU {self.id} is inside run(); stop it first")
-            if self._recovering:
-                raise KvmStateError(f"vCPU {self.id} is already held outside run()")
-            self._recovering = True
+            self._holds += 1
         try:
             yield
         finally:
             with self._run_lock:
-                self._recovering = False
-                self._outside.notify_all()
+                self._holds -= 1
+                if not self._holds:
+                    self._outside.notify_all()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -161,10 +161,12 @@ class Vcpu(FdOwner):
         under it.  Raises :class:`KvmClosedError` once the vCPU is closed (or closing).
         """
         _abi.kick_signal()  # install the kick handler before the first KVM_RUN
+        if self._ring is not None:
+            self._ring.before_run()  # for telling a stuck ring at a ring-full exit
         with self._run_lock:
             if self._in_run:
                 raise KvmStateError(f"vCPU {self.id} is already running in another thread")
-            while self._recovering:  # its ring is being recovered: a short wait
+            while self._holds:  # its ring is being repaired: a short wait
                 self._outside.wait()
             if self._in_run:
                 raise KvmStateError(f"vCPU {self.id} is already running in another thread")

@@ -44,6 +44,13 @@ GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
 STOP_EMPTY = int(lib.KVMIO_RING_STOP_EMPTY)
 STOP_LIMIT = int(lib.KVMIO_RING_STOP_LIMIT)
 STOP_HOLE = int(lib.KVMIO_RING_STOP_HOLE)
+#: How far past the first non-dirty entry a harvest looks for a hole while the ring is in step
+#: with the kernel (an overrun loses at most one emulation batch past what a harvest sees);
+#: once an overrun was seen, and until the ring is in step again, the whole ring is scanned.
+HOLE_WINDOW = 2048
+#: Entries the kernel may keep in reserve beyond the soft limit on any host (64, plus 512 with
+#: Intel PML): a stuck ring is advanced by at most ``size - this`` entries at a time.
+MAX_RESERVED_ENTRIES = 576
 
 _EMPTY_SLOTS = np.zeros(0, dtype=np.uint32)
 _EMPTY_OFFSETS = np.zeros(0, dtype=np.uint64)
@@ -161,6 +168,7 @@ class _OutputPool:
 
 def _harvest_raw(gfns: object, size: int, index: object, stop: object, limit: int,
                  out: tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]] | None = None,
+                 window: int | None = None,
                  ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], int]:
     """Run the compiled harvester on ``gfns`` (a ``struct kvm_dirty_gfn *`` of ``size``
     entries) into ``out`` (or new arrays); returns (slots, offsets, n).
@@ -179,15 +187,16 @@ def _harvest_raw(gfns: object, size: int, index: object, stop: object, limit: in
     ps = ffi.from_buffer("uint32_t[]", slots, require_writable=True)
     po = ffi.from_buffer("uint64_t[]", offsets, require_writable=True)
     try:
-        n = int(lib.kvmio_ring_harvest(gfns, size, index, limit, ps, po, stop))
+        n = int(lib.kvmio_ring_harvest(gfns, size, index, limit, ps, po, stop,
+                                       size - 1 if window is None else window))
     finally:
         ffi.release(ps)
         ffi.release(po)
     return slots, offsets, n
 
 
-def harvest_array(ring: npt.NDArray[np.void], index: int, limit: int | None = None
-                  ) -> tuple[DirtyEntries, int, int]:
+def harvest_array(ring: npt.NDArray[np.void], index: int, limit: int | None = None, *,
+                  window: int | None = None) -> tuple[DirtyEntries, int, int]:
     """Run the compiled harvester on a ring held in a numpy array of :data:`GFN_DTYPE`.
 
     For testing the protocol against a model, and for benchmarks.  Returns
@@ -209,7 +218,7 @@ def harvest_array(ring: npt.NDArray[np.void], index: int, limit: int | None = No
     try:
         if limit == 0:
             return DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS), index, STOP_LIMIT
-        slots, offsets, n = _harvest_raw(buf, size, idx, stop, limit)
+        slots, offsets, n = _harvest_raw(buf, size, idx, stop, limit, window=window)
     finally:
         ffi.release(buf)
     return DirtyEntries(slots[:n], offsets[:n]), int(idx[0]), int(stop[0])
@@ -266,6 +275,12 @@ class DirtyRing:
         #: skipped: harvests stay stuck there until it is recovered.
         self.hole_pending = False
         self._reported_now: str | None = None
+        self._suspect = False  # overran, and not repaired since: harvest with the vCPU held
+        self._wide = False  # overran once: hole scans cover the whole ring from then on
+        self._lapped = False  # a harvest since the last reset found the ring completely full
+        self._shortfall = 0  # ours, harvested, that the kernel has not recycled (see resync)
+        self._epoch = 0  # bumped by every repair that moves the kernel's reset index
+        self._run_snapshot: tuple[int, int, int, int] | None = None
 
     def __repr__(self) -> str:
         return f"<DirtyRing vcpu={self.vcpu_id} size={self.size} index={self.index}>"
@@ -280,6 +295,123 @@ class DirtyRing:
         """Entries harvested since the last KVM_RESET_DIRTY_RINGS."""
         return self._pending_reset
 
+    @property
+    def progress(self) -> int:
+        """Entries the harvester has moved past: harvested, or skipped as lost."""
+        return self.harvested_total + self.lost_total
+
+    def before_run(self) -> None:
+        """Called by the vCPU just before KVM_RUN: remember where the ring stood, so that
+        :meth:`stuck` can tell what happened since."""
+        with self._lock:
+            self._run_snapshot = (self.progress, self._pending_reset, self._shortfall,
+                                  self._epoch)
+
+    def stuck(self) -> bool:
+        """After a ring-full exit, in the vCPU's thread: whether the ring is stuck, i.e. the
+        kernel counts at least its soft limit of entries that nobody can harvest (they were
+        overwritten).  True only if, since the KVM_RUN that exited, nobody harvested or reset
+        anything of this ring, nothing was pending a reset, and nothing is dirty now: then the
+        kernel's count of used entries, which was at least the soft limit at the exit, is
+        entirely lost entries."""
+        with self._lock:
+            if self._map is None or self._run_snapshot is None:
+                return False
+            progress, pending, shortfall, epoch = self._run_snapshot
+            return (pending == 0 and self._pending_reset == 0 and progress == self.progress
+                    and shortfall == 0 and self._shortfall == 0 and epoch == self._epoch
+                    and not self._stash
+                    and int(lib.kvmio_ring_count_dirty(self._gfns, self.size)) == 0)
+
+    def recover_stuck(self) -> int:
+        """Advance a :meth:`stuck` ring past lost entries, with its vCPU outside KVM_RUN:
+        mark at most the soft limit's worth of entries harvested (never more than the kernel
+        counts as used, so its reset index cannot pass its dirty index) and reset.  Returns
+        how many were skipped (counted in :attr:`lost_total`).  Call it again at the next
+        stuck ring-full exit until the ring moves; then a hole (if any) shows, and
+        :meth:`recover_from_overrun` finishes the job.  The lost writes stay lost: treat the
+        tracked slots as wholly dirty."""
+        with self._outside_run(), self._lock:
+            if not self.stuck():
+                raise KvmStateError(f"the dirty ring of vCPU {self.vcpu_id} is not stuck")
+            count = max(self.size - MAX_RESERVED_ENTRIES, self.size // 4)
+            lib.kvmio_ring_mark_harvested(self._gfns, self.size, self._index, count)
+            self._pending_reset += count
+            self.lost_total += count
+            self._suspect = self._wide = True
+            self.hole_pending = False
+            self._run_snapshot = None
+            self._epoch += 1
+            self.ring_set.reset()
+            return count
+
+    @property
+    def suspect(self) -> bool:
+        """Whether the ring overran and was not repaired since (:meth:`recover_from_overrun`).
+        Harvesting it while its vCPU runs could race the kernel lapping it: an owner should
+        harvest it only inside :meth:`hold_vcpu` until then."""
+        return self._suspect
+
+    def hold_vcpu(self) -> AbstractContextManager[None]:
+        """Hold the ring's vCPU outside KVM_RUN for a block (raises :class:`KvmStateError` if
+        it is inside now; its ``run()`` waits for the block to end)."""
+        return self._outside_run()
+
+    @property
+    def shortfall(self) -> int:
+        """Entries harvested here that the kernel has not recycled: a reset stopped short
+        because the kernel overwrote some of them (a lapped ring harvested while its vCPU ran).
+        Until :meth:`resync` (with the vCPU outside KVM_RUN) the ring is out of step."""
+        return self._shortfall
+
+    @property
+    def lapped(self) -> bool:
+        """Whether a harvest since the last reset found the ring completely full."""
+        return self._lapped
+
+    def add_shortfall(self, n: int) -> None:
+        """Called by the ring set: the last reset recycled ``n`` of this ring's entries
+        fewer than were harvested."""
+        with self._lock:
+            self._shortfall += n
+            self._suspect = self._wide = True
+
+    def resync(self) -> DirtyEntries:
+        """Bring a ring with a :attr:`shortfall` back in step, with its vCPU outside KVM_RUN:
+        take the entries the kernel wrote again over ours before its reset reached them, mark
+        them harvested, and reset, so that the kernel recycles everything up to our index.
+        Returns what was taken (real entries: report them).  A shortfall of a whole ring or
+        more cannot be resynchronised (raises :class:`DirtyRingOverrunError`)."""
+        with self._outside_run(), self._lock:
+            self._check()
+            short = self._shortfall
+            if short == 0:
+                return DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
+            if short > self.size:
+                raise DirtyRingOverrunError(
+                    f"dirty ring of vCPU {self.vcpu_id}: the kernel recycled {short} entries "
+                    "fewer than were harvested, more than a whole ring: it cannot be brought back "
+                    "in step; use bitmap mode or a bigger ring", vcpu=self.vcpu_id)
+            slots = np.empty(short, dtype=np.uint32)
+            offsets = np.empty(short, dtype=np.uint64)
+            ps = ffi.from_buffer("uint32_t[]", slots, require_writable=True)
+            po = ffi.from_buffer("uint64_t[]", offsets, require_writable=True)
+            try:
+                # Safety: both arrays hold `short` items, the most the sweep writes; the ring
+                # pointer is valid (checked above, under the lock that close() needs).
+                n = int(lib.kvmio_ring_sweep(self._gfns, self.size,
+                                             (self.index - short) & 0xFFFFFFFF, short, ps, po))
+            finally:
+                ffi.release(ps)
+                ffi.release(po)
+            self._shortfall = 0
+            self._pending_reset += short
+            self.harvested_total += n
+            self._epoch += 1
+            self._run_snapshot = None
+            self.ring_set.reset()
+            return DirtyEntries(slots[:n].copy(), offsets[:n].copy())
+
     def settle_reset(self, n: int) -> int:
         """Count ``n`` entries as recycled by a reset (called by the ring set under its lock);
         returns how many of them this ring accounted for."""
@@ -289,9 +421,10 @@ class DirtyRing:
             return take
 
     def forget_pending(self) -> None:
-        """After a reset whose count did not match: start counting afresh."""
+        """After a reset: start counting afresh."""
         with self._lock:
             self._pending_reset = 0
+            self._lapped = False
 
     @property
     def closed(self) -> bool:
@@ -392,8 +525,11 @@ class DirtyRing:
         if limit == 0:
             return DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
         # The ring pointer is valid: checked above, and close() needs the lock we hold.
+        # Once an overrun was seen, a hole can be as long as the ring: scan all of it, from
+        # then on (a full scan costs a few microseconds per empty harvest of a 4096-entry ring).
+        window = self.size - 1 if self._wide else HOLE_WINDOW
         slots, offsets, n = _harvest_raw(self._gfns, self.size, self._index, self._stop, limit,
-                                         self._pool.get())
+                                         self._pool.get(), window)
         stop = int(self._stop[0])
         self._pending_reset += n
         self.harvested_total += n
@@ -413,8 +549,10 @@ class DirtyRing:
             why = (f"the ring filled completely ({self._pending_reset} of {self.size} entries "
                    "since the last reset)")
             new = True
+            self._lapped = True
         if why is None:
             return got
+        self._suspect = self._wide = True
         if new:
             self.overruns += 1
             self.last_overrun = why
@@ -494,6 +632,7 @@ class DirtyRing:
             self._check()
             parts = list(self._stash)
             self._stash.clear()
+            lost_before = self.lost_total
             for _ in range(self.size):
                 skipped = int(lib.kvmio_ring_skip_hole(self._gfns, self.size, self._index))
                 self._pending_reset += skipped
@@ -509,4 +648,8 @@ class DirtyRing:
             except BaseException:
                 self._stash[:0] = [p for p in parts if len(p)]
                 raise
+            if not self.hole_pending and not self._shortfall:
+                self._suspect = False  # repaired: concurrent harvests are safe again
+            if self.lost_total != lost_before or any(len(p) for p in parts):
+                self._epoch += 1
             return DirtyEntries.concat(parts)

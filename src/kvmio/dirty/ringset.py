@@ -65,7 +65,7 @@ class RingSet:
         self._orphans: list[DirtyEntries] = []
         self._orphan_pending = 0
         self._overrun_note: str | None = None
-        self._reset_report: str | None = None
+        self._reset_report: tuple[int, str] | None = None
 
     def __repr__(self) -> str:
         return f"<RingSet entries={self.entries} rings={sorted(self._rings)}>"
@@ -142,6 +142,7 @@ class RingSet:
         with self.lock:
             rings = list(self._rings.values())
             expected = sum(r.pending_reset for r in rings) + self._orphan_pending
+            harvested = [r for r in rings if r.pending_reset]
             total = 0
             try:
                 for _ in range(_MAX_RESET_CALLS):
@@ -158,6 +159,9 @@ class RingSet:
                 for r in rings:
                     left -= r.settle_reset(left)
             # Matched or not, the kernel has now reset everything it could: start afresh.
+            # Which ring a short reset is to blame on: one found full (lapped), or one out of
+            # step already, or else the only ring harvested since the last reset.
+            suspects = [r for r in rings if r.lapped or r.shortfall] or harvested
             self._orphan_pending = 0
             for r in rings:
                 r.forget_pending()
@@ -165,8 +169,12 @@ class RingSet:
             if total != expected:
                 why = (f"KVM_RESET_DIRTY_RINGS reset {total} entries but {expected} were "
                        "harvested since the last reset")
-                if on_overrun == "report":
-                    self._reset_report = why
+                # Short because the kernel overwrote some harvested entries of a lapped ring
+                # before the reset reached them: if one ring can be to blame, it owes the
+                # difference, and resync() brings it back in step once its vCPU is out.
+                if on_overrun == "report" and total < expected and len(suspects) == 1:
+                    suspects[0].add_shortfall(expected - total)
+                    self._reset_report = (suspects[0].vcpu_id, why)
                     return total
                 raise DirtyRingOverrunError(
                     f"{why}: the ring's state is inconsistent and dirty pages may have been "
@@ -174,18 +182,19 @@ class RingSet:
                     "bitmap mode", lost=abs(expected - total))
             if note is not None:
                 if on_overrun == "report":
-                    self._reset_report = note
+                    self._reset_report = (VM_WIDE, note)
                     return total
                 raise DirtyRingOverrunError(
                     f"{note}: dirty pages may have been lost; treat the tracked slots as wholly "
                     "dirty and resynchronise them")
             return total
 
-    def take_reset_report(self) -> str | None:
-        """The overrun a reset with ``on_overrun="report"`` noted (and forget it)."""
+    def take_reset_report(self) -> tuple[int, str] | None:
+        """``(vCPU id or VM_WIDE, why)`` of the overrun a reset with ``on_overrun="report"``
+        noted (and forget it)."""
         with self.lock:
-            why, self._reset_report = self._reset_report, None
-            return why
+            got, self._reset_report = self._reset_report, None
+            return got
 
     def harvest_and_reset(self, rings: Iterable[DirtyRing] | None = None, *,
                           on_overrun: OverrunPolicy = "raise") -> Harvest:
@@ -216,7 +225,7 @@ class RingSet:
                 why = ring.take_overrun_report()
                 if why is not None:
                     overruns[ring.vcpu_id] = why
-            why = self.take_reset_report()
-            if why is not None:
-                overruns[VM_WIDE] = why
+            report = self.take_reset_report()
+            if report is not None:
+                overruns[report[0]] = report[1]
             return Harvest(harvested, orphans, overruns, t)

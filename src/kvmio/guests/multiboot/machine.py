@@ -203,11 +203,16 @@ class MultibootMachine(Closing):
     IOAPIC, local APIC) and i8254 PIT, created before the vCPU, so kernels that program the
     timer and wait for its interrupt run.  ``irqchip=False`` gives the older machine where
     nothing interrupts the guest and every HLT ends the run.
+
+    ``ring_entries`` enables the dirty ring with that many entries per vCPU; ``log_dirty``
+    makes guest RAM dirty-logged from boot (default: when the ring is enabled).  Pass
+    ``log_dirty=False`` to boot unlogged and turn logging on when tracking starts (a
+    :class:`~kvmio.tracker.DirtyTracker` with ``log_slots=[machine.ram.slot]``).
     """
 
     def __init__(self, kvm: Kvm, kernel: bytes | str | os.PathLike[str], *,
                  mem: int = DEFAULT_MEMORY, cmdline: str = "", name: str | None = None,
-                 log_dirty: bool = False, ring_entries: int | None = None,
+                 log_dirty: bool | None = None, ring_entries: int | None = None,
                  irqchip: bool = True):
         if not IS_X86:
             raise KvmUnsupportedError("Multiboot kernels run only on x86_64 hosts")
@@ -242,7 +247,8 @@ class MultibootMachine(Closing):
             if ring_entries is not None:
                 self.vm.enable_dirty_ring(ring_entries)
             self.ram = self.vm.add_memory_region(0, mem, slot=0, noreserve=True,
-                                                 log_dirty=log_dirty or ring_entries is not None)
+                                                 log_dirty=ring_entries is not None
+                                                 if log_dirty is None else bool(log_dirty))
             self.image.load(self.vm)
             self.info_addr = write_boot_info(self.vm, mem, self.cmdline, self.image.end)
             self.vcpu: Vcpu = self.vm.create_vcpu(0)
