@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from kvmio._abi import PAGE_SIZE
 from kvmio.dirtyrate import CollectionCost, DirtyRateReport
 from kvmio.errors import KvmError
 
@@ -37,7 +38,7 @@ def plot_dirty_rate(report: DirtyRateReport, path: str | os.PathLike[str], *,
                  label="VM", color="black")
         vcpus = sorted({k for s in report.samples for k in s["vcpu_pages_per_second"]}, key=int)
         for v in vcpus:
-            ax1.plot(t, [s["vcpu_pages_per_second"].get(v, 0) * 4096 / (1 << 20)
+            ax1.plot(t, [s["vcpu_pages_per_second"].get(v, 0) * PAGE_SIZE / (1 << 20)
                          for s in report.samples], lw=1, label=f"vCPU {v}")
         ax1.set_xlabel("time (s)")
         ax1.set_ylabel("dirty rate (MiB/s, distinct pages)")

@@ -589,16 +589,19 @@ class DirtyTracker:
                 if ring is not None:
                     ring.drain()
                 return
-            stuck = (not self.strict and ring is not None and self._rings.get(vcpu.id) is ring
-                     and ring.stuck())
-            self._pass()  # recovers this vCPU's ring if it overran (it is outside KVM_RUN)
-            if stuck and ring is not None and ring.stuck():
+            if (not self.strict and ring is not None and self._rings.get(vcpu.id) is ring
+                    and ring.stuck()):
                 # Overrun by more than the ring's soft limit (a rep stos over many pages):
                 # nothing to harvest, the kernel still counts the lost entries.  Step past
-                # them, a soft limit at a time, at each such exit.
+                # them, a soft limit at a time, at each such exit (no pass needed: this ring
+                # has nothing, and the worker collects the others).
+                first = not ring.suspect
                 skipped = ring.recover_stuck()
                 self._note_overrun(time.monotonic(), vcpu.id,
-                                   f"the ring was stuck full: {skipped} lost entries skipped")
+                                   f"the ring was stuck full: {skipped} lost entries skipped",
+                                   record=first)
+                return
+            self._pass()  # recovers this vCPU's ring if it overran (it is outside KVM_RUN)
 
     def _recover(self, ring: DirtyRing) -> None:
         """Recover an overrun ring while its vCPU is outside KVM_RUN (raises KvmStateError

@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.table import Table
 
 from kvmio.cli.common import console, open_kvm, write_json
-from kvmio.cli.params import FiniteFloatRange, OutputFile, RingEntries, Size, format_size
+from kvmio.cli.params import PAGE_SIZE, FiniteFloatRange, OutputFile, RingEntries, Size, format_size
 from kvmio.cli.run import MULTIBOOT_MEMORY
 from kvmio.dirtyrate import (
     DirtyRateReport,
@@ -44,7 +44,7 @@ def _rate_table(tracker: DirtyTracker, elapsed: float, duration: float) -> Table
     t.add_column("MiB/s", justify="right")
     r = tracker.rate()
     for vid, pps in sorted(r.vcpu_pages_per_second.items()):
-        t.add_row(f"vCPU {vid}", f"{pps:,.0f}", f"{pps * 4096 / (1 << 20):,.1f}")
+        t.add_row(f"vCPU {vid}", f"{pps:,.0f}", f"{pps * PAGE_SIZE / (1 << 20):,.1f}")
     t.add_row("[bold]VM[/]", f"{r.pages_per_second:,.0f}",
               f"{r.bytes_per_second / (1 << 20):,.1f}")
     return t

@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from kvmio._abi import PAGE_SIZE
 from kvmio.errors import KvmError
 from kvmio.units import parse_size
 
 __all__ = ["PAGE_SIZE", "FiniteFloatRange", "OutputFile", "RingEntries", "Size",
            "format_size", "plot_hint"]
 
-#: The guest page: sizes of guest memory are whole pages.
-PAGE_SIZE = 4096
 
 if TYPE_CHECKING:  # click >= 8.2 types its parameter types; older clicks are not generic
     _IntType = click.ParamType[int, Any]
