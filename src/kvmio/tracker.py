@@ -24,6 +24,7 @@ from kvmio import _check
 from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.pages import PageSet, coalesce
 from kvmio.dirty.ring import DirtyEntries, DirtyRing
+from kvmio.dirty.ringset import VM_WIDE
 from kvmio.errors import KvmInvalidArgumentError, KvmStateError
 from kvmio.vcpu import Vcpu
 from kvmio.vm import DirtyLogClaim, DirtyPages, Vm
@@ -505,7 +506,7 @@ class DirtyTracker:
         assert rs is not None
         with rs.lock:  # no vCPU can close its ring between adoption and harvest
             self._adopt_rings()
-            rings = []
+            rings, held = [], []
             for ring in self._rings.values():
                 if ring.suspect and not self.strict and not ring.closed:
                     try:
@@ -515,13 +516,20 @@ class DirtyTracker:
                         continue
                     if ring.shortfall:  # back in step first, then harvest from there
                         self._take_repaired(ring.resync())
+                    held.append(ring)
                 rings.append(ring)
-            return self.vm.collect_dirty_pages(final=final, rings=rings,
-                                               on_overrun="raise" if self.strict else "report")
+            got = self.vm.collect_dirty_pages(final=final, rings=rings,
+                                              on_overrun="raise" if self.strict else "report")
+            for ring in held:
+                if ring.vcpu_id not in got.overruns and VM_WIDE not in got.overruns:
+                    ring.mark_in_step()  # harvested and reset while held, cleanly
+            return got
 
     def _repair_rings(self, now: float) -> None:
         """After a collection: recover the overrun rings whose vCPUs are outside KVM_RUN."""
         for ring in list(self._rings.values()):
+            if ring.closed:  # its vCPU closed: the ring set reported what it held
+                continue
             if ring.shortfall or ring.hole_pending:
                 # Out of step or stopped at a hole: entries past it are not harvested until
                 # repaired, so every tracked slot stays wholly dirty meanwhile.

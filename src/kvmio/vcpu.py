@@ -88,9 +88,12 @@ class Vcpu(FdOwner):
         ``run()`` raises :class:`KvmClosedError`."""
 
         def unmap() -> None:
+            # The ring first, without the run lock: a tracker holds the ring set's lock while
+            # it takes this vCPU's run lock (to hold it outside KVM_RUN).  No run() is in
+            # flight any more (the fd is closing).
+            if self._ring is not None:
+                self._ring.close()
             with self._run_lock:
-                if self._ring is not None:
-                    self._ring.close()
                 self._run.close()
 
         if self._close_fd(wake=self._wake, before_close=unmap) and self._on_close is not None:
@@ -161,8 +164,6 @@ class Vcpu(FdOwner):
         under it.  Raises :class:`KvmClosedError` once the vCPU is closed (or closing).
         """
         _abi.kick_signal()  # install the kick handler before the first KVM_RUN
-        if self._ring is not None:
-            self._ring.before_run()  # for telling a stuck ring at a ring-full exit
         with self._run_lock:
             if self._in_run:
                 raise KvmStateError(f"vCPU {self.id} is already running in another thread")
@@ -175,6 +176,11 @@ class Vcpu(FdOwner):
             self._running_thread = threading.get_ident()
             self._exit_gen += 1
         try:
+            if self._ring is not None:
+                # Where the ring stood, for telling a stuck ring at a ring-full exit (after
+                # _in_run is set, so no other run() can overwrite it; not under the run lock,
+                # which a tracker takes while holding the ring set's lock).
+                self._ring.before_run()
             r = _abi.ioctl_eintr(fd, lib.KVM_RUN, name="KVM_RUN")
             with self._run_lock:
                 self._running_thread = None

@@ -302,10 +302,11 @@ class DirtyRing:
 
     def before_run(self) -> None:
         """Called by the vCPU just before KVM_RUN: remember where the ring stood, so that
-        :meth:`stuck` can tell what happened since."""
-        with self._lock:
-            self._run_snapshot = (self.progress, self._pending_reset, self._shortfall,
-                                  self._epoch)
+        :meth:`stuck` can tell what happened since.  Read without the lock (a KVM_RUN must not
+        wait for a harvest): progress is read first, and every update raises the pending count
+        before the progress, so a torn read can only make :meth:`stuck` say no."""
+        progress = self.progress
+        self._run_snapshot = (progress, self._pending_reset, self._shortfall, self._epoch)
 
     def stuck(self) -> bool:
         """After a ring-full exit, in the vCPU's thread: whether the ring is stuck, i.e. the
@@ -354,7 +355,9 @@ class DirtyRing:
 
     def hold_vcpu(self) -> AbstractContextManager[None]:
         """Hold the ring's vCPU outside KVM_RUN for a block (raises :class:`KvmStateError` if
-        it is inside now; its ``run()`` waits for the block to end)."""
+        it is inside now; its ``run()`` waits for the block to end).  Other vCPU ioctls (an
+        MSR write, say) may still push entries meanwhile; the repairs assume nobody makes
+        them during the hold."""
         return self._outside_run()
 
     @property
@@ -409,8 +412,23 @@ class DirtyRing:
             self.harvested_total += n
             self._epoch += 1
             self._run_snapshot = None
-            self.ring_set.reset()
-            return DirtyEntries(slots[:n].copy(), offsets[:n].copy())
+            swept = DirtyEntries(slots[:n].copy(), offsets[:n].copy())
+            try:
+                self.ring_set.reset()
+            except BaseException:
+                if len(swept):
+                    self._stash.insert(0, swept)  # marked harvested: the next harvest has them
+                raise
+            return swept
+
+    def mark_in_step(self) -> None:
+        """For an owner that harvested and reset this ring with its vCPU held outside KVM_RUN
+        and found no hole, no shortfall and no full ring: the ring is in step with the kernel
+        again, and harvests while its vCPU runs are safe again (hole scans still cover the
+        whole ring)."""
+        with self._lock:
+            if not (self.hole_pending or self._shortfall or self._lapped):
+                self._suspect = False
 
     def settle_reset(self, n: int) -> int:
         """Count ``n`` entries as recycled by a reset (called by the ring set under its lock);
@@ -469,7 +487,8 @@ class DirtyRing:
             if self._map is None:
                 return
             left = self._harvest_locked(self.size, check=False)
-            overrun = int(self._stop[0]) == STOP_HOLE or self._pending_reset >= self.size
+            overrun = (int(self._stop[0]) == STOP_HOLE or self._pending_reset >= self.size
+                       or self._shortfall > 0 or self.hole_pending)
             parts = [*self._stash, left.copy()]
             self._stash.clear()
             self.ring_set.detach(self, DirtyEntries.concat(parts), self._pending_reset,

@@ -159,9 +159,11 @@ class RingSet:
                 for r in rings:
                     left -= r.settle_reset(left)
             # Matched or not, the kernel has now reset everything it could: start afresh.
-            # Which ring a short reset is to blame on: one found full (lapped), or one out of
-            # step already, or else the only ring harvested since the last reset.
-            suspects = [r for r in rings if r.lapped or r.shortfall] or harvested
+            # Which ring a short reset is to blame on: the only ring harvested since the last
+            # reset, or else the only one of them found full (lapped).  A ring that harvested
+            # nothing contributed nothing to the walk, so it cannot be short.
+            lapped = [r for r in harvested if r.lapped]
+            suspects = harvested if len(harvested) == 1 else lapped
             self._orphan_pending = 0
             for r in rings:
                 r.forget_pending()
