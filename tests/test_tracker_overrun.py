@@ -209,3 +209,34 @@ def test_a_bss_clear_is_survived_and_tracking_goes_on_losslessly(kvm: Kvm,
         assert written <= pages  # nothing written after the overrun was lost
         if not got.wholly_dirty:
             assert pages == written  # and, once in step again, exact
+
+
+def test_closing_a_vcpu_whose_ring_is_held_by_the_tracker_does_not_deadlock(kvm: Kvm) -> None:
+    """A tracker holds the ring set's lock while it holds an overrun ring's vCPU outside
+    KVM_RUN; closing that vCPU meanwhile must not take the two locks the other way round
+    (pytest-timeout fails a deadlock)."""
+    for _ in range(5):
+        with Workload(kvm, mem_size=64 << 20, ring_entries=4096, max_writes=100) as w:
+            assert isinstance(w.run_vcpu(0), Hlt)
+            _burst(w)
+            v = w.vcpus[0]
+            ring = v.dirty_ring
+            for _ in range(100):  # overrun the ring first, by construction (see test_ring.py)
+                assert isinstance(v.run(), DirtyRingFull)
+                if ring.count_dirty() == ring.size:
+                    break
+                ring.drain()
+            tracker = DirtyTracker(w.vm, "ring", interval=0.0005)
+            with tracker:
+                wait_until(lambda: len(tracker.overrun_events) > 0,  # noqa: B023
+                           what="the tracker to see the overrun")
+                r = w.runner(on_ring_full=tracker.on_ring_full).start()
+                passes = tracker.passes
+                wait_until(lambda: tracker.passes > passes + 3,  # noqa: B023
+                           what="passes while the vCPU runs")
+                v.close()  # kicks the running vCPU, waits, unmaps its ring
+                passes = tracker.passes
+                wait_until(lambda: tracker.passes > passes + 3,  # noqa: B023
+                           what="passes after the close")
+                r.stop(raise_errors=False)  # its thread met the closed vCPU
+                assert tracker.error is None
