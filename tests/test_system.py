@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from kvmio import API_VERSION, Cap, Kvm, KvmClosedError, KvmError, KvmUnavailableError
+from kvmio import API_VERSION, Cap, Hlt, IoOut, Kvm, KvmClosedError, KvmError, KvmUnavailableError
 
 
 def test_api_version_and_sizes(kvm: Kvm) -> None:
@@ -91,12 +91,23 @@ def test_close_is_idempotent_and_use_after_close_raises() -> None:
 
 @pytest.mark.kvm
 def test_vm_outlives_system_fd() -> None:
+    """A VM holds its own fd: closing /dev/kvm leaves it fully usable (a guest runs)."""
     k = Kvm()
     vm = k.create_vm()
     k.close()
-    vm.add_memory_region(0, 4096)
-    vm.create_vcpu()
-    vm.close()
+    assert k.closed
+    with vm:
+        vm.add_memory_region(0, 1 << 20)
+        vm.write_memory(0x1000, bytes([0xB0, 0x41, 0xE6, 0xE9, 0xF4]))  # out 0xE9 'A'; hlt
+        vcpu = vm.create_vcpu()
+        s = vcpu.get_sregs()
+        s.cs.base = s.cs.selector = 0
+        vcpu.set_sregs(s)
+        r = vcpu.get_regs()
+        r.rip = 0x1000
+        vcpu.set_regs(r)
+        assert vcpu.run() == IoOut(0xE9, 1, 1, b"A")
+        assert vcpu.run() == Hlt()
 
 
 def test_fds_are_close_on_exec(kvm: Kvm) -> None:

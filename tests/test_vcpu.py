@@ -201,18 +201,30 @@ def test_registers_round_trip(kvm: Kvm) -> None:
         assert vcpu.get_msrs([0x174]) == {0x174: 0x10}
         with pytest.raises(KvmError, match="cannot be read"):
             vcpu.get_msrs([0xDEAD0000])
-        xs = vcpu.get_xsave()
-        assert len(xs) == 4096
-        vcpu.set_xsave(xs)
+        # Each setter changes a value that its getter then reads back (offsets from
+        # <linux/kvm.h> and the SDM's FXSAVE layout).
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())  # XCR0 may hold what the CPUID offers
         xcrs = vcpu.get_xcrs()
         assert xcrs[0] & 1  # x87 state is always enabled in XCR0
-        vcpu.set_xcrs(xcrs)
-        ev = vcpu.get_vcpu_events()
-        vcpu.set_vcpu_events(ev)
-        dr = vcpu.get_debugregs()
-        vcpu.set_debugregs(dr)
-        assert vcpu.get_mp_state() == lib.KVM_MP_STATE_RUNNABLE
-        vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+        vcpu.set_xcrs({0: 0x3})  # x87 | SSE
+        assert vcpu.get_xcrs()[0] == 0x3
+        xs = bytearray(vcpu.get_xsave())
+        assert len(xs) == 4096
+        mxcsr = int.from_bytes(xs[24:28], "little")  # FXSAVE: MXCSR at byte 24
+        xs[24:28] = (mxcsr ^ 0x1).to_bytes(4, "little")  # toggle the invalid-op flag
+        bv = int.from_bytes(xs[512:520], "little")  # XSAVE header: XSTATE_BV
+        xs[512:520] = (bv | 0x2).to_bytes(8, "little")  # the SSE state (MXCSR) is present
+        vcpu.set_xsave(bytes(xs))
+        assert int.from_bytes(vcpu.get_xsave()[24:28], "little") == mxcsr ^ 0x1
+        ev = bytearray(vcpu.get_vcpu_events())
+        assert ev[14] == 0  # nmi.masked (exception: 8 bytes, interrupt: 4, nmi.injected...)
+        ev[14] = 1
+        vcpu.set_vcpu_events(bytes(ev))
+        assert vcpu.get_vcpu_events()[14] == 1
+        dr = bytearray(vcpu.get_debugregs())
+        dr[0:8] = (0x12345000).to_bytes(8, "little")  # db[0]
+        vcpu.set_debugregs(bytes(dr))
+        assert vcpu.get_debugregs()[0:8] == (0x12345000).to_bytes(8, "little")
 
 
 def test_cpuid2_and_lapic(kvm: Kvm) -> None:
@@ -228,10 +240,19 @@ def test_cpuid2_and_lapic(kvm: Kvm) -> None:
         # KVM keeps what it set (it may drop leaves above the maximum basic leaf).
         assert {(e.function, e.index) for e in got} <= {(e.function, e.index) for e in cpuid}
         assert {e.function for e in got} >= {0, 1, 0x80000000, 0x80000001}
-        lapic = vcpu.get_lapic()
+        lapic = bytearray(vcpu.get_lapic())
         assert len(lapic) == 1024
-        vcpu.set_lapic(lapic)
-        assert vcpu.get_lapic()[0x20:0x24] == lapic[0x20:0x24]  # APIC ID register
+        lapic[0x80] = 0x20  # the task-priority register
+        vcpu.set_lapic(bytes(lapic))
+        got_lapic = vcpu.get_lapic()
+        assert got_lapic[0x80] == 0x20
+        assert got_lapic[0x20:0x24] == lapic[0x20:0x24]  # APIC ID register
+        # MP states other than runnable need the in-kernel irqchip.
+        assert vcpu.get_mp_state() == lib.KVM_MP_STATE_RUNNABLE
+        vcpu.set_mp_state(lib.KVM_MP_STATE_HALTED)
+        assert vcpu.get_mp_state() == lib.KVM_MP_STATE_HALTED
+        vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+        assert vcpu.get_mp_state() == lib.KVM_MP_STATE_RUNNABLE
 
 
 def test_clock(kvm: Kvm) -> None:
