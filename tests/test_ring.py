@@ -402,9 +402,13 @@ def test_entries_harvested_by_a_failing_call_are_kept(kvm: Kvm) -> None:
         _burst(w)
         with pytest.raises(DirtyRingOverrunError) as ei:
             v.run_until_exit()
-        assert ei.value.harvested == 256
-        again = v.dirty_ring.harvest()  # the ring kept them (once: not on the exception)
-        assert len(again) == 256
+        assert ei.value.harvested == 256  # the failing harvest took a completely full ring
+        ring = v.dirty_ring
+        # The ring kept them, and what earlier ring-full exits drained (a host interrupt can
+        # end the first batch below the ring's end): every entry harvested from this ring is
+        # returned now, once (not on the exception).
+        again = ring.harvest()
+        assert len(again) == ring.harvested_total
 
 
 def test_recreated_smaller_slot_drops_stale_offsets(kvm: Kvm) -> None:
