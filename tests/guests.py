@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from kvmio import IoOut, Kvm, Vcpu, Vm
+from kvmio import DirtyRingFull, IoOut, Kvm, Vcpu, Vm
 from kvmio.exits import VcpuExit
 from kvmio.guests.modes import setup_long_mode, setup_protected_mode, setup_real_mode
 from kvmio.guests.programs import program
+from kvmio.guests.workload import MEM_BASE, Workload
 
 
 def boot(kvm: Kvm, name: str, mem: int = 4 << 20, **regs: int) -> tuple[Vm, Vcpu]:
@@ -52,3 +53,27 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.001)
+
+
+def burst(w: Workload, vcpu: int = 0, pages: int = 8192) -> None:
+    """Point a workload's vCPU at the dense 'burst' writer (8 page writes per 11 instructions,
+    so one emulation batch pushes ~745 ring entries: it overruns a ring on purpose)."""
+    code = program("burst")
+    w.vm.write_memory(0x30000, code.code)  # position independent
+    v = w.vcpus[vcpu]
+    r = v.get_regs()
+    r.rip, r.rdi, r.rsi, r.rax = 0x30000, MEM_BASE, pages, 0xAA
+    v.set_regs(r)
+
+
+def overrun_ring(v: Vcpu) -> None:
+    """Run a vCPU pointed at the burst writer until a ring-full exit finds its ring completely
+    full (overrun).  A host interrupt can end a batch below the ring's end; then drain and go
+    again: the next batches overrun it, by construction."""
+    ring = v.dirty_ring
+    for _ in range(100):
+        assert isinstance(v.run(), DirtyRingFull)
+        if ring.count_dirty() == ring.size:
+            return
+        ring.drain()
+    raise AssertionError("the burst guest never overran the ring")

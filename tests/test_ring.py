@@ -25,10 +25,9 @@ from kvmio import (
     SlotId,
 )
 from kvmio._abi import kick_signal
-from kvmio.guests.programs import program
 from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
 
-from guests import wait_until
+from guests import burst, overrun_ring, wait_until
 
 
 @pytest.mark.parametrize(
@@ -187,16 +186,6 @@ def test_ring_full_exits_are_handled_without_loss(kvm: Kvm) -> None:
         assert np.array_equal(np.flatnonzero(w.mem.page_words()), d.pages[MEM_SLOT])
 
 
-def _burst(w: Workload, vcpu: int = 0, pages: int = 8192) -> None:
-    """Point the vCPU at the dense 'burst' writer (4 instructions per page write)."""
-    burst = program("burst")
-    w.vm.write_memory(0x30000, burst.code)  # position independent
-    v = w.vcpus[vcpu]
-    r = v.get_regs()
-    r.rip, r.rdi, r.rsi, r.rax = 0x30000, MEM_BASE, pages, 0xAA
-    v.set_regs(r)
-
-
 def test_overrun_is_detected_and_recoverable(kvm: Kvm) -> None:
     """A guest writing a page every ~4 instructions overruns the ring on this host (the
     emulator ignores soft-full within a 1024-instruction batch): kvmio must say so, and the
@@ -209,7 +198,7 @@ def test_overrun_is_detected_and_recoverable(kvm: Kvm) -> None:
         # below the soft limit and the hole shows once the kernel publishes past it.
         assert isinstance(w.run_vcpu(0), Hlt)
         saved = v.get_regs()
-        _burst(w)
+        burst(w)
         with pytest.raises(DirtyRingOverrunError, match="lost") as ei:
             v.run_until_exit()
         assert ei.value.vcpu == 0
@@ -241,7 +230,7 @@ def test_overrun_beyond_the_soft_limit_is_reported_not_looped(kvm: Kvm) -> None:
     reports it and never loops."""
     with Workload(kvm, mem_size=64 << 20, ring_entries=256, max_writes=100) as w:
         assert isinstance(w.run_vcpu(0), Hlt)
-        _burst(w)
+        burst(w)
         with pytest.raises(DirtyRingOverrunError, match="lost"):
             w.vcpus[0].run_until_exit()
         w.vm.reset_dirty_rings()
@@ -399,7 +388,7 @@ def test_entries_harvested_by_a_failing_call_are_kept(kvm: Kvm) -> None:
                   value="count") as w:
         v = w.vcpus[0]
         assert isinstance(w.run_vcpu(0), Hlt)
-        _burst(w)
+        burst(w)
         with pytest.raises(DirtyRingOverrunError) as ei:
             v.run_until_exit()
         assert ei.value.harvested == 256  # the failing harvest took a completely full ring
@@ -424,19 +413,9 @@ def test_recreated_smaller_slot_drops_stale_offsets(kvm: Kvm) -> None:
 def test_overrun_of_a_closing_vcpu_is_reported_by_the_next_reset(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=64 << 20, ring_entries=256, max_writes=100) as w:
         assert isinstance(w.run_vcpu(0), Hlt)
-        _burst(w)
+        burst(w)
         v = w.vcpus[0]
-        ring = v.dirty_ring
-        # Run until a ring-full exit finds the ring completely full (overrun).  A host interrupt
-        # can cut an emulation batch short and end one round below the ring's end; then drain
-        # and go again: the next batches (~745 entries each) overrun a 256-entry ring.
-        for _ in range(100):
-            assert isinstance(v.run(), DirtyRingFull)
-            if ring.count_dirty() == ring.size:
-                break
-            ring.drain()
-        else:
-            pytest.fail("the burst guest never overran the ring")
+        overrun_ring(v)  # the ring is completely full
         v.close()
         with pytest.raises(DirtyRingOverrunError, match="overrun when the vCPU closed"):
             w.vm.collect_dirty_pages()

@@ -13,12 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmio import DirtyRingOverrunError, Kvm, KvmInvalidArgumentError, KvmStateError
-from kvmio.guests.programs import program
 from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
 from kvmio.runner import RingFullHandler
 from kvmio.tracker import DirtyRanges, DirtyTracker, WindowCounter, coalesce
 
-from guests import wait_until
+from guests import burst, wait_until
 
 
 def _ring_full(tracker: DirtyTracker) -> RingFullHandler | None:
@@ -169,11 +168,7 @@ def test_worker_error_reaches_the_caller(kvm: Kvm) -> None:
         tracker = DirtyTracker(w.vm, interval=0.01, strict=True)
         tracker.start()
         w.run_vcpu(0, on_ring_full=tracker.on_ring_full)  # 100 entries in the ring
-        burst = program("burst")
-        w.vm.write_memory(0x30000, burst.code)
-        r = w.vcpus[0].get_regs()
-        r.rip, r.rdi, r.rsi = 0x30000, MEM_BASE, 8192
-        w.vcpus[0].set_regs(r)
+        burst(w)
         with pytest.raises(DirtyRingOverrunError):
             w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
         wait_until(lambda: tracker.error is not None or not tracker.running,
@@ -270,11 +265,7 @@ def test_error_in_a_vcpu_thread_pass_is_recorded(kvm: Kvm) -> None:
         tracker = DirtyTracker(w.vm, interval=10.0, strict=True)  # the worker sleeps
         tracker.start()
         w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
-        burst = program("burst")
-        w.vm.write_memory(0x30000, burst.code)
-        r = w.vcpus[0].get_regs()
-        r.rip, r.rdi, r.rsi = 0x30000, MEM_BASE, 8192
-        w.vcpus[0].set_regs(r)
+        burst(w)
         with pytest.raises(DirtyRingOverrunError):
             w.run_vcpu(0, on_ring_full=tracker.on_ring_full)  # the pass runs in this thread
         assert isinstance(tracker.error, DirtyRingOverrunError)

@@ -9,27 +9,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvmio import DirtyRingFull, DirtyRingOverrunError, Hlt, Kvm
-from kvmio.guests.programs import program
-from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
+from kvmio import DirtyRingOverrunError, Hlt, Kvm
+from kvmio.guests.workload import MEM_SLOT, Workload
 from kvmio.tracker import DirtyRanges, DirtyTracker
 
-from guests import wait_until
+from guests import burst, overrun_ring, wait_until
 
 pytestmark = pytest.mark.kvm
 
 #: Long enough that only ring-full exits harvest: the overrun then happens by construction,
 #: not because the worker happened to be late.
 NO_WORKER = 3600.0
-
-
-def _burst(w: Workload, pages: int = 8192) -> None:
-    burst = program("burst")
-    w.vm.write_memory(0x30000, burst.code)  # position independent
-    v = w.vcpus[0]
-    r = v.get_regs()
-    r.rip, r.rdi, r.rsi, r.rax = 0x30000, MEM_BASE, pages, 0xAA
-    v.set_regs(r)
 
 
 def test_tracker_survives_an_overrun_and_recovers_the_ring(kvm: Kvm) -> None:
@@ -39,7 +29,7 @@ def test_tracker_survives_an_overrun_and_recovers_the_ring(kvm: Kvm) -> None:
         assert isinstance(w.run_vcpu(0), Hlt)
         w.vm.collect_dirty_pages()
         saved = w.vcpus[0].get_regs()
-        _burst(w)
+        burst(w)
         with DirtyTracker(w.vm, "ring", interval=NO_WORKER) as tracker:
             with w.runner(on_ring_full=tracker.on_ring_full) as r:
                 wait_until(lambda: tracker.recoveries >= 2 or not r.running,
@@ -96,7 +86,7 @@ def _check_covers(w: Workload, got: DirtyRanges) -> None:
 def test_strict_tracker_raises_at_the_first_overrun(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=64 << 20, ring_entries=4096, max_writes=100) as w:
         assert isinstance(w.run_vcpu(0), Hlt)
-        _burst(w)
+        burst(w)
         tracker = DirtyTracker(w.vm, "ring", interval=NO_WORKER, strict=True)
         with (pytest.raises(DirtyRingOverrunError, match="lost"), tracker,
               w.runner(on_ring_full=tracker.on_ring_full) as r):
@@ -114,15 +104,9 @@ def test_a_hole_keeps_the_slots_wholly_dirty_until_the_ring_is_recovered(kvm: Kv
         assert isinstance(w.run_vcpu(0), Hlt)
         w.vm.collect_dirty_pages()
         saved = v.get_regs()
-        _burst(w)
+        burst(w)
         ring = v.dirty_ring
-        for _ in range(100):  # run until a ring-full exit finds the ring overrun
-            assert isinstance(v.run(), DirtyRingFull)
-            if ring.count_dirty() == ring.size:
-                break
-            ring.drain()
-        else:
-            pytest.fail("the burst guest never overran the ring")
+        overrun_ring(v)
         tracker = DirtyTracker(w.vm, "ring", interval=NO_WORKER).start()
         try:
             first = tracker.take()  # harvests the full ring: overrun reported
@@ -218,14 +202,9 @@ def test_closing_a_vcpu_whose_ring_is_held_by_the_tracker_does_not_deadlock(kvm:
     for _ in range(5):
         with Workload(kvm, mem_size=64 << 20, ring_entries=4096, max_writes=100) as w:
             assert isinstance(w.run_vcpu(0), Hlt)
-            _burst(w)
+            burst(w)
             v = w.vcpus[0]
-            ring = v.dirty_ring
-            for _ in range(100):  # overrun the ring first, by construction (see test_ring.py)
-                assert isinstance(v.run(), DirtyRingFull)
-                if ring.count_dirty() == ring.size:
-                    break
-                ring.drain()
+            overrun_ring(v)  # first, by construction
             tracker = DirtyTracker(w.vm, "ring", interval=0.0005)
             with tracker:
                 wait_until(lambda: len(tracker.overrun_events) > 0,  # noqa: B023
