@@ -26,6 +26,7 @@ from kvmio.dirty.pages import PageSet, coalesce
 from kvmio.dirty.ring import DirtyEntries, DirtyRing
 from kvmio.dirty.ringset import VM_WIDE
 from kvmio.errors import KvmInvalidArgumentError, KvmStateError
+from kvmio.memory import MemoryRegion
 from kvmio.vcpu import Vcpu
 from kvmio.vm import DirtyLogClaim, DirtyPages, Vm
 
@@ -475,7 +476,7 @@ class DirtyTracker:
             # preempted after harvesting, and its pages would be credited to the wrong span).
             # From here on nothing may raise: the pages are harvested and reset already.
             now = got.harvested_at
-            sizes = self.vm.slot_pages()
+            sizes = {slot: r.num_pages for slot, r in got.regions.items()}  # as collected
             pages, dropped = got.pages.restrict(sizes)
             self.dropped += got.dropped + dropped
             self._accumulate(pages, sizes)
@@ -490,7 +491,7 @@ class DirtyTracker:
             vrates[vid] = vd / vs if vs > 0 else 0.0
         self.samples.append(RateSample(now - self._t0, pages.count, got.entries,
                                        distinct / span if span > 0 else 0.0, vrates))
-        self.heatmap_rows.append(self._histogram(pages))
+        self.heatmap_rows.append(self._histogram(pages, got.regions))
         self._last = now
         self.passes += 1
         self.entries += got.entries
@@ -561,9 +562,9 @@ class DirtyTracker:
                 acc = self._acc[slot] = np.zeros(size, dtype=np.bool_)
             acc[p] = True
 
-    def _histogram(self, pages: PageSet) -> npt.NDArray[np.int64]:
-        lo, hi = self.tracked_span()
-        regions = self.vm.regions
+    def _histogram(self, pages: PageSet,
+                   regions: Mapping[int, MemoryRegion]) -> npt.NDArray[np.int64]:
+        lo, hi = self._span(regions)
         parts = [((regions[s].guest_phys_addr - lo + p.astype(np.float64) * PAGE_SIZE)
                   * (self._bins / (hi - lo))).astype(np.int64)
                  for s, p in pages.items() if s in regions and hi > lo]
@@ -575,7 +576,10 @@ class DirtyTracker:
     def tracked_span(self) -> tuple[int, int]:
         """``(lowest, highest)`` guest physical address of the dirty-logged slots (and of the
         ``log_slots``, also once the tracker closed and turned their logging off)."""
-        rs = [r for s, r in self.vm.regions.items() if r.log_dirty or s in self._log_slots]
+        return self._span(self.vm.regions)
+
+    def _span(self, regions: Mapping[int, MemoryRegion]) -> tuple[int, int]:
+        rs = [r for s, r in regions.items() if r.log_dirty or s in self._log_slots]
         if not rs:
             return 0, 0
         return min(r.guest_phys_addr for r in rs), max(r.end for r in rs)

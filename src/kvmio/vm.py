@@ -663,7 +663,8 @@ class Vm(FdOwner):
                             f"the ring of vCPU {ring.vcpu_id} belongs to another VM")
             harvest = ring_set.harvest_and_reset(todo, on_overrun=on_overrun)
             # From here on nothing may raise: the entries are harvested and reset already.
-            sizes = self.slot_pages()
+            regions = self.regions
+            sizes = {slot: r.num_pages for slot, r in regions.items()}
             per_vcpu: dict[int, PageSet] = {}
             dropped = 0
             for ring, got in harvest.rings:
@@ -679,38 +680,37 @@ class Vm(FdOwner):
             pages = orphans.union(unreported, *per_vcpu.values())
             if final and self._ring is not None and self._ring.with_bitmap:
                 try:
-                    extra = [self._get_log(slot, sizes[slot]) for slot in self._logged_slots()
-                             if slot in sizes]
+                    extra = [self._get_log(slot, r.num_pages) for slot, r in regions.items()
+                             if r.log_dirty]
                 except BaseException:
                     # The rings were reset already: keep their pages for the next collection.
                     self.adopt_dirty_pages(pages)
                     raise
                 pages = pages.union(*extra)
-            return DirtyPages(pages, self.regions, harvest.entries, dropped, per_vcpu,
+            return DirtyPages(pages, regions, harvest.entries, dropped, per_vcpu,
                               harvest.overruns, harvest.time)
-
-    def _logged_slots(self) -> list[int]:
-        with self._lock:
-            return [s for s, r in self._regions.items() if r.log_dirty]
 
     def _collect_bitmaps(self, claim: DirtyLogClaim | None) -> DirtyPages:
         with self._lock:  # slots cannot change during a bitmap collection
             self._check_claim(claim)
             unreported, self._unreported = self._unreported, PageSet()
-            sizes = self.slot_pages()
-            unreported, dropped = unreported.restrict(sizes)
+            regions = self.regions
+            unreported, dropped = unreported.restrict(
+                {slot: r.num_pages for slot, r in regions.items()})
             parts = [unreported]
             try:
-                for slot in self._logged_slots():
-                    got = self._get_log(slot, sizes[slot])
+                for slot, r in regions.items():
+                    if not r.log_dirty:
+                        continue
+                    got = self._get_log(slot, r.num_pages)
                     if self._manual_protect and got.count:
-                        self._clear_pages(slot, sizes[slot], got[slot])
+                        self._clear_pages(slot, r.num_pages, got[slot])
                     parts.append(got)
             except BaseException:
                 self._unreported = PageSet().union(*parts)  # keep what was taken
                 raise
             t = time.monotonic()
-            return DirtyPages(PageSet().union(*parts), self.regions, 0, dropped, harvested_at=t)
+            return DirtyPages(PageSet().union(*parts), regions, 0, dropped, harvested_at=t)
 
     # -- dirty bitmap -----------------------------------------------------------------------
 
