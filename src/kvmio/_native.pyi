@@ -8,9 +8,11 @@ from typing import Any
 class _Lib:
     KVMIO: int
     KVMIO_PAGE_SIZE: int
+    KVMIO_RING_LAPPED: int
     KVMIO_RING_STOP_EMPTY: int
     KVMIO_RING_STOP_HOLE: int
     KVMIO_RING_STOP_LIMIT: int
+    KVMIO_RING_STOP_MASK: int
     KVM_API_VERSION: int
     KVM_CAP_ADJUST_CLOCK: int
     KVM_CAP_DEBUGREGS: int

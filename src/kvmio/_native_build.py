@@ -203,6 +203,8 @@ int kvmio_install_kick_handler(void);
 #define KVMIO_RING_STOP_EMPTY ...
 #define KVMIO_RING_STOP_LIMIT ...
 #define KVMIO_RING_STOP_HOLE ...
+#define KVMIO_RING_STOP_MASK ...
+#define KVMIO_RING_LAPPED ...
 uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
                             uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop,
                             uint32_t window);
@@ -441,21 +443,31 @@ int kvmio_install_kick_handler(void)
 #define KVMIO_RING_STOP_EMPTY 0  /* stopped at an entry that is not dirty: all caught up */
 #define KVMIO_RING_STOP_LIMIT 1  /* stopped because `limit` entries were taken */
 #define KVMIO_RING_STOP_HOLE  2  /* entry at the index is not dirty but a later one is */
-
-/* Hole scans look this far past a non-dirty entry (the caller passes the window: the whole
- * ring once an overrun was seen, when a hole can be as long as the ring). */
+#define KVMIO_RING_STOP_MASK  3  /* the bits of *stop that say why the harvest stopped */
+#define KVMIO_RING_LAPPED     4  /* flag in *stop: the kernel published a whole ring or more
+                                  * past the index (the entry just before it was dirty) */
 
 static inline int kvmio_gfn_dirty(struct kvm_dirty_gfn *e)
 {
     return __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) == KVM_DIRTY_GFN_F_DIRTY;
 }
 
+/* Why holes need no scan while no overrun was seen (the caller passes window 0 then, and the
+ * whole ring, size - 1, once one was): KVM pushes entries in order, one position after the
+ * other, and only KVM makes an entry dirty.  The entry just before the index, at position
+ * (index - 1), was harvested by us (or never written); it is dirty again only once KVM has
+ * published index + size - 1, i.e. a whole ring past the index, which is checked first, in
+ * O(1), as KVMIO_RING_LAPPED.  An overrun loses an entry only by writing over one; over one
+ * not yet harvested, it first publishes that whole ring (LAPPED at the next harvest); over
+ * one harvested but not yet recycled, it stops KVM_RESET_DIRTY_RINGS short (a count that
+ * does not match the harvest).  So a hole cannot form without one of those two signals. */
 uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
                             uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop,
                             uint32_t window)
 {
     const uint32_t mask = size - 1;
     uint32_t i = *index, n = 0;
+    const int lapped = kvmio_gfn_dirty(&ring[(i - 1) & mask]) ? KVMIO_RING_LAPPED : 0;
 
     while (n < limit) {
         struct kvm_dirty_gfn *e = &ring[i & mask];
@@ -469,10 +481,10 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
     }
     *index = i;
     if (n == limit) {
-        *stop = KVMIO_RING_STOP_LIMIT;
+        *stop = KVMIO_RING_STOP_LIMIT | lapped;
         return n;
     }
-    *stop = KVMIO_RING_STOP_EMPTY;
+    *stop = KVMIO_RING_STOP_EMPTY | lapped;
     /* Hole check: KVM publishes entries in order with release semantics, so if a later entry is
      * dirty (acquire), every earlier one of the same lap must be too.  Re-read the index entry
      * after seeing a dirty later one, so that an entry published meanwhile is no false alarm. */
@@ -481,7 +493,7 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
     for (uint32_t k = 1; k <= window; k++) {
         if (kvmio_gfn_dirty(&ring[(i + k) & mask])) {
             if (!kvmio_gfn_dirty(&ring[i & mask]))
-                *stop = KVMIO_RING_STOP_HOLE;
+                *stop = KVMIO_RING_STOP_HOLE | lapped;
             break;
         }
     }

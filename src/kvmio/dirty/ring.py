@@ -44,10 +44,12 @@ GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
 STOP_EMPTY = int(lib.KVMIO_RING_STOP_EMPTY)
 STOP_LIMIT = int(lib.KVMIO_RING_STOP_LIMIT)
 STOP_HOLE = int(lib.KVMIO_RING_STOP_HOLE)
-#: How far past the first non-dirty entry a harvest looks for a hole while the ring is in step
-#: with the kernel (an overrun loses at most one emulation batch past what a harvest sees);
-#: once an overrun was seen, and until the ring is in step again, the whole ring is scanned.
-HOLE_WINDOW = 2048
+#: The bits of a harvest's stop value that say why it stopped (one of the three above).
+STOP_MASK = int(lib.KVMIO_RING_STOP_MASK)
+#: Flag in a harvest's stop value: the entry just before the index was dirty, so the kernel
+#: had published a whole ring (or more) past the index: a full ring at best, an overrun at
+#: worst.  Checked in O(1) at the start of every harvest, limited or not.
+STOP_LAPPED = int(lib.KVMIO_RING_LAPPED)
 #: Entries the kernel may keep in reserve beyond the soft limit on any host (64, plus 512 with
 #: Intel PML): a stuck ring is advanced by at most ``size - this`` entries at a time.
 MAX_RESERVED_ENTRIES = 576
@@ -200,8 +202,10 @@ def harvest_array(ring: npt.NDArray[np.void], index: int, limit: int | None = No
     """Run the compiled harvester on a ring held in a numpy array of :data:`GFN_DTYPE`.
 
     For testing the protocol against a model, and for benchmarks.  Returns
-    ``(entries, new_index, stop)`` where ``stop`` is :data:`STOP_EMPTY`, :data:`STOP_LIMIT` or
-    :data:`STOP_HOLE`.
+    ``(entries, new_index, stop)`` where ``stop & STOP_MASK`` is :data:`STOP_EMPTY`,
+    :data:`STOP_LIMIT` or :data:`STOP_HOLE`, and ``stop & STOP_LAPPED`` says whether the ring
+    was lapped.  ``window``: how far past the index to look for a hole (default: the whole
+    ring; 0: not at all).
     """
     size = len(ring)
     if ring.dtype != GFN_DTYPE or not ring.flags.c_contiguous or not ring.flags.writeable:
@@ -244,15 +248,22 @@ class DirtyRing:
     """
 
     def __init__(self, ring_set: RingSet, vcpu_id: int, vcpu_fd: int, entries: int, *,
-                 outside_run: Callable[[], AbstractContextManager[None]] = _no_guard):
+                 outside_run: Callable[[], AbstractContextManager[None]] = _no_guard,
+                 memory: Mapping | None = None):
         self.ring_set = ring_set
         self.vcpu_id = vcpu_id
         self.size = entries
         self._lock = ring_set.lock
         self._outside_run = outside_run
-        offset = int(lib.KVM_DIRTY_LOG_PAGE_OFFSET) * PAGE_SIZE
-        self._map: Mapping | None = Mapping(entries * GFN_SIZE, fd=vcpu_fd, offset=offset,
-                                            shared=True, what=f"dirty ring of vCPU {vcpu_id}")
+        if memory is None:
+            offset = int(lib.KVM_DIRTY_LOG_PAGE_OFFSET) * PAGE_SIZE
+            memory = Mapping(entries * GFN_SIZE, fd=vcpu_fd, offset=offset, shared=True,
+                             what=f"dirty ring of vCPU {vcpu_id}")
+        elif memory.size < entries * GFN_SIZE:
+            raise KvmInvalidArgumentError(
+                f"a ring of {entries} entries needs {entries * GFN_SIZE} bytes of memory, not "
+                f"{memory.size}")
+        self._map: Mapping | None = memory
         # Safety: the pointer is into self._map, which stays mapped until close(), and every use
         # of it below happens under self._lock after checking that _map is not None.
         self._gfns = self._map.cast("struct kvm_dirty_gfn *")
@@ -276,7 +287,10 @@ class DirtyRing:
         self.hole_pending = False
         self._reported_now: str | None = None
         self._suspect = False  # overran, and not repaired since: harvest with the vCPU held
-        self._wide = False  # overran once: hole scans cover the whole ring from then on
+        # A signal of an overrun was seen (a lapped or full ring, a short reset, a stuck
+        # ring): a hole may exist from then on, so hole scans cover the whole ring.  Before
+        # that none can (see kvmio_ring_harvest), and harvests do not scan at all.
+        self._wide = False
         self._lapped = False  # a harvest since the last reset found the ring completely full
         self._shortfall = 0  # ours, harvested, that the kernel has not recycled (see resync)
         self._epoch = 0  # bumped by every repair that moves the kernel's reset index
@@ -487,7 +501,9 @@ class DirtyRing:
             if self._map is None:
                 return
             left = self._harvest_locked(self.size, check=False)
-            overrun = (int(self._stop[0]) == STOP_HOLE or self._pending_reset >= self.size
+            stop = int(self._stop[0])
+            overrun = (stop & STOP_MASK == STOP_HOLE or bool(stop & STOP_LAPPED)
+                       or self._pending_reset >= self.size
                        or self._shortfall > 0 or self.hole_pending)
             parts = [*self._stash, left.copy()]
             self._stash.clear()
@@ -544,12 +560,15 @@ class DirtyRing:
         if limit == 0:
             return DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
         # The ring pointer is valid: checked above, and close() needs the lock we hold.
-        # Once an overrun was seen, a hole can be as long as the ring: scan all of it, from
-        # then on (a full scan costs a few microseconds per empty harvest of a 4096-entry ring).
-        window = self.size - 1 if self._wide else HOLE_WINDOW
+        # Once an overrun was signalled, a hole can be as long as the ring: scan all of it from
+        # then on (about 1.5 us per empty harvest of a 4096-entry ring here); before, a hole
+        # cannot exist (see kvmio_ring_harvest), so there is nothing to scan.
+        window = self.size - 1 if self._wide else 0
         slots, offsets, n = _harvest_raw(self._gfns, self.size, self._index, self._stop, limit,
                                          self._pool.get(), window)
         stop = int(self._stop[0])
+        lapped = bool(stop & STOP_LAPPED)
+        stop &= STOP_MASK
         self._pending_reset += n
         self.harvested_total += n
         if n < self.size // 4:
@@ -568,6 +587,11 @@ class DirtyRing:
             why = (f"the ring filled completely ({self._pending_reset} of {self.size} entries "
                    "since the last reset)")
             new = True
+            self._lapped = True
+        elif lapped:
+            why = (f"the kernel published a whole ring ({self.size} entries) or more past the "
+                   "harvest index")
+            new = not self._lapped  # reported once until the next reset
             self._lapped = True
         if why is None:
             return got

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+from kvmio._abi import Mapping
 from kvmio.dirty.ring import DirtyEntries, DirtyRing, OverrunPolicy, _no_guard
 from kvmio.errors import DirtyRingOverrunError, KvmStateError
 
@@ -73,12 +74,18 @@ class RingSet:
     # -- rings ------------------------------------------------------------------------------
 
     def map_ring(self, vcpu_id: int, vcpu_fd: int, *,
-                 outside_run: Callable[[], AbstractContextManager[None]] = _no_guard) -> DirtyRing:
-        """Map vCPU ``vcpu_id``'s ring (from its fd) and add it to the set."""
+                 outside_run: Callable[[], AbstractContextManager[None]] = _no_guard,
+                 memory: Mapping | None = None) -> DirtyRing:
+        """Map vCPU ``vcpu_id``'s ring (from its fd) and add it to the set.
+
+        ``memory``: ring memory to use instead of the vCPU's (the ring takes it over and unmaps
+        it on close): for models of the kernel's ring protocol, whose ``reset_ioctl`` is the
+        model's reset; ``vcpu_fd`` is then unused."""
         with self.lock:
             if vcpu_id in self._rings:
                 raise KvmStateError(f"vCPU {vcpu_id} already has a ring in this set")
-            ring = DirtyRing(self, vcpu_id, vcpu_fd, self.entries, outside_run=outside_run)
+            ring = DirtyRing(self, vcpu_id, vcpu_fd, self.entries, outside_run=outside_run,
+                             memory=memory)
             self._rings[vcpu_id] = ring
             return ring
 
