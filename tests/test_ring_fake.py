@@ -16,7 +16,9 @@ also notes how many entries were dirty and how many harvested-but-not-recycled a
 
 from __future__ import annotations
 
+import errno
 import mmap
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -198,6 +200,14 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernel]:
         fk.close()
 
 
+def _exactly(ei: pytest.ExceptionInfo[KvmError], kind: type[KvmError], *,
+             errno: int | None) -> None:
+    """The error is ``kind`` itself (not a subclass, e.g. not an overrun for a DirtyRingError)
+    and carries ``errno``: the kernel's, or ``None`` for a rule kvmio checks before asking."""
+    assert type(ei.value) is kind, f"{type(ei.value).__name__}, not {kind.__name__}: {ei.value}"
+    assert ei.value.errno == errno, ei.value
+
+
 def test_bitmap_enabled_after_the_ring(kvm: Kvm, fake: FakeKernel) -> None:
     with kvm.create_vm() as vm:
         cfg = vm.enable_dirty_ring(4096)
@@ -208,8 +218,10 @@ def test_bitmap_enabled_after_the_ring(kvm: Kvm, fake: FakeKernel) -> None:
 def test_bitmap_needs_no_memslot_yet(kvm: Kvm, fake: FakeKernel) -> None:
     with kvm.create_vm() as vm:
         vm.add_memory_region(0, 1 << 20)
-        with pytest.raises(KvmStateError, match="before any memory slot"):
+        with pytest.raises(KvmStateError, match="backup bitmap must be enabled before any "
+                                                "memory slot exists") as ei:
             vm.enable_dirty_ring(4096)
+        _exactly(ei, KvmStateError, errno=None)
         # Checked before anything was enabled: the real kernel still takes a ring.
         assert vm.dirty_ring is None and fake.enabled == []
         cfg = vm.enable_dirty_ring(4096, with_bitmap=False)
@@ -217,34 +229,43 @@ def test_bitmap_needs_no_memslot_yet(kvm: Kvm, fake: FakeKernel) -> None:
 
 
 def test_bitmap_refused_after_ring_keeps_views_consistent(kvm: Kvm, fake: FakeKernel) -> None:
-    fake.bitmap_enable_errno = 22
+    fake.bitmap_enable_errno = errno.EINVAL
     with kvm.create_vm() as vm:
-        with pytest.raises(DirtyRingError, match="ring is enabled, but") as ei:
+        with pytest.raises(DirtyRingError, match="the dirty ring is enabled, but the kernel "
+                                                 "refused its backup bitmap") as ei:
             vm.enable_dirty_ring(1024)
-        assert ei.value.errno == 22
+        _exactly(ei, DirtyRingError, errno=errno.EINVAL)
+        assert ei.value.ioctl == "KVM_ENABLE_CAP"
         # kvmio reports what the kernel has: a ring without the backup bitmap...
         cfg = vm.dirty_ring
         assert cfg is not None and cfg.entries == 1024 and not cfg.with_bitmap
         # ...and vCPUs get their rings mapped.
         v = vm.create_vcpu()
         assert v.dirty_ring.size == 1024
-        with pytest.raises(KvmStateError, match="already enabled"):
+        with pytest.raises(KvmStateError,
+                           match="the dirty ring is already enabled on this VM") as ei2:
             vm.enable_dirty_ring(1024)
+        _exactly(ei2, KvmStateError, errno=None)
 
 
 def test_bitmap_required_but_not_offered(kvm: Kvm, fake: FakeKernel) -> None:
     fake.with_bitmap = 0
     with kvm.create_vm() as vm:
-        with pytest.raises(KvmUnsupportedError, match="WITH_BITMAP"):
+        with pytest.raises(KvmUnsupportedError, match="this kernel does not offer "
+                                                      "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP") as ei:
             vm.enable_dirty_ring(4096, with_bitmap=True)
+        _exactly(ei, KvmUnsupportedError, errno=None)
         assert vm.dirty_ring is None and fake.enabled == []
 
 
 def test_legacy_only_kernel(kvm: Kvm, fake: FakeKernel) -> None:
     fake.acq_rel = 0
-    with kvm.create_vm() as vm, pytest.raises(KvmUnsupportedError,
-                                              match="needs KVM_CAP_DIRTY_LOG_RING_ACQ_REL"):
-        vm.enable_dirty_ring(4096, with_bitmap=True)
+    with kvm.create_vm() as vm:
+        with pytest.raises(KvmUnsupportedError,
+                           match="the backup bitmap needs KVM_CAP_DIRTY_LOG_RING_ACQ_REL") as ei:
+            vm.enable_dirty_ring(4096, with_bitmap=True)
+        _exactly(ei, KvmUnsupportedError, errno=None)
+        assert vm.dirty_ring is None and fake.enabled == []
     fake.with_bitmap = 0
     with kvm.create_vm() as vm:
         cfg = vm.enable_dirty_ring(4096)
@@ -259,8 +280,11 @@ def test_acq_rel_only_kernel_like_arm64(kvm: Kvm, fake: FakeKernel) -> None:
         assert vm.enable_dirty_ring(65536).cap == Cap.DIRTY_LOG_RING_ACQ_REL
     fake.acq_rel = 0
     assert kvm.max_dirty_ring_bytes() == 0
-    with kvm.create_vm() as vm, pytest.raises(KvmUnsupportedError, match="no dirty ring"):
-        vm.enable_dirty_ring()
+    with kvm.create_vm() as vm:
+        with pytest.raises(KvmUnsupportedError, match=re.escape(
+                "this kernel offers no dirty ring (KVM_CAP_DIRTY_LOG_RING[_ACQ_REL] is 0)")) as ei:
+            vm.enable_dirty_ring()
+        _exactly(ei, KvmUnsupportedError, errno=None)
 
 
 #: A second dirty-logged slot (the workload's slot 0 is not logged, its MEM_SLOT is).
@@ -382,13 +406,16 @@ def test_tracker_close_leaves_the_backup_bitmap_to_the_final_collection(
 def test_ring_refused_by_the_kernel_leaves_no_ring(kvm: Kvm, fake: FakeKernel) -> None:
     """The kernel refuses the ring itself (e.g. ENOMEM): kvmio reports no ring, maps none, and
     tries nothing after it (no backup bitmap)."""
-    fake.ring_enable_errno = 12
+    fake.ring_enable_errno = errno.ENOMEM
     with kvm.create_vm() as vm:
-        with pytest.raises(DirtyRingError, match="refused a ring of 4096") as ei:
+        with pytest.raises(DirtyRingError,
+                           match="the kernel refused a ring of 4096 entries") as ei:
             vm.enable_dirty_ring(4096)
-        assert ei.value.errno == 12
+        _exactly(ei, DirtyRingError, errno=errno.ENOMEM)
+        assert ei.value.ioctl == "KVM_ENABLE_CAP"
         assert vm.dirty_ring is None and fake.enabled == []
         v = vm.create_vcpu()
         assert v._ring is None
-        with pytest.raises(KvmStateError, match="no dirty ring"):
+        with pytest.raises(KvmStateError, match="vCPU 0 has no dirty ring") as ei2:
             _ = v.dirty_ring
+        _exactly(ei2, KvmStateError, errno=None)
