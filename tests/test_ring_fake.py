@@ -409,11 +409,6 @@ def test_tracker_close_leaves_the_backup_bitmap_to_the_final_collection(
         assert final.pages[EXTRA_SLOT].tolist() == [7]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: Vm.collect_dirty_pages(final=True) reads the backup bitmaps into a list "
-    "comprehension; when a later slot's KVM_GET_DIRTY_LOG fails, the bitmaps already read (and "
-    "cleared by the kernel) are dropped: only the rings' pages are adopted for the next "
-    "collection"))
 def test_failed_bitmap_read_keeps_the_slots_already_read(kvm: Kvm, fake: FakeKernel) -> None:
     """A final collection whose bitmap read fails part-way loses nothing: the rings' pages and
     the bitmaps read before the failure are reported by the next collection, as

@@ -341,7 +341,11 @@ class DirtyTracker:
         """Stop, hand the rings (or the dirty-log claim) back, and hand the pages collected
         since the last :meth:`take` to the VM (:meth:`kvmio.Vm.adopt_dirty_pages`: its next
         collection, or the next tracker, reports them, since they were harvested and reset
-        already).  Re-raises a tracker error once; closing again does nothing."""
+        already).  Re-raises a tracker error once; closing again does nothing.
+
+        The last pass of ``close()`` is not final: it does not read the backup bitmap
+        (WITH_BITMAP).  For the complete picture, call ``take(final=True)`` with the vCPUs
+        stopped before closing, or ``vm.collect_dirty_pages(final=True)`` after."""
         if self._closed:
             return
         try:

@@ -679,12 +679,15 @@ class Vm(FdOwner):
             unreported, _ = unreported.restrict(sizes)
             pages = orphans.union(unreported, *per_vcpu.values())
             if final and self._ring is not None and self._ring.with_bitmap:
+                extra: list[PageSet] = []
                 try:
-                    extra = [self._get_log(slot, r.num_pages) for slot, r in regions.items()
-                             if r.log_dirty]
+                    for slot, r in regions.items():
+                        if r.log_dirty:
+                            extra.append(self._get_log(slot, r.num_pages))
                 except BaseException:
-                    # The rings were reset already: keep their pages for the next collection.
-                    self.adopt_dirty_pages(pages)
+                    # The rings were reset and the bitmaps read so far cleared by the kernel:
+                    # keep all of their pages for the next collection.
+                    self.adopt_dirty_pages(pages.union(*extra))
                     raise
                 pages = pages.union(*extra)
             return DirtyPages(pages, regions, harvest.entries, dropped, per_vcpu,
