@@ -145,7 +145,7 @@ def test_harvest_limit_resumes_in_order(kvm: Kvm) -> None:
         assert offsets.tolist() == list(range(500))  # sequential guest: ring order = write order
         assert ring.index == 500
         assert w.vm.reset_dirty_rings() == 500
-        with pytest.raises(ValueError):
+        with pytest.raises(KvmInvalidArgumentError, match="limit must be an int >= 0"):
             ring.harvest(limit=-1)
 
 

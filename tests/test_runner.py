@@ -11,7 +11,6 @@ from kvmio import (
     DirtyRingError,
     Hlt,
     KvmClosedError,
-    KvmError,
     KvmInvalidArgumentError,
     KvmStateError,
     Vcpu,
@@ -103,7 +102,7 @@ def test_closing_the_vm_under_a_runner_stops_its_threads(kvm: Kvm) -> None:
     r = w.runner().start()
     wait_until(lambda: all(v.running for v in w.vcpus) or not r.running, what="vCPUs to run")
     w.close()  # kicks both vCPUs and waits for them to leave KVM_RUN
-    with pytest.raises(KvmClosedError):
+    with pytest.raises(KvmClosedError, match="this Vcpu is closed"):
         r.wait(60)  # raised as soon as one vCPU thread fails
     r.stop(raise_errors=False)  # joins the other one too
     assert not r.running
@@ -147,7 +146,7 @@ def test_bad_arguments(kvm: Kvm) -> None:
         with pytest.raises(KvmInvalidArgumentError, match="timeout"):
             r.wait(float("nan"))
         r.stop()  # stopping a runner that never started is harmless
-        with pytest.raises(KvmError):
+        with pytest.raises(KvmStateError, match="started already"):
             r.start().start()
         r.stop()
 
