@@ -26,6 +26,7 @@ from kvmio import (
     SlotId,
 )
 from kvmio._abi import kick_signal
+from kvmio.guests.modes import setup_protected_mode
 from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
 
 from guests import burst, overrun_ring, soft_limit, wait_until
@@ -44,8 +45,12 @@ def test_enable_rules_checked_first(kvm: Kvm, entries: int, exc: type, match: st
         with pytest.raises(exc, match=match):
             vm.enable_dirty_ring(entries)
         assert vm.dirty_ring is None
-        # Nothing was half-done: a valid ring can still be enabled.
-        assert vm.enable_dirty_ring(4096).entries == 4096
+        # Nothing was half-done: a valid ring can still be enabled, and the kernel has it now
+        # (it takes a ring once only: the same valid request is refused afterwards).
+        assert vm.enable_dirty_ring(4096) == vm.dirty_ring
+        with pytest.raises(KvmError) as ei:
+            vm.enable_cap(Cap.DIRTY_LOG_RING_ACQ_REL, 4096 * 16)
+        assert ei.value.errno == errno.EINVAL
 
 
 def test_kernel_agrees_with_the_rules(kvm: Kvm) -> None:
@@ -70,6 +75,23 @@ def test_enable_defaults_and_state_rules(kvm: Kvm) -> None:
         assert vm.dirty_ring == cfg
         with pytest.raises(KvmStateError, match="already enabled"):
             vm.enable_dirty_ring(4096)
+        # The kernel's ring has that size: a guest writing one new page per iteration gets
+        # its first ring-full exit once the soft limit of a 4096-entry ring is used.
+        vm.add_memory_region(0, 1 << 20)
+        tracked = vm.add_memory_region(1 << 20, 32 << 20, log_dirty=True)
+        # mov edi, 1 MiB; 1: mov [edi], edi; add edi, 4096; (a delay: mov ecx, 16;
+        # 2: dec ecx; jnz 2b); jmp 1b.  ~35 instructions per write: fewer writes per
+        # emulation batch than the ring's reserve, so the exit comes before the ring is full.
+        vm.write_memory(0x10000, bytes([0xBF, 0x00, 0x00, 0x10, 0x00, 0x89, 0x3F,
+                                        0x81, 0xC7, 0x00, 0x10, 0x00, 0x00,
+                                        0xB9, 0x10, 0x00, 0x00, 0x00, 0x49, 0x75, 0xFD,
+                                        0xEB, 0xEE]))
+        v = vm.create_vcpu()
+        setup_protected_mode(v, vm, 0x10000)
+        assert isinstance(v.run(), DirtyRingFull)
+        written = int(np.count_nonzero(tracked.page_words()))  # the guest's own record
+        assert v.dirty_ring.count_dirty() == written  # one entry per (distinct) page
+        assert soft_limit(4096) <= written <= 4096
     with kvm.create_vm() as vm:
         vm.create_vcpu()
         with pytest.raises(KvmStateError, match="before any vCPU"):
