@@ -209,6 +209,17 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
                             uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop,
                             uint32_t window);
 uint32_t kvmio_ring_count_dirty(struct kvm_dirty_gfn *ring, uint32_t size);
+struct kvmio_ring_ctl {
+    struct kvm_dirty_gfn *gfns;
+    uint32_t *index;
+    int *stop;
+    uint32_t size;
+    uint32_t window;
+    uint32_t n;
+    uint32_t pad;
+};
+uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                             uint64_t *offsets, int *signals);
 uint32_t kvmio_ring_skip_hole(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index);
 void kvmio_ring_mark_harvested(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
                                uint32_t count);
@@ -498,6 +509,38 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
         }
     }
     return n;
+}
+
+/* Every ring of a VM in one call: ring k is harvested whole (limit = its size) into slots/
+ * offsets right after ring k-1's entries, with its own index, stop and hole window; ctl[k].n
+ * says how many it took.  The caller guarantees the arrays hold the sum of the sizes and every
+ * ring pointer is mapped.  Returns the total; *signals is the OR of every ring's stop bits
+ * beyond KVMIO_RING_STOP_EMPTY (a hole, a limit, a lapped ring), 0 when all were simply
+ * caught up. */
+struct kvmio_ring_ctl {
+    struct kvm_dirty_gfn *gfns;
+    uint32_t *index;
+    int *stop;
+    uint32_t size;
+    uint32_t window;
+    uint32_t n;
+    uint32_t pad;
+};
+
+uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                             uint64_t *offsets, int *signals)
+{
+    uint32_t total = 0;
+    int sig = 0;
+    for (uint32_t k = 0; k < count; k++) {
+        struct kvmio_ring_ctl *c = &ctl[k];
+        c->n = kvmio_ring_harvest(c->gfns, c->size, c->index, c->size, slots + total,
+                                  offsets + total, c->stop, c->window);
+        total += c->n;
+        sig |= *c->stop;
+    }
+    *signals = sig;
+    return total;
 }
 
 uint32_t kvmio_ring_count_dirty(struct kvm_dirty_gfn *ring, uint32_t size)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from collections.abc import Mapping as Mapping_
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +56,8 @@ MAX_RESERVED_ENTRIES = 576
 
 _EMPTY_SLOTS = np.zeros(0, dtype=np.uint32)
 _EMPTY_OFFSETS = np.zeros(0, dtype=np.uint64)
+_EMPTY_SLOTS.setflags(write=False)
+_EMPTY_OFFSETS.setflags(write=False)
 
 
 def sorted_unique(a: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
@@ -127,6 +129,8 @@ class DirtyEntries:
                 for raw in np.unique(self.slots).tolist()}
 
 
+_NO_ENTRIES = DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
+
 _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
@@ -144,7 +148,29 @@ class _OutputPool:
     def __init__(self, size: int):
         self.size = size
         self._pairs: list[tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]] = []
+        # C pointers to each pair's data, made once: plain addresses that hold no reference,
+        # so they do not disturb the reference counts; valid while the pair lives, and a pair
+        # is handed out only together with its pointers.
+        self._ptrs: list[tuple[Any, Any]] = []
         self._baseline = -1
+
+    @staticmethod
+    def _pointers(pair: tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]
+                  ) -> tuple[Any, Any]:
+        return (ffi.cast("uint32_t *", pair[0].ctypes.data),
+                ffi.cast("uint64_t *", pair[1].ctypes.data))
+
+    def get_raw(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], Any, Any]:
+        """A free pair and C pointers to its data (``size`` items each).  The caller keeps the
+        pair referenced for as long as it uses the pointers."""
+        if not _GIL:
+            pair = self.get()
+            return (*pair, *self._pointers(pair))
+        for k in range(len(self._pairs)):
+            if self._refs(k) == (self._baseline, self._baseline):
+                return (*self._pairs[k], *self._ptrs[k])
+        self.get()  # allocates a pair (the last one)
+        return (*self._pairs[-1], *self._ptrs[-1])
 
     def _refs(self, k: int) -> tuple[int, int]:
         # The same expression is used to calibrate and to check, so the temporary references
@@ -162,7 +188,9 @@ class _OutputPool:
         pair[1].fill(0)
         if len(self._pairs) >= 2:
             self._pairs.pop(0)  # held by the caller now; the pool forgets it
+            self._ptrs.pop(0)
         self._pairs.append(pair)
+        self._ptrs.append(self._pointers(pair))
         del pair
         self._baseline = self._refs(len(self._pairs) - 1)[0]
         return self._pairs[-1]
@@ -290,6 +318,7 @@ class DirtyRing:
         # A signal of an overrun was seen (a lapped or full ring, a short reset, a stuck
         # ring): a hole may exist from then on, so hole scans cover the whole ring.  Before
         # that none can (see kvmio_ring_harvest), and harvests do not scan at all.
+        self._ctl_entry: Any = None  # the ring set's native control entry for this ring
         self._wide = False
         self._lapped = False  # a harvest since the last reset found the ring completely full
         self._shortfall = 0  # ours, harvested, that the kernel has not recycled (see resync)
@@ -563,10 +592,65 @@ class DirtyRing:
         # Once an overrun was signalled, a hole can be as long as the ring: scan all of it from
         # then on (about 1.5 us per empty harvest of a 4096-entry ring here); before, a hole
         # cannot exist (see kvmio_ring_harvest), so there is nothing to scan.
-        window = self.size - 1 if self._wide else 0
         slots, offsets, n = _harvest_raw(self._gfns, self.size, self._index, self._stop, limit,
-                                         self._pool.get(), window)
+                                         self._pool.get(), self.hole_window)
+        return self._settle(slots, offsets, n, check, report)
+
+    @property
+    def _wide(self) -> bool:
+        return self._wide_scan
+
+    @_wide.setter
+    def _wide(self, wide: bool) -> None:
+        self._wide_scan = wide
+        if self._ctl_entry is not None:  # keep the ring set's native control entry current
+            self._ctl_entry[1].window = self.hole_window
+
+    @property
+    def hole_window(self) -> int:
+        """How far past the index an empty harvest looks for a hole: the whole ring once an
+        overrun was signalled, else 0 (see ``kvmio_ring_harvest``)."""
+        return self.size - 1 if self._wide else 0
+
+    def fill_native_ctl(self, ctl: object, k: int) -> None:
+        """Point entry ``k`` of a ``struct kvmio_ring_ctl[]`` at this ring, for the ring set's
+        harvest of every ring in one native call (``kvmio_rings_harvest``).  Under the lock, on
+        an open ring: the pointers stay valid until :meth:`close`, which needs the lock, and
+        the ring set refills its control array after any ring closed.  The ring keeps the
+        array (an owning cdata) and writes its hole window there whenever it changes."""
+        self._check()
+        arr: Any = ctl
+        c = arr[k]  # a view into `arr`, valid while `arr` lives: kept below
+        c.gfns = self._gfns
+        c.index = self._index
+        c.stop = self._stop
+        c.size = self.size
+        c.window = self.hole_window
+        self._ctl_entry = (arr, c)  # from now on, a change of window is written there too
+
+    @property
+    def has_stash(self) -> bool:
+        """Whether entries taken earlier (by a ring-full drain, or given back by a failed
+        collection) wait to be returned by the next harvest."""
+        return bool(self._stash)
+
+    def settle_native(self, slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64],
+                      n: int, *, on_overrun: OverrunPolicy = "raise") -> DirtyEntries:
+        """Account for a harvest that ``kvmio_rings_harvest`` made of this ring (under the
+        ring set's lock): ``n`` entries in ``slots``/``offsets``, its stop value in the ring's
+        own cell.  Checks for an overrun and returns the entries, stashed ones first, exactly
+        as :meth:`harvest` does."""
+        got = self._settle(slots, offsets, n, True, on_overrun == "report")
+        if self._stash:
+            got = DirtyEntries.concat([*self._stash, got])
+            self._stash.clear()
+        return got
+
+    def _settle(self, slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64], n: int,
+                check: bool, report: bool) -> DirtyEntries:
         stop = int(self._stop[0])
+        if n == 0 and stop == STOP_EMPTY:  # caught up, nothing new: no accounting to do
+            return _NO_ENTRIES
         lapped = bool(stop & STOP_LAPPED)
         stop &= STOP_MASK
         self._pending_reset += n
