@@ -37,6 +37,7 @@ from kvmio.dirty.ring import (
     STOP_LAPPED,
     STOP_LIMIT,
     STOP_MASK,
+    DirtyEntries,
     DirtyRing,
     harvest_array,
 )
@@ -64,10 +65,10 @@ class ModelKernel:
         self.overwrote_harvested = False
         self.ring_set = RingSet(size, self.reset)
 
-    def ring(self) -> DirtyRing:
+    def ring(self, ring_set: RingSet | None = None, vcpu_id: int = 0) -> DirtyRing:
         """kvmio's ring on this model's memory (index ``start``, as if it had harvested that
-        many entries already)."""
-        ring = self.ring_set.map_ring(0, -1, memory=self.memory)
+        many entries already), in this model's ring set or in ``ring_set``."""
+        ring = (ring_set or self.ring_set).map_ring(vcpu_id, -1, memory=self.memory)
         # A fresh ring is in step with the kernel: start kvmio's free-running index where the
         # model's is (close to 2**32 in some examples, to cover the wrap-around).
         ring._index[0] = self.dirty_index
@@ -287,6 +288,68 @@ def test_hole_of_any_length_found_by_a_full_scan(size: int, hole: int | str) -> 
     ring["flags"][:] = 0
     _, _, stop = harvest_array(ring, index)
     assert stop == STOP_EMPTY
+
+
+def _two_vcpus(size: int) -> tuple[list[ModelKernel], RingSet, list[DirtyRing]]:
+    kernels = [ModelKernel(size), ModelKernel(size)]
+    ring_set = RingSet(size, lambda: sum(k.reset() for k in kernels))
+    rings = [k.ring(ring_set, vcpu_id=j) for j, k in enumerate(kernels)]
+    return kernels, ring_set, rings
+
+
+def _offsets(entries: list[DirtyEntries]) -> list[int]:
+    return sorted(o for e in entries for o in e.offsets.tolist())
+
+
+@pytest.mark.parametrize("overrun_ring", [0, 1])
+def test_one_native_call_keeps_every_ring_when_one_overran(overrun_ring: int) -> None:
+    """Every ring of a VM is harvested in one native call.  When one of them is found overrun,
+    the collection raises, and what *every* ring gave (the overrun one too) comes back with
+    the next collection, once each: the other ring's entries are not dropped because they
+    were taken in the same call."""
+    kernels, ring_set, rings = _two_vcpus(256)
+    try:
+        kernels[1 - overrun_ring].push(100)
+        kernels[1 - overrun_ring].next_offset = 10_000  # tell the rings' entries apart
+        kernels[overrun_ring].next_offset = 20_000
+        kernels[overrun_ring].publish(256)  # a whole ring: lapped at the next harvest
+        with pytest.raises(DirtyRingOverrunError, match=r"filled completely|whole ring"):
+            ring_set.harvest_and_reset()
+        got = ring_set.harvest_and_reset(on_overrun="report")
+        assert _offsets([e for _, e in got.rings]) == sorted(
+            [*range(100), *range(20_000, 20_256)])
+        assert got.overruns.keys() <= {overrun_ring}
+        assert ring_set.pending_reset() == 0
+        # Nothing more: the next collection is empty and needs no reset.
+        again = ring_set.harvest_and_reset(on_overrun="report")
+        assert again.entries == 0 and all(k.used() == 0 for k in kernels)
+    finally:
+        for k in kernels:
+            k.close()
+        for r in rings:
+            r.close()
+
+
+def test_native_harvest_follows_rings_that_close_and_stashes() -> None:
+    """The native control array follows the open rings: a closed ring's leftovers reach the
+    next collection as orphans, and a ring-full drain's stash comes first in its ring."""
+    kernels, ring_set, rings = _two_vcpus(64)
+    try:
+        kernels[0].push(5)
+        kernels[1].push(7)
+        assert ring_set.harvest_and_reset().entries == 12
+        kernels[0].push(3)
+        rings[0].drain()  # a ring-full exit: stashed, reset
+        kernels[0].push(2)
+        kernels[1].push(4)
+        rings[1].close()  # its 4 entries become orphans
+        got = ring_set.harvest_and_reset()
+        assert [len(e) for _, e in got.rings] == [5] and sum(len(o) for o in got.orphans) == 4
+        assert got.rings[0][1].offsets.tolist() == [5, 6, 7, 8, 9]  # stash first, in order
+    finally:
+        for k in kernels:
+            k.close()
+        rings[0].close()
 
 
 def test_harvest_array_rejects_bad_rings() -> None:
