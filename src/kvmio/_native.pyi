@@ -7,6 +7,7 @@ from typing import Any
 
 class _Lib:
     KVMIO: int
+    KVMIO_DEDUP_MAX_GROUPS: int
     KVMIO_PAGE_SIZE: int
     KVMIO_RING_LAPPED: int
     KVMIO_RING_STOP_EMPTY: int
@@ -114,6 +115,8 @@ class _Lib:
     KVM_SYSTEM_EVENT_RESET: int
     KVM_SYSTEM_EVENT_SHUTDOWN: int
     MAP_NORESERVE: int
+    kvmio_collect_reference: Callable[..., int]
+    kvmio_dedup: Callable[..., int]
     kvmio_install_kick_handler: Callable[..., int]
     kvmio_ioctl: Callable[..., int]
     kvmio_ioctl_val: Callable[..., int]

@@ -227,6 +227,14 @@ uint32_t kvmio_ring_sweep(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t st
                           uint32_t count, uint32_t *slots, uint64_t *offsets);
 uint32_t kvmio_ring_harvest_reference(struct kvm_dirty_gfn *ring, uint32_t size,
                                       uint32_t *index, uint32_t *slots, uint64_t *offsets);
+#define KVMIO_DEDUP_MAX_GROUPS ...
+int32_t kvmio_dedup(const uint32_t *slots, const uint64_t *offsets, uint32_t n, uint64_t *pages,
+                    uint64_t *scratch, uint32_t *gslot, uint32_t *gstart, uint32_t *glen,
+                    uint32_t *gentries);
+int32_t kvmio_collect_reference(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
+                                int vm_fd, unsigned long reset_request, uint32_t *slots,
+                                uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
+                                uint32_t *harvested);
 void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,
                      uint32_t slot, uint64_t first_offset);
 """
@@ -631,6 +639,153 @@ uint32_t kvmio_ring_harvest_reference(struct kvm_dirty_gfn *ring, uint32_t size,
 
 /* Test and benchmark helper: publish `count` dirty entries as KVM would (slot/offset, then a
  * release store of DIRTY), starting at free-running index `start`. */
+/* ---------------------------------------------------------------------------------------------
+ * Page sets from ring entries: group by slot, then sorted distinct offsets per slot.
+ * ------------------------------------------------------------------------------------------- */
+#define KVMIO_DEDUP_MAX_GROUPS 64
+#define KVMIO_RADIX_BITS 11
+#define KVMIO_RADIX (1u << KVMIO_RADIX_BITS)
+
+/* Sort a[0..n) (values v - lo fit in `bits` bits) with an LSD radix sort through tmp[0..n);
+ * the result ends in a[]. */
+static void kvmio_radix_sort(uint64_t *a, uint64_t *tmp, uint32_t n, uint64_t lo, unsigned bits)
+{
+    static __thread uint32_t count[KVMIO_RADIX];
+    uint64_t *src = a, *dst = tmp;
+    for (unsigned shift = 0; shift < bits; shift += KVMIO_RADIX_BITS) {
+        memset(count, 0, sizeof(count));
+        for (uint32_t k = 0; k < n; k++)
+            count[((src[k] - lo) >> shift) & (KVMIO_RADIX - 1)]++;
+        uint32_t sum = 0;
+        for (uint32_t d = 0; d < KVMIO_RADIX; d++) {
+            uint32_t c = count[d];
+            count[d] = sum;
+            sum += c;
+        }
+        for (uint32_t k = 0; k < n; k++)
+            dst[count[((src[k] - lo) >> shift) & (KVMIO_RADIX - 1)]++] = src[k];
+        uint64_t *t = src; src = dst; dst = t;
+    }
+    if (src != a)
+        memcpy(a, src, (size_t)n * sizeof(*a));
+}
+
+/* Sort a[0..n) ascending and drop repeats, in place; returns the new length.  Already strictly
+ * increasing data (a sequential writer) is detected in one pass and left alone. */
+static uint32_t kvmio_sort_unique(uint64_t *a, uint64_t *tmp, uint32_t n)
+{
+    if (n < 2)
+        return n;
+    uint32_t k = 1;
+    while (k < n && a[k] > a[k - 1])
+        k++;
+    if (k < n) {
+        uint64_t lo = a[0], hi = a[0];
+        for (uint32_t m = 1; m < n; m++) {
+            if (a[m] < lo) lo = a[m];
+            if (a[m] > hi) hi = a[m];
+        }
+        if (n <= 32) {  /* insertion sort: fewer steps than a radix pass on tiny inputs */
+            for (uint32_t m = 1; m < n; m++) {
+                uint64_t v = a[m];
+                uint32_t j = m;
+                while (j > 0 && a[j - 1] > v) {
+                    a[j] = a[j - 1];
+                    j--;
+                }
+                a[j] = v;
+            }
+        } else {
+            unsigned bits = 0;
+            for (uint64_t span = hi - lo; span; span >>= 1)
+                bits++;
+            kvmio_radix_sort(a, tmp, n, lo, bits);
+        }
+    }
+    uint32_t out = 1;
+    for (uint32_t m = 1; m < n; m++)
+        if (a[m] != a[out - 1])
+            a[out++] = a[m];
+    return out;
+}
+
+/* Group n entries by slot (raw slot values, in order of first appearance) and reduce each group
+ * to its sorted distinct offsets.  Group g's pages are pages[gstart[g] .. gstart[g] + glen[g]);
+ * gentries[g] counts its entries.  pages and scratch hold n items each; the group arrays hold
+ * KVMIO_DEDUP_MAX_GROUPS.  Returns the number of groups, or -1 if the entries name more slots
+ * than that (the caller then groups another way). */
+int32_t kvmio_dedup(const uint32_t *slots, const uint64_t *offsets, uint32_t n, uint64_t *pages,
+                    uint64_t *scratch, uint32_t *gslot, uint32_t *gstart, uint32_t *glen,
+                    uint32_t *gentries)
+{
+    uint32_t groups = 0, g = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t s = slots[k];
+        if (groups == 0 || gslot[g] != s) {  /* runs of one slot are the common case */
+            for (g = 0; g < groups && gslot[g] != s; g++)
+                ;
+            if (g == groups) {
+                if (groups == KVMIO_DEDUP_MAX_GROUPS)
+                    return -1;
+                gslot[groups] = s;
+                gentries[groups] = 0;
+                groups++;
+            }
+        }
+        gentries[g]++;
+    }
+    uint32_t at = 0;
+    for (g = 0; g < groups; g++) {
+        gstart[g] = at;
+        at += gentries[g];
+    }
+    if (groups == 1) {
+        memcpy(pages, offsets, (size_t)n * sizeof(*pages));
+    } else {
+        for (g = 0; g < groups; g++)
+            glen[g] = gstart[g];  /* fill cursors */
+        g = 0;
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t s = slots[k];
+            if (gslot[g] != s)
+                for (g = 0; gslot[g] != s; g++)
+                    ;
+            pages[glen[g]++] = offsets[k];
+        }
+    }
+    for (g = 0; g < groups; g++)
+        glen[g] = kvmio_sort_unique(pages + gstart[g], scratch, gentries[g]);
+    return (int32_t)groups;
+}
+
+/* Reference for the benchmark: the minimal C collection of one ring, as a C program would
+ * write it: harvest (acquire, copy, release), KVM_RESET_DIRTY_RINGS until the kernel has
+ * recycled what was harvested, then the same grouping and dedup.  Returns the number of groups
+ * (or -errno of a failed reset); *harvested is the number of entries. */
+int32_t kvmio_collect_reference(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
+                                int vm_fd, unsigned long reset_request, uint32_t *slots,
+                                uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
+                                uint32_t *harvested)
+{
+    uint32_t gslot[KVMIO_DEDUP_MAX_GROUPS], gstart[KVMIO_DEDUP_MAX_GROUPS];
+    uint32_t glen[KVMIO_DEDUP_MAX_GROUPS], gentries[KVMIO_DEDUP_MAX_GROUPS];
+    uint32_t n = kvmio_ring_harvest_reference(ring, size, index, slots, offsets);
+    uint32_t done = 0;
+    *harvested = n;
+    while (done < n) {
+        int r = ioctl(vm_fd, reset_request, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            break;
+        done += (uint32_t)r;
+    }
+    return kvmio_dedup(slots, offsets, n, pages, scratch, gslot, gstart, glen, gentries);
+}
+
 void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,
                      uint32_t slot, uint64_t first_offset)
 {

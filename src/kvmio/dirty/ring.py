@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from collections.abc import Mapping as Mapping_
 from contextlib import AbstractContextManager
@@ -120,16 +121,98 @@ class DirtyEntries:
 
     def distinct_pages(self) -> dict[SlotId, npt.NDArray[np.uint64]]:
         """Sorted distinct page offsets per slot."""
-        if len(self.slots) == 0:
-            return {}
-        first = int(self.slots[0])
-        if (self.slots == first).all():  # the common case: one slot
-            return {SlotId.decode(first): sorted_unique(self.offsets)}
-        return {SlotId.decode(raw): sorted_unique(self.offsets[self.slots == raw])
-                for raw in np.unique(self.slots).tolist()}
+        return {SlotId.decode(raw): pages for raw, pages, _ in self.slot_groups()}
+
+    def slot_groups(self) -> list[tuple[int, npt.NDArray[np.uint64], int]]:
+        """``(raw slot, sorted distinct offsets, entries)`` per slot, in order of first
+        appearance, in compiled code (already sorted runs are detected and not sorted again;
+        others are radix-sorted).  The offsets are read-only views of one array per call."""
+        n = len(self.slots)
+        if n == 0:
+            return []
+        return _dedup(self.slots, self.offsets, n)
 
 
 _NO_ENTRIES = DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
+
+#: Up to this many entries, page arrays are allocated fresh (cheap when small); beyond, they
+#: come from a per-thread pool of prefaulted buffers reused once the caller dropped them.
+_POOL_FROM = 4096
+_MAX_GROUPS = int(lib.KVMIO_DEDUP_MAX_GROUPS)
+
+
+class _DedupBuffers(threading.local):
+    """Per-thread working memory of the dedup: group arrays, scratch and a page pool."""
+
+    def __init__(self) -> None:
+        self.groups = ffi.new("uint32_t[]", 4 * _MAX_GROUPS)
+        self.gslot = self.groups
+        self.gstart = self.groups + _MAX_GROUPS
+        self.glen = self.groups + 2 * _MAX_GROUPS
+        self.gentries = self.groups + 3 * _MAX_GROUPS
+        self.scratch = np.zeros(0, dtype=np.uint64)
+        self.pages: list[npt.NDArray[np.uint64]] = []
+        self.baseline = -1
+
+    def scratch_for(self, n: int) -> npt.NDArray[np.uint64]:
+        if len(self.scratch) < n:
+            self.scratch = np.zeros(max(n, 2 * len(self.scratch)), dtype=np.uint64)
+        return self.scratch
+
+    def pages_for(self, n: int) -> npt.NDArray[np.uint64]:
+        """A page buffer of at least ``n`` items that nobody else holds (two kept, as the
+        output pool does: reused when only this list refers to it)."""
+        if n < _POOL_FROM or not _GIL:
+            return np.empty(n, dtype=np.uint64)
+        for k in range(len(self.pages)):
+            if len(self.pages[k]) >= n and sys.getrefcount(self.pages[k]) == self.baseline:
+                return self.pages[k]
+        buf = np.zeros(max(n, 65536), dtype=np.uint64)
+        buf.fill(0)  # fault the pages in now, once
+        if len(self.pages) >= 2:
+            self.pages.pop(0)
+        self.pages.append(buf)
+        del buf
+        self.baseline = sys.getrefcount(self.pages[-1])
+        return self.pages[-1]
+
+
+_dedup_buffers = _DedupBuffers()
+
+
+def _dedup(slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64], n: int
+           ) -> list[tuple[int, npt.NDArray[np.uint64], int]]:
+    b = _dedup_buffers
+    pages = b.pages_for(n)
+    scratch = b.scratch_for(n)
+    slots = np.ascontiguousarray(slots, dtype=np.uint32)
+    offsets = np.ascontiguousarray(offsets, dtype=np.uint64)
+    ps = ffi.from_buffer("uint32_t[]", slots)
+    po = ffi.from_buffer("uint64_t[]", offsets)
+    pp = ffi.from_buffer("uint64_t[]", pages, require_writable=True)
+    pt = ffi.from_buffer("uint64_t[]", scratch, require_writable=True)
+    try:
+        # Safety: every buffer is pinned by from_buffer for the call and holds n items (the
+        # pools give at least n); the group arrays hold KVMIO_DEDUP_MAX_GROUPS each.
+        groups = int(lib.kvmio_dedup(ps, po, n, pp, pt, b.gslot, b.gstart, b.glen,
+                                     b.gentries))
+    finally:
+        for x in (ps, po, pp, pt):
+            ffi.release(x)
+    if groups < 0:  # more slots than the native grouping holds: group with numpy
+        out = []
+        for raw in np.unique(slots).tolist():
+            sel = offsets[slots == raw]
+            one = _dedup(np.full(len(sel), raw, dtype=np.uint32), sel, len(sel))
+            out.append(one[0])
+        return out
+    out = []
+    for g in range(groups):
+        start = int(b.gstart[g])
+        view = pages[start:start + int(b.glen[g])]
+        view.flags.writeable = False
+        out.append((int(b.gslot[g]), view, int(b.gentries[g])))
+    return out
 
 _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
