@@ -88,7 +88,10 @@ def test_dirtyrate_workload_json_and_plot(kvm: Kvm, tmp_path: Path) -> None:
     s = data["samples"][-1]
     assert set(s["vcpu_pages_per_second"]) == {"0", "1"}
     assert s["bytes_per_second"] == pytest.approx(s["pages_per_second"] * 4096)
-    assert data["summary"]["mean_pages_per_second"] > 10_000
+    # Against the guest's own count (random pages over 65,536: few repeats in a window), not
+    # against a speed this host happens to have.
+    own = data["summary"]["guest_writes_per_second"]
+    assert 0.5 * own < data["summary"]["mean_pages_per_second"] <= 1.05 * own
     assert len(data["heatmap_counts"]) == len(data["heatmap_times"]) == len(data["samples"])
     assert data["guest_writes"] > 0
     _png(png, 1000, 700)
