@@ -678,12 +678,15 @@ class Vm(FdOwner):
                     ps, d = PageSet.from_entries(got, sizes)
                     per_vcpu[ring.vcpu_id] = ps
                     dropped += d
-            orphans, d = PageSet.from_entries(DirtyEntries.concat(harvest.orphans), sizes)
-            dropped += d
-            with self._lock:
-                unreported, self._unreported = self._unreported, PageSet()
-            unreported, _ = unreported.restrict(sizes)
-            pages = orphans.union(unreported, *per_vcpu.values())
+            if len(per_vcpu) == 1 and not harvest.orphans and not self._unreported:
+                pages = next(iter(per_vcpu.values()))  # one source: nothing to merge
+            else:
+                orphans, d = PageSet.from_entries(DirtyEntries.concat(harvest.orphans), sizes)
+                dropped += d
+                with self._lock:
+                    unreported, self._unreported = self._unreported, PageSet()
+                unreported, _ = unreported.restrict(sizes)
+                pages = orphans.union(unreported, *per_vcpu.values())
             if with_bitmap:
                 extra: list[PageSet] = []
                 try:

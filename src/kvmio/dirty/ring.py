@@ -185,8 +185,10 @@ def _dedup(slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64], n: in
     b = _dedup_buffers
     pages = b.pages_for(n)
     scratch = b.scratch_for(n)
-    slots = np.ascontiguousarray(slots, dtype=np.uint32)
-    offsets = np.ascontiguousarray(offsets, dtype=np.uint64)
+    if slots.dtype != np.uint32 or not slots.flags.c_contiguous:
+        slots = np.ascontiguousarray(slots, dtype=np.uint32)
+    if offsets.dtype != np.uint64 or not offsets.flags.c_contiguous:
+        offsets = np.ascontiguousarray(offsets, dtype=np.uint64)
     ps = ffi.from_buffer("uint32_t[]", slots)
     po = ffi.from_buffer("uint64_t[]", offsets)
     pp = ffi.from_buffer("uint64_t[]", pages, require_writable=True)
@@ -197,8 +199,10 @@ def _dedup(slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64], n: in
         groups = int(lib.kvmio_dedup(ps, po, n, pp, pt, b.gslot, b.gstart, b.glen,
                                      b.gentries))
     finally:
-        for x in (ps, po, pp, pt):
-            ffi.release(x)
+        ffi.release(ps)
+        ffi.release(po)
+        ffi.release(pp)
+        ffi.release(pt)
     if groups < 0:  # more slots than the native grouping holds: group with numpy
         out = []
         for raw in np.unique(slots).tolist():
