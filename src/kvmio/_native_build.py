@@ -231,6 +231,10 @@ uint32_t kvmio_ring_harvest_reference(struct kvm_dirty_gfn *ring, uint32_t size,
 int32_t kvmio_dedup(const uint32_t *slots, const uint64_t *offsets, uint32_t n, uint64_t *pages,
                     uint64_t *scratch, uint32_t *gslot, uint32_t *gstart, uint32_t *glen,
                     uint32_t *gentries);
+int32_t kvmio_rings_collect(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                            uint64_t *offsets, int *signals, uint32_t *total, uint64_t *pages,
+                            uint64_t *scratch, uint32_t *gslot, uint32_t *gstart,
+                            uint32_t *glen, uint32_t *gentries);
 int32_t kvmio_collect_reference(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
                                 int vm_fd, unsigned long reset_request, uint32_t *slots,
                                 uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
@@ -756,6 +760,26 @@ int32_t kvmio_dedup(const uint32_t *slots, const uint64_t *offsets, uint32_t n, 
     for (g = 0; g < groups; g++)
         glen[g] = kvmio_sort_unique(pages + gstart[g], scratch, gentries[g]);
     return (int32_t)groups;
+}
+
+/* The compiled part of a whole collection: every ring harvested (kvmio_rings_harvest), then,
+ * if no ring signalled anything, the entries grouped by slot and reduced to sorted distinct
+ * pages (kvmio_dedup; pages and scratch hold *total items, i.e. the sum of the ring sizes).
+ * Returns the number of groups (0: nothing harvested), -1 when the entries name more slots than
+ * the grouping holds, -2 when a ring signalled (a hole, a limit, a lapped ring): the caller
+ * then accounts ring by ring and groups the entries itself. */
+int32_t kvmio_rings_collect(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                            uint64_t *offsets, int *signals, uint32_t *total, uint64_t *pages,
+                            uint64_t *scratch, uint32_t *gslot, uint32_t *gstart,
+                            uint32_t *glen, uint32_t *gentries)
+{
+    uint32_t n = kvmio_rings_harvest(ctl, count, slots, offsets, signals);
+    *total = n;
+    if (*signals)
+        return -2;
+    if (n == 0)
+        return 0;
+    return kvmio_dedup(slots, offsets, n, pages, scratch, gslot, gstart, glen, gentries);
 }
 
 /* Reference for the benchmark: the minimal C collection of one ring, as a C program would

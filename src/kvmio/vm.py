@@ -22,7 +22,7 @@ from kvmio._abi import IS_X86, PAGE_SIZE, FdOwner, Mapping, ffi, lib
 from kvmio.caps import Cap
 from kvmio.dirty.pages import PageSet, bitmap_to_pages
 from kvmio.dirty.ring import GFN_SIZE, DirtyEntries, DirtyRing, OverrunPolicy
-from kvmio.dirty.ringset import RingSet
+from kvmio.dirty.ringset import Harvest, RingSet
 from kvmio.errors import (
     DirtyRingError,
     KvmClosedError,
@@ -673,11 +673,25 @@ class Vm(FdOwner):
             sizes = {slot: r.num_pages for slot, r in regions.items()}
             per_vcpu: dict[int, PageSet] = {}
             dropped = 0
-            for ring, got in harvest.rings:
-                if len(got):
-                    ps, d = PageSet.from_entries(got, sizes)
-                    per_vcpu[ring.vcpu_id] = ps
-                    dropped += d
+            busy = [(ring, got) for ring, got in harvest.rings if len(got)]
+            if harvest.groups is not None and not harvest.orphans and not self._unreported:
+                # The compiled collection grouped every ring's entries already.
+                pages, dropped = PageSet.from_groups(
+                    harvest.groups, sizes,
+                    busy[0][1] if len(busy) == 1 else DirtyEntries.concat([g for _, g in busy]))
+                if len(busy) == 1:
+                    per_vcpu[busy[0][0].vcpu_id] = pages
+                else:
+                    for ring, got in busy:
+                        per_vcpu[ring.vcpu_id] = PageSet.from_entries(got, sizes)[0]
+                if with_bitmap:
+                    return self._with_backup_bitmap(pages, regions, harvest, dropped, per_vcpu)
+                return DirtyPages(pages, regions, harvest.entries, dropped, per_vcpu,
+                                  harvest.overruns, harvest.time)
+            for ring, got in busy:
+                ps, d = PageSet.from_entries(got, sizes)
+                per_vcpu[ring.vcpu_id] = ps
+                dropped += d
             if len(per_vcpu) == 1 and not harvest.orphans and not self._unreported:
                 pages = next(iter(per_vcpu.values()))  # one source: nothing to merge
             else:
@@ -688,19 +702,27 @@ class Vm(FdOwner):
                 unreported, _ = unreported.restrict(sizes)
                 pages = orphans.union(unreported, *per_vcpu.values())
             if with_bitmap:
-                extra: list[PageSet] = []
-                try:
-                    for slot, r in regions.items():
-                        if r.log_dirty:
-                            extra.append(self._get_log(slot, r.num_pages))
-                except BaseException:
-                    # The rings were reset and the bitmaps read so far cleared by the kernel:
-                    # keep all of their pages for the next collection.
-                    self.adopt_dirty_pages(pages.union(*extra))
-                    raise
-                pages = pages.union(*extra)
+                return self._with_backup_bitmap(pages, regions, harvest, dropped, per_vcpu)
             return DirtyPages(pages, regions, harvest.entries, dropped, per_vcpu,
                               harvest.overruns, harvest.time)
+
+    def _with_backup_bitmap(self, pages: PageSet, regions: dict[int, MemoryRegion],
+                            harvest: Harvest, dropped: int,
+                            per_vcpu: dict[int, PageSet]) -> DirtyPages:
+        """The last step of a final collection with WITH_BITMAP: the backup bitmap of every
+        dirty-logged slot, after the rings were harvested and reset."""
+        extra: list[PageSet] = []
+        try:
+            for slot, r in regions.items():
+                if r.log_dirty:
+                    extra.append(self._get_log(slot, r.num_pages))
+        except BaseException:
+            # The rings were reset and the bitmaps read so far cleared by the kernel: keep all
+            # of their pages for the next collection.
+            self.adopt_dirty_pages(pages.union(*extra))
+            raise
+        return DirtyPages(pages.union(*extra), regions, harvest.entries, dropped, per_vcpu,
+                          harvest.overruns, harvest.time)
 
     def _collect_bitmaps(self, claim: DirtyLogClaim | None) -> DirtyPages:
         with self._lock:  # slots cannot change during a bitmap collection

@@ -109,9 +109,16 @@ class PageSet(Mapping[int, Pages]):
         """The distinct pages of harvested ring entries, and how many entries named a slot (or
         a page of it) that is not in ``slot_pages`` (slot id -> size in pages), or an address
         space kvmio never maps: memory deleted since the page was dirtied.  Never raises."""
+        return cls.from_groups(entries.slot_groups(), slot_pages, entries)
+
+    @classmethod
+    def from_groups(cls, groups: list[tuple[int, Pages, int]], slot_pages: Mapping[int, int],
+                    entries: DirtyEntries) -> tuple[PageSet, int]:
+        """As :meth:`from_entries`, from ``entries`` already grouped by
+        :meth:`DirtyEntries.slot_groups` (or by the compiled collection)."""
         out: dict[int, Pages] = {}
         dropped = 0
-        for raw, pages, count in entries.slot_groups():
+        for raw, pages, count in groups:
             sid = SlotId.decode(raw)
             size = slot_pages.get(sid.slot)
             if sid.address_space != 0 or size is None:

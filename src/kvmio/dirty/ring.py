@@ -232,9 +232,10 @@ class _OutputPool:
     free-threaded Python, reference counts prove nothing, and fresh arrays are used instead.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, first: type[np.unsignedinteger[Any]] = np.uint32):
         self.size = size
-        self._pairs: list[tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]] = []
+        self._first = first  # the first array's type (slots; or uint64 for pages + scratch)
+        self._pairs: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint64]]] = []
         # C pointers to each pair's data, made once: plain addresses that hold no reference,
         # so they do not disturb the reference counts; valid while the pair lives, and a pair
         # is handed out only together with its pointers.
@@ -242,12 +243,12 @@ class _OutputPool:
         self._baseline = -1
 
     @staticmethod
-    def _pointers(pair: tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]
-                  ) -> tuple[Any, Any]:
-        return (ffi.cast("uint32_t *", pair[0].ctypes.data),
+    def _pointers(pair: tuple[npt.NDArray[Any], npt.NDArray[np.uint64]]) -> tuple[Any, Any]:
+        first = "uint64_t *" if pair[0].dtype == np.uint64 else "uint32_t *"
+        return (ffi.cast(first, pair[0].ctypes.data),
                 ffi.cast("uint64_t *", pair[1].ctypes.data))
 
-    def get_raw(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], Any, Any]:
+    def get_raw(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint64], Any, Any]:
         """A free pair and C pointers to its data (``size`` items each).  The caller keeps the
         pair referenced for as long as it uses the pointers."""
         if not _GIL:
@@ -264,13 +265,13 @@ class _OutputPool:
         # it creates cancel out.
         return sys.getrefcount(self._pairs[k][0]), sys.getrefcount(self._pairs[k][1])
 
-    def get(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]:
+    def get(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint64]]:
         if not _GIL:  # reference counts are no proof of ownership without the GIL
-            return np.empty(self.size, dtype=np.uint32), np.empty(self.size, dtype=np.uint64)
+            return np.empty(self.size, dtype=self._first), np.empty(self.size, dtype=np.uint64)
         for k in range(len(self._pairs)):
             if self._refs(k) == (self._baseline, self._baseline):
                 return self._pairs[k]
-        pair = (np.empty(self.size, dtype=np.uint32), np.empty(self.size, dtype=np.uint64))
+        pair = (np.empty(self.size, dtype=self._first), np.empty(self.size, dtype=np.uint64))
         pair[0].fill(0)  # fault the pages in now, once (np.zeros would leave them untouched)
         pair[1].fill(0)
         if len(self._pairs) >= 2:
@@ -722,19 +723,21 @@ class DirtyRing:
         return bool(self._stash)
 
     def settle_native(self, slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64],
-                      n: int, *, on_overrun: OverrunPolicy = "raise") -> DirtyEntries:
+                      n: int, *, on_overrun: OverrunPolicy = "raise",
+                      copy: bool = True) -> DirtyEntries:
         """Account for a harvest that ``kvmio_rings_harvest`` made of this ring (under the
         ring set's lock): ``n`` entries in ``slots``/``offsets``, its stop value in the ring's
         own cell.  Checks for an overrun and returns the entries, stashed ones first, exactly
-        as :meth:`harvest` does."""
-        got = self._settle(slots, offsets, n, True, on_overrun == "report")
+        as :meth:`harvest` does.  ``copy=False`` returns views of ``slots``/``offsets`` even
+        for few entries (for a caller that drops them before its next harvest)."""
+        got = self._settle(slots, offsets, n, True, on_overrun == "report", copy)
         if self._stash:
             got = DirtyEntries.concat([*self._stash, got])
             self._stash.clear()
         return got
 
     def _settle(self, slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64], n: int,
-                check: bool, report: bool) -> DirtyEntries:
+                check: bool, report: bool, copy: bool = True) -> DirtyEntries:
         stop = int(self._stop[0])
         if n == 0 and stop == STOP_EMPTY:  # caught up, nothing new: no accounting to do
             return _NO_ENTRIES
@@ -742,7 +745,7 @@ class DirtyRing:
         stop &= STOP_MASK
         self._pending_reset += n
         self.harvested_total += n
-        if n < self.size // 4:
+        if copy and n < self.size // 4:
             # Small results are copied so they do not pin a pool pair.
             got = DirtyEntries(slots[:n].copy(), offsets[:n].copy())
         else:

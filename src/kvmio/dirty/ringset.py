@@ -17,8 +17,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from kvmio._abi import Mapping, ffi, lib
 from kvmio.dirty.ring import (
+    _MAX_GROUPS,
     _NO_ENTRIES,
     DirtyEntries,
     DirtyRing,
@@ -48,6 +52,10 @@ class Harvest:
     #: ``time.monotonic()`` right after the rings were harvested (before the reset): the end
     #: of the period the harvest covers.
     time: float = 0.0
+    #: The open rings' entries as sorted distinct pages, ``(raw slot, pages, entries)`` per
+    #: slot, when the compiled collection made them (no ring signalled anything); else
+    #: ``None``.  Orphans are not in it.
+    groups: list[tuple[int, npt.NDArray[np.uint64], int]] | None = None
 
     @property
     def entries(self) -> int:
@@ -82,6 +90,9 @@ class RingSet:
         self._capacity = 0
         self._pool: _OutputPool | None = None
         self._signals = ffi.new("int *", 0)
+        self._total = ffi.new("uint32_t *", 0)
+        self._page_pool: _OutputPool | None = None
+        self._group_cells = ffi.new("uint32_t[]", 4 * _MAX_GROUPS)
 
     def __repr__(self) -> str:
         return f"<RingSet entries={self.entries} rings={sorted(self._rings)}>"
@@ -224,7 +235,8 @@ class RingSet:
             return total
 
     def _harvest_native(self, live: list[DirtyRing], on_overrun: OverrunPolicy,
-                        harvested: list[tuple[DirtyRing, DirtyEntries]]) -> None:
+                        harvested: list[tuple[DirtyRing, DirtyEntries]]
+                        ) -> list[tuple[int, npt.NDArray[np.uint64], int]] | None:
         """Harvest ``live`` (open rings) in one native call, then let each ring account for
         its part; ``harvested`` receives ``(ring, entries)`` for every ring, also when one of
         them raises an overrun (raised after all were accounted for, so that the caller can
@@ -240,26 +252,49 @@ class RingSet:
             self._capacity = sum(r.size for r in live)
         else:
             ctl = self._ctl  # each ring keeps its entry's hole window current
-        if self._pool is None or self._pool.size < self._capacity:
+        if self._pool is None or self._page_pool is None or self._pool.size < self._capacity:
             self._pool = _OutputPool(self._capacity)
+            self._page_pool = _OutputPool(self._capacity, np.uint64)
         slots, offsets, ps, po = self._pool.get_raw()
-        # Safety: both arrays hold the sum of the rings' sizes, the most the call writes, and
-        # stay referenced (slots, offsets) during it; every ring is open (its mapping stays
-        # until close(), which needs our lock).
-        total = lib.kvmio_rings_harvest(ctl, len(live), ps, po, self._signals)
-        if total == 0 and self._signals[0] == 0:  # every ring caught up, nothing new
+        pages, scratch, pp, pt = self._page_pool.get_raw()
+        g = self._group_cells
+        # Safety: all four arrays hold the sum of the rings' sizes, the most the call writes,
+        # and stay referenced during it; the group cells hold KVMIO_DEDUP_MAX_GROUPS each;
+        # every ring is open (its mapping stays until close(), which needs our lock).
+        ngroups = lib.kvmio_rings_collect(ctl, len(live), ps, po, self._signals, self._total,
+                                          pp, pt, g, g + _MAX_GROUPS, g + 2 * _MAX_GROUPS,
+                                          g + 3 * _MAX_GROUPS)
+        if ngroups == 0:  # every ring caught up, nothing new
             for ring in live:
                 harvested.append((ring, ring.settle_native(slots, offsets, 0,
                                                            on_overrun=on_overrun)
                                   if ring.has_stash else _NO_ENTRIES))
-            return
+            return None
+        groups = None
+        if ngroups > 0:
+            # Sorted distinct pages of every ring's entries.  Few pages are copied, so that
+            # they do not hold the pooled buffer; many are read-only views of it.
+            small = int(self._total[0]) < 1024
+            out = []
+            for k in range(ngroups):
+                start = int(g[_MAX_GROUPS + k])
+                view = pages[start:start + int(g[2 * _MAX_GROUPS + k])]
+                if small:
+                    view = view.copy()
+                view.flags.writeable = False
+                out.append((int(g[k]), view, int(g[3 * _MAX_GROUPS + k])))
+            groups = out
+        del pages, scratch
+        if groups is not None and any(r.has_stash for r in live):
+            groups = None  # stashed entries come first in their rings: the groups lack them
         first_error: BaseException | None = None
         at = 0
         for k, ring in enumerate(live):
             n = int(ctl[k].n)
             try:
+                # Views: the Harvest that holds them is dropped before the next collection.
                 got = ring.settle_native(slots[at:at + n], offsets[at:at + n], n,
-                                         on_overrun=on_overrun)
+                                         on_overrun=on_overrun, copy=False)
             except DirtyRingOverrunError as e:  # the ring kept its entries (its stash)
                 first_error = first_error or e
                 got = _NO_ENTRIES
@@ -267,6 +302,7 @@ class RingSet:
             at += n
         if first_error is not None:
             raise first_error
+        return groups
 
     def take_reset_report(self) -> tuple[int, str] | None:
         """``(vCPU id or VM_WIDE, why)`` of the overrun a reset with ``on_overrun="report"``
@@ -289,9 +325,10 @@ class RingSet:
             live = [r for r in todo if not r.closed]
             harvested: list[tuple[DirtyRing, DirtyEntries]] = []
             orphans, self._orphans = self._orphans, []
+            groups = None
             try:
                 if live:
-                    self._harvest_native(live, on_overrun, harvested)
+                    groups = self._harvest_native(live, on_overrun, harvested)
                 t = time.monotonic()
                 self.reset(on_overrun=on_overrun)
             except BaseException:
@@ -309,4 +346,4 @@ class RingSet:
             if self._reset_report is not None:
                 report, self._reset_report = self._reset_report, None
                 overruns[report[0]] = report[1]
-            return Harvest(harvested, orphans, overruns, t)
+            return Harvest(harvested, orphans, overruns, t, groups)
