@@ -73,6 +73,7 @@ def _report(tracker: DirtyTracker, config: dict[str, Any], duration: float,
     times, counts, span = tracker.heatmap()
     samples = [{"time": s.time, "pages": s.pages, "entries": s.entries,
                 "pages_per_second": s.pages_per_second, "bytes_per_second": s.bytes_per_second,
+                "span": s.span,
                 "vcpu_pages_per_second": {str(k): v for k, v in s.vcpu_pages_per_second.items()}}
                for s in tracker.samples]
     extra = kw.pop("extra", {})
