@@ -33,6 +33,18 @@ def boot(kvm: Kvm, name: str, mem: int = 4 << 20, **regs: int) -> tuple[Vm, Vcpu
     return vm, vcpu
 
 
+#: Entries KVM keeps free at the end of a dirty ring (KVM_DIRTY_RING_RSVD_ENTRIES, plus the
+#: CPU's own dirty-log buffer, which this host does not have: it emulates every instruction).
+RING_RESERVED = 64
+
+
+def soft_limit(size: int) -> int:
+    """A ring's soft limit: once this many entries are used, KVM_RUN exits ring-full (the
+    kernel checks it before entering the guest, so a ring-full exit finds at least this many
+    dirty entries)."""
+    return size - RING_RESERVED
+
+
 def run_collecting(vcpu: Vcpu, limit: int = 10_000) -> tuple[dict[int, list[bytes]], VcpuExit]:
     """Run until an exit other than port output; return output by port and that exit."""
     out: dict[int, list[bytes]] = {}

@@ -12,7 +12,12 @@ arm64 <linux/kvm.h> and <asm/kvm.h>).  Nothing is run on arm64:
   numbers are compared with the layout cffi computes for the fully declared structs, with the
   host's compiled module for everything the two architectures share, and with arm64 ABI facts;
 * the build's ``#error`` guard is shown to fire (and only it) when the arm64 <asm/kvm.h> has no
-  ``KVM_DIRTY_LOG_PAGE_OFFSET``.
+  ``KVM_DIRTY_LOG_PAGE_OFFSET``;
+* the ring functions of the compiled object are disassembled (``aarch64-linux-gnu-objdump``, from
+  ``binutils-aarch64-linux-gnu``, which the gcc package pulls in): their loops must load the
+  entries' flags with a load-acquire and store RESET with a store-release, so the ``__atomic_*``
+  orderings of the C source survive compilation for the weakly ordered architecture where they
+  matter (x86 orders plain loads and stores this way anyway).
 
 Without the cross toolchain the tests skip, except under CI=true where they fail.
 """
@@ -25,6 +30,7 @@ import shutil
 import struct
 import subprocess
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ TRIPLET = "aarch64-linux-gnu"
 PACKAGES = "gcc-aarch64-linux-gnu libc6-dev-arm64-cross linux-libc-dev-arm64-cross"
 CC = shutil.which(f"{TRIPLET}-gcc")
 OBJCOPY = shutil.which(f"{TRIPLET}-objcopy")
+OBJDUMP = shutil.which(f"{TRIPLET}-objdump")
 
 ARM_CDEF = cdef_for("aarch64")
 ARM_FFI = make_builder("aarch64")  # the builder: computes layouts only of fully declared structs
@@ -397,3 +404,141 @@ def test_build_refuses_missing_dirty_log_page_offset(cross: dict[str, Any],
     assert len(errors) == 1, r.stderr
     assert "#error" in errors[0]
     assert GUARD_MESSAGE in errors[0]
+
+
+
+# --------------------------------------------------------------------------- memory ordering
+
+#: A load-acquire into a 32-bit register (``flags`` is a u32): LDAR (ARMv8.0), or the RCpc
+#: forms LDAPR / LDAPUR that gcc may pick when the target has them (all are acquire loads).
+ACQUIRE_LOADS = ("ldar", "ldapr", "ldapur")
+#: A store-release from a 32-bit register: STLR, or STLUR (RCpc, with an offset).
+RELEASE_STORES = ("stlr", "stlur")
+BRANCHES = re.compile(r"^(?:b|b\.\w+|cbz|cbnz|tbz|tbnz)$")
+#: The ring functions and what their loops must do: load the entries' flags with a
+#: load-acquire; store a value to them with a store-release (2 is KVM_DIRTY_GFN_F_RESET, 1 is
+#: KVM_DIRTY_GFN_F_DIRTY); and whether one loop does both (takes entries one by one: acquire,
+#: copy, release) rather than separate loops (skip_hole scans, then marks).  Checked by
+#: instruction kind within the function's loops, not by instruction sequence or count, so that
+#: reshaping a loop (or adding checks around it) does not break the test, while losing an
+#: ordering does.
+ORDERING: dict[str, tuple[bool, int | None, bool]] = {
+    # name: (acquire load, release-stored value, both in one loop)
+    "kvmio_ring_harvest": (True, 2, True),
+    "kvmio_ring_sweep": (True, 2, True),
+    "kvmio_ring_harvest_reference": (True, 2, True),
+    "kvmio_ring_skip_hole": (True, 2, False),
+    "kvmio_ring_mark_harvested": (False, 2, False),
+    "kvmio_ring_count_dirty": (True, None, False),
+    "kvmio_ring_fill": (False, 1, False),
+}
+INSN_RE = re.compile(r"^\s*([0-9a-f]+):\t(\S+)(?:\s+(.*?))?\s*$")
+FUNC_RE = re.compile(r"^[0-9a-f]+ <([^>]+)>:$")
+BRANCH_TARGET_RE = re.compile(r"(?:^|, )([0-9a-f]+) <")
+
+
+@dataclass(frozen=True)
+class Insn:
+    address: int
+    mnemonic: str
+    operands: str
+
+    @property
+    def first_reg(self) -> str:
+        return self.operands.split(",")[0].strip()
+
+
+@pytest.fixture(scope="module")
+def objdump(cross: dict[str, Any]) -> str:
+    """``aarch64-linux-gnu-objdump`` (skip, or fail under CI, if absent)."""
+    if OBJDUMP is None:
+        msg = (f"no {TRIPLET}-objdump to disassemble the arm64 ring functions "
+               f"(apt-get install binutils-{TRIPLET}, which gcc-{TRIPLET} normally pulls in)")
+        if IN_CI:
+            pytest.fail(f"CI=true but {msg}")
+        pytest.skip(msg)
+    return OBJDUMP
+
+
+@pytest.fixture(scope="module")
+def disassembly(cross: dict[str, Any], workdir: dict[str, Any],
+                objdump: str) -> dict[str, list[list[Insn]]]:
+    """The cffi source compiled for aarch64 as setuptools compiles it (-O2 -fPIC), disassembled:
+    function name -> the instructions of the function and of each of its compiler clones
+    (``name.part.0``, ``name.constprop.0``...)."""
+    obj = workdir["dir"] / "_native_aarch64_ordering.o"
+    py_include = Path(sysconfig.get_paths()["include"])
+    r = _compile(cross, workdir["c"], workdir["ring"], workdir["pyshim"], py_include,
+                 extra=("-c", "-O2", "-fPIC", "-o", str(obj)))
+    assert r.returncode == 0, r.stderr
+    out = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(obj)], capture_output=True,
+                         text=True, check=True).stdout
+    functions: dict[str, list[list[Insn]]] = {}
+    body: list[Insn] | None = None
+    for line in out.splitlines():
+        if m := FUNC_RE.match(line):
+            body = []
+            functions.setdefault(m.group(1).split(".")[0], []).append(body)
+        elif (m := INSN_RE.match(line)) and body is not None:
+            body.append(Insn(int(m.group(1), 16), m.group(2), m.group(3) or ""))
+    return functions
+
+
+def _loops(body: list[Insn]) -> list[list[Insn]]:
+    """The instructions of every loop: from a backward branch's target to the branch."""
+    loops = []
+    for b in body:
+        m = BRANCH_TARGET_RE.search(b.operands) if BRANCHES.match(b.mnemonic) else None
+        if m and int(m.group(1), 16) <= b.address:
+            start = int(m.group(1), 16)
+            loops.append([i for i in body if start <= i.address <= b.address])
+    return loops
+
+
+def _stored_constant(body: list[Insn], store: Insn) -> set[int]:
+    """The constants that ``body`` moves into the register a store writes from."""
+    reg = store.first_reg
+    if reg == "wzr":
+        return {0}
+    return {int(m.group(1), 0) for i in body if i.mnemonic == "mov" and i.first_reg == reg
+            for m in [re.search(r"#(-?(?:0x)?[0-9a-f]+)$", i.operands)] if m}
+
+
+def _describe(bodies: list[list[Insn]]) -> str:
+    return "\n".join(f"  {i.address:6x}: {i.mnemonic} {i.operands}" for b in bodies for i in b)
+
+
+@pytest.mark.parametrize("name", sorted(ORDERING))
+def test_ring_loops_keep_acquire_release_on_arm64(disassembly: dict[str, list[list[Insn]]],
+                                                   name: str) -> None:
+    """arm64 is weakly ordered: without a load-acquire of ``flags``, the reads of ``slot`` and
+    ``offset`` may be satisfied before it and see the previous lap's values; without a
+    store-release of RESET, the RESET may become visible before those reads are done, and the
+    kernel may recycle and rewrite the entry under them.  So a loop of each function must do
+    its acquire loads / release stores of the 32-bit flags, a release store must write the
+    right flag value, and the harvesting loops must do both in the same loop."""
+    assert name in disassembly, f"{name} is not in the arm64 object"
+    bodies = disassembly[name]
+    acquire, value, one_loop = ORDERING[name]
+    loops = [loop for body in bodies for loop in _loops(body)]
+    assert loops, f"{name} has no loop in its arm64 code:\n{_describe(bodies)}"
+
+    def acq(i: Insn) -> bool:
+        return i.mnemonic in ACQUIRE_LOADS and i.first_reg.startswith("w")
+
+    def rel(i: Insn) -> bool:
+        return i.mnemonic in RELEASE_STORES and i.first_reg[0] == "w"
+
+    if acquire:
+        assert any(acq(i) for loop in loops for i in loop), (
+            f"{name}: no load-acquire (ldar/ldapr) of a 32-bit value in any loop: the flags are "
+            f"read with a plain load\n{_describe(bodies)}")
+    if value is not None:
+        stores = [(body, i) for body in bodies for loop in _loops(body) for i in loop if rel(i)]
+        assert stores, (f"{name}: no store-release (stlr) of a 32-bit value in any loop: the "
+                        f"flags are written with a plain store\n{_describe(bodies)}")
+        assert any(value in _stored_constant(body, i) for body, i in stores), (
+            f"{name}: no store-release in a loop writes {value}\n{_describe(bodies)}")
+    if one_loop:
+        assert any(any(acq(i) for i in loop) and any(rel(i) for i in loop) for loop in loops), (
+            f"{name}: no loop both load-acquires and store-releases\n{_describe(bodies)}")

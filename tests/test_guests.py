@@ -43,9 +43,12 @@ def test_params_validation(kw: dict[str, int], match: str) -> None:
 
 
 def test_workload_argument_errors(kvm: Kvm) -> None:
-    for kw in ({"vcpus": 0}, {"mem_size": 1000}, {"working_set": 1 << 40},
-               {"mem_size": 1 << 40}):
-        with pytest.raises(KvmInvalidArgumentError):
+    for kw, match in [({"vcpus": 0}, r"vcpus must be 1\.\.16"),
+                      ({"vcpus": 17}, r"vcpus must be 1\.\.16"),
+                      ({"mem_size": 1000}, "mem_size must be a positive multiple"),
+                      ({"working_set": 1 << 40}, "working_set must be between"),
+                      ({"mem_size": 1 << 40}, "too large for the workload's page tables")]:
+        with pytest.raises(KvmInvalidArgumentError, match=match):
             Workload(kvm, **kw)  # type: ignore[arg-type]
 
 

@@ -55,7 +55,7 @@ def test_memfd_memory_is_shared_with_another_mapping(kvm: Kvm) -> None:
             assert other[0x5000] == 1  # the guest's write, seen through the other mapping
             assert vm.collect_dirty_pages().pages[0].tolist() == [5]
         assert mem.closed
-        with pytest.raises(KvmClosedError):
+        with pytest.raises(KvmClosedError, match="memfd memory is closed"):
             _ = mem.fd
     finally:
         other.close()

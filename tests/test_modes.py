@@ -87,11 +87,12 @@ def test_page_tables() -> None:
     assert pml4 & ~0xFFF == 0x101000 and pml4 & 3 == 3
     last_pde = int.from_bytes(tables[4 * 4096 + 511 * 8: 4 * 4096 + 512 * 8], "little")
     assert last_pde & ~0xFFF == (3 << 30) - (2 << 20) and last_pde & 0x80
-    with pytest.raises(KvmInvalidArgumentError):
+    with pytest.raises(KvmInvalidArgumentError, match=r"must be 1 B\.\.512 GiB"):
         identity_page_tables(0)
-    with pytest.raises(KvmInvalidArgumentError):
-        identity_page_tables(1 << 40)
-    with pytest.raises(KvmInvalidArgumentError):
+    with pytest.raises(KvmInvalidArgumentError, match=r"must be 1 B\.\.512 GiB"):
+        identity_page_tables((512 << 30) + 4096)  # one page more than 512 GiB
+    identity_page_tables(512 << 30)  # the largest allowed
+    with pytest.raises(KvmInvalidArgumentError, match="page aligned"):
         identity_page_tables(1 << 30, 0x100800)
 
 

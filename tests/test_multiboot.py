@@ -679,9 +679,13 @@ def test_memory_sizes(text: str, size: int) -> None:
     assert parse_memory_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "M", "12X", "-1M", "1.3B", "0x10M", "1 G B"])
-def test_bad_memory_sizes(text: str) -> None:
-    with pytest.raises(KvmInvalidArgumentError):
+@pytest.mark.parametrize(("text", "match"), [
+    ("", "bad memory size"), ("M", "bad memory size"), ("12X", "bad memory size"),
+    ("-1M", "bad memory size"), ("1.3B", "not a whole number of bytes"),
+    ("0x10M", "bad memory size"), ("1 G B", "bad memory size"),
+])
+def test_bad_memory_sizes(text: str, match: str) -> None:
+    with pytest.raises(KvmInvalidArgumentError, match=match):
         parse_memory_size(text)
 
 

@@ -17,6 +17,7 @@ from kvmio import (
     DirtyRingFull,
     DirtyRingOverrunError,
     Hlt,
+    IoOut,
     Kvm,
     KvmClosedError,
     KvmError,
@@ -25,9 +26,10 @@ from kvmio import (
     SlotId,
 )
 from kvmio._abi import kick_signal
+from kvmio.guests.modes import setup_protected_mode
 from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
 
-from guests import burst, overrun_ring, wait_until
+from guests import burst, overrun_ring, soft_limit, wait_until
 
 
 @pytest.mark.parametrize(
@@ -43,8 +45,12 @@ def test_enable_rules_checked_first(kvm: Kvm, entries: int, exc: type, match: st
         with pytest.raises(exc, match=match):
             vm.enable_dirty_ring(entries)
         assert vm.dirty_ring is None
-        # Nothing was half-done: a valid ring can still be enabled.
-        assert vm.enable_dirty_ring(4096).entries == 4096
+        # Nothing was half-done: a valid ring can still be enabled, and the kernel has it now
+        # (it takes a ring once only: the same valid request is refused afterwards).
+        assert vm.enable_dirty_ring(4096) == vm.dirty_ring
+        with pytest.raises(KvmError) as ei:
+            vm.enable_cap(Cap.DIRTY_LOG_RING_ACQ_REL, 4096 * 16)
+        assert ei.value.errno == errno.EINVAL
 
 
 def test_kernel_agrees_with_the_rules(kvm: Kvm) -> None:
@@ -69,6 +75,23 @@ def test_enable_defaults_and_state_rules(kvm: Kvm) -> None:
         assert vm.dirty_ring == cfg
         with pytest.raises(KvmStateError, match="already enabled"):
             vm.enable_dirty_ring(4096)
+        # The kernel's ring has that size: a guest writing one new page per iteration gets
+        # its first ring-full exit once the soft limit of a 4096-entry ring is used.
+        vm.add_memory_region(0, 1 << 20)
+        tracked = vm.add_memory_region(1 << 20, 32 << 20, log_dirty=True)
+        # mov edi, 1 MiB; 1: mov [edi], edi; add edi, 4096; (a delay: mov ecx, 16;
+        # 2: dec ecx; jnz 2b); jmp 1b.  ~35 instructions per write: fewer writes per
+        # emulation batch than the ring's reserve, so the exit comes before the ring is full.
+        vm.write_memory(0x10000, bytes([0xBF, 0x00, 0x00, 0x10, 0x00, 0x89, 0x3F,
+                                        0x81, 0xC7, 0x00, 0x10, 0x00, 0x00,
+                                        0xB9, 0x10, 0x00, 0x00, 0x00, 0x49, 0x75, 0xFD,
+                                        0xEB, 0xEE]))
+        v = vm.create_vcpu()
+        setup_protected_mode(v, vm, 0x10000)
+        assert isinstance(v.run(), DirtyRingFull)
+        written = int(np.count_nonzero(tracked.page_words()))  # the guest's own record
+        assert v.dirty_ring.count_dirty() == written  # one entry per (distinct) page
+        assert soft_limit(4096) <= written <= 4096
     with kvm.create_vm() as vm:
         vm.create_vcpu()
         with pytest.raises(KvmStateError, match="before any vCPU"):
@@ -99,7 +122,7 @@ def test_bitmap_on_a_ring_vm_is_refused(kvm: Kvm) -> None:
 
 def test_rings_mapped_and_owned(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=16 << 20, vcpus=2, ring_entries=1024, max_writes=200,
-                  value="count") as w:
+                  order="sequential", value="count") as w:
         rings = w.vm.dirty_rings()
         assert set(rings) == {0, 1} and all(r.size == 1024 for r in rings.values())
         ring = w.vcpus[0].take_dirty_ring()
@@ -116,9 +139,10 @@ def test_rings_mapped_and_owned(kvm: Kvm) -> None:
         t.start()
         t.join()
         got = result[0]
-        assert len(got) == 200  # one entry per guest write, nothing lost
-        assert ring.pending_reset == 200
-        assert w.vm.reset_dirty_rings() == 200
+        # Sequential writes to distinct pages: one entry per write the guest counted.
+        assert len(got) == w.writes(0) > 0
+        assert ring.pending_reset == len(got)
+        assert w.vm.reset_dirty_rings() == len(got)  # the kernel's count
         pages = got.distinct_pages()  # type: ignore[attr-defined]
         assert set(pages) == {SlotId(0, MEM_SLOT)}
         words = w.mem.page_words()
@@ -143,9 +167,9 @@ def test_harvest_limit_resumes_in_order(kvm: Kvm) -> None:
         assert len(ring.harvest()) == 0
         offsets = np.concatenate([p.offsets for p in parts])
         assert offsets.tolist() == list(range(500))  # sequential guest: ring order = write order
-        assert ring.index == 500
-        assert w.vm.reset_dirty_rings() == 500
-        with pytest.raises(ValueError):
+        assert ring.index == w.writes(0) == 500
+        assert w.vm.reset_dirty_rings() == 500  # the kernel's count
+        with pytest.raises(KvmInvalidArgumentError, match="limit must be an int >= 0"):
             ring.harvest(limit=-1)
 
 
@@ -169,20 +193,30 @@ def test_ring_full_exits_are_handled_without_loss(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=64 << 20, ring_entries=256, max_writes=2000,
                   value="count") as w:
         v = w.vcpus[0]
-        fulls = 0
+        ring = v.dirty_ring
+        drained = []
         while True:
             ex = v.run()
             if isinstance(ex, DirtyRingFull):
-                fulls += 1
-                # The soft limit: size - 64 reserved entries, give or take one emulation batch.
-                assert 256 - 64 <= v.dirty_ring.count_dirty() < 256
-                v.dirty_ring.drain()  # harvests into the ring's pending entries, and resets
+                dirty = ring.count_dirty()
+                # The kernel's rule: it exits ring-full once the soft limit is used; the
+                # ring never holds more than its size.
+                assert soft_limit(ring.size) <= dirty <= ring.size
+                drained.append(ring.drain())  # harvests into the ring's stash, and resets
+                assert drained[-1] == dirty
                 continue
             if isinstance(ex, Hlt):
                 break
-        assert fulls >= 2000 // 256
+            assert isinstance(ex, IoOut), ex  # the guest's report that it is done
+        rest = ring.count_dirty()
+        assert rest < ring.size
+        # Every write the guest counted is one entry (they were drained or still wait), so
+        # there were as many ring-full exits as the soft limit dictates.
+        writes = w.writes(0)
+        assert sum(drained) + rest == writes == 2000
+        assert (writes - ring.size) / ring.size <= len(drained) <= writes // soft_limit(ring.size)
         d = w.vm.collect_dirty_pages()
-        assert d.entries == 2000
+        assert d.entries == writes
         assert np.array_equal(np.flatnonzero(w.mem.page_words()), d.pages[MEM_SLOT])
 
 
@@ -269,11 +303,15 @@ def test_run_until_exit_handles_ring_full_and_keeps_entries(kvm: Kvm) -> None:
             ex = v.run_until_exit()
             if isinstance(ex, Hlt):
                 break
-        stashed = v.dirty_ring.harvested_total
-        assert 1000 - 256 < stashed <= 1000  # harvested on ring-full exits; the rest waits
+        ring = v.dirty_ring
+        stashed = ring.harvested_total  # harvested on ring-full exits; the rest waits
+        rest = ring.count_dirty()
+        # More writes than the ring holds: ring-full exits were served, and nothing is lost.
+        assert stashed > 0 and rest < ring.size
+        assert stashed + rest == w.writes(0) == 1000
         # Kept, and reported by the collection with the rest.
         d = w.vm.collect_dirty_pages()
-        assert d.entries == 1000
+        assert d.entries == w.writes(0)
         assert np.array_equal(np.flatnonzero(w.mem.page_words()), d.pages[MEM_SLOT])
 
 
@@ -292,30 +330,55 @@ def test_recover_refused_while_running(kvm: Kvm) -> None:
             t.join()
 
 
-def test_reset_cut_short_by_signals_still_adds_up(kvm: Kvm) -> None:
+def test_reset_cut_short_by_signals_still_adds_up(kvm: Kvm,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A pending signal makes KVM_RESET_DIRTY_RINGS return a partial count without error;
-    kvmio repeats the call, so the sum equals what was harvested."""
+    kvmio repeats the call, so the sum equals what was harvested.  Each KVM_RESET_DIRTY_RINGS
+    is recorded, so the test knows whether a reset really was cut short; rounds repeat until
+    one was (a round whose signals all missed the reset proves nothing)."""
     n = 60_000
-    with Workload(kvm, mem_size=1 << 30, ring_entries=65536, max_writes=n, pace=0) as w:
-        w.run_vcpu(0)
-        got = w.vcpus[0].dirty_ring.harvest()
-        assert len(got) == n
+    with Workload(kvm, mem_size=1 << 30, ring_entries=65536, max_writes=n, pace=0,
+                  order="sequential") as w:
+        ring_set = w.vm._ring_set
+        assert ring_set is not None
+        real_reset = ring_set._reset_ioctl
+        counts: list[int] = []
+
+        def recorded_reset() -> int:
+            got = real_reset()
+            counts.append(got)
+            return got
+
+        monkeypatch.setattr(ring_set, "_reset_ioctl", recorded_reset)
         main = threading.get_ident()
         sig = kick_signal()
-        stop = threading.Event()
+        for rnd in range(1, 21):
+            w.vm.write_memory(w.params_addr(0) + 80, (rnd * n).to_bytes(8, "little"))
+            assert isinstance(w.run_vcpu(0), Hlt) and w.writes(0) == rnd * n
+            got = w.vcpus[0].dirty_ring.harvest()
+            # Sequential over distinct pages in a round: one entry per write on any host.
+            assert len(got) == n
+            stop = threading.Event()
 
-        def pester() -> None:
-            while not stop.is_set():
-                signal.pthread_kill(main, sig)
-                time.sleep(0.00005)
+            def pester() -> None:
+                while not stop.is_set():  # noqa: B023
+                    signal.pthread_kill(main, sig)
+                    time.sleep(0.00005)  # the signal rate, not a synchronisation
 
-        t = threading.Thread(target=pester)
-        t.start()
-        try:
-            assert w.vm.reset_dirty_rings() == n
-        finally:
-            stop.set()
-            t.join()
+            t = threading.Thread(target=pester)
+            counts.clear()
+            t.start()
+            try:
+                assert w.vm.reset_dirty_rings() == n
+            finally:
+                stop.set()
+                t.join()
+            # Repeated while the sum was short of the harvest, and not once more after.
+            assert sum(counts) == n and 0 not in counts and sum(counts[:-1]) < n
+            if len(counts) > 1:  # at least one partial count: the repeat was needed
+                break
+        else:
+            pytest.fail("no reset was ever cut short by a signal: the repeat went untested")
 
 
 def test_reset_mismatch_is_an_error(kvm: Kvm) -> None:
@@ -354,33 +417,38 @@ def test_closing_a_vcpu_keeps_its_dirty_pages(kvm: Kvm) -> None:
     """KVM keeps a closed vCPU's ring until the VM goes: its entries are still reported and
     still counted by the next reset."""
     with Workload(kvm, mem_size=16 << 20, vcpus=2, shared=False, ring_entries=1024,
-                  max_writes=300, value="count") as w:
+                  max_writes=300, order="sequential", value="count") as w:
         w.run_all(timeout=30)
         first = w.vcpus[1].dirty_ring.harvest(limit=100)  # some harvested, some still waiting
         w.vcpus[1].close()
         d = w.vm.collect_dirty_pages()  # reset == harvested still holds
-        assert d.entries == 500
+        # Sequential writes to distinct pages: one entry per write the guests counted.
+        assert len(first) == 100 and d.entries == w.total_writes() - 100 == 500
         reported = np.union1d(d.pages[MEM_SLOT], first.offsets)
         assert np.array_equal(np.flatnonzero(w.mem.page_words()), reported)
 
 
 def test_deleted_slot_entries_are_dropped_not_fatal(kvm: Kvm) -> None:
-    with Workload(kvm, mem_size=16 << 20, ring_entries=1024, max_writes=50) as w:
+    with Workload(kvm, mem_size=16 << 20, ring_entries=1024, max_writes=50,
+                  order="sequential") as w:
         w.run_vcpu(0)
         w.vm.delete_memory_region(MEM_SLOT)
         d = w.vm.collect_dirty_pages()
-        assert d.dropped == 50 and d.count == 0 and d.entries == 50
+        # One entry per write the guest counted (distinct pages), every one for the gone slot.
+        assert d.dropped == d.entries == w.writes(0) == 50 and d.count == 0
 
 
 def test_collect_checks_every_ring_before_harvesting(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=16 << 20, vcpus=2, shared=False, ring_entries=1024,
-                  max_writes=100, value="count") as w:
+                  max_writes=100, order="sequential", value="count") as w:
         w.run_all(timeout=30)
         w.vcpus[1].take_dirty_ring()
         with pytest.raises(KvmStateError, match="vCPU 1"):
             w.vm.collect_dirty_pages()
-        # vCPU 0's ring was not touched by the refused collection.
-        assert w.vcpus[0].dirty_ring.index == 0 and len(w.vcpus[0].dirty_ring.harvest()) == 100
+        # vCPU 0's ring was not touched by the refused collection: every write it counted
+        # (distinct pages) is still there to harvest.
+        ring = w.vcpus[0].dirty_ring
+        assert ring.index == 0 and len(ring.harvest()) == w.writes(0) == 100
 
 
 def test_entries_harvested_by_a_failing_call_are_kept(kvm: Kvm) -> None:
@@ -389,15 +457,20 @@ def test_entries_harvested_by_a_failing_call_are_kept(kvm: Kvm) -> None:
         v = w.vcpus[0]
         assert isinstance(w.run_vcpu(0), Hlt)
         burst(w)
-        with pytest.raises(DirtyRingOverrunError) as ei:
+        with pytest.raises(DirtyRingOverrunError, match="overrun") as ei:
             v.run_until_exit()
-        assert ei.value.harvested == 256  # the failing harvest took a completely full ring
         ring = v.dirty_ring
+        # The burst's writes lap the ring before the exit, so the kernel wrote every entry
+        # since the last reset: the failing harvest took a completely full ring.
+        assert ei.value.harvested == ring.size
         # The ring kept them, and what earlier ring-full exits drained (a host interrupt can
         # end the first batch below the ring's end): every entry harvested from this ring is
         # returned now, once (not on the exception).
         again = ring.harvest()
-        assert len(again) == ring.harvested_total
+        assert len(again) == ring.harvested_total >= ei.value.harvested
+        # And they are real: every page they name was written by the guest (the dirtier
+        # writes its count, the burst 0xAA; untouched pages are zero).
+        assert np.all(w.mem.page_words()[again.offsets.astype(np.int64)] != 0)
 
 
 def test_recreated_smaller_slot_drops_stale_offsets(kvm: Kvm) -> None:
@@ -407,7 +480,9 @@ def test_recreated_smaller_slot_drops_stale_offsets(kvm: Kvm) -> None:
         w.vm.delete_memory_region(MEM_SLOT)
         w.vm.add_memory_region(MEM_BASE, 512 * 4096, log_dirty=True)  # slot 1 again, smaller
         d = w.vm.collect_dirty_pages()  # after the reset: never raises
-        assert d.dropped == 88 and d.pages[MEM_SLOT].tolist() == list(range(512))
+        # Pages 0..writes-1 were written (sequential): those past the new end are dropped.
+        assert d.dropped == w.writes(0) - 512 == 88
+        assert d.pages[MEM_SLOT].tolist() == list(range(512))
 
 
 def test_overrun_of_a_closing_vcpu_is_reported_by_the_next_reset(kvm: Kvm) -> None:

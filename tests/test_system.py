@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from kvmio import API_VERSION, Cap, Hlt, IoOut, Kvm, KvmClosedError, KvmError, KvmUnavailableError
+from kvmio import API_VERSION, Cap, Hlt, IoOut, Kvm, KvmClosedError, KvmUnavailableError
 
 
 def test_api_version_and_sizes(kvm: Kvm) -> None:
@@ -73,8 +73,9 @@ def test_permission_denied(tmp_path: os.PathLike[str]) -> None:
                            check=True)
         assert p.stdout.split() == ["KvmUnavailableError", str(errno.EACCES), "True"]
     else:  # pragma: no cover - depends on who runs the suite
-        with pytest.raises(KvmUnavailableError):
+        with pytest.raises(KvmUnavailableError, match="permission denied") as ei:
             Kvm()
+        assert ei.value.errno == errno.EACCES
 
 
 @pytest.mark.kvm
@@ -83,10 +84,10 @@ def test_close_is_idempotent_and_use_after_close_raises() -> None:
     k.close()
     k.close()
     assert k.closed
-    with pytest.raises(KvmClosedError):
-        k.check_extension(Cap.IRQCHIP)
-    with pytest.raises(KvmError):
-        k.create_vm()
+    for call in (lambda: k.check_extension(Cap.IRQCHIP), k.create_vm):
+        with pytest.raises(KvmClosedError, match="this Kvm is closed") as ei:
+            call()
+        assert ei.value.errno is None  # refused by kvmio: the fd number is not used again
 
 
 @pytest.mark.kvm

@@ -174,13 +174,12 @@ def test_window_counter_matches_brute_force(passes: list[tuple[float, list[int]]
         uniq = np.unique(np.array(pages, dtype=np.uint64))
         history.append((start, t, set(uniq.tolist())))
         distinct, span = wc.add(start, t, {0: uniq}, {0: 64})
-        # The window keeps the newest passes whose union still covers `window` seconds.
-        kept = [history[-1]]
-        for h in reversed(history[:-1]):
-            if kept[-1][0] <= t - window:
-                break
-            kept.append(h)
-        assert span == pytest.approx(t - kept[-1][0])
+        # The window keeps the newest passes whose span is closest to `window` seconds (the
+        # shortest of equally close ones): brute force over every suffix of the history.
+        best = min(range(len(history)),
+                   key=lambda k: (round(abs(t - history[k][0] - window), 9), -k))
+        kept = history[best:]
+        assert span == pytest.approx(t - kept[0][0])
         assert distinct == len(set().union(*(h[2] for h in kept)))
 
 

@@ -49,7 +49,8 @@ class TrackerLife(RuleBasedStateMachine):
     @rule()
     def start(self) -> None:
         if self.closed or self.running:
-            with pytest.raises(KvmStateError):
+            match = "is closed" if self.closed else "already running"
+            with pytest.raises(KvmStateError, match=match):
                 self.tracker.start()
         else:
             self.tracker.start()

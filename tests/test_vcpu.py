@@ -174,7 +174,7 @@ def test_decode_exits_this_host_cannot_produce(kvm: Kvm) -> None:
         with pytest.raises(KvmError, match="outside kvm_run"):
             vcpu._decode(fake)
         fake.close()
-        with pytest.raises(KvmClosedError):
+        with pytest.raises(KvmClosedError, match="kvm_run is unmapped"):
             vcpu._decode(fake)
 
 
@@ -313,12 +313,11 @@ def test_concurrent_run_and_close_while_running(kvm: Kvm) -> None:
         t.join(30)
         assert not t.is_alive()
         assert [type(r) for r in results] == [Interrupted]
-        with pytest.raises(KvmClosedError):
-            v.run()
-        with pytest.raises(KvmClosedError):
-            v.get_regs()
-        with pytest.raises(KvmClosedError):
-            v.kick()
+        for call, match in [(v.run, "this Vcpu is closed"), (v.get_regs, "this Vcpu is closed"),
+                            (v.kick, r"kvm_run is unmapped \(the vCPU is closed\)")]:
+            with pytest.raises(KvmClosedError, match=match) as ei:
+                call()
+            assert ei.value.errno is None  # refused by kvmio, not an EBADF from a reused fd
 
 
 def test_vcpu_ids(kvm: Kvm) -> None:
@@ -334,8 +333,9 @@ def test_vcpu_ids(kvm: Kvm) -> None:
 
 
 def test_kick_is_never_lost(kvm: Kvm) -> None:
-    """Kicks at random moments, from two threads, before, during and after KVM_RUN: every run
-    that a kick could concern returns promptly."""
+    """Kicks before KVM_RUN, inside it (the guest seen running), and at random moments from two
+    threads (which may land before, during or after it): every run that a kick could concern
+    returns promptly."""
     import random
 
     from kvmio.guests.workload import Workload
@@ -343,25 +343,34 @@ def test_kick_is_never_lost(kvm: Kvm) -> None:
     rng = random.Random(3)
     with Workload(kvm, mem_size=16 << 20) as w:  # a guest that never stops by itself
         v = w.vcpus[0]
+
         def kick_later(delay: float) -> None:
-            time.sleep(delay)
+            time.sleep(delay)  # a random moment: the race is the point; nothing waits on it
             v.kick()
 
-        for _ in range(60):
+        for i in range(60):
+            kind = ("before", "inside", "random")[i % 3]
             result: list[object] = []
             t = threading.Thread(target=lambda out=result: out.append(v.run()))
             kickers = [threading.Thread(target=kick_later, args=(rng.uniform(0, 0.004),))
-                       for _ in range(2)]
-            order = rng.random()
-            if order < 0.3:
+                       for _ in range(2)] if kind == "random" else []
+            if kind == "before":
                 v.kick()
             t.start()
+            if kind == "inside":
+                # Inside KVM_RUN for sure: run() has begun and the guest's own write counter
+                # moves (it moves only while the guest runs).
+                wait_until(lambda: v.running, what="the vCPU to enter run()")
+                before = w.writes(0)
+                wait_until(lambda: w.writes(0) != before,  # noqa: B023
+                           what="the guest to run")
+                v.kick()
             for k in kickers:
                 k.start()
             for k in kickers:
                 k.join()
             t.join(5)
-            assert not t.is_alive(), "a kick was lost: run() did not return"
+            assert not t.is_alive(), f"a kick ({kind}) was lost: run() did not return"
             assert result == [Interrupted()]
             # A kick that landed after run() returned is still pending: the next run returns
             # at once; drain it so that iterations stay independent.

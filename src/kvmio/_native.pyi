@@ -7,10 +7,13 @@ from typing import Any
 
 class _Lib:
     KVMIO: int
+    KVMIO_DEDUP_MAX_GROUPS: int
     KVMIO_PAGE_SIZE: int
+    KVMIO_RING_LAPPED: int
     KVMIO_RING_STOP_EMPTY: int
     KVMIO_RING_STOP_HOLE: int
     KVMIO_RING_STOP_LIMIT: int
+    KVMIO_RING_STOP_MASK: int
     KVM_API_VERSION: int
     KVM_CAP_ADJUST_CLOCK: int
     KVM_CAP_DEBUGREGS: int
@@ -112,6 +115,8 @@ class _Lib:
     KVM_SYSTEM_EVENT_RESET: int
     KVM_SYSTEM_EVENT_SHUTDOWN: int
     MAP_NORESERVE: int
+    kvmio_collect_reference: Callable[..., int]
+    kvmio_dedup: Callable[..., int]
     kvmio_install_kick_handler: Callable[..., int]
     kvmio_ioctl: Callable[..., int]
     kvmio_ioctl_val: Callable[..., int]
@@ -123,6 +128,7 @@ class _Lib:
     kvmio_ring_mark_harvested: Callable[..., None]
     kvmio_ring_skip_hole: Callable[..., int]
     kvmio_ring_sweep: Callable[..., int]
+    kvmio_rings_harvest: Callable[..., int]
     kvmio_run_fail_entry: Callable[..., Any]
     kvmio_run_hw: Callable[..., Any]
     kvmio_run_internal: Callable[..., Any]

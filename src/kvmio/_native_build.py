@@ -203,10 +203,23 @@ int kvmio_install_kick_handler(void);
 #define KVMIO_RING_STOP_EMPTY ...
 #define KVMIO_RING_STOP_LIMIT ...
 #define KVMIO_RING_STOP_HOLE ...
+#define KVMIO_RING_STOP_MASK ...
+#define KVMIO_RING_LAPPED ...
 uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
                             uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop,
                             uint32_t window);
 uint32_t kvmio_ring_count_dirty(struct kvm_dirty_gfn *ring, uint32_t size);
+struct kvmio_ring_ctl {
+    struct kvm_dirty_gfn *gfns;
+    uint32_t *index;
+    int *stop;
+    uint32_t size;
+    uint32_t window;
+    uint32_t n;
+    uint32_t pad;
+};
+uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                             uint64_t *offsets, int *signals);
 uint32_t kvmio_ring_skip_hole(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index);
 void kvmio_ring_mark_harvested(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
                                uint32_t count);
@@ -214,6 +227,14 @@ uint32_t kvmio_ring_sweep(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t st
                           uint32_t count, uint32_t *slots, uint64_t *offsets);
 uint32_t kvmio_ring_harvest_reference(struct kvm_dirty_gfn *ring, uint32_t size,
                                       uint32_t *index, uint32_t *slots, uint64_t *offsets);
+#define KVMIO_DEDUP_MAX_GROUPS ...
+int32_t kvmio_dedup(const uint32_t *slots, const uint64_t *offsets, uint32_t n, uint64_t *pages,
+                    uint64_t *scratch, uint32_t *gslot, uint32_t *gstart, uint32_t *glen,
+                    uint32_t *gentries);
+int32_t kvmio_collect_reference(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
+                                int vm_fd, unsigned long reset_request, uint32_t *slots,
+                                uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
+                                uint32_t *harvested);
 void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,
                      uint32_t slot, uint64_t first_offset);
 """
@@ -441,21 +462,31 @@ int kvmio_install_kick_handler(void)
 #define KVMIO_RING_STOP_EMPTY 0  /* stopped at an entry that is not dirty: all caught up */
 #define KVMIO_RING_STOP_LIMIT 1  /* stopped because `limit` entries were taken */
 #define KVMIO_RING_STOP_HOLE  2  /* entry at the index is not dirty but a later one is */
-
-/* Hole scans look this far past a non-dirty entry (the caller passes the window: the whole
- * ring once an overrun was seen, when a hole can be as long as the ring). */
+#define KVMIO_RING_STOP_MASK  3  /* the bits of *stop that say why the harvest stopped */
+#define KVMIO_RING_LAPPED     4  /* flag in *stop: the kernel published a whole ring or more
+                                  * past the index (the entry just before it was dirty) */
 
 static inline int kvmio_gfn_dirty(struct kvm_dirty_gfn *e)
 {
     return __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) == KVM_DIRTY_GFN_F_DIRTY;
 }
 
+/* Why holes need no scan while no overrun was seen (the caller passes window 0 then, and the
+ * whole ring, size - 1, once one was): KVM pushes entries in order, one position after the
+ * other, and only KVM makes an entry dirty.  The entry just before the index, at position
+ * (index - 1), was harvested by us (or never written); it is dirty again only once KVM has
+ * published index + size - 1, i.e. a whole ring past the index, which is checked first, in
+ * O(1), as KVMIO_RING_LAPPED.  An overrun loses an entry only by writing over one; over one
+ * not yet harvested, it first publishes that whole ring (LAPPED at the next harvest); over
+ * one harvested but not yet recycled, it stops KVM_RESET_DIRTY_RINGS short (a count that
+ * does not match the harvest).  So a hole cannot form without one of those two signals. */
 uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
                             uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop,
                             uint32_t window)
 {
     const uint32_t mask = size - 1;
     uint32_t i = *index, n = 0;
+    const int lapped = kvmio_gfn_dirty(&ring[(i - 1) & mask]) ? KVMIO_RING_LAPPED : 0;
 
     while (n < limit) {
         struct kvm_dirty_gfn *e = &ring[i & mask];
@@ -469,10 +500,10 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
     }
     *index = i;
     if (n == limit) {
-        *stop = KVMIO_RING_STOP_LIMIT;
+        *stop = KVMIO_RING_STOP_LIMIT | lapped;
         return n;
     }
-    *stop = KVMIO_RING_STOP_EMPTY;
+    *stop = KVMIO_RING_STOP_EMPTY | lapped;
     /* Hole check: KVM publishes entries in order with release semantics, so if a later entry is
      * dirty (acquire), every earlier one of the same lap must be too.  Re-read the index entry
      * after seeing a dirty later one, so that an entry published meanwhile is no false alarm. */
@@ -481,11 +512,43 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
     for (uint32_t k = 1; k <= window; k++) {
         if (kvmio_gfn_dirty(&ring[(i + k) & mask])) {
             if (!kvmio_gfn_dirty(&ring[i & mask]))
-                *stop = KVMIO_RING_STOP_HOLE;
+                *stop = KVMIO_RING_STOP_HOLE | lapped;
             break;
         }
     }
     return n;
+}
+
+/* Every ring of a VM in one call: ring k is harvested whole (limit = its size) into slots/
+ * offsets right after ring k-1's entries, with its own index, stop and hole window; ctl[k].n
+ * says how many it took.  The caller guarantees the arrays hold the sum of the sizes and every
+ * ring pointer is mapped.  Returns the total; *signals is the OR of every ring's stop bits
+ * beyond KVMIO_RING_STOP_EMPTY (a hole, a limit, a lapped ring), 0 when all were simply
+ * caught up. */
+struct kvmio_ring_ctl {
+    struct kvm_dirty_gfn *gfns;
+    uint32_t *index;
+    int *stop;
+    uint32_t size;
+    uint32_t window;
+    uint32_t n;
+    uint32_t pad;
+};
+
+uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                             uint64_t *offsets, int *signals)
+{
+    uint32_t total = 0;
+    int sig = 0;
+    for (uint32_t k = 0; k < count; k++) {
+        struct kvmio_ring_ctl *c = &ctl[k];
+        c->n = kvmio_ring_harvest(c->gfns, c->size, c->index, c->size, slots + total,
+                                  offsets + total, c->stop, c->window);
+        total += c->n;
+        sig |= *c->stop;
+    }
+    *signals = sig;
+    return total;
 }
 
 uint32_t kvmio_ring_count_dirty(struct kvm_dirty_gfn *ring, uint32_t size)
@@ -576,6 +639,153 @@ uint32_t kvmio_ring_harvest_reference(struct kvm_dirty_gfn *ring, uint32_t size,
 
 /* Test and benchmark helper: publish `count` dirty entries as KVM would (slot/offset, then a
  * release store of DIRTY), starting at free-running index `start`. */
+/* ---------------------------------------------------------------------------------------------
+ * Page sets from ring entries: group by slot, then sorted distinct offsets per slot.
+ * ------------------------------------------------------------------------------------------- */
+#define KVMIO_DEDUP_MAX_GROUPS 64
+#define KVMIO_RADIX_BITS 11
+#define KVMIO_RADIX (1u << KVMIO_RADIX_BITS)
+
+/* Sort a[0..n) (values v - lo fit in `bits` bits) with an LSD radix sort through tmp[0..n);
+ * the result ends in a[]. */
+static void kvmio_radix_sort(uint64_t *a, uint64_t *tmp, uint32_t n, uint64_t lo, unsigned bits)
+{
+    static __thread uint32_t count[KVMIO_RADIX];
+    uint64_t *src = a, *dst = tmp;
+    for (unsigned shift = 0; shift < bits; shift += KVMIO_RADIX_BITS) {
+        memset(count, 0, sizeof(count));
+        for (uint32_t k = 0; k < n; k++)
+            count[((src[k] - lo) >> shift) & (KVMIO_RADIX - 1)]++;
+        uint32_t sum = 0;
+        for (uint32_t d = 0; d < KVMIO_RADIX; d++) {
+            uint32_t c = count[d];
+            count[d] = sum;
+            sum += c;
+        }
+        for (uint32_t k = 0; k < n; k++)
+            dst[count[((src[k] - lo) >> shift) & (KVMIO_RADIX - 1)]++] = src[k];
+        uint64_t *t = src; src = dst; dst = t;
+    }
+    if (src != a)
+        memcpy(a, src, (size_t)n * sizeof(*a));
+}
+
+/* Sort a[0..n) ascending and drop repeats, in place; returns the new length.  Already strictly
+ * increasing data (a sequential writer) is detected in one pass and left alone. */
+static uint32_t kvmio_sort_unique(uint64_t *a, uint64_t *tmp, uint32_t n)
+{
+    if (n < 2)
+        return n;
+    uint32_t k = 1;
+    while (k < n && a[k] > a[k - 1])
+        k++;
+    if (k < n) {
+        uint64_t lo = a[0], hi = a[0];
+        for (uint32_t m = 1; m < n; m++) {
+            if (a[m] < lo) lo = a[m];
+            if (a[m] > hi) hi = a[m];
+        }
+        if (n <= 32) {  /* insertion sort: fewer steps than a radix pass on tiny inputs */
+            for (uint32_t m = 1; m < n; m++) {
+                uint64_t v = a[m];
+                uint32_t j = m;
+                while (j > 0 && a[j - 1] > v) {
+                    a[j] = a[j - 1];
+                    j--;
+                }
+                a[j] = v;
+            }
+        } else {
+            unsigned bits = 0;
+            for (uint64_t span = hi - lo; span; span >>= 1)
+                bits++;
+            kvmio_radix_sort(a, tmp, n, lo, bits);
+        }
+    }
+    uint32_t out = 1;
+    for (uint32_t m = 1; m < n; m++)
+        if (a[m] != a[out - 1])
+            a[out++] = a[m];
+    return out;
+}
+
+/* Group n entries by slot (raw slot values, in order of first appearance) and reduce each group
+ * to its sorted distinct offsets.  Group g's pages are pages[gstart[g] .. gstart[g] + glen[g]);
+ * gentries[g] counts its entries.  pages and scratch hold n items each; the group arrays hold
+ * KVMIO_DEDUP_MAX_GROUPS.  Returns the number of groups, or -1 if the entries name more slots
+ * than that (the caller then groups another way). */
+int32_t kvmio_dedup(const uint32_t *slots, const uint64_t *offsets, uint32_t n, uint64_t *pages,
+                    uint64_t *scratch, uint32_t *gslot, uint32_t *gstart, uint32_t *glen,
+                    uint32_t *gentries)
+{
+    uint32_t groups = 0, g = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t s = slots[k];
+        if (groups == 0 || gslot[g] != s) {  /* runs of one slot are the common case */
+            for (g = 0; g < groups && gslot[g] != s; g++)
+                ;
+            if (g == groups) {
+                if (groups == KVMIO_DEDUP_MAX_GROUPS)
+                    return -1;
+                gslot[groups] = s;
+                gentries[groups] = 0;
+                groups++;
+            }
+        }
+        gentries[g]++;
+    }
+    uint32_t at = 0;
+    for (g = 0; g < groups; g++) {
+        gstart[g] = at;
+        at += gentries[g];
+    }
+    if (groups == 1) {
+        memcpy(pages, offsets, (size_t)n * sizeof(*pages));
+    } else {
+        for (g = 0; g < groups; g++)
+            glen[g] = gstart[g];  /* fill cursors */
+        g = 0;
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t s = slots[k];
+            if (gslot[g] != s)
+                for (g = 0; gslot[g] != s; g++)
+                    ;
+            pages[glen[g]++] = offsets[k];
+        }
+    }
+    for (g = 0; g < groups; g++)
+        glen[g] = kvmio_sort_unique(pages + gstart[g], scratch, gentries[g]);
+    return (int32_t)groups;
+}
+
+/* Reference for the benchmark: the minimal C collection of one ring, as a C program would
+ * write it: harvest (acquire, copy, release), KVM_RESET_DIRTY_RINGS until the kernel has
+ * recycled what was harvested, then the same grouping and dedup.  Returns the number of groups
+ * (or -errno of a failed reset); *harvested is the number of entries. */
+int32_t kvmio_collect_reference(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
+                                int vm_fd, unsigned long reset_request, uint32_t *slots,
+                                uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
+                                uint32_t *harvested)
+{
+    uint32_t gslot[KVMIO_DEDUP_MAX_GROUPS], gstart[KVMIO_DEDUP_MAX_GROUPS];
+    uint32_t glen[KVMIO_DEDUP_MAX_GROUPS], gentries[KVMIO_DEDUP_MAX_GROUPS];
+    uint32_t n = kvmio_ring_harvest_reference(ring, size, index, slots, offsets);
+    uint32_t done = 0;
+    *harvested = n;
+    while (done < n) {
+        int r = ioctl(vm_fd, reset_request, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            break;
+        done += (uint32_t)r;
+    }
+    return kvmio_dedup(slots, offsets, n, pages, scratch, gslot, gstart, glen, gentries);
+}
+
 void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,
                      uint32_t slot, uint64_t first_offset)
 {

@@ -123,7 +123,8 @@ class WindowCounter:
             slot_pages: dict[int, int]) -> tuple[int, float]:
         """Record one pass covering ``[t_start, t_end]`` that saw ``pages`` (distinct per slot;
         ``slot_pages`` gives each slot's size in pages).  Returns ``(distinct, seconds)`` for
-        the window: the distinct pages of the passes in it, and the time those passes cover."""
+        the window: the distinct pages of the passes whose span is closest to the window, and
+        the time those passes cover."""
         self._pass_no += 1
         p = self._pass_no
         self._starts.append((p, t_start))
@@ -150,7 +151,13 @@ class WindowCounter:
                     self.distinct -= c
             self._counts[p] += len(idx)
             self.distinct += len(idx)
-        while len(self._starts) > 1 and self._starts[1][1] <= t_end - self.window:
+        # Keep the passes whose span is closest to the window: drop the oldest while the span
+        # without it is at least as close.  (Dropping it only once the next one starts before
+        # the window did left the span up to a pass interval longer than the window whenever
+        # a pass came a little late, and a saturated working set, whose distinct count does
+        # not grow with the span, then read up to interval / window low.)
+        while len(self._starts) > 1 and (abs(t_end - self._starts[1][1] - self.window)
+                                         <= abs(t_end - self._starts[0][1] - self.window)):
             q, _ = self._starts.popleft()
             self.distinct -= self._counts.pop(q)
         return self.distinct, t_end - self._starts[0][1]
@@ -169,6 +176,9 @@ class RateSample:
     entries: int
     pages_per_second: float
     vcpu_pages_per_second: dict[int, float] = field(default_factory=dict)
+    #: Seconds the rate's passes cover (the window, give or take half a pass interval): the
+    #: rate is their distinct pages divided by this.
+    span: float = 0.0
 
     @property
     def bytes_per_second(self) -> float:
@@ -341,7 +351,11 @@ class DirtyTracker:
         """Stop, hand the rings (or the dirty-log claim) back, and hand the pages collected
         since the last :meth:`take` to the VM (:meth:`kvmio.Vm.adopt_dirty_pages`: its next
         collection, or the next tracker, reports them, since they were harvested and reset
-        already).  Re-raises a tracker error once; closing again does nothing."""
+        already).  Re-raises a tracker error once; closing again does nothing.
+
+        The last pass of ``close()`` is not final: it does not read the backup bitmap
+        (WITH_BITMAP).  For the complete picture, call ``take(final=True)`` with the vCPUs
+        stopped before closing, or ``vm.collect_dirty_pages(final=True)`` after."""
         if self._closed:
             return
         try:
@@ -490,7 +504,7 @@ class DirtyTracker:
             vd, vs = win.add(self._last, now, dict(got.per_vcpu.get(vid, PageSet())), sizes)
             vrates[vid] = vd / vs if vs > 0 else 0.0
         self.samples.append(RateSample(now - self._t0, pages.count, got.entries,
-                                       distinct / span if span > 0 else 0.0, vrates))
+                                       distinct / span if span > 0 else 0.0, vrates, span))
         self.heatmap_rows.append(self._histogram(pages, got.regions))
         self._last = now
         self.passes += 1

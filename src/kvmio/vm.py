@@ -44,6 +44,8 @@ RING_RESERVED_ENTRIES = 64
 DIRTY_GFN_SIZE = GFN_SIZE
 #: Default ring size: 4096 entries (64 KiB), the size the kernel documentation recommends.
 DEFAULT_RING_ENTRIES = 4096
+#: The empty page set of empty collections (page sets are immutable, so one serves all).
+_NO_PAGES = PageSet()
 
 
 @dataclass(frozen=True)
@@ -649,7 +651,7 @@ class Vm(FdOwner):
         with ring_set.lock:
             self._check_open()
             if rings is None:
-                todo = list(ring_set.rings.values())
+                todo = ring_set.open_rings()
                 for ring in todo:  # check every ring before harvesting any
                     if ring.taken:
                         raise KvmStateError(
@@ -664,6 +666,10 @@ class Vm(FdOwner):
             harvest = ring_set.harvest_and_reset(todo, on_overrun=on_overrun)
             # From here on nothing may raise: the entries are harvested and reset already.
             regions = self.regions
+            with_bitmap = final and self._ring is not None and self._ring.with_bitmap
+            if not with_bitmap and not harvest.orphans and not self._unreported and not any(
+                    len(got) for _, got in harvest.rings):
+                return DirtyPages(_NO_PAGES, regions, 0, 0, {}, harvest.overruns, harvest.time)
             sizes = {slot: r.num_pages for slot, r in regions.items()}
             per_vcpu: dict[int, PageSet] = {}
             dropped = 0
@@ -672,19 +678,25 @@ class Vm(FdOwner):
                     ps, d = PageSet.from_entries(got, sizes)
                     per_vcpu[ring.vcpu_id] = ps
                     dropped += d
-            orphans, d = PageSet.from_entries(DirtyEntries.concat(harvest.orphans), sizes)
-            dropped += d
-            with self._lock:
-                unreported, self._unreported = self._unreported, PageSet()
-            unreported, _ = unreported.restrict(sizes)
-            pages = orphans.union(unreported, *per_vcpu.values())
-            if final and self._ring is not None and self._ring.with_bitmap:
+            if len(per_vcpu) == 1 and not harvest.orphans and not self._unreported:
+                pages = next(iter(per_vcpu.values()))  # one source: nothing to merge
+            else:
+                orphans, d = PageSet.from_entries(DirtyEntries.concat(harvest.orphans), sizes)
+                dropped += d
+                with self._lock:
+                    unreported, self._unreported = self._unreported, PageSet()
+                unreported, _ = unreported.restrict(sizes)
+                pages = orphans.union(unreported, *per_vcpu.values())
+            if with_bitmap:
+                extra: list[PageSet] = []
                 try:
-                    extra = [self._get_log(slot, r.num_pages) for slot, r in regions.items()
-                             if r.log_dirty]
+                    for slot, r in regions.items():
+                        if r.log_dirty:
+                            extra.append(self._get_log(slot, r.num_pages))
                 except BaseException:
-                    # The rings were reset already: keep their pages for the next collection.
-                    self.adopt_dirty_pages(pages)
+                    # The rings were reset and the bitmaps read so far cleared by the kernel:
+                    # keep all of their pages for the next collection.
+                    self.adopt_dirty_pages(pages.union(*extra))
                     raise
                 pages = pages.union(*extra)
             return DirtyPages(pages, regions, harvest.entries, dropped, per_vcpu,

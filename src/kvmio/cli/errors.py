@@ -10,7 +10,10 @@ statuses.
   so; a third one ends the process at once).  A vCPU that runs in the main thread is also
   kicked at once (:func:`kick_on_interrupt`): Python raises KeyboardInterrupt only between
   bytecodes, and a SIGINT that lands just before the thread enters KVM_RUN would otherwise wait
-  for the guest's next exit, which a spinning guest never makes.
+  for the guest's next exit, which a spinning guest never makes.  And while that vCPU runs,
+  Ctrl-C is only noted (:func:`deferred_interrupt`) and raised at the run loop's next safe
+  point: raised between two bytecodes of ``Vcpu.run()`` it could leave the vCPU's fd held, and
+  the clean-up would then wait for it for ever.
 - Arguments that are not valid UTF-8 are a usage error (exit 2), named and shown with escapes,
   instead of a UnicodeEncodeError far inside.
 """
@@ -28,8 +31,8 @@ import click
 
 from kvmio.errors import KvmError
 
-__all__ = ["EXIT_INTERRUPTED", "check_utf8_args", "error_boundary", "error_context",
-           "kick_on_interrupt", "sigint_once"]
+__all__ = ["EXIT_INTERRUPTED", "DeferredInterrupt", "check_utf8_args", "deferred_interrupt",
+           "error_boundary", "error_context", "kick_on_interrupt", "sigint_once"]
 
 #: The exit status after Ctrl-C.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -115,6 +118,38 @@ def _kick_on_sigint(fd: int) -> None:
                     kick()
 
 
+class DeferredInterrupt:
+    """A Ctrl-C noted while :func:`deferred_interrupt` is active: :meth:`check` raises it
+    (once) at a point where the code is ready for it."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def check(self) -> None:
+        """Raise :class:`KeyboardInterrupt` if Ctrl-C came since the last check."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+_deferred: list[DeferredInterrupt] = []
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[DeferredInterrupt]:
+    """While in the block (main thread, inside :func:`sigint_once`), the first Ctrl-C does not
+    raise where the main thread happens to be: it is noted, the vCPUs are kicked as usual, and
+    the block raises it by calling :meth:`DeferredInterrupt.check` at a safe point.  On the
+    way out of the block a Ctrl-C still pending is raised."""
+    d = DeferredInterrupt()
+    _deferred.append(d)
+    try:
+        yield d
+    finally:
+        _deferred.remove(d)
+    d.check()
+
+
 @contextlib.contextmanager
 def sigint_once() -> Iterator[None]:
     """While the command runs, the first Ctrl-C raises :class:`KeyboardInterrupt` (and kicks
@@ -135,6 +170,9 @@ def sigint_once() -> Iterator[None]:
 
     def first(signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGINT, later)
+        if _deferred:
+            _deferred[-1].pending = True  # raised by the block at its next safe point
+            return
         raise KeyboardInterrupt
 
     r, w = os.pipe2(os.O_CLOEXEC)

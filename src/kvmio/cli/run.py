@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from kvmio.cli.common import open_kvm
-from kvmio.cli.errors import error_context, kick_on_interrupt
+from kvmio.cli.errors import deferred_interrupt, error_context, kick_on_interrupt
 from kvmio.cli.params import FiniteFloatRange, Size
 from kvmio.guests.multiboot import DEFAULT_MEMORY, MultibootMachine
 from kvmio.guests.multiboot.bootinfo import MAX_MEMORY, MIN_MEMORY
@@ -50,8 +50,9 @@ def run_command(ctx: click.Context, kernel: str, mem: int, cmdline: str, timeout
     error_context(ctx, f"cannot run {kernel}")
     with (open_kvm(ctx) as kvm,
           MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, irqchip=not no_irqchip) as m,
-          kick_on_interrupt(m.vcpu.kick)):  # the vCPU runs in this (the main) thread
-        result = m.run(timeout=timeout, on_output=stream)
+          kick_on_interrupt(m.vcpu.kick),  # the vCPU runs in this (the main) thread
+          deferred_interrupt() as interrupt):  # raised at the run loop's safe points only
+        result = m.run(timeout=timeout, on_output=stream, on_interrupted=interrupt.check)
     if vga:
         sep = b"\n" if result.output and not result.output.endswith(b"\n") else b""
         screen = result.vga_text.rstrip("\n")  # the screen without its empty bottom lines

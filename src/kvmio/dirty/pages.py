@@ -17,6 +17,7 @@ import numpy.typing as npt
 from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.ring import DirtyEntries, sorted_unique
 from kvmio.errors import KvmInvalidArgumentError
+from kvmio.memory import SlotId
 
 Pages = npt.NDArray[np.uint64]
 
@@ -110,16 +111,16 @@ class PageSet(Mapping[int, Pages]):
         space kvmio never maps: memory deleted since the page was dirtied.  Never raises."""
         out: dict[int, Pages] = {}
         dropped = 0
-        for sid, pages in entries.distinct_pages().items():
+        for raw, pages, count in entries.slot_groups():
+            sid = SlotId.decode(raw)
             size = slot_pages.get(sid.slot)
             if sid.address_space != 0 or size is None:
-                dropped += int(np.count_nonzero(entries.slots == sid.encode()))
+                dropped += count
                 continue
-            inside = pages < np.uint64(size)  # beyond: a deleted, smaller successor
-            if not inside.all():
-                sel = (entries.slots == sid.encode()) & (entries.offsets >= size)
+            if int(pages[-1]) >= size:  # beyond: a deleted, smaller successor (sorted pages)
+                sel = (entries.slots == raw) & (entries.offsets >= size)
                 dropped += int(np.count_nonzero(sel))
-                pages = pages[inside]
+                pages = pages[:int(np.searchsorted(pages, np.uint64(size)))]
             if len(pages):
                 out[sid.slot] = pages
         return cls._trusted(out), dropped

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from collections.abc import Mapping as Mapping_
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -44,16 +45,20 @@ GFN_DTYPE = np.dtype([("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
 STOP_EMPTY = int(lib.KVMIO_RING_STOP_EMPTY)
 STOP_LIMIT = int(lib.KVMIO_RING_STOP_LIMIT)
 STOP_HOLE = int(lib.KVMIO_RING_STOP_HOLE)
-#: How far past the first non-dirty entry a harvest looks for a hole while the ring is in step
-#: with the kernel (an overrun loses at most one emulation batch past what a harvest sees);
-#: once an overrun was seen, and until the ring is in step again, the whole ring is scanned.
-HOLE_WINDOW = 2048
+#: The bits of a harvest's stop value that say why it stopped (one of the three above).
+STOP_MASK = int(lib.KVMIO_RING_STOP_MASK)
+#: Flag in a harvest's stop value: the entry just before the index was dirty, so the kernel
+#: had published a whole ring (or more) past the index: a full ring at best, an overrun at
+#: worst.  Checked in O(1) at the start of every harvest, limited or not.
+STOP_LAPPED = int(lib.KVMIO_RING_LAPPED)
 #: Entries the kernel may keep in reserve beyond the soft limit on any host (64, plus 512 with
 #: Intel PML): a stuck ring is advanced by at most ``size - this`` entries at a time.
 MAX_RESERVED_ENTRIES = 576
 
 _EMPTY_SLOTS = np.zeros(0, dtype=np.uint32)
 _EMPTY_OFFSETS = np.zeros(0, dtype=np.uint64)
+_EMPTY_SLOTS.setflags(write=False)
+_EMPTY_OFFSETS.setflags(write=False)
 
 
 def sorted_unique(a: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
@@ -116,14 +121,102 @@ class DirtyEntries:
 
     def distinct_pages(self) -> dict[SlotId, npt.NDArray[np.uint64]]:
         """Sorted distinct page offsets per slot."""
-        if len(self.slots) == 0:
-            return {}
-        first = int(self.slots[0])
-        if (self.slots == first).all():  # the common case: one slot
-            return {SlotId.decode(first): sorted_unique(self.offsets)}
-        return {SlotId.decode(raw): sorted_unique(self.offsets[self.slots == raw])
-                for raw in np.unique(self.slots).tolist()}
+        return {SlotId.decode(raw): pages for raw, pages, _ in self.slot_groups()}
 
+    def slot_groups(self) -> list[tuple[int, npt.NDArray[np.uint64], int]]:
+        """``(raw slot, sorted distinct offsets, entries)`` per slot, in order of first
+        appearance, in compiled code (already sorted runs are detected and not sorted again;
+        others are radix-sorted).  The offsets are read-only views of one array per call."""
+        n = len(self.slots)
+        if n == 0:
+            return []
+        return _dedup(self.slots, self.offsets, n)
+
+
+_NO_ENTRIES = DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
+
+#: Up to this many entries, page arrays are allocated fresh (cheap when small); beyond, they
+#: come from a per-thread pool of prefaulted buffers reused once the caller dropped them.
+_POOL_FROM = 4096
+_MAX_GROUPS = int(lib.KVMIO_DEDUP_MAX_GROUPS)
+
+
+class _DedupBuffers(threading.local):
+    """Per-thread working memory of the dedup: group arrays, scratch and a page pool."""
+
+    def __init__(self) -> None:
+        self.groups = ffi.new("uint32_t[]", 4 * _MAX_GROUPS)
+        self.gslot = self.groups
+        self.gstart = self.groups + _MAX_GROUPS
+        self.glen = self.groups + 2 * _MAX_GROUPS
+        self.gentries = self.groups + 3 * _MAX_GROUPS
+        self.scratch = np.zeros(0, dtype=np.uint64)
+        self.pages: list[npt.NDArray[np.uint64]] = []
+        self.baseline = -1
+
+    def scratch_for(self, n: int) -> npt.NDArray[np.uint64]:
+        if len(self.scratch) < n:
+            self.scratch = np.zeros(max(n, 2 * len(self.scratch)), dtype=np.uint64)
+        return self.scratch
+
+    def pages_for(self, n: int) -> npt.NDArray[np.uint64]:
+        """A page buffer of at least ``n`` items that nobody else holds (two kept, as the
+        output pool does: reused when only this list refers to it)."""
+        if n < _POOL_FROM or not _GIL:
+            return np.empty(n, dtype=np.uint64)
+        for k in range(len(self.pages)):
+            if len(self.pages[k]) >= n and sys.getrefcount(self.pages[k]) == self.baseline:
+                return self.pages[k]
+        buf = np.zeros(max(n, 65536), dtype=np.uint64)
+        buf.fill(0)  # fault the pages in now, once
+        if len(self.pages) >= 2:
+            self.pages.pop(0)
+        self.pages.append(buf)
+        del buf
+        self.baseline = sys.getrefcount(self.pages[-1])
+        return self.pages[-1]
+
+
+_dedup_buffers = _DedupBuffers()
+
+
+def _dedup(slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64], n: int
+           ) -> list[tuple[int, npt.NDArray[np.uint64], int]]:
+    b = _dedup_buffers
+    pages = b.pages_for(n)
+    scratch = b.scratch_for(n)
+    if slots.dtype != np.uint32 or not slots.flags.c_contiguous:
+        slots = np.ascontiguousarray(slots, dtype=np.uint32)
+    if offsets.dtype != np.uint64 or not offsets.flags.c_contiguous:
+        offsets = np.ascontiguousarray(offsets, dtype=np.uint64)
+    ps = ffi.from_buffer("uint32_t[]", slots)
+    po = ffi.from_buffer("uint64_t[]", offsets)
+    pp = ffi.from_buffer("uint64_t[]", pages, require_writable=True)
+    pt = ffi.from_buffer("uint64_t[]", scratch, require_writable=True)
+    try:
+        # Safety: every buffer is pinned by from_buffer for the call and holds n items (the
+        # pools give at least n); the group arrays hold KVMIO_DEDUP_MAX_GROUPS each.
+        groups = int(lib.kvmio_dedup(ps, po, n, pp, pt, b.gslot, b.gstart, b.glen,
+                                     b.gentries))
+    finally:
+        ffi.release(ps)
+        ffi.release(po)
+        ffi.release(pp)
+        ffi.release(pt)
+    if groups < 0:  # more slots than the native grouping holds: group with numpy
+        out = []
+        for raw in np.unique(slots).tolist():
+            sel = offsets[slots == raw]
+            one = _dedup(np.full(len(sel), raw, dtype=np.uint32), sel, len(sel))
+            out.append(one[0])
+        return out
+    out = []
+    for g in range(groups):
+        start = int(b.gstart[g])
+        view = pages[start:start + int(b.glen[g])]
+        view.flags.writeable = False
+        out.append((int(b.gslot[g]), view, int(b.gentries[g])))
+    return out
 
 _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
@@ -142,7 +235,29 @@ class _OutputPool:
     def __init__(self, size: int):
         self.size = size
         self._pairs: list[tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]] = []
+        # C pointers to each pair's data, made once: plain addresses that hold no reference,
+        # so they do not disturb the reference counts; valid while the pair lives, and a pair
+        # is handed out only together with its pointers.
+        self._ptrs: list[tuple[Any, Any]] = []
         self._baseline = -1
+
+    @staticmethod
+    def _pointers(pair: tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]
+                  ) -> tuple[Any, Any]:
+        return (ffi.cast("uint32_t *", pair[0].ctypes.data),
+                ffi.cast("uint64_t *", pair[1].ctypes.data))
+
+    def get_raw(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], Any, Any]:
+        """A free pair and C pointers to its data (``size`` items each).  The caller keeps the
+        pair referenced for as long as it uses the pointers."""
+        if not _GIL:
+            pair = self.get()
+            return (*pair, *self._pointers(pair))
+        for k in range(len(self._pairs)):
+            if self._refs(k) == (self._baseline, self._baseline):
+                return (*self._pairs[k], *self._ptrs[k])
+        self.get()  # allocates a pair (the last one)
+        return (*self._pairs[-1], *self._ptrs[-1])
 
     def _refs(self, k: int) -> tuple[int, int]:
         # The same expression is used to calibrate and to check, so the temporary references
@@ -160,7 +275,9 @@ class _OutputPool:
         pair[1].fill(0)
         if len(self._pairs) >= 2:
             self._pairs.pop(0)  # held by the caller now; the pool forgets it
+            self._ptrs.pop(0)
         self._pairs.append(pair)
+        self._ptrs.append(self._pointers(pair))
         del pair
         self._baseline = self._refs(len(self._pairs) - 1)[0]
         return self._pairs[-1]
@@ -200,8 +317,10 @@ def harvest_array(ring: npt.NDArray[np.void], index: int, limit: int | None = No
     """Run the compiled harvester on a ring held in a numpy array of :data:`GFN_DTYPE`.
 
     For testing the protocol against a model, and for benchmarks.  Returns
-    ``(entries, new_index, stop)`` where ``stop`` is :data:`STOP_EMPTY`, :data:`STOP_LIMIT` or
-    :data:`STOP_HOLE`.
+    ``(entries, new_index, stop)`` where ``stop & STOP_MASK`` is :data:`STOP_EMPTY`,
+    :data:`STOP_LIMIT` or :data:`STOP_HOLE`, and ``stop & STOP_LAPPED`` says whether the ring
+    was lapped.  ``window``: how far past the index to look for a hole (default: the whole
+    ring; 0: not at all).
     """
     size = len(ring)
     if ring.dtype != GFN_DTYPE or not ring.flags.c_contiguous or not ring.flags.writeable:
@@ -244,15 +363,22 @@ class DirtyRing:
     """
 
     def __init__(self, ring_set: RingSet, vcpu_id: int, vcpu_fd: int, entries: int, *,
-                 outside_run: Callable[[], AbstractContextManager[None]] = _no_guard):
+                 outside_run: Callable[[], AbstractContextManager[None]] = _no_guard,
+                 memory: Mapping | None = None):
         self.ring_set = ring_set
         self.vcpu_id = vcpu_id
         self.size = entries
         self._lock = ring_set.lock
         self._outside_run = outside_run
-        offset = int(lib.KVM_DIRTY_LOG_PAGE_OFFSET) * PAGE_SIZE
-        self._map: Mapping | None = Mapping(entries * GFN_SIZE, fd=vcpu_fd, offset=offset,
-                                            shared=True, what=f"dirty ring of vCPU {vcpu_id}")
+        if memory is None:
+            offset = int(lib.KVM_DIRTY_LOG_PAGE_OFFSET) * PAGE_SIZE
+            memory = Mapping(entries * GFN_SIZE, fd=vcpu_fd, offset=offset, shared=True,
+                             what=f"dirty ring of vCPU {vcpu_id}")
+        elif memory.size < entries * GFN_SIZE:
+            raise KvmInvalidArgumentError(
+                f"a ring of {entries} entries needs {entries * GFN_SIZE} bytes of memory, not "
+                f"{memory.size}")
+        self._map: Mapping | None = memory
         # Safety: the pointer is into self._map, which stays mapped until close(), and every use
         # of it below happens under self._lock after checking that _map is not None.
         self._gfns = self._map.cast("struct kvm_dirty_gfn *")
@@ -276,7 +402,11 @@ class DirtyRing:
         self.hole_pending = False
         self._reported_now: str | None = None
         self._suspect = False  # overran, and not repaired since: harvest with the vCPU held
-        self._wide = False  # overran once: hole scans cover the whole ring from then on
+        # A signal of an overrun was seen (a lapped or full ring, a short reset, a stuck
+        # ring): a hole may exist from then on, so hole scans cover the whole ring.  Before
+        # that none can (see kvmio_ring_harvest), and harvests do not scan at all.
+        self._ctl_entry: Any = None  # the ring set's native control entry for this ring
+        self._wide = False
         self._lapped = False  # a harvest since the last reset found the ring completely full
         self._shortfall = 0  # ours, harvested, that the kernel has not recycled (see resync)
         self._epoch = 0  # bumped by every repair that moves the kernel's reset index
@@ -487,7 +617,9 @@ class DirtyRing:
             if self._map is None:
                 return
             left = self._harvest_locked(self.size, check=False)
-            overrun = (int(self._stop[0]) == STOP_HOLE or self._pending_reset >= self.size
+            stop = int(self._stop[0])
+            overrun = (stop & STOP_MASK == STOP_HOLE or bool(stop & STOP_LAPPED)
+                       or self._pending_reset >= self.size
                        or self._shortfall > 0 or self.hole_pending)
             parts = [*self._stash, left.copy()]
             self._stash.clear()
@@ -544,12 +676,70 @@ class DirtyRing:
         if limit == 0:
             return DirtyEntries(_EMPTY_SLOTS, _EMPTY_OFFSETS)
         # The ring pointer is valid: checked above, and close() needs the lock we hold.
-        # Once an overrun was seen, a hole can be as long as the ring: scan all of it, from
-        # then on (a full scan costs a few microseconds per empty harvest of a 4096-entry ring).
-        window = self.size - 1 if self._wide else HOLE_WINDOW
+        # Once an overrun was signalled, a hole can be as long as the ring: scan all of it from
+        # then on (about 1.5 us per empty harvest of a 4096-entry ring here); before, a hole
+        # cannot exist (see kvmio_ring_harvest), so there is nothing to scan.
         slots, offsets, n = _harvest_raw(self._gfns, self.size, self._index, self._stop, limit,
-                                         self._pool.get(), window)
+                                         self._pool.get(), self.hole_window)
+        return self._settle(slots, offsets, n, check, report)
+
+    @property
+    def _wide(self) -> bool:
+        return self._wide_scan
+
+    @_wide.setter
+    def _wide(self, wide: bool) -> None:
+        self._wide_scan = wide
+        if self._ctl_entry is not None:  # keep the ring set's native control entry current
+            self._ctl_entry[1].window = self.hole_window
+
+    @property
+    def hole_window(self) -> int:
+        """How far past the index an empty harvest looks for a hole: the whole ring once an
+        overrun was signalled, else 0 (see ``kvmio_ring_harvest``)."""
+        return self.size - 1 if self._wide else 0
+
+    def fill_native_ctl(self, ctl: object, k: int) -> None:
+        """Point entry ``k`` of a ``struct kvmio_ring_ctl[]`` at this ring, for the ring set's
+        harvest of every ring in one native call (``kvmio_rings_harvest``).  Under the lock, on
+        an open ring: the pointers stay valid until :meth:`close`, which needs the lock, and
+        the ring set refills its control array after any ring closed.  The ring keeps the
+        array (an owning cdata) and writes its hole window there whenever it changes."""
+        self._check()
+        arr: Any = ctl
+        c = arr[k]  # a view into `arr`, valid while `arr` lives: kept below
+        c.gfns = self._gfns
+        c.index = self._index
+        c.stop = self._stop
+        c.size = self.size
+        c.window = self.hole_window
+        self._ctl_entry = (arr, c)  # from now on, a change of window is written there too
+
+    @property
+    def has_stash(self) -> bool:
+        """Whether entries taken earlier (by a ring-full drain, or given back by a failed
+        collection) wait to be returned by the next harvest."""
+        return bool(self._stash)
+
+    def settle_native(self, slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64],
+                      n: int, *, on_overrun: OverrunPolicy = "raise") -> DirtyEntries:
+        """Account for a harvest that ``kvmio_rings_harvest`` made of this ring (under the
+        ring set's lock): ``n`` entries in ``slots``/``offsets``, its stop value in the ring's
+        own cell.  Checks for an overrun and returns the entries, stashed ones first, exactly
+        as :meth:`harvest` does."""
+        got = self._settle(slots, offsets, n, True, on_overrun == "report")
+        if self._stash:
+            got = DirtyEntries.concat([*self._stash, got])
+            self._stash.clear()
+        return got
+
+    def _settle(self, slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64], n: int,
+                check: bool, report: bool) -> DirtyEntries:
         stop = int(self._stop[0])
+        if n == 0 and stop == STOP_EMPTY:  # caught up, nothing new: no accounting to do
+            return _NO_ENTRIES
+        lapped = bool(stop & STOP_LAPPED)
+        stop &= STOP_MASK
         self._pending_reset += n
         self.harvested_total += n
         if n < self.size // 4:
@@ -568,6 +758,11 @@ class DirtyRing:
             why = (f"the ring filled completely ({self._pending_reset} of {self.size} entries "
                    "since the last reset)")
             new = True
+            self._lapped = True
+        elif lapped:
+            why = (f"the kernel published a whole ring ({self.size} entries) or more past the "
+                   "harvest index")
+            new = not self._lapped  # reported once until the next reset
             self._lapped = True
         if why is None:
             return got

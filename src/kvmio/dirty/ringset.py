@@ -15,8 +15,17 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
-from kvmio.dirty.ring import DirtyEntries, DirtyRing, OverrunPolicy, _no_guard
+from kvmio._abi import Mapping, ffi, lib
+from kvmio.dirty.ring import (
+    _NO_ENTRIES,
+    DirtyEntries,
+    DirtyRing,
+    OverrunPolicy,
+    _no_guard,
+    _OutputPool,
+)
 from kvmio.errors import DirtyRingOverrunError, KvmStateError
 
 #: The key of :attr:`Harvest.overruns` for an overrun not tied to one open ring.
@@ -66,6 +75,13 @@ class RingSet:
         self._orphan_pending = 0
         self._overrun_note: str | None = None
         self._reset_report: tuple[int, str] | None = None
+        # The native harvest of every ring: a control array for the open rings, the rings it
+        # was filled for, one output pool for all of them, and the call's signal cell.
+        self._ctl: Any = None
+        self._ctl_rings: list[DirtyRing] = []
+        self._capacity = 0
+        self._pool: _OutputPool | None = None
+        self._signals = ffi.new("int *", 0)
 
     def __repr__(self) -> str:
         return f"<RingSet entries={self.entries} rings={sorted(self._rings)}>"
@@ -73,14 +89,25 @@ class RingSet:
     # -- rings ------------------------------------------------------------------------------
 
     def map_ring(self, vcpu_id: int, vcpu_fd: int, *,
-                 outside_run: Callable[[], AbstractContextManager[None]] = _no_guard) -> DirtyRing:
-        """Map vCPU ``vcpu_id``'s ring (from its fd) and add it to the set."""
+                 outside_run: Callable[[], AbstractContextManager[None]] = _no_guard,
+                 memory: Mapping | None = None) -> DirtyRing:
+        """Map vCPU ``vcpu_id``'s ring (from its fd) and add it to the set.
+
+        ``memory``: ring memory to use instead of the vCPU's (the ring takes it over and unmaps
+        it on close): for models of the kernel's ring protocol, whose ``reset_ioctl`` is the
+        model's reset; ``vcpu_fd`` is then unused."""
         with self.lock:
             if vcpu_id in self._rings:
                 raise KvmStateError(f"vCPU {vcpu_id} already has a ring in this set")
-            ring = DirtyRing(self, vcpu_id, vcpu_fd, self.entries, outside_run=outside_run)
+            ring = DirtyRing(self, vcpu_id, vcpu_fd, self.entries, outside_run=outside_run,
+                             memory=memory)
             self._rings[vcpu_id] = ring
             return ring
+
+    def open_rings(self) -> list[DirtyRing]:
+        """The open rings, in vCPU creation order (a new list)."""
+        with self.lock:
+            return list(self._rings.values())
 
     @property
     def rings(self) -> dict[int, DirtyRing]:
@@ -142,21 +169,26 @@ class RingSet:
         with self.lock:
             rings = list(self._rings.values())
             expected = sum(r.pending_reset for r in rings) + self._orphan_pending
+            if (expected == 0 and self._overrun_note is None
+                    and not any(r.lapped for r in rings)):
+                return 0  # nothing harvested, nothing noted: nothing to recycle or check
             harvested = [r for r in rings if r.pending_reset]
             total = 0
             try:
-                for _ in range(_MAX_RESET_CALLS):
+                # Nothing harvested: nothing for the kernel to recycle, no call needed.  Else
+                # repeat only while the sum is short of the harvest (a signal cut it short).
+                for _ in range(_MAX_RESET_CALLS if expected else 0):
                     n = self._reset_ioctl()
-                    if n == 0:
-                        break
                     total += n
+                    if n == 0 or total >= expected:
+                        break
             finally:
                 # Whatever the kernel reset is no longer pending, even if a later call failed.
                 left = total
                 take = min(left, self._orphan_pending)
                 self._orphan_pending -= take
                 left -= take
-                for r in rings:
+                for r in rings if left else ():
                     left -= r.settle_reset(left)
             # Matched or not, the kernel has now reset everything it could: start afresh.
             # Which ring a short reset is to blame on: the only ring harvested since the last
@@ -191,6 +223,51 @@ class RingSet:
                     "dirty and resynchronise them")
             return total
 
+    def _harvest_native(self, live: list[DirtyRing], on_overrun: OverrunPolicy,
+                        harvested: list[tuple[DirtyRing, DirtyEntries]]) -> None:
+        """Harvest ``live`` (open rings) in one native call, then let each ring account for
+        its part; ``harvested`` receives ``(ring, entries)`` for every ring, also when one of
+        them raises an overrun (raised after all were accounted for, so that the caller can
+        give every ring's entries back)."""
+        if self._ctl_rings != live:
+            # Control entries point into the rings' mappings: rebuilt whenever the set of open
+            # rings differs (a closed ring is never in `live`), and they hold the rings, so an
+            # id is never reused for another ring while cached.
+            ctl = ffi.new("struct kvmio_ring_ctl[]", len(live))
+            for k, ring in enumerate(live):
+                ring.fill_native_ctl(ctl, k)
+            self._ctl, self._ctl_rings = ctl, list(live)
+            self._capacity = sum(r.size for r in live)
+        else:
+            ctl = self._ctl  # each ring keeps its entry's hole window current
+        if self._pool is None or self._pool.size < self._capacity:
+            self._pool = _OutputPool(self._capacity)
+        slots, offsets, ps, po = self._pool.get_raw()
+        # Safety: both arrays hold the sum of the rings' sizes, the most the call writes, and
+        # stay referenced (slots, offsets) during it; every ring is open (its mapping stays
+        # until close(), which needs our lock).
+        total = lib.kvmio_rings_harvest(ctl, len(live), ps, po, self._signals)
+        if total == 0 and self._signals[0] == 0:  # every ring caught up, nothing new
+            for ring in live:
+                harvested.append((ring, ring.settle_native(slots, offsets, 0,
+                                                           on_overrun=on_overrun)
+                                  if ring.has_stash else _NO_ENTRIES))
+            return
+        first_error: BaseException | None = None
+        at = 0
+        for k, ring in enumerate(live):
+            n = int(ctl[k].n)
+            try:
+                got = ring.settle_native(slots[at:at + n], offsets[at:at + n], n,
+                                         on_overrun=on_overrun)
+            except DirtyRingOverrunError as e:  # the ring kept its entries (its stash)
+                first_error = first_error or e
+                got = _NO_ENTRIES
+            harvested.append((ring, got))
+            at += n
+        if first_error is not None:
+            raise first_error
+
     def take_reset_report(self) -> tuple[int, str] | None:
         """``(vCPU id or VM_WIDE, why)`` of the overrun a reset with ``on_overrun="report"``
         noted (and forget it)."""
@@ -209,12 +286,12 @@ class RingSet:
         :meth:`DirtyRing.recover_from_overrun`)."""
         with self.lock:
             todo = list(self._rings.values()) if rings is None else list(rings)
+            live = [r for r in todo if not r.closed]
             harvested: list[tuple[DirtyRing, DirtyEntries]] = []
-            orphans = self.take_orphans()
+            orphans, self._orphans = self._orphans, []
             try:
-                for ring in todo:
-                    if not ring.closed:
-                        harvested.append((ring, ring.harvest(on_overrun=on_overrun)))
+                if live:
+                    self._harvest_native(live, on_overrun, harvested)
                 t = time.monotonic()
                 self.reset(on_overrun=on_overrun)
             except BaseException:
@@ -223,11 +300,13 @@ class RingSet:
                 self.return_orphans(orphans)
                 raise
             overruns = {}
-            for ring, _ in harvested:
+            for ring, got in harvested:
+                if not len(got) and not ring.overruns:
+                    continue  # never overran: nothing to report
                 why = ring.take_overrun_report()
                 if why is not None:
                     overruns[ring.vcpu_id] = why
-            report = self.take_reset_report()
-            if report is not None:
+            if self._reset_report is not None:
+                report, self._reset_report = self._reset_report, None
                 overruns[report[0]] = report[1]
             return Harvest(harvested, orphans, overruns, t)

@@ -277,7 +277,8 @@ class MultibootMachine(Closing):
     def run(self, *, timeout: float | None = None,
             on_output: Callable[[bytes], None] | None = None,
             on_ring_full: Callable[[Vcpu], None] | None = None,
-            max_output: int = DEFAULT_MAX_OUTPUT) -> MultibootResult:
+            max_output: int = DEFAULT_MAX_OUTPUT,
+            on_interrupted: Callable[[], None] | None = None) -> MultibootResult:
         """Run the kernel until it stops (see :class:`StopReason`) or ``timeout`` seconds pass.
 
         Output bytes are passed to ``on_output`` as they are written; the result keeps the last
@@ -288,7 +289,10 @@ class MultibootMachine(Closing):
         every :data:`HALT_POLL_INTERVAL` seconds to find a HLT with interrupts disabled); with
         ``timeout=None`` a kernel that never stops runs forever.  After a debug exit, a halt or
         a timeout the kernel may be run again (it resumes where it stopped); after any other
-        stop this raises :class:`KvmStateError`.  With a dirty ring (``ring_entries``),
+        stop this raises :class:`KvmStateError`.  ``on_interrupted`` is called whenever a kick
+        interrupted the vCPU and the run would go on: a safe point (nothing is half done) at
+        which it may raise, e.g. :class:`KeyboardInterrupt` for a Ctrl-C it was told of, to end
+        the run.  With a dirty ring (``ring_entries``),
         ring-full exits go to ``on_ring_full`` (e.g.
         :meth:`kvmio.tracker.DirtyTracker.on_ring_full`), or else the vCPU's own ring is
         harvested (the entries are kept for its next harvest) and the rings are reset.
@@ -362,6 +366,8 @@ class MultibootMachine(Closing):
                     if dead is not None:
                         stop = dead
                         break
+                    if on_interrupted is not None:
+                        on_interrupted()  # may raise to end the run
                     continue  # a poll that found the vCPU busy, or a stray signal
                 got = self._handle(ex, emit)
                 if got is not None:
