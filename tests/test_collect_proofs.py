@@ -2,10 +2,9 @@
 hands every harvested entry back, a tracker whose worker failed re-raises that error from every
 public method, and a vCPU closed while another owner holds its ring loses nothing.
 
-Faults are injected through the documented patch point for fakes, ``kvmio._abi.ioctl`` (and,
-for a harvest that fails, the module-level compiled-harvest wrapper ``_harvest_raw`` of
-:mod:`kvmio.dirty.ring`).  The tests that use such a FAKE say so and are marked ``fake``;
-everything else, the guest and its rings, is the real kernel's.
+Faults are injected through the documented patch point for fakes, ``kvmio._abi.ioctl``.  The
+tests that use such a FAKE say so and are marked ``fake``; everything else, the guest and its
+rings, is the real kernel's.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import pytest
 
 from kvmio import Hlt, Kvm, KvmClosedError, KvmError, Vcpu, _abi
 from kvmio._abi import lib
-from kvmio.dirty import ring as ring_module
 from kvmio.guests.workload import MEM_SLOT, Workload
 from kvmio.tracker import DirtyTracker
 
@@ -34,11 +32,11 @@ _MAX_WRITES = 80  # offset of max_writes in a dirtier parameter block
 
 
 class FailOnce:
-    """FAKE: wraps the real ``kvmio._abi.ioctl`` and makes call number ``at`` of ``request``
+    """FAKE: wraps the real ``kvmio._abi.ioctl`` and makes the calls numbered ``at`` of ``request``
     fail as a failing ioctl does (a :class:`KvmError` with the errno and the ioctl's name);
     every other call reaches the kernel."""
 
-    def __init__(self, request: int, err: int = errno.EIO, at: int = 1):
+    def __init__(self, request: int, err: int = errno.EIO, at: tuple[int, ...] = (1,)):
         self.request = request
         self.err = err
         self.at = at
@@ -49,7 +47,7 @@ class FailOnce:
     def ioctl(self, fd: int, request: int, arg: Any = 0, *, name: str) -> int:
         if request == self.request:
             self.calls += 1
-            if self.calls == self.at:
+            if self.calls in self.at:
                 self.failed_in = threading.current_thread().name
                 raise KvmError("injected failure", errno=self.err, ioctl=name)
         return self.real(fd, request, arg, name=name)
@@ -76,58 +74,52 @@ def _set_max_writes(w: Workload, i: int, n: int) -> None:
 
 
 @pytest.mark.fake
-@pytest.mark.parametrize("fault", ["reset-refused", "reset-fails-after-a-real-reset",
-                                   "second-ring-harvest-fails"])
+@pytest.mark.parametrize("fault", ["reset-refused", "reset-refused-twice",
+                                   "reset-refused-with-a-closed-vcpu"])
 def test_a_failed_two_ring_collection_loses_nothing(kvm: Kvm, monkeypatch: pytest.MonkeyPatch,
                                                     fault: str) -> None:
-    """FAKE faults inside ``Vm.collect_dirty_pages`` on two real rings: KVM_RESET_DIRTY_RINGS
-    fails at its first call (the kernel reset nothing), or fails after a real call that reset
-    everything (the loop calls again until 0), or the second ring's harvest fails after the
-    first ring was harvested.  The collection raises that error; the guests write more; the
-    next collection reports every page the guests wrote, checked against guest memory, and
-    the reset accounting is in step (a mismatch would raise DirtyRingOverrunError)."""
+    """FAKE fault inside ``Vm.collect_dirty_pages`` on two real rings, after both were
+    harvested: KVM_RESET_DIRTY_RINGS fails (the kernel reset nothing); or it fails in two
+    collections in a row (entries handed back twice keep their order and count); or vCPU 1
+    was closed first, so the collection also took its leftovers from the ring set.  The
+    collection raises that error; the guests write more; the next collection reports every
+    page the guests wrote, checked against guest memory, and the reset accounting is in step
+    (a mismatch would raise DirtyRingOverrunError)."""
     with Workload(kvm, mem_size=64 << 20, vcpus=2, ring_entries=4096, max_writes=300,
                   order="random", value="generation") as w:
         w.generation = 1
         for i in (0, 1):  # 300 entries in each ring, far below its soft limit
             assert isinstance(w.run_vcpu(i), Hlt)
         assert all(v.dirty_ring.count_dirty() == 300 for v in w.vcpus)
-        injected: FailOnce | None = None
-        if fault == "second-ring-harvest-fails":
-            real_harvest = ring_module._harvest_raw
-            calls = []
-
-            def harvest_raw(*args: Any, **kw: Any) -> Any:
-                calls.append(1)
-                if len(calls) == 2:
-                    raise KvmError("injected failure", errno=errno.EIO)
-                return real_harvest(*args, **kw)
-
-            monkeypatch.setattr(ring_module, "_harvest_raw", harvest_raw)
-        else:
-            injected = FailOnce(lib.KVM_RESET_DIRTY_RINGS,
-                                at=1 if fault == "reset-refused" else 2)
-            monkeypatch.setattr(_abi, "ioctl", injected.ioctl)
-        with pytest.raises(KvmError, match="injected failure") as e:
-            w.vm.collect_dirty_pages()
-        assert e.value.errno == errno.EIO
-        if injected is not None:
-            assert e.value.ioctl == "KVM_RESET_DIRTY_RINGS" and injected.calls == injected.at
-        else:
-            assert len(calls) == 2  # the first ring was harvested, the second failed
-        monkeypatch.undo()
+        w.generation = 2  # what later writes carry (set while every vCPU is open)
+        running = [0, 1]
+        if fault == "reset-refused-with-a-closed-vcpu":
+            w.vcpus[1].close()  # its 300 entries go to the ring set, counted for the reset
+            running = [0]
+        failures = 2 if fault == "reset-refused-twice" else 1
+        injected = FailOnce(lib.KVM_RESET_DIRTY_RINGS, at=tuple(range(1, failures + 1)))
+        monkeypatch.setattr(_abi, "ioctl", injected.ioctl)
+        try:
+            for _ in range(failures):
+                with pytest.raises(KvmError, match="injected failure") as e:
+                    w.vm.collect_dirty_pages()
+                assert e.value.errno == errno.EIO
+                assert e.value.ioctl == "KVM_RESET_DIRTY_RINGS"
+        finally:
+            monkeypatch.undo()
+        assert injected.calls == failures
         only_first = set(_written(w).tolist())
-        w.generation = 2
-        for i in (0, 1):
+        for i in running:
             _set_max_writes(w, i, 600)
             assert isinstance(w.run_vcpu(i), Hlt)
-        assert w.total_writes() == 1200
+        assert w.total_writes() == 600 + 300 * len(running)
         words = w.mem.page_words()
         assert (words == 1).any()  # pages only the first run wrote: only a hand-back has them
         d = w.vm.collect_dirty_pages(final=True)
         assert set(d.pages) == {MEM_SLOT}
         assert np.array_equal(d.pages[MEM_SLOT], _written(w))
         assert only_first <= set(d.pages[MEM_SLOT].tolist())
+        assert d.entries == w.total_writes()  # one entry per write: none lost, none twice
         again = w.vm.collect_dirty_pages()  # in step: nothing left, no reset mismatch
         assert again.count == 0 and again.entries == 0
 
