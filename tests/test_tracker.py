@@ -19,6 +19,9 @@ from kvmio.tracker import DirtyRanges, DirtyTracker, WindowCounter, coalesce
 
 from guests import burst, wait_until
 
+#: What a strict tracker raises at the burst guest's overrun (a full ring, or a hole).
+OVERRUN = r"dirty ring of vCPU 0 overrun: .* dirty pages may have been lost"
+
 
 def _ring_full(tracker: DirtyTracker) -> RingFullHandler | None:
     return tracker.on_ring_full if tracker.mode == "ring" else None
@@ -36,7 +39,14 @@ def test_tracker_never_loses_a_page(kvm: Kvm, mode: str) -> None:
             for it in range(1, 21):
                 w.generation = it
                 with w.runner(on_ring_full=_ring_full(tracker)) as r:
-                    time.sleep(rng.uniform(0.005, 0.02))  # how long the guest runs
+                    # The guests run for a random number of writes (not a random time, which
+                    # a busy machine would turn into no writes), and until the tracker has
+                    # made a pass while they run.
+                    target = w.total_writes() + rng.randint(100, 1500)
+                    passes = tracker.passes
+                    wait_until(lambda: (w.total_writes() >= target  # noqa: B023
+                                        and tracker.passes > passes) or bool(r.errors),  # noqa: B023
+                               what="writes and a pass while the guests run")
                 assert not r.errors, r.errors
                 ranges = tracker.take()
                 reported = np.zeros(w.mem.num_pages, dtype=bool)
@@ -49,7 +59,7 @@ def test_tracker_never_loses_a_page(kvm: Kvm, mode: str) -> None:
                 assert ranges.pages == int(reported.sum())
                 total += ranges.pages
             assert total > 20 * 50
-            assert tracker.passes > 20
+            assert tracker.passes >= 2 * 20  # one pass while running, one take, per iteration
 
 
 def _truth(points: list[tuple[float, int]], t: float, window: float) -> float:
@@ -79,19 +89,26 @@ def test_rate_matches_the_guests_own_counters(kvm: Kvm, mode: str) -> None:
                   ring_entries=4096 if mode == "ring" else None) as w:
         tracker = DirtyTracker(w.vm, mode=mode, interval=0.05, window=0.5)  # type: ignore[arg-type]
         points: list[list[tuple[float, int]]] = [[], [], []]
+        def sample() -> None:
+            t = time.monotonic() - tracker.started_at
+            points[0].append((t, w.writes(0)))
+            points[1].append((t, w.writes(1)))
+            points[2].append((t, w.writes(0) + w.writes(1)))
+
         with tracker, w.runner(on_ring_full=_ring_full(tracker)) as r:
             t_end = time.monotonic() + 1.6
             while time.monotonic() < t_end:
-                t = time.monotonic() - tracker.started_at
-                points[0].append((t, w.writes(0)))
-                points[1].append((t, w.writes(1)))
-                points[2].append((t, w.writes(0) + w.writes(1)))
+                sample()
                 time.sleep(0.005)  # the sampling period of the guest's counters
+            tracker.stop()  # its last pass while the guests still write
+            sample()  # the counters cover that pass
             r.stop()
             assert not r.errors
+        samples = list(tracker.samples)
+        assert samples[-1].time < points[2][-1][0]
         checked = 0
-        for s in list(tracker.samples):
-            if not 0.6 < s.time < 1.55:
+        for s in samples:
+            if s.time <= 0.6:
                 continue
             truth = _truth(points[2], s.time, 0.5)
             # 5%, plus what the truth's own sampling cannot resolve (~2% on an idle machine).
@@ -106,7 +123,11 @@ def test_rate_matches_the_guests_own_counters(kvm: Kvm, mode: str) -> None:
                 assert s.vcpu_pages_per_second == {}
             checked += 1
         assert checked >= 5
-        assert tracker.rate().window == 0.5
+        # rate() is the last pass's measurement, checked against the counters above.
+        rate = tracker.rate()
+        assert rate.pages_per_second == samples[-1].pages_per_second
+        assert rate.vcpu_pages_per_second == samples[-1].vcpu_pages_per_second
+        assert rate.bytes_per_second == samples[-1].pages_per_second * 4096
 
 
 def test_rate_counts_distinct_pages_not_entries(kvm: Kvm) -> None:
@@ -168,35 +189,37 @@ def test_worker_error_reaches_the_caller(kvm: Kvm) -> None:
         tracker.start()
         w.run_vcpu(0, on_ring_full=tracker.on_ring_full)  # 100 entries in the ring
         burst(w)
-        with pytest.raises(DirtyRingOverrunError):
+        with pytest.raises(DirtyRingOverrunError, match=OVERRUN):
             w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
         wait_until(lambda: tracker.error is not None or not tracker.running,
                    what="the worker to stop on the error")
-        with pytest.raises(DirtyRingOverrunError):
-            tracker.take()
-        with pytest.raises(DirtyRingOverrunError):
-            tracker.stop()
-        with pytest.raises(DirtyRingOverrunError):
-            tracker.close()
+        err = tracker.error
+        assert isinstance(err, DirtyRingOverrunError) and err.vcpu == 0
+        for call in (tracker.take, tracker.stop, tracker.close):
+            with pytest.raises(DirtyRingOverrunError) as e:
+                call()
+            assert e.value is err
 
 
 def test_lifecycle_and_bad_arguments(kvm: Kvm) -> None:
     with Workload(kvm, mem_size=16 << 20, ring_entries=4096, max_writes=50,
                   value="count") as w:
-        for kw, exc in [({"mode": "disk"}, KvmInvalidArgumentError),
-                        ({"interval": 0}, KvmInvalidArgumentError),
-                        ({"window": 0}, KvmInvalidArgumentError),
-                        ({"heatmap_bins": 0}, KvmInvalidArgumentError),
-                        ({"mode": "bitmap"}, KvmStateError)]:
-            with pytest.raises(exc):
+        for kw, exc, msg in [
+                ({"mode": "disk"}, KvmInvalidArgumentError, "mode must be 'ring', 'bitmap'"),
+                ({"interval": 0}, KvmInvalidArgumentError, "interval must be a finite number"),
+                ({"window": 0}, KvmInvalidArgumentError, "window must be a finite number"),
+                ({"heatmap_bins": 0}, KvmInvalidArgumentError, "heatmap_bins must be >= 1"),
+                ({"mode": "bitmap"}, KvmStateError, "bitmap mode is unavailable")]:
+            with pytest.raises(exc, match=msg) as e:
                 DirtyTracker(w.vm, **kw)  # type: ignore[arg-type]
+            assert type(e.value) is exc
         tracker = DirtyTracker(w.vm, interval=0.1)
         assert tracker.mode == "ring" and not tracker.running
         tracker.start()
         assert tracker.running
-        with pytest.raises(KvmStateError, match="already running"):
+        with pytest.raises(KvmStateError, match="the tracker is already running"):
             tracker.start()
-        with pytest.raises(KvmStateError, match="handed to a harvester"):
+        with pytest.raises(KvmStateError, match="dirty ring of vCPU 0 was handed to a harvester"):
             _ = w.vcpus[0].dirty_ring
         w.run_vcpu(0)
         t0, p0 = time.monotonic(), tracker.passes
@@ -212,14 +235,15 @@ def test_lifecycle_and_bad_arguments(kvm: Kvm) -> None:
         assert not tracker.running
         assert "kvmio-dirty-tracker" not in {t.name for t in threading.enumerate()}
         _ = w.vcpus[0].dirty_ring  # handed back
-        with pytest.raises(KvmStateError, match="closed"):
+        with pytest.raises(KvmStateError, match="this tracker is closed"):
             tracker.start()
         tracker.close()  # idempotent
     with kvm.create_vm() as vm:
         vm.enable_dirty_ring(4096)
-        with pytest.raises(KvmStateError, match="vCPUs"):
+        with pytest.raises(KvmStateError, match="create the vCPUs before starting"):
             DirtyTracker(vm).start()
-    with kvm.create_vm() as vm, pytest.raises(KvmStateError, match="dirty ring enabled"):
+    with kvm.create_vm() as vm, pytest.raises(KvmStateError,
+                                              match="ring mode needs the dirty ring enabled"):
         DirtyTracker(vm, mode="ring")
 
 
@@ -253,7 +277,7 @@ def test_vcpus_created_while_tracking_are_adopted(kvm: Kvm) -> None:
         late = w.vm.create_vcpu(5)  # after start
         wait_until(lambda: late.ring is not None and late.ring.taken,
                    what="the tracker to adopt the late vCPU's ring")
-        with pytest.raises(KvmStateError, match="handed to a harvester"):
+        with pytest.raises(KvmStateError, match="dirty ring of vCPU 5 was handed to a harvester"):
             _ = late.dirty_ring
         w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
         assert tracker.take().pages == len(np.flatnonzero(w.mem.page_words()))
@@ -265,15 +289,16 @@ def test_error_in_a_vcpu_thread_pass_is_recorded(kvm: Kvm) -> None:
         tracker.start()
         w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
         burst(w)
-        with pytest.raises(DirtyRingOverrunError):
+        with pytest.raises(DirtyRingOverrunError, match=OVERRUN) as e:
             w.run_vcpu(0, on_ring_full=tracker.on_ring_full)  # the pass runs in this thread
-        assert isinstance(tracker.error, DirtyRingOverrunError)
-        with pytest.raises(DirtyRingOverrunError):
-            tracker.take()
-        with pytest.raises(DirtyRingOverrunError):
-            tracker.close()
+        err = e.value
+        assert tracker.error is err
+        for call in (tracker.take, tracker.close):
+            with pytest.raises(DirtyRingOverrunError) as e:
+                call()
+            assert e.value is err
         tracker.close()  # once is enough
-        with pytest.raises(KvmStateError, match="closed"):
+        with pytest.raises(KvmStateError, match="this tracker is closed"):
             tracker.take()
         # The rings are back with their vCPUs (dirty_ring refuses a ring owned elsewhere),
         # which saw the overrun.
