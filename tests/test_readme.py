@@ -31,3 +31,17 @@ def test_readme_example(kvm: Kvm, code: str) -> None:
         assert text.strip() == "True True"
     else:
         assert "distinct pages from 10000 ring entries" in text
+
+
+def test_guarantees_name_real_tests() -> None:
+    """Every test the guarantees section names as a proof exists (a renamed or deleted test
+    would leave a guarantee unproven without anyone noticing)."""
+    text = README.read_text()
+    section = text[text.index("## Dirty tracking: what kvmio guarantees"):]
+    section = section[:section.index("\n## ", 1)]
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", section)
+    assert len(named) >= 20
+    tests = README.parent / "tests"
+    for module, name in named:
+        source = (tests / module).read_text()
+        assert re.search(rf"^(def {name}\(|{name} = )", source, re.M), f"{module}::{name} is gone"
