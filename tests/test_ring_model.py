@@ -63,6 +63,7 @@ class ModelKernel:
         self.lost_unharvested = False
         #: An entry harvested but not yet recycled was written over (the next reset is short).
         self.overwrote_harvested = False
+        self.reset_saw_overwrite = False
         self.ring_set = RingSet(size, self.reset)
 
     def ring(self, ring_set: RingSet | None = None, vcpu_id: int = 0) -> DirtyRing:
@@ -109,6 +110,10 @@ class ModelKernel:
         """KVM_RESET_DIRTY_RINGS: recycle entries marked harvested, in order, from the reset
         index, stopping at the first other (the kernel does not bound the walk by its dirty
         index)."""
+        # Whether an entry harvested but not recycled was written over before this reset
+        # (the caller clears it before the calls it watches).
+        self.reset_saw_overwrite |= self.overwrote_harvested
+        self.overwrote_harvested = False
         flags = self.gfns["flags"]
         order = (self.reset_index + np.arange(self.size, dtype=np.uint64)) % self.size
         walk = (flags[order] & RESET) != 0
@@ -166,16 +171,16 @@ class RingProtocol(RuleBasedStateMachine):
     @rule()
     def reset(self) -> None:
         expected = self.ring.pending_reset
+        self.kernel.reset_saw_overwrite = False
         count = self.ring_set_reset()
         report = self.kernel.ring_set.take_reset_report()
         if report is not None or count < 0:
             self.reported = True  # a short (or long) reset is how some losses show
-        if not self.kernel.overwrote_harvested and not self.overrun:
+        if not self.kernel.reset_saw_overwrite and not self.overrun:
             assert count == expected and report is None  # reset == harvested
-        if self.kernel.overwrote_harvested and expected:
+        if self.kernel.reset_saw_overwrite and expected:
             # Ours were written over before the kernel recycled them: the reset is short.
             assert report is not None or self.ring.shortfall > 0
-            self.kernel.overwrote_harvested = False
 
     def ring_set_reset(self) -> int:
         try:
@@ -214,6 +219,7 @@ class RingProtocol(RuleBasedStateMachine):
             repair = self.ring.resync if self.ring.shortfall else self.ring.recover_from_overrun
             got = repair()
         except DirtyRingOverrunError:
+            self.reported = True  # the repair's own reset found the ring out of step
             return
         offsets = got.offsets.tolist()
         assert not self.seen.intersection(offsets), "an entry was harvested twice"
@@ -384,6 +390,91 @@ def test_compiled_groups_are_the_pages_of_every_rings_entries() -> None:
         for k in kernels:
             k.close()
         for r in rings:
+            r.close()
+
+
+def test_an_interrupt_inside_a_collection_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C (any exception) after the one native call took every ring's entries, while
+    the rings account for them one by one: the rings not reached keep theirs, and the next
+    collection returns every entry once, with the reset in step."""
+    kernels, ring_set, rings = _two_vcpus(64)
+    try:
+        kernels[0].push(10)
+        kernels[1].next_offset = 100
+        kernels[1].push(20)
+        real = DirtyRing.settle_native
+        calls = []
+
+        def interrupted(self: DirtyRing, *a: object, **k: object) -> DirtyEntries:
+            calls.append(self.vcpu_id)
+            if self.vcpu_id == 1:
+                raise KeyboardInterrupt
+            return real(self, *a, **k)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(DirtyRing, "settle_native", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ring_set.harvest_and_reset()
+        assert calls == [0, 1]
+        monkeypatch.setattr(DirtyRing, "settle_native", real)
+        got = ring_set.harvest_and_reset()
+        assert _offsets([e for _, e in got.rings]) == [*range(10), *range(100, 120)]
+        assert all(k.used() == 0 for k in kernels) and ring_set.pending_reset() == 0
+    finally:
+        for k in kernels:
+            k.close()
+        for r in rings:
+            r.close()
+
+
+def test_an_unattributable_short_reset_widens_every_ring_and_drains_next() -> None:
+    """A reset that does not match and cannot be charged to one ring is an error, and every
+    ring harvested since the last reset may be out of step: all of them scan for holes from
+    then on, and the next reset recycles everything the kernel still holds."""
+    kernels = [ModelKernel(64), ModelKernel(64)]
+    cut = [1]
+
+    def short_reset() -> int:
+        n = sum(k.reset() for k in kernels)
+        if cut[0] and n:
+            cut[0] = 0
+            return n - 1  # as if a harvested entry had been written over
+        return n
+
+    ring_set = RingSet(64, short_reset)
+    rings = [k.ring(ring_set, vcpu_id=j) for j, k in enumerate(kernels)]
+    try:
+        for k in kernels:
+            k.push(5)
+        assert all(r.hole_window == 0 for r in rings)
+        with pytest.raises(DirtyRingOverrunError, match="reset 9 entries but 10"):
+            ring_set.harvest_and_reset(on_overrun="report")
+        assert all(r.hole_window == 63 and r.suspect for r in rings)
+        kernels[0].push(3)
+        # The failed collection's entries come back (nothing dropped), then the new ones; the
+        # draining reset after the mismatch is no error.
+        got = ring_set.harvest_and_reset(on_overrun="report")
+        assert got.entries == 13 and not got.overruns
+    finally:
+        for k in kernels:
+            k.close()
+        for r in rings:
+            r.close()
+
+
+def test_ring_set_refuses_foreign_rings_and_takes_each_once() -> None:
+    kernels, ring_set, rings = _two_vcpus(16)
+    other = ModelKernel(16)
+    stranger = other.ring()
+    try:
+        with pytest.raises(KvmInvalidArgumentError, match="is not a ring of this ring set"):
+            ring_set.harvest_and_reset([rings[0], stranger])
+        kernels[0].push(4)
+        got = ring_set.harvest_and_reset([rings[0], rings[0]])
+        assert len(got.rings) == 1 and got.entries == 4
+    finally:
+        for k in [*kernels, other]:
+            k.close()
+        for r in [*rings, stranger]:
             r.close()
 
 

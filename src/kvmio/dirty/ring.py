@@ -716,6 +716,23 @@ class DirtyRing:
         c.window = self.hole_window
         self._ctl_entry = (arr, c)  # from now on, a change of window is written there too
 
+    def keep_harvested(self, slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64],
+                       n: int) -> None:
+        """For the ring set: ``n`` entries a native call harvested from this ring, which a
+        failure (a Ctrl-C, say) kept from being accounted for: count them and keep copies for
+        the next harvest, so that they are neither lost nor left out of the reset count."""
+        with self._lock:
+            self._pending_reset += n
+            self.harvested_total += n
+            if n:
+                self._stash.append(DirtyEntries(slots[:n].copy(), offsets[:n].copy()))
+
+    def mark_suspect(self) -> None:
+        """For the ring set: a reset did not match and this ring may be to blame: harvest it
+        only with its vCPU held until it is repaired, and scan all of it for holes."""
+        with self._lock:
+            self._suspect = self._wide = True
+
     @property
     def has_stash(self) -> bool:
         """Whether entries taken earlier (by a ring-full drain, or given back by a failed

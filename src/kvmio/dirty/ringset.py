@@ -30,7 +30,7 @@ from kvmio.dirty.ring import (
     _no_guard,
     _OutputPool,
 )
-from kvmio.errors import DirtyRingOverrunError, KvmStateError
+from kvmio.errors import DirtyRingOverrunError, KvmInvalidArgumentError, KvmStateError
 
 #: The key of :attr:`Harvest.overruns` for an overrun not tied to one open ring.
 VM_WIDE = -1
@@ -87,6 +87,7 @@ class RingSet:
         # was filled for, one output pool for all of them, and the call's signal cell.
         self._ctl: Any = None
         self._ctl_rings: list[DirtyRing] = []
+        self._drain_next = False  # the last reset did not match: recycle all at the next
         self._capacity = 0
         self._pool: _OutputPool | None = None
         self._signals = ffi.new("int *", 0)
@@ -180,7 +181,8 @@ class RingSet:
         with self.lock:
             rings = list(self._rings.values())
             expected = sum(r.pending_reset for r in rings) + self._orphan_pending
-            if (expected == 0 and self._overrun_note is None
+            drain, self._drain_next = self._drain_next, False
+            if (expected == 0 and self._overrun_note is None and not drain
                     and not any(r.lapped for r in rings)):
                 return 0  # nothing harvested, nothing noted: nothing to recycle or check
             harvested = [r for r in rings if r.pending_reset]
@@ -188,10 +190,12 @@ class RingSet:
             try:
                 # Nothing harvested: nothing for the kernel to recycle, no call needed.  Else
                 # repeat only while the sum is short of the harvest (a signal cut it short).
-                for _ in range(_MAX_RESET_CALLS if expected else 0):
+                # After a mismatch (drain), until the kernel returns 0: entries it left marked
+                # harvested then are recycled now.
+                for _ in range(_MAX_RESET_CALLS if expected or drain else 0):
                     n = self._reset_ioctl()
                     total += n
-                    if n == 0 or total >= expected:
+                    if n == 0 or (total >= expected and not drain):
                         break
             finally:
                 # Whatever the kernel reset is no longer pending, even if a later call failed.
@@ -211,7 +215,7 @@ class RingSet:
             for r in rings:
                 r.forget_pending()
             note, self._overrun_note = self._overrun_note, None
-            if total != expected:
+            if total != expected and not (drain and total > expected):
                 why = (f"KVM_RESET_DIRTY_RINGS reset {total} entries but {expected} were "
                        "harvested since the last reset")
                 # Short because the kernel overwrote some harvested entries of a lapped ring
@@ -221,6 +225,12 @@ class RingSet:
                     suspects[0].add_shortfall(expected - total)
                     self._reset_report = (suspects[0].vcpu_id, why)
                     return total
+                # No ring can be blamed alone: every ring harvested since the last reset may
+                # be out of step (hole scans over the whole ring from now on), and the next
+                # reset recycles everything it can, uncounted entries included.
+                for r in harvested:
+                    r.mark_suspect()
+                self._drain_next = True
                 raise DirtyRingOverrunError(
                     f"{why}: the ring's state is inconsistent and dirty pages may have been "
                     "lost; treat the tracked slots as wholly dirty, and use a bigger ring or "
@@ -264,42 +274,57 @@ class RingSet:
         ngroups = lib.kvmio_rings_collect(ctl, len(live), ps, po, self._signals, self._total,
                                           pp, pt, g, g + _MAX_GROUPS, g + 2 * _MAX_GROUPS,
                                           g + 3 * _MAX_GROUPS)
-        if ngroups == 0:  # every ring caught up, nothing new
-            for ring in live:
-                harvested.append((ring, ring.settle_native(slots, offsets, 0,
-                                                           on_overrun=on_overrun)
-                                  if ring.has_stash else _NO_ENTRIES))
-            return None
-        groups = None
-        if ngroups > 0:
-            # Sorted distinct pages of every ring's entries.  Few pages are copied, so that
-            # they do not hold the pooled buffer; many are read-only views of it.
-            small = int(self._total[0]) < 1024
-            out = []
-            for k in range(ngroups):
-                start = int(g[_MAX_GROUPS + k])
-                view = pages[start:start + int(g[2 * _MAX_GROUPS + k])]
-                if small:
-                    view = view.copy()
-                view.flags.writeable = False
-                out.append((int(g[k]), view, int(g[3 * _MAX_GROUPS + k])))
-            groups = out
-        del pages, scratch
-        if groups is not None and any(r.has_stash for r in live):
-            groups = None  # stashed entries come first in their rings: the groups lack them
-        first_error: BaseException | None = None
-        at = 0
-        for k, ring in enumerate(live):
-            n = int(ctl[k].n)
-            try:
-                # Views: the Harvest that holds them is dropped before the next collection.
-                got = ring.settle_native(slots[at:at + n], offsets[at:at + n], n,
-                                         on_overrun=on_overrun, copy=False)
-            except DirtyRingOverrunError as e:  # the ring kept its entries (its stash)
-                first_error = first_error or e
-                got = _NO_ENTRIES
-            harvested.append((ring, got))
-            at += n
+        # From here on every ring's entries are marked harvested but not yet accounted for:
+        # whatever is raised (a Ctrl-C included), the rings not settled yet keep theirs.
+        settled = 0
+        try:
+            if ngroups == 0:  # every ring caught up, nothing new
+                for ring in live:
+                    harvested.append((ring, ring.settle_native(slots, offsets, 0,
+                                                               on_overrun=on_overrun)
+                                      if ring.has_stash else _NO_ENTRIES))
+                    settled += 1
+                return None
+            groups = None
+            if ngroups > 0:
+                # Sorted distinct pages of every ring's entries.  Few pages (or few for the
+                # buffer) are copied, so that they do not hold the pooled buffer; many are
+                # read-only views of it.
+                total = int(self._total[0])
+                small = total < 1024 or 4 * total < self._capacity
+                out = []
+                for k in range(ngroups):
+                    start = int(g[_MAX_GROUPS + k])
+                    view = pages[start:start + int(g[2 * _MAX_GROUPS + k])]
+                    if small:
+                        view = view.copy()
+                    view.flags.writeable = False
+                    out.append((int(g[k]), view, int(g[3 * _MAX_GROUPS + k])))
+                groups = out
+            del pages, scratch
+            if groups is not None and any(r.has_stash for r in live):
+                groups = None  # stashed entries come first in their rings: the groups lack them
+            first_error: BaseException | None = None
+            at = 0
+            for k, ring in enumerate(live):
+                n = int(ctl[k].n)
+                try:
+                    # Views: the Harvest that holds them is dropped before the next collection.
+                    got = ring.settle_native(slots[at:at + n], offsets[at:at + n], n,
+                                             on_overrun=on_overrun, copy=False)
+                except DirtyRingOverrunError as e:  # the ring kept its entries (its stash)
+                    first_error = first_error or e
+                    got = _NO_ENTRIES
+                harvested.append((ring, got))
+                settled += 1
+                at += n
+        except BaseException:
+            at = sum(int(ctl[k].n) for k in range(settled))
+            for k in range(settled, len(live)):
+                n = int(ctl[k].n)
+                live[k].keep_harvested(slots[at:at + n], offsets[at:at + n], n)
+                at += n
+            raise
         if first_error is not None:
             raise first_error
         return groups
@@ -321,7 +346,14 @@ class RingSet:
         :attr:`Harvest.overruns` (its owner recovers it, see
         :meth:`DirtyRing.recover_from_overrun`)."""
         with self.lock:
-            todo = list(self._rings.values()) if rings is None else list(rings)
+            if rings is None:
+                todo = list(self._rings.values())
+            else:
+                todo = list(dict.fromkeys(rings))  # each ring once
+                for r in todo:
+                    if not isinstance(r, DirtyRing) or r.ring_set is not self:
+                        raise KvmInvalidArgumentError(
+                            f"{r!r} is not a ring of this ring set")
             live = [r for r in todo if not r.closed]
             harvested: list[tuple[DirtyRing, DirtyEntries]] = []
             orphans, self._orphans = self._orphans, []
