@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kvmio import (
+    Hlt,
     Kvm,
     KvmClosedError,
     KvmError,
@@ -20,7 +21,9 @@ from kvmio import (
     KvmStateError,
     PageSet,
     Regs,
+    Vcpu,
     Vm,
+    _abi,
 )
 from kvmio.guests.workload import MEM_SLOT, Workload
 from kvmio.tracker import DirtyTracker
@@ -351,3 +354,36 @@ def test_more_wrong_types(kvm: Kvm) -> None:
         for call, match in cases:
             with pytest.raises(KvmInvalidArgumentError, match=match):
                 call()
+
+
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_raised_inside_run_leaves_the_vcpu_usable_and_closable(
+        kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C raises KeyboardInterrupt between any two bytecodes of the main thread, also
+    inside Vcpu.run() right after it took the vCPU's fd.  The vCPU must not stay "running",
+    a later run() must work, and close() from the same thread must not wait for a call that
+    is not in flight (it used to wait for ever: `kvmio run` and `kvmio bench` hung at Ctrl-C)."""
+    with Workload(kvm, mem_size=16 << 20, max_writes=10) as w:
+        v = w.vcpus[0]
+        real = Vcpu._acquire_fd
+
+        def interrupted(self: Vcpu) -> int:
+            real(self)  # the fd is held ...
+            raise KeyboardInterrupt  # ... and Ctrl-C lands before run() notes it
+
+        monkeypatch.setattr(Vcpu, "_acquire_fd", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            v.run()
+        monkeypatch.undo()
+        assert not v.running
+        assert isinstance(w.run_vcpu(0), Hlt) and w.writes(0) == 10  # still usable
+
+        def after_kvm_run(*a: object, **k: object) -> None:
+            raise KeyboardInterrupt  # Ctrl-C right as KVM_RUN returns
+
+        monkeypatch.setattr(_abi, "ioctl_eintr", after_kvm_run)
+        with pytest.raises(KeyboardInterrupt):
+            v.run()
+        monkeypatch.undo()
+        assert not v.running
+    assert v.closed and w.vm.closed  # the with block closed everything, without waiting

@@ -48,6 +48,8 @@ from kvmio.guests.multiboot import (
 from kvmio.units import parse_size
 from kvmio.x86 import CR0_PE, CR0_PG
 
+from guests import wait_until
+
 MIB = 1 << 20
 COM1 = 0x3F8
 
@@ -194,6 +196,7 @@ void kmain(u32 magic, struct mb_info *mbi) {
     dbg(cmdline);
     dbg("\n");
     if (has_word(cmdline, "spin")) for (;;) { }
+    if (has_word(cmdline, "flood")) for (;;) dbg("flood\n");
     if (serial_init()) serial("serial OK\n");
     else dbg("serial faulty\n");
     dbg("flags=");
@@ -1076,6 +1079,34 @@ def test_cli_ctrl_c_stops_a_kernel_that_never_stops(kernels: dict[str, Path],
                 p.kill()
     assert p.returncode == 130, err
     assert err.decode().splitlines() == ["Interrupted."] and b"Traceback" not in err
+
+
+def test_cli_ctrl_c_stops_a_kernel_whose_output_nobody_reads(kernels: dict[str, Path]) -> None:
+    """A kernel that writes without end into a pipe nobody reads: kvmio blocks writing its
+    output, and the first Ctrl-C still ends it (it is raised inside the output callback,
+    where no vCPU call is half done), with status 130."""
+    kvmio = str(Path(sys.executable).with_name("kvmio"))
+    with subprocess.Popen([kvmio, "run", str(kernels["elf"]), "--mem", "16M", "--append",
+                           "flood"], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        try:
+            assert p.stdout is not None
+            assert p.stdout.readline() == b"Hello from multiboot\n"
+
+            def blocked_on_the_pipe() -> bool:
+                with open(f"/proc/{p.pid}/wchan") as f:
+                    return "pipe_write" in f.read()  # (anon_)pipe_write, by kernel
+
+            wait_until(blocked_on_the_pipe, what="kvmio blocked writing to the full pipe")
+            p.send_signal(signal.SIGINT)
+            # The pipe is never drained: kvmio must stop without its write completing.
+            p.wait(timeout=60)
+            assert p.stderr is not None
+            err = p.stderr.read()
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert p.returncode == 130, err
+    assert b"Interrupted." in err and b"Traceback" not in err
 
 
 # -- the devices (kvmio.devices) and sizes (kvmio.units) ------------------------------------

@@ -93,7 +93,10 @@ class FdOwner(Closing):
     def __init__(self, fd: int):
         self._fd: int | None = fd
         self._fd_cond = threading.Condition(threading.Lock())
-        self._fd_users = 0
+        # Calls in flight, per thread: a hold that an asynchronous exception (Ctrl-C raised
+        # between two bytecodes) leaked in the thread that now closes the object cannot be in
+        # a system call, so close() waits only for other threads' holds.
+        self._fd_users: dict[int, int] = {}
         self._fd_closing = False
 
     @property
@@ -114,14 +117,25 @@ class FdOwner(Closing):
         with self._fd_cond:
             if self._fd is None or self._fd_closing:
                 raise KvmClosedError(f"this {self._what} is closed")
-            self._fd_users += 1
+            me = threading.get_ident()
+            self._fd_users[me] = self._fd_users.get(me, 0) + 1
             return self._fd
 
     def _release_fd(self) -> None:
         with self._fd_cond:
-            self._fd_users -= 1
-            if self._fd_users == 0 and self._fd_closing:
+            me = threading.get_ident()
+            left = self._fd_users.get(me, 0) - 1
+            if left > 0:
+                self._fd_users[me] = left
+            else:
+                self._fd_users.pop(me, None)
+            if self._fd_closing:
                 self._fd_cond.notify_all()
+
+    def _others_in_flight(self) -> bool:
+        """Under ``_fd_cond``: whether a thread other than this one holds the fd."""
+        me = threading.get_ident()
+        return any(t != me for t in self._fd_users)
 
     def _ioctl(self, request: int, arg: CData | int = 0, *, name: str) -> int:
         """:func:`ioctl` on this object's fd, held against a concurrent close."""
@@ -143,14 +157,14 @@ class FdOwner(Closing):
         try:
             while True:
                 with self._fd_cond:
-                    if not self._fd_users:
+                    if not self._others_in_flight():
                         break
                 # Not under _fd_cond: wake() takes the object's own locks (a vCPU's run lock,
                 # which run() holds while it takes the fd).
                 if wake is not None:
                     wake()
                 with self._fd_cond:
-                    if self._fd_users:
+                    if self._others_in_flight():
                         self._fd_cond.wait(0.05)
         except BaseException:
             # Interrupted (Ctrl-C) while calls were in flight: the object stays open, and

@@ -29,6 +29,19 @@ struct kvmio_exit_system_event { uint32_t type; uint32_t ndata; uint64_t data[16
 struct kvmio_exit_hw { uint64_t hardware_exit_reason; };
 """
 
+# The control entry of one ring for kvmio_rings_harvest (declared to cffi and compiled alike).
+RING_CTL = """
+struct kvmio_ring_ctl {
+    struct kvm_dirty_gfn *gfns;
+    uint32_t *index;
+    int *stop;
+    uint32_t size;
+    uint32_t window;
+    uint32_t n;
+    uint32_t pad;
+};
+"""
+
 # Declarations every architecture shares.
 CDEF_COMMON = """
 #define KVM_API_VERSION ...
@@ -209,15 +222,7 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
                             uint32_t limit, uint32_t *slots, uint64_t *offsets, int *stop,
                             uint32_t window);
 uint32_t kvmio_ring_count_dirty(struct kvm_dirty_gfn *ring, uint32_t size);
-struct kvmio_ring_ctl {
-    struct kvm_dirty_gfn *gfns;
-    uint32_t *index;
-    int *stop;
-    uint32_t size;
-    uint32_t window;
-    uint32_t n;
-    uint32_t pad;
-};
+""" + RING_CTL + """
 uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
                              uint64_t *offsets, int *signals);
 uint32_t kvmio_ring_skip_hole(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index);
@@ -529,15 +534,7 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
  * ring pointer is mapped.  Returns the total; *signals is the OR of every ring's stop bits
  * beyond KVMIO_RING_STOP_EMPTY (a hole, a limit, a lapped ring), 0 when all were simply
  * caught up. */
-struct kvmio_ring_ctl {
-    struct kvm_dirty_gfn *gfns;
-    uint32_t *index;
-    int *stop;
-    uint32_t size;
-    uint32_t window;
-    uint32_t n;
-    uint32_t pad;
-};
+""" + RING_CTL + r"""
 
 uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
                              uint64_t *offsets, int *signals)

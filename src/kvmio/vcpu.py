@@ -164,18 +164,24 @@ class Vcpu(FdOwner):
         under it.  Raises :class:`KvmClosedError` once the vCPU is closed (or closing).
         """
         _abi.kick_signal()  # install the kick handler before the first KVM_RUN
-        with self._run_lock:
-            if self._in_run:
-                raise KvmStateError(f"vCPU {self.id} is already running in another thread")
-            while self._holds:  # its ring is being repaired: a short wait
-                self._outside.wait()
-            if self._in_run:
-                raise KvmStateError(f"vCPU {self.id} is already running in another thread")
-            fd = self._acquire_fd()
-            self._in_run = True
-            self._running_thread = threading.get_ident()
-            self._exit_gen += 1
+        entered = False
         try:
+            with self._run_lock:
+                if self._in_run:
+                    raise KvmStateError(f"vCPU {self.id} is already running in another thread")
+                while self._holds:  # its ring is being repaired: a short wait
+                    self._outside.wait()
+                if self._in_run:
+                    raise KvmStateError(f"vCPU {self.id} is already running in another thread")
+                fd = self._acquire_fd()
+                # One statement with no call in it: an asynchronous exception (Ctrl-C raised
+                # between two bytecodes) cannot come between setting the flag and noting that
+                # this call set it, so the finally below always undoes what was done.  (Only
+                # the fd hold can leak, right after it is taken, and a leaked hold of the
+                # thread that closes the vCPU does not hold up close().)
+                self._in_run = entered = True
+                self._running_thread = threading.get_ident()
+                self._exit_gen += 1
             if self._ring is not None:
                 # Where the ring stood, for telling a stuck ring at a ring-full exit (after
                 # _in_run is set, so no other run() can overwrite it; not under the run lock,
@@ -190,10 +196,11 @@ class Vcpu(FdOwner):
                     return Interrupted()
             return self._decode(self._run)
         finally:
-            with self._run_lock:
-                self._running_thread = None
-                self._in_run = False
-            self._release_fd()
+            if entered:
+                with self._run_lock:
+                    self._running_thread = None
+                    self._in_run = False
+                self._release_fd()
 
     def _decode(self, run: _abi.KvmRun) -> VcpuExit:
         reason, f = run.decode()

@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from types import FrameType
+from types import CodeType, FrameType
 
 import click
 
@@ -122,8 +122,19 @@ class DeferredInterrupt:
     """A Ctrl-C noted while :func:`deferred_interrupt` is active: :meth:`check` raises it
     (once) at a point where the code is ready for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, safe: frozenset[CodeType] = frozenset()):
         self.pending = False
+        #: Functions inside which Ctrl-C may be raised at once (e.g. the output callback, which
+        #: may block on a full pipe while no vCPU call is half done).
+        self.safe = safe
+
+    def raise_now(self, frame: FrameType | None) -> bool:
+        """Whether the main thread, interrupted in ``frame``, is inside a safe function."""
+        while frame is not None:
+            if frame.f_code in self.safe:
+                return True
+            frame = frame.f_back
+        return False
 
     def check(self) -> None:
         """Raise :class:`KeyboardInterrupt` if Ctrl-C came since the last check."""
@@ -136,12 +147,14 @@ _deferred: list[DeferredInterrupt] = []
 
 
 @contextlib.contextmanager
-def deferred_interrupt() -> Iterator[DeferredInterrupt]:
+def deferred_interrupt(*safe: Callable[..., object]) -> Iterator[DeferredInterrupt]:
     """While in the block (main thread, inside :func:`sigint_once`), the first Ctrl-C does not
     raise where the main thread happens to be: it is noted, the vCPUs are kicked as usual, and
-    the block raises it by calling :meth:`DeferredInterrupt.check` at a safe point.  On the
-    way out of the block a Ctrl-C still pending is raised."""
-    d = DeferredInterrupt()
+    the block raises it by calling :meth:`DeferredInterrupt.check` at a safe point, or at once
+    if the main thread is inside one of the ``safe`` functions (say, an output callback
+    blocked on a full pipe).  On the way out of the block a Ctrl-C still pending is raised."""
+    d = DeferredInterrupt(frozenset(c for f in safe
+                                    if isinstance(c := getattr(f, "__code__", None), CodeType)))
     _deferred.append(d)
     try:
         yield d
@@ -170,7 +183,7 @@ def sigint_once() -> Iterator[None]:
 
     def first(signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGINT, later)
-        if _deferred:
+        if _deferred and not _deferred[-1].raise_now(frame):
             _deferred[-1].pending = True  # raised by the block at its next safe point
             return
         raise KeyboardInterrupt

@@ -51,7 +51,7 @@ def run_command(ctx: click.Context, kernel: str, mem: int, cmdline: str, timeout
     with (open_kvm(ctx) as kvm,
           MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, irqchip=not no_irqchip) as m,
           kick_on_interrupt(m.vcpu.kick),  # the vCPU runs in this (the main) thread
-          deferred_interrupt() as interrupt):  # raised at the run loop's safe points only
+          deferred_interrupt(stream) as interrupt):  # raised at safe points only
         result = m.run(timeout=timeout, on_output=stream, on_interrupted=interrupt.check)
     if vga:
         sep = b"\n" if result.output and not result.output.endswith(b"\n") else b""
