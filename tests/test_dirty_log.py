@@ -40,6 +40,8 @@ from guests import wait_until
 ITERATIONS = 50
 #: The tracker's worker interval while the vCPUs run: several passes per iteration.
 TRACKER_INTERVAL = 0.002
+#: Guest writes each iteration waits for (so that every iteration does real work).
+MIN_WRITES = 60
 #: A worker that never wakes by itself (stop() still ends it at once).
 NO_WORKER = 3600.0
 
@@ -170,6 +172,8 @@ def dirty_log_test(kvm: Kvm, mode: str, vcpus: int, iterations: int = ITERATIONS
                 threads = [threading.Thread(target=vcpu_thread, args=(j, stop_vcpus))
                            for j in range(vcpus)]
                 ct = threading.Thread(target=collector_thread)
+                writes_before, collections_before = w.total_writes(), stats.collections
+                passes_before = tracker.passes if tracker is not None else 0
                 ct.start()
                 for t in threads:
                     t.start()
@@ -177,7 +181,18 @@ def dirty_log_test(kvm: Kvm, mode: str, vcpus: int, iterations: int = ITERATIONS
                     wait_until(lambda: stats.ring_fulls > fulls_before or bool(errors),  # noqa: B023
                                what="a ring-full exit")
                 else:
-                    time.sleep(rng.uniform(0.002, 0.012))  # how long the vCPUs run
+                    # Real work by construction, however busy the machine: writes, collections
+                    # while the vCPUs run, and a worker pass; then a random moment more (where
+                    # the stop falls is part of the test).
+                    def worked(w0: int = writes_before, c0: int = collections_before,
+                               p0: int = passes_before) -> bool:
+                        return bool(errors) or (
+                            w.total_writes() >= w0 + MIN_WRITES and stats.collections >= c0 + 3
+                            and (tracker is None or tracker.passes > p0))
+
+                    wait_until(worked,
+                               what="writes, collections and a worker pass while the vCPUs run")
+                    time.sleep(rng.uniform(0, 0.008))  # the random moment, not a synchronisation
                 stop_vcpus.set()
                 for v in w.vcpus:
                     v.kick()
