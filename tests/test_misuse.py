@@ -14,6 +14,7 @@ import pytest
 
 from kvmio import (
     Hlt,
+    Interrupted,
     Kvm,
     KvmClosedError,
     KvmError,
@@ -27,6 +28,7 @@ from kvmio import (
 )
 from kvmio.guests.workload import MEM_SLOT, Workload
 from kvmio.tracker import DirtyTracker
+from kvmio.vcpu import kick_running
 
 from guests import wait_until
 
@@ -387,3 +389,20 @@ def test_a_ctrl_c_raised_inside_run_leaves_the_vcpu_usable_and_closable(
         monkeypatch.undo()
         assert not v.running
     assert v.closed and w.vm.closed  # the with block closed everything, without waiting
+
+
+def test_kick_running_reaches_the_vcpus_in_kvm_run_of_one_thread(kvm: Kvm) -> None:
+    """What the command line's Ctrl-C helper calls: every vCPU inside KVM_RUN in the given
+    thread is kicked, others are left alone, whether or not anyone registered them."""
+    with Workload(kvm, mem_size=16 << 20) as w:  # the guest writes for ever
+        v = w.vcpus[0]
+        got: list[object] = []
+        t = threading.Thread(target=lambda: got.append(w.run_vcpu(0)))
+        t.start()
+        wait_until(lambda: v.running_thread == t.ident, what="the vCPU inside KVM_RUN")
+        assert kick_running(threading.get_ident()) == 0  # nothing runs in this thread
+        assert t.is_alive()
+        assert kick_running(t.ident) == 1
+        t.join(30)
+        assert not t.is_alive() and isinstance(got[0], Interrupted)
+        assert kick_running() == 0  # nothing inside run() any more

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from kvmio import _abi, _check
 from kvmio._abi import IS_X86, FdOwner, Mapping, ffi, lib
 from kvmio.errors import (
     DirtyRingOverrunError,
+    KvmClosedError,
     KvmError,
     KvmInvalidArgumentError,
     KvmStateError,
@@ -42,6 +44,27 @@ if TYPE_CHECKING:
 
 #: Ring-full exits in a row with nothing to harvest before kvmio declares the ring overrun.
 RING_FULL_STUCK_LIMIT = 3
+
+
+# vCPUs inside run(), for kick_running(): weak, so that a dropped vCPU is never kept alive.
+_RUNNING: weakref.WeakSet[Vcpu] = weakref.WeakSet()
+_RUNNING_LOCK = threading.Lock()
+
+
+def kick_running(thread: int | None = None) -> int:
+    """Kick every vCPU that is inside :meth:`Vcpu.run` now (only those running in ``thread``,
+    a ``threading.get_ident()``, if given); returns how many.  For a signal helper thread: a
+    Ctrl-C that the kernel delivered to another thread leaves a vCPU in KVM_RUN until the
+    guest exits, which a guest busy faulting in gigabytes of memory may not do for seconds."""
+    with _RUNNING_LOCK:
+        vcpus = list(_RUNNING)
+    n = 0
+    for v in vcpus:
+        if thread is None or v.running_thread == thread:
+            with contextlib.suppress(KvmClosedError):
+                v.kick()
+                n += 1
+    return n
 
 
 class Vcpu(FdOwner):
@@ -109,6 +132,11 @@ class Vcpu(FdOwner):
     def running(self) -> bool:
         """Whether a thread is inside :meth:`run` now."""
         return self._in_run
+
+    @property
+    def running_thread(self) -> int | None:
+        """The ``threading.get_ident()`` of the thread inside KVM_RUN now, if any."""
+        return self._running_thread
 
     @contextlib.contextmanager
     def outside_run(self) -> Iterator[None]:
@@ -182,6 +210,8 @@ class Vcpu(FdOwner):
                 self._in_run = entered = True
                 self._running_thread = threading.get_ident()
                 self._exit_gen += 1
+                with _RUNNING_LOCK:
+                    _RUNNING.add(self)
             if self._ring is not None:
                 # Where the ring stood, for telling a stuck ring at a ring-full exit (after
                 # _in_run is set, so no other run() can overwrite it; not under the run lock,
@@ -197,6 +227,8 @@ class Vcpu(FdOwner):
             return self._decode(self._run)
         finally:
             if entered:
+                with _RUNNING_LOCK:
+                    _RUNNING.discard(self)
                 with self._run_lock:
                     self._running_thread = None
                     self._in_run = False

@@ -30,6 +30,7 @@ from types import CodeType, FrameType
 import click
 
 from kvmio.errors import KvmError
+from kvmio.vcpu import kick_running
 
 __all__ = ["EXIT_INTERRUPTED", "DeferredInterrupt", "check_utf8_args", "deferred_interrupt",
            "error_boundary", "error_context", "kick_on_interrupt", "sigint_once"]
@@ -102,7 +103,8 @@ def kick_on_interrupt(kick: Callable[[], None]) -> Iterator[None]:
 
 def _kick_on_sigint(fd: int) -> None:
     """The helper thread: Python's C-level signal handler writes the number of every signal it
-    catches to ``fd`` (``signal.set_wakeup_fd``); each SIGINT kicks the registered vCPUs."""
+    catches to ``fd`` (``signal.set_wakeup_fd``); each SIGINT kicks the registered vCPUs and
+    every vCPU inside KVM_RUN in the main thread."""
     while True:
         try:
             data = os.read(fd, 64)
@@ -116,6 +118,9 @@ def _kick_on_sigint(fd: int) -> None:
             for kick in kickers:
                 with contextlib.suppress(Exception):
                     kick()
+            # Any vCPU in KVM_RUN in the main thread, registered or not (the benchmark's
+            # guests run there): the signal may have been delivered to another thread.
+            kick_running(threading.main_thread().ident)
 
 
 class DeferredInterrupt:
