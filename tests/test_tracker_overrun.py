@@ -169,7 +169,9 @@ def test_a_bss_clear_is_survived_and_tracking_goes_on_losslessly(kvm: Kvm,
     """With only ring-full exits harvesting, the clear overruns the 4096-entry ring by
     construction (each emulation batch pushes ~1024 entries past the soft limit, and the
     ring-full exit comes only at the batch's end).  With a busy worker too, harvests race the
-    kernel lapping the ring, and a reset may stop short: the ring is brought back in step."""
+    kernel lapping the ring, and a reset may stop short: the ring is brought back in step; or
+    the worker keeps up with the clear (whether it does is timing, so either is accepted, and
+    every cleared page must then be reported)."""
     from kvmio.guests.multiboot import MultibootMachine, StopReason
 
     later = 300
@@ -183,9 +185,15 @@ def test_a_bss_clear_is_survived_and_tracking_goes_on_losslessly(kvm: Kvm,
             first = m.run(timeout=300, on_ring_full=tracker.on_ring_full)
             assert first.reason == StopReason.HALTED, first.summary()
             cleared = tracker.take()
-            assert tracker.overrun_events  # it did overrun, and was survived
-            assert cleared.wholly_dirty == {slot}
-            assert cleared.slots[slot].pages == m.ram.num_pages
+            if interval == NO_WORKER or tracker.overrun_events:
+                assert tracker.overrun_events  # it did overrun, and was survived
+                assert cleared.wholly_dirty == {slot}
+                assert cleared.slots[slot].pages == m.ram.num_pages
+            else:  # the worker kept up: the cleared pages, each of them, and nothing lost
+                cleared_pages: set[int] = set()
+                for gpa, length in cleared:
+                    cleared_pages |= set(range(gpa // 4096, (gpa + length) // 4096))
+                assert {0x400 + i for i in range(256)} <= cleared_pages
             second = m.run(timeout=300, on_ring_full=tracker.on_ring_full)
             assert second.reason == StopReason.HALTED, second.summary()
             got = tracker.take(final=True)
