@@ -21,6 +21,7 @@ from guests import burst, wait_until
 
 #: What a strict tracker raises at the burst guest's overrun (a full ring, or a hole).
 OVERRUN = r"dirty ring of vCPU 0 overrun: .* dirty pages may have been lost"
+SHORT_RESET = r"KVM_RESET_DIRTY_RINGS reset \d+ entries but \d+ were harvested"
 
 
 def _ring_full(tracker: DirtyTracker) -> RingFullHandler | None:
@@ -191,12 +192,14 @@ def test_worker_error_reaches_the_caller(kvm: Kvm) -> None:
         tracker.start()
         w.run_vcpu(0, on_ring_full=tracker.on_ring_full)  # 100 entries in the ring
         burst(w)
-        with pytest.raises(DirtyRingOverrunError, match=OVERRUN):
+        # The ring found overrun, or (when the busy worker's harvest raced the kernel lapping
+        # the ring) a reset that fell short: strict, either is the tracker's error.
+        with pytest.raises(DirtyRingOverrunError, match=rf"{OVERRUN}|{SHORT_RESET}"):
             w.run_vcpu(0, on_ring_full=tracker.on_ring_full)
         wait_until(lambda: tracker.error is not None or not tracker.running,
                    what="the worker to stop on the error")
         err = tracker.error
-        assert isinstance(err, DirtyRingOverrunError) and err.vcpu == 0
+        assert isinstance(err, DirtyRingOverrunError) and err.vcpu in (0, None)
         for call in (tracker.take, tracker.stop, tracker.close):
             with pytest.raises(DirtyRingOverrunError) as e:
                 call()
