@@ -129,7 +129,6 @@ class _Lib:
     kvmio_ring_skip_hole: Callable[..., int]
     kvmio_ring_sweep: Callable[..., int]
     kvmio_rings_collect: Callable[..., int]
-    kvmio_rings_harvest: Callable[..., int]
     kvmio_run_fail_entry: Callable[..., Any]
     kvmio_run_hw: Callable[..., Any]
     kvmio_run_internal: Callable[..., Any]

@@ -29,7 +29,7 @@ struct kvmio_exit_system_event { uint32_t type; uint32_t ndata; uint64_t data[16
 struct kvmio_exit_hw { uint64_t hardware_exit_reason; };
 """
 
-# The control entry of one ring for kvmio_rings_harvest (declared to cffi and compiled alike).
+# The control entry of one ring for kvmio_rings_collect (declared to cffi and compiled alike).
 RING_CTL = """
 struct kvmio_ring_ctl {
     struct kvm_dirty_gfn *gfns;
@@ -223,8 +223,6 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
                             uint32_t window);
 uint32_t kvmio_ring_count_dirty(struct kvm_dirty_gfn *ring, uint32_t size);
 """ + RING_CTL + """
-uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
-                             uint64_t *offsets, int *signals);
 uint32_t kvmio_ring_skip_hole(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index);
 void kvmio_ring_mark_harvested(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
                                uint32_t count);
@@ -480,6 +478,15 @@ static inline int kvmio_gfn_dirty(struct kvm_dirty_gfn *e)
     return __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) == KVM_DIRTY_GFN_F_DIRTY;
 }
 
+/* Take one entry found dirty (by a load-acquire of its flags): copy slot and offset, then
+ * store-release RESET, so that KVM sees the copy done before the entry is handed back. */
+static inline void kvmio_take(struct kvm_dirty_gfn *e, uint32_t *slot, uint64_t *offset)
+{
+    *slot = e->slot;
+    *offset = e->offset;
+    __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+}
+
 /* Why holes need no scan while no overrun was seen (the caller passes window 0 then, and the
  * whole ring, size - 1, once one was): KVM pushes entries in order, one position after the
  * other, and only KVM makes an entry dirty.  The entry just before the index, at position
@@ -501,9 +508,7 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
         struct kvm_dirty_gfn *e = &ring[i & mask];
         if (!kvmio_gfn_dirty(e))
             break;
-        slots[n] = e->slot;
-        offsets[n] = e->offset;
-        __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+        kvmio_take(e, &slots[n], &offsets[n]);
         i++;
         n++;
     }
@@ -536,8 +541,8 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
  * caught up. */
 """ + RING_CTL + r"""
 
-uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
-                             uint64_t *offsets, int *signals)
+static uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                                    uint64_t *offsets, int *signals)
 {
     uint32_t total = 0;
     int sig = 0;
@@ -609,9 +614,7 @@ uint32_t kvmio_ring_sweep(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t st
         struct kvm_dirty_gfn *e = &ring[(start + k) & mask];
         if (!kvmio_gfn_dirty(e))
             continue;
-        slots[n] = e->slot;
-        offsets[n] = e->offset;
-        __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+        kvmio_take(e, &slots[n], &offsets[n]);
         n++;
     }
     return n;

@@ -684,23 +684,21 @@ class Vm(FdOwner):
                 else:
                     for ring, got in busy:
                         per_vcpu[ring.vcpu_id] = PageSet.from_entries(got, sizes)[0]
-                if with_bitmap:
-                    return self._with_backup_bitmap(pages, regions, harvest, dropped, per_vcpu)
-                return DirtyPages(pages, regions, harvest.entries, dropped, per_vcpu,
-                                  harvest.overruns, harvest.time)
-            for ring, got in busy:
-                ps, d = PageSet.from_entries(got, sizes)
-                per_vcpu[ring.vcpu_id] = ps
-                dropped += d
-            if len(per_vcpu) == 1 and not harvest.orphans and not self._unreported:
-                pages = next(iter(per_vcpu.values()))  # one source: nothing to merge
             else:
-                orphans, d = PageSet.from_entries(DirtyEntries.concat(harvest.orphans), sizes)
-                dropped += d
-                with self._lock:
-                    unreported, self._unreported = self._unreported, PageSet()
-                unreported, _ = unreported.restrict(sizes)
-                pages = orphans.union(unreported, *per_vcpu.values())
+                for ring, got in busy:
+                    ps, d = PageSet.from_entries(got, sizes)
+                    per_vcpu[ring.vcpu_id] = ps
+                    dropped += d
+                if len(per_vcpu) == 1 and not harvest.orphans and not self._unreported:
+                    pages = next(iter(per_vcpu.values()))  # one source: nothing to merge
+                else:
+                    orphans, d = PageSet.from_entries(DirtyEntries.concat(harvest.orphans),
+                                                      sizes)
+                    dropped += d
+                    with self._lock:
+                        unreported, self._unreported = self._unreported, PageSet()
+                    unreported, _ = unreported.restrict(sizes)
+                    pages = orphans.union(unreported, *per_vcpu.values())
             if with_bitmap:
                 return self._with_backup_bitmap(pages, regions, harvest, dropped, per_vcpu)
             return DirtyPages(pages, regions, harvest.entries, dropped, per_vcpu,

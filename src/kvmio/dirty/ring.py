@@ -142,7 +142,7 @@ _MAX_GROUPS = int(lib.KVMIO_DEDUP_MAX_GROUPS)
 
 
 class _DedupBuffers(threading.local):
-    """Per-thread working memory of the dedup: group arrays, scratch and a page pool."""
+    """Per-thread working memory of the dedup: group arrays, and page and scratch buffers."""
 
     def __init__(self) -> None:
         self.groups = ffi.new("uint32_t[]", 4 * _MAX_GROUPS)
@@ -151,30 +151,19 @@ class _DedupBuffers(threading.local):
         self.glen = self.groups + 2 * _MAX_GROUPS
         self.gentries = self.groups + 3 * _MAX_GROUPS
         self.scratch = np.zeros(0, dtype=np.uint64)
-        self.pages: list[npt.NDArray[np.uint64]] = []
-        self.baseline = -1
+        self.pool: _OutputPool | None = None
 
-    def scratch_for(self, n: int) -> npt.NDArray[np.uint64]:
-        if len(self.scratch) < n:
-            self.scratch = np.zeros(max(n, 2 * len(self.scratch)), dtype=np.uint64)
-        return self.scratch
-
-    def pages_for(self, n: int) -> npt.NDArray[np.uint64]:
-        """A page buffer of at least ``n`` items that nobody else holds (two kept, as the
-        output pool does: reused when only this list refers to it)."""
-        if n < _POOL_FROM or not _GIL:
-            return np.empty(n, dtype=np.uint64)
-        for k in range(len(self.pages)):
-            if len(self.pages[k]) >= n and sys.getrefcount(self.pages[k]) == self.baseline:
-                return self.pages[k]
-        buf = np.zeros(max(n, 65536), dtype=np.uint64)
-        buf.fill(0)  # fault the pages in now, once
-        if len(self.pages) >= 2:
-            self.pages.pop(0)
-        self.pages.append(buf)
-        del buf
-        self.baseline = sys.getrefcount(self.pages[-1])
-        return self.pages[-1]
+    def buffers(self, n: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        """A page buffer that nobody else holds and a scratch buffer, ``n`` items at least:
+        for few entries a fresh page array and a scratch array kept here; for many, a pair
+        from an output pool of prefaulted buffers (reused once the caller dropped the pages)."""
+        if n < _POOL_FROM:
+            if len(self.scratch) < n:
+                self.scratch = np.zeros(max(n, 2 * len(self.scratch)), dtype=np.uint64)
+            return np.empty(n, dtype=np.uint64), self.scratch
+        if self.pool is None or self.pool.size < n:
+            self.pool = _OutputPool(max(n, 65536), np.uint64)
+        return self.pool.get()
 
 
 _dedup_buffers = _DedupBuffers()
@@ -183,8 +172,7 @@ _dedup_buffers = _DedupBuffers()
 def _dedup(slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64], n: int
            ) -> list[tuple[int, npt.NDArray[np.uint64], int]]:
     b = _dedup_buffers
-    pages = b.pages_for(n)
-    scratch = b.scratch_for(n)
+    pages, scratch = b.buffers(n)
     if slots.dtype != np.uint32 or not slots.flags.c_contiguous:
         slots = np.ascontiguousarray(slots, dtype=np.uint32)
     if offsets.dtype != np.uint64 or not offsets.flags.c_contiguous:
@@ -254,11 +242,8 @@ class _OutputPool:
         if not _GIL:
             pair = self.get()
             return (*pair, *self._pointers(pair))
-        for k in range(len(self._pairs)):
-            if self._refs(k) == (self._baseline, self._baseline):
-                return (*self._pairs[k], *self._ptrs[k])
-        self.get()  # allocates a pair (the last one)
-        return (*self._pairs[-1], *self._ptrs[-1])
+        k = self._free()
+        return (*self._pairs[k], *self._ptrs[k])
 
     def _refs(self, k: int) -> tuple[int, int]:
         # The same expression is used to calibrate and to check, so the temporary references
@@ -266,11 +251,16 @@ class _OutputPool:
         return sys.getrefcount(self._pairs[k][0]), sys.getrefcount(self._pairs[k][1])
 
     def get(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint64]]:
+        """A free pair (``size`` items each)."""
         if not _GIL:  # reference counts are no proof of ownership without the GIL
             return np.empty(self.size, dtype=self._first), np.empty(self.size, dtype=np.uint64)
+        return self._pairs[self._free()]
+
+    def _free(self) -> int:
+        """The index of a pair nothing but the pool refers to, allocating one if none is."""
         for k in range(len(self._pairs)):
             if self._refs(k) == (self._baseline, self._baseline):
-                return self._pairs[k]
+                return k
         pair = (np.empty(self.size, dtype=self._first), np.empty(self.size, dtype=np.uint64))
         pair[0].fill(0)  # fault the pages in now, once (np.zeros would leave them untouched)
         pair[1].fill(0)
@@ -281,7 +271,7 @@ class _OutputPool:
         self._ptrs.append(self._pointers(pair))
         del pair
         self._baseline = self._refs(len(self._pairs) - 1)[0]
-        return self._pairs[-1]
+        return len(self._pairs) - 1
 
 
 def _harvest_raw(gfns: object, size: int, index: object, stop: object, limit: int,
@@ -702,7 +692,7 @@ class DirtyRing:
 
     def fill_native_ctl(self, ctl: object, k: int) -> None:
         """Point entry ``k`` of a ``struct kvmio_ring_ctl[]`` at this ring, for the ring set's
-        harvest of every ring in one native call (``kvmio_rings_harvest``).  Under the lock, on
+        harvest of every ring in one native call (``kvmio_rings_collect``).  Under the lock, on
         an open ring: the pointers stay valid until :meth:`close`, which needs the lock, and
         the ring set refills its control array after any ring closed.  The ring keeps the
         array (an owning cdata) and writes its hole window there whenever it changes."""
@@ -742,7 +732,7 @@ class DirtyRing:
     def settle_native(self, slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64],
                       n: int, *, on_overrun: OverrunPolicy = "raise",
                       copy: bool = True) -> DirtyEntries:
-        """Account for a harvest that ``kvmio_rings_harvest`` made of this ring (under the
+        """Account for a harvest that ``kvmio_rings_collect`` made of this ring (under the
         ring set's lock): ``n`` entries in ``slots``/``offsets``, its stop value in the ring's
         own cell.  Checks for an overrun and returns the entries, stashed ones first, exactly
         as :meth:`harvest` does.  ``copy=False`` returns views of ``slots``/``offsets`` even

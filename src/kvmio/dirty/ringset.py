@@ -356,7 +356,7 @@ class RingSet:
                             f"{r!r} is not a ring of this ring set")
             live = [r for r in todo if not r.closed]
             harvested: list[tuple[DirtyRing, DirtyEntries]] = []
-            orphans, self._orphans = self._orphans, []
+            orphans = self.take_orphans()
             groups = None
             try:
                 if live:
@@ -375,7 +375,7 @@ class RingSet:
                 why = ring.take_overrun_report()
                 if why is not None:
                     overruns[ring.vcpu_id] = why
-            if self._reset_report is not None:
-                report, self._reset_report = self._reset_report, None
+            report = self.take_reset_report()
+            if report is not None:
                 overruns[report[0]] = report[1]
             return Harvest(harvested, orphans, overruns, t, groups)
