@@ -41,7 +41,7 @@ from kvmio.dirty.ring import (
     DirtyRing,
     harvest_array,
 )
-from kvmio.dirty.ringset import RingSet
+from kvmio.dirty.ringset import QuickHarvest, RingSet
 from kvmio.errors import DirtyRingOverrunError, KvmInvalidArgumentError
 
 DIRTY, RESET = 1, 2
@@ -207,6 +207,38 @@ class RingProtocol(RuleBasedStateMachine):
         if stopped_short and self.kernel.hole(self.ring.index):
             assert self.ring.hole_pending, (
                 f"a hole was reported as empty (ring of {self.size}, index {self.ring.index})")
+
+    @rule()
+    def collect(self) -> None:
+        """A whole collection as the VM makes it: the quick native path when the ring set is
+        quiet (its reset through the model, as a caller without a VM fd does), else the
+        general transaction."""
+        rs = self.kernel.ring_set
+        lost_before = self.kernel.lost_unharvested
+        self.kernel.reset_saw_overwrite = False
+        try:
+            got = rs.collect_quick(-1, "report")
+            if got is None:
+                got = rs.harvest_and_reset(on_overrun="report")
+        except DirtyRingOverrunError:  # more recycled than harvested: never short
+            self.reported = True
+            return
+        if isinstance(got, QuickHarvest):
+            entries = got.entries_of()
+            overruns = {}
+        else:
+            entries, overruns = got.all_entries(), got.overruns
+        if overruns:
+            self.reported = True
+        offsets = entries.offsets.tolist()
+        assert not self.seen.intersection(offsets), "an entry was harvested twice"
+        self.seen.update(offsets)
+        if not self.overrun:
+            self.harvested_in_step.extend(offsets)
+        if lost_before:
+            assert self.ring.overruns > 0 or self.reported, "an overwrite went unreported"
+        if not self.overrun and not self.kernel.reset_saw_overwrite:
+            assert self.ring.pending_reset == 0  # reset == harvested, in step
 
     @precondition(lambda self: hasattr(self, "ring") and (self.ring.hole_pending
                                                          or self.ring.shortfall > 0))

@@ -7,6 +7,12 @@ from typing import Any
 
 class _Lib:
     KVMIO: int
+    KVMIO_COLLECT_NEED_BUFFERS: int
+    KVMIO_COLLECT_NOT_RESET: int
+    KVMIO_COLLECT_RESET_FAILED: int
+    KVMIO_COLLECT_RESET_MISMATCH: int
+    KVMIO_COLLECT_SIGNALLED: int
+    KVMIO_COLLECT_TOO_MANY_SLOTS: int
     KVMIO_DEDUP_MAX_GROUPS: int
     KVMIO_PAGE_SIZE: int
     KVMIO_RING_LAPPED: int
@@ -129,6 +135,7 @@ class _Lib:
     kvmio_ring_skip_hole: Callable[..., int]
     kvmio_ring_sweep: Callable[..., int]
     kvmio_rings_collect: Callable[..., int]
+    kvmio_rings_collect_reset: Callable[..., int]
     kvmio_run_fail_entry: Callable[..., Any]
     kvmio_run_hw: Callable[..., Any]
     kvmio_run_internal: Callable[..., Any]

@@ -42,6 +42,17 @@ struct kvmio_ring_ctl {
 };
 """
 
+# What kvmio_rings_collect_reset reports besides its return value (declared and compiled alike).
+COLLECT_OUT = """
+struct kvmio_collect_out {
+    double harvested_at;
+    uint32_t total;
+    uint32_t reset;
+    int32_t reset_errno;
+    int32_t signals;
+};
+"""
+
 # Declarations every architecture shares.
 CDEF_COMMON = """
 #define KVM_API_VERSION ...
@@ -238,6 +249,17 @@ int32_t kvmio_rings_collect(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t
                             uint64_t *offsets, int *signals, uint32_t *total, uint64_t *pages,
                             uint64_t *scratch, uint32_t *gslot, uint32_t *gstart,
                             uint32_t *glen, uint32_t *gentries);
+#define KVMIO_COLLECT_TOO_MANY_SLOTS ...
+#define KVMIO_COLLECT_SIGNALLED ...
+#define KVMIO_COLLECT_RESET_FAILED ...
+#define KVMIO_COLLECT_RESET_MISMATCH ...
+#define KVMIO_COLLECT_NOT_RESET ...
+#define KVMIO_COLLECT_NEED_BUFFERS ...
+""" + COLLECT_OUT + """
+int32_t kvmio_rings_collect_reset(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                                  uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
+                                  uint32_t *groups, int vm_fd, unsigned long reset_request,
+                                  struct kvmio_collect_out *out);
 int32_t kvmio_collect_reference(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t *index,
                                 int vm_fd, unsigned long reset_request, uint32_t *slots,
                                 uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
@@ -378,6 +400,7 @@ SOURCE = r"""
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
 
@@ -539,7 +562,7 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
  * ring pointer is mapped.  Returns the total; *signals is the OR of every ring's stop bits
  * beyond KVMIO_RING_STOP_EMPTY (a hole, a limit, a lapped ring), 0 when all were simply
  * caught up. */
-""" + RING_CTL + r"""
+""" + RING_CTL + COLLECT_OUT + r"""
 
 static uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
                                     uint64_t *offsets, int *signals)
@@ -780,6 +803,90 @@ int32_t kvmio_rings_collect(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t
     if (n == 0)
         return 0;
     return kvmio_dedup(slots, offsets, n, pages, scratch, gslot, gstart, glen, gentries);
+}
+
+/* A whole collection in one call, for a ring set whose accounting is clean (nothing pending,
+ * stashed or suspect: see RingSet.collect_quick): every ring harvested as kvmio_rings_collect
+ * does, the harvest time taken (CLOCK_MONOTONIC, as Python's time.monotonic()), then, if no
+ * ring signalled anything and something was harvested, KVM_RESET_DIRTY_RINGS on vm_fd repeated
+ * only while the sum of its counts is short of the harvest (a pending signal cuts it short;
+ * it returns 0 once nothing is left), and only when the sum matches, the grouping and dedup.
+ * vm_fd < 0 skips the reset (for a caller that resets itself).  With slots == NULL (and the
+ * other buffers unused) it only probes: KVMIO_COLLECT_NEED_BUFFERS if a harvest could take or
+ * signal anything, else 0 exactly as an empty harvest.  `groups` holds
+ * 4 * KVMIO_DEDUP_MAX_GROUPS cells: slot, start, length, entries per group.
+ * Returns the number of groups (0: nothing harvested), or
+ *   KVMIO_COLLECT_TOO_MANY_SLOTS  reset matched, but too many slots for the grouping;
+ *   KVMIO_COLLECT_SIGNALLED       a ring signalled (hole, full, lapped): nothing reset;
+ *   KVMIO_COLLECT_RESET_FAILED    a reset call failed (out->reset_errno), after out->reset;
+ *   KVMIO_COLLECT_RESET_MISMATCH  the resets' sum (out->reset) differs from the harvest;
+ *   KVMIO_COLLECT_NOT_RESET       vm_fd < 0: harvested, nothing reset, not grouped;
+ *   KVMIO_COLLECT_NEED_BUFFERS    the probe found something: call again with buffers.
+ * In every case ctl[k].n and out->total say what was harvested, and the caller accounts. */
+#define KVMIO_COLLECT_TOO_MANY_SLOTS (-1)
+#define KVMIO_COLLECT_SIGNALLED (-2)
+#define KVMIO_COLLECT_RESET_FAILED (-3)
+#define KVMIO_COLLECT_RESET_MISMATCH (-4)
+#define KVMIO_COLLECT_NOT_RESET (-5)
+#define KVMIO_COLLECT_NEED_BUFFERS (-6)
+#define KVMIO_COLLECT_MAX_RESETS (1u << 20)
+
+int32_t kvmio_rings_collect_reset(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                                  uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
+                                  uint32_t *groups, int vm_fd, unsigned long reset_request,
+                                  struct kvmio_collect_out *out)
+{
+    struct timespec ts;
+    int signals = 0;
+    uint32_t n, sum = 0;
+
+    if (slots == NULL) {
+        /* The probe: if no ring has an entry at its index (nor just before it: a lapped ring)
+         * and none scans for holes, a harvest would take nothing and signal nothing. */
+        for (uint32_t k = 0; k < count; k++) {
+            const struct kvmio_ring_ctl *c = &ctl[k];
+            const uint32_t i = *c->index, mask = c->size - 1;
+            if (c->window || kvmio_gfn_dirty(&c->gfns[i & mask])
+                    || kvmio_gfn_dirty(&c->gfns[(i - 1) & mask]))
+                return KVMIO_COLLECT_NEED_BUFFERS;
+        }
+        for (uint32_t k = 0; k < count; k++) {
+            ctl[k].n = 0;
+            *ctl[k].stop = KVMIO_RING_STOP_EMPTY;
+        }
+        n = 0;
+    } else {
+        n = kvmio_rings_harvest(ctl, count, slots, offsets, &signals);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    out->harvested_at = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    out->total = n;
+    out->reset = 0;
+    out->reset_errno = 0;
+    out->signals = signals;
+    if (signals)
+        return KVMIO_COLLECT_SIGNALLED;
+    if (n == 0)
+        return 0;
+    if (vm_fd < 0)
+        return KVMIO_COLLECT_NOT_RESET;
+    for (uint32_t calls = 0; calls < KVMIO_COLLECT_MAX_RESETS && sum < n; calls++) {
+        int r = ioctl(vm_fd, reset_request, 0);
+        if (r < 0) {
+            out->reset = sum;
+            out->reset_errno = errno;
+            return KVMIO_COLLECT_RESET_FAILED;
+        }
+        if (r == 0)
+            break;
+        sum += (uint32_t)r;
+    }
+    out->reset = sum;
+    if (sum != n)
+        return KVMIO_COLLECT_RESET_MISMATCH;
+    return kvmio_dedup(slots, offsets, n, pages, scratch, groups,
+                       groups + KVMIO_DEDUP_MAX_GROUPS, groups + 2 * KVMIO_DEDUP_MAX_GROUPS,
+                       groups + 3 * KVMIO_DEDUP_MAX_GROUPS);
 }
 
 /* Reference for the benchmark: the minimal C collection of one ring, as a C program would

@@ -8,7 +8,7 @@ one.  Guest physical addresses need the slots' bases, which the caller passes in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,6 @@ import numpy.typing as npt
 from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.ring import DirtyEntries, sorted_unique
 from kvmio.errors import KvmInvalidArgumentError
-from kvmio.memory import SlotId
 
 Pages = npt.NDArray[np.uint64]
 
@@ -112,24 +111,27 @@ class PageSet(Mapping[int, Pages]):
         return cls.from_groups(entries.slot_groups(), slot_pages, entries)
 
     @classmethod
-    def from_groups(cls, groups: list[tuple[int, Pages, int]], slot_pages: Mapping[int, int],
-                    entries: DirtyEntries) -> tuple[PageSet, int]:
+    def from_groups(cls, groups: Sequence[tuple[int, Pages, int]], slot_pages: Mapping[int, int],
+                    entries: DirtyEntries | Callable[[], DirtyEntries]) -> tuple[PageSet, int]:
         """As :meth:`from_entries`, from ``entries`` already grouped by
-        :meth:`DirtyEntries.slot_groups` (or by the compiled collection)."""
+        :meth:`DirtyEntries.slot_groups` (or by the compiled collection).  ``entries`` may be
+        a function that returns them: it is called only to count entries beyond a slot's end."""
         out: dict[int, Pages] = {}
         dropped = 0
         for raw, pages, count in groups:
-            sid = SlotId.decode(raw)
-            size = slot_pages.get(sid.slot)
-            if sid.address_space != 0 or size is None:
+            slot = raw & 0xFFFF  # SlotId.decode(raw), without an object per group
+            size = slot_pages.get(slot)
+            if raw >> 16 or size is None:  # another address space, or no such slot
                 dropped += count
                 continue
             if int(pages[-1]) >= size:  # beyond: a deleted, smaller successor (sorted pages)
+                if callable(entries):
+                    entries = entries()
                 sel = (entries.slots == raw) & (entries.offsets >= size)
                 dropped += int(np.count_nonzero(sel))
                 pages = pages[:int(np.searchsorted(pages, np.uint64(size)))]
             if len(pages):
-                out[sid.slot] = pages
+                out[slot] = pages
         return cls._trusted(out), dropped
 
     @classmethod

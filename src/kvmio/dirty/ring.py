@@ -551,6 +551,20 @@ class DirtyRing:
             if not (self.hole_pending or self._shortfall or self._lapped):
                 self._suspect = False
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing pending a reset, stashed, suspect, lapped, short of a reset, reported or
+        closed: a collection of this ring needs no accounting beyond counting what it took
+        (the ring set's quick collection, under its lock).  Ownership is the caller's check."""
+        return not (self._pending_reset or self._stash or self._suspect or self._lapped
+                    or self._shortfall or self.hole_pending or self._reported_now is not None
+                    or self._map is None)
+
+    def count_harvested(self, n: int) -> None:
+        """Count ``n`` entries that the ring set's quick collection took from this ring and
+        the kernel recycled, exactly (under the ring set's lock)."""
+        self.harvested_total += n
+
     def settle_reset(self, n: int) -> int:
         """Count ``n`` entries as recycled by a reset (called by the ring set under its lock);
         returns how many of them this ring accounted for."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +67,38 @@ class Harvest:
         return DirtyEntries.concat([*self.orphans, *(g for _, g in self.rings)])
 
 
+class QuickHarvest:
+    """What a clean :meth:`RingSet.collect_quick` took (harvested, reset exactly, deduped).
+
+    ``groups``: sorted distinct pages per raw slot, ``(raw slot, pages, entries)``;
+    ``entries``: entries harvested in all; ``counts``: ``(vCPU id, entries)`` of each ring
+    that had any, in harvest order; ``time``: ``time.monotonic()`` between the harvest and the
+    reset.  :meth:`entries_of` gives the raw entries (views of pooled buffers, valid until the
+    next collection).
+    """
+
+    __slots__ = ("_offsets", "_slots", "counts", "entries", "groups", "time")
+
+    def __init__(self, groups: Sequence[tuple[int, npt.NDArray[np.uint64], int]], entries: int,
+                 counts: Sequence[tuple[int, int]], t: float,
+                 slots: npt.NDArray[np.uint32] | None = None,
+                 offsets: npt.NDArray[np.uint64] | None = None):
+        self.groups = groups
+        self.entries = entries
+        self.counts = counts
+        self.time = t
+        self._slots = slots
+        self._offsets = offsets
+
+    def entries_of(self, k: int | None = None) -> DirtyEntries:
+        """The raw entries of ring ``k`` of :attr:`counts` (default: of all rings)."""
+        if self._slots is None or self._offsets is None:
+            return _NO_ENTRIES
+        at = sum(n for _, n in self.counts[:k]) if k is not None else 0
+        n = self.counts[k][1] if k is not None else self.entries
+        return DirtyEntries(self._slots[at:at + n], self._offsets[at:at + n])
+
+
 class RingSet:
     """The dirty rings of one VM and their shared accounting.
 
@@ -94,6 +126,11 @@ class RingSet:
         self._total = ffi.new("uint32_t *", 0)
         self._page_pool: _OutputPool | None = None
         self._group_cells = ffi.new("uint32_t[]", 4 * _MAX_GROUPS)
+        self._out = ffi.new("struct kvmio_collect_out *")
+        # Bumped whenever a ring joins or leaves; the control array is good for the quick
+        # collection only if it was built for every open ring at the current generation.
+        self._gen = 0
+        self._ctl_gen = -1
 
     def __repr__(self) -> str:
         return f"<RingSet entries={self.entries} rings={sorted(self._rings)}>"
@@ -114,6 +151,7 @@ class RingSet:
             ring = DirtyRing(self, vcpu_id, vcpu_fd, self.entries, outside_run=outside_run,
                              memory=memory)
             self._rings[vcpu_id] = ring
+            self._gen += 1
             return ring
 
     def open_rings(self) -> list[DirtyRing]:
@@ -135,6 +173,7 @@ class RingSet:
         with self.lock:
             if self._rings.get(ring.vcpu_id) is ring:
                 del self._rings[ring.vcpu_id]
+            self._gen += 1
             if len(left):
                 self._orphans.append(left)
             self._orphan_pending += pending
@@ -199,58 +238,63 @@ class RingSet:
                         break
             finally:
                 # Whatever the kernel reset is no longer pending, even if a later call failed.
-                left = total
-                take = min(left, self._orphan_pending)
-                self._orphan_pending -= take
-                left -= take
-                for r in rings if left else ():
-                    left -= r.settle_reset(left)
-            # Matched or not, the kernel has now reset everything it could: start afresh.
-            # Which ring a short reset is to blame on: the only ring harvested since the last
-            # reset, or else the only one of them found full (lapped).  A ring that harvested
-            # nothing contributed nothing to the walk, so it cannot be short.
-            lapped = [r for r in harvested if r.lapped]
-            suspects = harvested if len(harvested) == 1 else lapped
-            self._orphan_pending = 0
-            for r in rings:
-                r.forget_pending()
-            note, self._overrun_note = self._overrun_note, None
-            if total != expected and not (drain and total > expected):
-                why = (f"KVM_RESET_DIRTY_RINGS reset {total} entries but {expected} were "
-                       "harvested since the last reset")
-                # Short because the kernel overwrote some harvested entries of a lapped ring
-                # before the reset reached them: if one ring can be to blame, it owes the
-                # difference, and resync() brings it back in step once its vCPU is out.
-                if on_overrun == "report" and total < expected and len(suspects) == 1:
-                    suspects[0].add_shortfall(expected - total)
-                    self._reset_report = (suspects[0].vcpu_id, why)
-                    return total
-                # No ring can be blamed alone: every ring harvested since the last reset may
-                # be out of step (hole scans over the whole ring from now on), and the next
-                # reset recycles everything it can, uncounted entries included.
-                for r in harvested:
-                    r.mark_suspect()
-                self._drain_next = True
-                raise DirtyRingOverrunError(
-                    f"{why}: the ring's state is inconsistent and dirty pages may have been "
-                    "lost; treat the tracked slots as wholly dirty, and use a bigger ring or "
-                    "bitmap mode", lost=abs(expected - total))
-            if note is not None:
-                if on_overrun == "report":
-                    self._reset_report = (VM_WIDE, note)
-                    return total
-                raise DirtyRingOverrunError(
-                    f"{note}: dirty pages may have been lost; treat the tracked slots as wholly "
-                    "dirty and resynchronise them")
-            return total
+                self._count_reset(total, rings)
+            return self._check_reset(total, expected, drain, rings, harvested, on_overrun)
 
-    def _harvest_native(self, live: list[DirtyRing], on_overrun: OverrunPolicy,
-                        harvested: list[tuple[DirtyRing, DirtyEntries]]
-                        ) -> list[tuple[int, npt.NDArray[np.uint64], int]] | None:
-        """Harvest ``live`` (open rings) in one native call, then let each ring account for
-        its part; ``harvested`` receives ``(ring, entries)`` for every ring, also when one of
-        them raises an overrun (raised after all were accounted for, so that the caller can
-        give every ring's entries back)."""
+    def _count_reset(self, total: int, rings: list[DirtyRing]) -> None:
+        """``total`` entries were recycled by the kernel: no longer pending (orphans first)."""
+        left = total
+        take = min(left, self._orphan_pending)
+        self._orphan_pending -= take
+        left -= take
+        for r in rings if left else ():
+            left -= r.settle_reset(left)
+
+    def _check_reset(self, total: int, expected: int, drain: bool, rings: list[DirtyRing],
+                     harvested: list[DirtyRing], on_overrun: OverrunPolicy) -> int:
+        """After the reset calls: start the accounting afresh and check ``total`` against
+        ``expected`` (see :meth:`reset`)."""
+        # Matched or not, the kernel has now reset everything it could: start afresh.
+        # Which ring a short reset is to blame on: the only ring harvested since the last
+        # reset, or else the only one of them found full (lapped).  A ring that harvested
+        # nothing contributed nothing to the walk, so it cannot be short.
+        lapped = [r for r in harvested if r.lapped]
+        suspects = harvested if len(harvested) == 1 else lapped
+        self._orphan_pending = 0
+        for r in rings:
+            r.forget_pending()
+        note, self._overrun_note = self._overrun_note, None
+        if total != expected and not (drain and total > expected):
+            why = (f"KVM_RESET_DIRTY_RINGS reset {total} entries but {expected} were "
+                   "harvested since the last reset")
+            # Short because the kernel overwrote some harvested entries of a lapped ring
+            # before the reset reached them: if one ring can be to blame, it owes the
+            # difference, and resync() brings it back in step once its vCPU is out.
+            if on_overrun == "report" and total < expected and len(suspects) == 1:
+                suspects[0].add_shortfall(expected - total)
+                self._reset_report = (suspects[0].vcpu_id, why)
+                return total
+            # No ring can be blamed alone: every ring harvested since the last reset may
+            # be out of step (hole scans over the whole ring from now on), and the next
+            # reset recycles everything it can, uncounted entries included.
+            for r in harvested:
+                r.mark_suspect()
+            self._drain_next = True
+            raise DirtyRingOverrunError(
+                f"{why}: the ring's state is inconsistent and dirty pages may have been "
+                "lost; treat the tracked slots as wholly dirty, and use a bigger ring or "
+                "bitmap mode", lost=abs(expected - total))
+        if note is not None:
+            if on_overrun == "report":
+                self._reset_report = (VM_WIDE, note)
+                return total
+            raise DirtyRingOverrunError(
+                f"{note}: dirty pages may have been lost; treat the tracked slots as wholly "
+                "dirty and resynchronise them")
+        return total
+
+    def _prepare_native(self, live: list[DirtyRing]) -> Any:
+        """The control array for ``live`` (open rings) and output pools big enough for all."""
         if self._ctl_rings != live:
             # Control entries point into the rings' mappings: rebuilt whenever the set of open
             # rings differs (a closed ring is never in `live`), and they hold the rings, so an
@@ -260,11 +304,22 @@ class RingSet:
                 ring.fill_native_ctl(ctl, k)
             self._ctl, self._ctl_rings = ctl, list(live)
             self._capacity = sum(r.size for r in live)
-        else:
-            ctl = self._ctl  # each ring keeps its entry's hole window current
+        # `live` are open rings of this set: as many as are open means every one.
+        self._ctl_gen = self._gen if len(live) == len(self._rings) else -1
         if self._pool is None or self._page_pool is None or self._pool.size < self._capacity:
             self._pool = _OutputPool(self._capacity)
             self._page_pool = _OutputPool(self._capacity, np.uint64)
+        return self._ctl  # each ring keeps its entry's hole window current
+
+    def _harvest_native(self, live: list[DirtyRing], on_overrun: OverrunPolicy,
+                        harvested: list[tuple[DirtyRing, DirtyEntries]]
+                        ) -> list[tuple[int, npt.NDArray[np.uint64], int]] | None:
+        """Harvest ``live`` (open rings) in one native call, then let each ring account for
+        its part; ``harvested`` receives ``(ring, entries)`` for every ring, also when one of
+        them raises an overrun (raised after all were accounted for, so that the caller can
+        give every ring's entries back)."""
+        ctl = self._prepare_native(live)
+        assert self._pool is not None and self._page_pool is not None
         slots, offsets, ps, po = self._pool.get_raw()
         pages, scratch, pp, pt = self._page_pool.get_raw()
         g = self._group_cells
@@ -274,6 +329,20 @@ class RingSet:
         ngroups = lib.kvmio_rings_collect(ctl, len(live), ps, po, self._signals, self._total,
                                           pp, pt, g, g + _MAX_GROUPS, g + 2 * _MAX_GROUPS,
                                           g + 3 * _MAX_GROUPS)
+        del scratch
+        return self._settle_native(live, ngroups, int(self._total[0]), on_overrun, harvested,
+                                   slots, offsets, pages)
+
+    def _settle_native(self, live: list[DirtyRing], ngroups: int, total: int,
+                       on_overrun: OverrunPolicy,
+                       harvested: list[tuple[DirtyRing, DirtyEntries]],
+                       slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64],
+                       pages: npt.NDArray[np.uint64]
+                       ) -> list[tuple[int, npt.NDArray[np.uint64], int]] | None:
+        """Every ring's accounting for a native harvest of ``live`` into ``slots``/``offsets``
+        (``ngroups`` > 0: the call grouped the entries into ``pages`` and the group cells; 0:
+        nothing harvested and no ring signalled anything)."""
+        ctl = self._ctl
         # From here on every ring's entries are marked harvested but not yet accounted for:
         # whatever is raised (a Ctrl-C included), the rings not settled yet keep theirs.
         settled = 0
@@ -285,23 +354,8 @@ class RingSet:
                                       if ring.has_stash else _NO_ENTRIES))
                     settled += 1
                 return None
-            groups = None
-            if ngroups > 0:
-                # Sorted distinct pages of every ring's entries.  Few pages (or few for the
-                # buffer) are copied, so that they do not hold the pooled buffer; many are
-                # read-only views of it.
-                total = int(self._total[0])
-                small = total < 1024 or 4 * total < self._capacity
-                out = []
-                for k in range(ngroups):
-                    start = int(g[_MAX_GROUPS + k])
-                    view = pages[start:start + int(g[2 * _MAX_GROUPS + k])]
-                    if small:
-                        view = view.copy()
-                    view.flags.writeable = False
-                    out.append((int(g[k]), view, int(g[3 * _MAX_GROUPS + k])))
-                groups = out
-            del pages, scratch
+            groups = self._groups(ngroups, total, pages) if ngroups > 0 else None
+            del pages
             if groups is not None and any(r.has_stash for r in live):
                 groups = None  # stashed entries come first in their rings: the groups lack them
             first_error: BaseException | None = None
@@ -328,6 +382,117 @@ class RingSet:
         if first_error is not None:
             raise first_error
         return groups
+
+    def _groups(self, ngroups: int, total: int, pages: npt.NDArray[np.uint64]
+                ) -> list[tuple[int, npt.NDArray[np.uint64], int]]:
+        """The native call's groups: sorted distinct pages of every ring's entries per slot.
+        Few pages (or few for the buffer) are copied, so that they do not hold the pooled
+        buffer; many are read-only views of it."""
+        g = self._group_cells
+        small = total < 1024 or 4 * total < self._capacity
+        out = []
+        for k in range(ngroups):
+            start = int(g[_MAX_GROUPS + k])
+            view = pages[start:start + int(g[2 * _MAX_GROUPS + k])]
+            if small:
+                view = view.copy()
+            view.flags.writeable = False
+            out.append((int(g[k]), view, int(g[3 * _MAX_GROUPS + k])))
+        return out
+
+    def quiet(self) -> bool:
+        """Whether a collection of every ring needs no accounting beyond counting: nothing
+        adopted, pending, noted or reported, every open ring :attr:`DirtyRing.quiet`, and the
+        native control array built for exactly the open rings (by an earlier collection)."""
+        with self.lock:
+            return (self._ctl_gen == self._gen and not self._orphans
+                    and not self._orphan_pending and not self._drain_next
+                    and self._overrun_note is None and self._reset_report is None
+                    and all(r.quiet for r in self._ctl_rings))
+
+    def collect_quick(self, reset_fd: int, on_overrun: OverrunPolicy = "raise",
+                      rings: list[DirtyRing] | None = None) -> QuickHarvest | Harvest | None:
+        """The whole harvest -> reset -> dedup of every open ring in one native call, when
+        the set is :meth:`quiet` and ``rings`` is every open ring (its owner's list; default:
+        every open ring, none of them owned by a harvester) (else ``None``, and nothing was
+        done): KVM_RESET_DIRTY_RINGS
+        is issued on ``reset_fd`` (the VM's fd, valid while the caller holds :attr:`lock`;
+        -1: through the ``reset_ioctl`` the set was built with).  A clean result is a
+        :class:`QuickHarvest`; anything else (a ring signalled, a reset failed or did not
+        match, too many slots) is accounted for exactly as :meth:`harvest_and_reset` does,
+        which raises or returns a :class:`Harvest`."""
+        with self.lock:
+            # quiet(), inline: this runs right after KVM_RUN, where every call costs.
+            live = self._ctl_rings
+            if (self._ctl_gen != self._gen or self._orphans or self._orphan_pending
+                    or self._drain_next or self._overrun_note is not None
+                    or self._reset_report is not None):
+                return None
+            for ring in live:
+                if not ring.quiet or (rings is None and ring.taken):
+                    return None
+            if rings is not None and (len(rings) != len(live) or {id(x) for x in rings}
+                                      != {id(x) for x in live}):
+                return None
+            out = self._out
+            # First a probe, without buffers (an idle VM's collection is just that).
+            # Safety: NULL buffers make the call read the rings only (mapped: see below).
+            r = lib.kvmio_rings_collect_reset(self._ctl, len(live), ffi.NULL, ffi.NULL,
+                                              ffi.NULL, ffi.NULL, self._group_cells, reset_fd,
+                                              lib.KVM_RESET_DIRTY_RINGS, out)
+            if r == 0:
+                return QuickHarvest((), 0, (), out.harvested_at)
+            assert self._pool is not None and self._page_pool is not None
+            slots, offsets, ps, po = self._pool.get_raw()
+            pages, scratch, pp, pt = self._page_pool.get_raw()
+            # Safety: as in _harvest_native (the same arrays, control array and rings); the
+            # group cells hold 4 * KVMIO_DEDUP_MAX_GROUPS; reset_fd is the caller's open fd.
+            r = lib.kvmio_rings_collect_reset(self._ctl, len(live), ps, po, pp, pt,
+                                              self._group_cells, reset_fd,
+                                              lib.KVM_RESET_DIRTY_RINGS, out)
+            del scratch
+            if r == 0:
+                return QuickHarvest((), 0, (), out.harvested_at)
+            if r > 0:
+                total = int(out.total)
+                counts = []
+                ctl = self._ctl
+                for k, ring in enumerate(live):
+                    n = int(ctl[k].n)
+                    if n:
+                        ring.count_harvested(n)
+                        counts.append((ring.vcpu_id, n))
+                return QuickHarvest(self._groups(r, total, pages), total, tuple(counts),
+                                    out.harvested_at, slots, offsets)
+            return self._finish_quick(int(r), live, on_overrun, slots, offsets, pages)
+
+    def _finish_quick(self, code: int, live: list[DirtyRing], on_overrun: OverrunPolicy,
+                      slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64],
+                      pages: npt.NDArray[np.uint64]) -> Harvest:
+        """The rest of a quick collection that was not clean, as :meth:`harvest_and_reset`."""
+        out = self._out
+        total, reset = int(out.total), int(out.reset)
+        harvested: list[tuple[DirtyRing, DirtyEntries]] = []
+        try:
+            self._settle_native(live, code, total, on_overrun, harvested, slots, offsets,
+                                pages)
+            if code in (lib.KVMIO_COLLECT_TOO_MANY_SLOTS, lib.KVMIO_COLLECT_RESET_MISMATCH):
+                # The reset calls are done: count and check them as reset() would have.
+                rings = list(self._rings.values())
+                self._count_reset(reset, rings)
+                self._check_reset(reset, total, False, rings,
+                                  [ring for ring, got in harvested if len(got)], on_overrun)
+            else:
+                # Signalled, reset by the caller, or a reset call failed (after `reset`
+                # entries): the rest of the reset goes through reset(), which raises the
+                # kernel's error if it fails again.
+                self._count_reset(reset, list(self._rings.values()))
+                self.reset(on_overrun=on_overrun)
+        except BaseException:
+            for ring, got in harvested:
+                ring.give_back(got)
+            raise
+        return self._harvest_result(harvested, [], out.harvested_at, None)
 
     def take_reset_report(self) -> tuple[int, str] | None:
         """``(vCPU id or VM_WIDE, why)`` of the overrun a reset with ``on_overrun="report"``
@@ -368,14 +533,20 @@ class RingSet:
                     ring.give_back(got)
                 self.return_orphans(orphans)
                 raise
-            overruns = {}
-            for ring, got in harvested:
-                if not len(got) and not ring.overruns:
-                    continue  # never overran: nothing to report
-                why = ring.take_overrun_report()
-                if why is not None:
-                    overruns[ring.vcpu_id] = why
-            report = self.take_reset_report()
-            if report is not None:
-                overruns[report[0]] = report[1]
-            return Harvest(harvested, orphans, overruns, t, groups)
+            return self._harvest_result(harvested, orphans, t, groups)
+
+    def _harvest_result(self, harvested: list[tuple[DirtyRing, DirtyEntries]],
+                        orphans: list[DirtyEntries], t: float,
+                        groups: list[tuple[int, npt.NDArray[np.uint64], int]] | None
+                        ) -> Harvest:
+        overruns = {}
+        for ring, got in harvested:
+            if not len(got) and not ring.overruns:
+                continue  # never overran: nothing to report
+            why = ring.take_overrun_report()
+            if why is not None:
+                overruns[ring.vcpu_id] = why
+        report = self.take_reset_report()
+        if report is not None:
+            overruns[report[0]] = report[1]
+        return Harvest(harvested, orphans, overruns, t, groups)
