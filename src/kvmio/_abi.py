@@ -13,6 +13,7 @@ import errno as _errno
 import mmap
 import os
 import platform
+import struct
 import threading
 import warnings
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from kvmio._closing import Closing
 from kvmio._native import ffi, lib
 from kvmio.errors import KvmClosedError, KvmError, from_errno
 
-__all__ = ["ARCH", "IS_X86", "PAGE_SIZE", "FdOwner", "Mapping", "ffi", "ioctl", "lib"]
+__all__ = ["ARCH", "IS_X86", "PAGE_SIZE", "FdOwner", "IoctlBatch", "Mapping", "ffi", "ioctl",
+           "lib"]
 
 PAGE_SIZE: int = mmap.PAGESIZE
 ARCH: str = platform.machine().lower()
@@ -50,6 +52,62 @@ def ioctl(fd: int, request: int, arg: CData | int = 0, *, name: str) -> int:
             return int(r)
         if r != -_errno.EINTR:
             raise from_errno(-r, name)
+
+
+class IoctlBatch:
+    """Ioctls on one fd with their argument buffers built once, issued in order by one native
+    call (``kvmio_ioctl_batch``), stopping at the first that fails.
+
+    ``entries`` are ``(ioctl name, argument, expected result)``: the argument is a cffi
+    allocation (``ffi.new``) sized for the request, which the batch keeps; the expected result
+    is the value the call must return (KVM_GET_MSRS and KVM_SET_MSRS return how many MSRs they
+    handled), or -1 for any non-negative one.  ``payloads`` are, for each entry, the bytes the
+    argument was built from (for writes) or ``b""``: kept so that a caller can compare what a
+    batch would write without reading the C buffers back.
+
+    Safety: the pointer array handed to C points into arguments the batch owns for its whole
+    life, and every argument was sized by the code that built it for its request; the batch
+    lives at least as long as the native call (the caller holds it).
+    """
+
+    def __init__(self, entries: list[tuple[str, CData, int]],
+                 payloads: list[bytes] | None = None):
+        self.names: tuple[str, ...] = tuple(name for name, _, _ in entries)
+        self._args = [arg for _, arg, _ in entries]
+        self.payloads: tuple[bytes, ...] = tuple(payloads) if payloads is not None else \
+            tuple(b"" for _ in entries)
+        if len(self.payloads) != len(entries):
+            raise ValueError("one payload per entry")
+        n = max(len(entries), 1)
+        self._requests = ffi.new("unsigned long[]", n)
+        self._pointers = ffi.new("void *[]", n)
+        self._expect = ffi.new("int32_t[]", n)
+        for k, (name, arg, expect) in enumerate(entries):
+            self._requests[k] = int(getattr(lib, name))
+            self._pointers[k] = ffi.cast("void *", arg)
+            self._expect[k] = expect
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"<IoctlBatch {', '.join(self.names)}>"
+
+    def arg(self, k: int) -> CData:
+        """The argument of entry ``k`` (the kernel's answer, after a read)."""
+        return self._args[k]
+
+    def run(self, fd: int, start: int = 0) -> tuple[int, int]:
+        """Issue entries ``start``.. in order; returns ``(index, result)``: the index of the
+        first call that failed (``len(self)`` when none did) and its result (-errno, or a
+        count other than the expected one; 0 when none failed)."""
+        n = len(self.names)
+        if not 0 <= start <= n:
+            raise ValueError(f"start {start} is outside the batch (0..{n})")
+        result = ffi.new("int32_t *")
+        done = lib.kvmio_ioctl_batch(fd, self._requests + start, self._pointers + start,
+                                     self._expect + start, n - start, result)
+        return start + int(done), int(result[0])
 
 
 def ioctl_eintr(fd: int, request: int, *, name: str) -> int | None:
@@ -142,6 +200,14 @@ class FdOwner(Closing):
         fd = self._acquire_fd()
         try:
             return ioctl(fd, request, arg, name=name)
+        finally:
+            self._release_fd()
+
+    def _run_batch(self, batch: IoctlBatch, start: int = 0) -> tuple[int, int]:
+        """:meth:`IoctlBatch.run` on this object's fd, held against a concurrent close."""
+        fd = self._acquire_fd()
+        try:
+            return batch.run(fd, start)
         finally:
             self._release_fd()
 
@@ -284,6 +350,21 @@ def from_bytes(ctype: str, data: bytes) -> CData:
     obj = ffi.new(ctype + " *")
     ffi.memmove(obj, data, size)
     return obj
+
+
+def struct_format(ctype: str, fields: tuple[str, ...]) -> struct.Struct:
+    """A :class:`struct.Struct` (native byte order) that reads the unsigned integer ``fields``
+    of ``ctype``, in that order, at the offsets and sizes the C compiler gave them, skipping
+    padding and the other fields: for decoding arrays of small structs in bulk."""
+    by_name = dict(ffi.typeof(ctype).fields or [])
+    spec = sorted((by_name[f].offset, ffi.sizeof(by_name[f].type), f) for f in fields)
+    if [f for _, _, f in spec] != list(fields):
+        raise ValueError(f"{fields} are not in their order in {ctype}")
+    fmt, pos = "=", 0
+    for offset, size, _ in spec:
+        fmt += "x" * (offset - pos) + {1: "B", 2: "H", 4: "I", 8: "Q"}[size]
+        pos = offset + size
+    return struct.Struct(fmt + "x" * (ffi.sizeof(ctype) - pos))
 
 
 def get_dirty_log(fd: int, slot: int, words: Any) -> None:
