@@ -214,8 +214,9 @@ int kvmio_ioctl(int fd, unsigned long request, void *arg);
 int kvmio_ioctl_val(int fd, unsigned long request, unsigned long arg);
 int kvmio_kick_signal(void);
 int kvmio_install_kick_handler(void);
-uint32_t kvmio_ioctl_batch(int fd, unsigned long *requests, void **args, int32_t *expect,
-                           uint32_t n, int32_t *result);
+uint32_t kvmio_ioctl_batch(int *fds, uint32_t *ends, uint32_t nseg, unsigned long *requests,
+                           void **args, int32_t *expect, uint8_t *skip, uint32_t n,
+                           int32_t *result);
 
 /* dirty ring */
 #define KVMIO_RING_STOP_EMPTY ...
@@ -534,20 +535,32 @@ int kvmio_install_kick_handler(void)
     return sigaction(kvmio_kick_signal(), &sa, NULL) < 0 ? -errno : 0;
 }
 
-/* n ioctls on one fd, in order, stopping at the first that fails: a machine state is read or
- * written in one call from Python instead of one call per ioctl.  A call fails when it returns
- * < 0 (EINTR is issued again, as kvmio's other ioctls are) or, where expect[k] >= 0, another
- * value than expect[k] (KVM_GET_MSRS and KVM_SET_MSRS return how many MSRs they handled).
- * Returns how many calls succeeded; *result is the failing call's return value (-errno, or
- * the short count), 0 when every call succeeded.  The caller keeps every args[k] alive and
- * sized for its request. */
-uint32_t kvmio_ioctl_batch(int fd, unsigned long *requests, void **args, int32_t *expect,
-                           uint32_t n, int32_t *result)
+/* n ioctls, in order, stopping at the first that fails: a machine state (the VM's and every
+ * vCPU's) is read or written in one call from Python instead of one call per ioctl.  The
+ * calls come in nseg segments, one per file descriptor: calls [ends[s-1], ends[s]) go to
+ * fds[s].  skip (NULL: none) marks calls not to issue.  A call fails when it returns < 0
+ * (EINTR is issued again, as kvmio's other ioctls are) or, where expect[k] >= 0, another value
+ * than expect[k] (KVM_GET_MSRS and KVM_SET_MSRS return how many MSRs they handled).
+ * Returns how many calls were done or skipped before the one that failed (n if none did);
+ * *result is that call's return value (-errno, or the short count), 0 when none failed.  The
+ * caller keeps every args[k] alive and sized for its request, and every fd open. */
+uint32_t kvmio_ioctl_batch(int *fds, uint32_t *ends, uint32_t nseg, unsigned long *requests,
+                           void **args, int32_t *expect, uint8_t *skip, uint32_t n,
+                           int32_t *result)
 {
+    uint32_t s = 0;
     for (uint32_t k = 0; k < n; k++) {
         int r;
+        while (s < nseg && k >= ends[s])
+            s++;
+        if (s == nseg) {  /* the segments end before the calls do */
+            *result = -EINVAL;
+            return k;
+        }
+        if (skip && skip[k])
+            continue;
         do {
-            r = ioctl(fd, requests[k], args[k]);
+            r = ioctl(fds[s], requests[k], args[k]);
         } while (r < 0 && errno == EINTR);
         if (r < 0) {
             *result = -errno;

@@ -126,7 +126,8 @@ class Vcpu(FdOwner):
         # and what KVM_GET_CPUID2 returned since.  Restores skip KVM_SET_CPUID2 for these.
         self._cpuid_known: frozenset[bytes] = frozenset()
         self._state_lock = threading.Lock()
-        self._get_batch: tuple[tuple[tuple[str, ...], tuple[int, ...]], IoctlBatch] | None = None
+        # Read batches by (parts, MSR indices): a capture reads two (the state, the MSRs).
+        self._get_batches: dict[tuple[tuple[str, ...], tuple[int, ...]], IoctlBatch] = {}
         self._ring: DirtyRing | None = None
         if ring_set is not None:
             try:
@@ -178,17 +179,11 @@ class Vcpu(FdOwner):
         """Hold the vCPU outside ``run()``: raises :class:`KvmStateError` if a thread is in it
         now, and makes ``run()`` wait until the block ends (ring repairs need this).  Holds
         nest and may overlap (from any threads): ``run()`` waits for the last to end."""
-        with self._run_lock:
-            if self._in_run:
-                raise KvmStateError(f"vCPU {self.id} is inside run(); stop it first")
-            self._holds += 1
+        self._hold()
         try:
             yield
         finally:
-            with self._run_lock:
-                self._holds -= 1
-                if not self._holds:
-                    self._outside.notify_all()
+            self._unhold()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -605,6 +600,27 @@ class Vcpu(FdOwner):
             rest = rest[n + 1:]
         return readable
 
+    def writable_msrs(self, values: Sequence[tuple[int, int]]) -> list[int]:
+        """The MSRs of ``(index, value)`` pairs that KVM_SET_MSRS accepts for this vCPU, found
+        by writing them in order (one KVM_SET_MSRS, plus one per refused MSR, each writing
+        only the rest).  It writes: pass values just read, so that nothing changes.  Some
+        kernels read an MSR they then refuse to have written back (this project's CI host:
+        MSR_KVM_POLL_CONTROL reads 0 and takes no value)."""
+        self._x86("KVM_SET_MSRS")
+        rest = [(_check.u32("MSR index", i), _check.u64(f"MSR {i!r} value", v))
+                for i, v in _check.sequence("values", values)]
+        writable: list[int] = []
+        while rest:
+            m = ffi.new("struct kvm_msrs *", {"entries": len(rest)})
+            m.nmsrs = len(rest)
+            for k, (idx, val) in enumerate(rest):
+                m.entries[k].index = idx
+                m.entries[k].data = val
+            n = self._ioctl(lib.KVM_SET_MSRS, m, name="KVM_SET_MSRS")
+            writable += [i for i, _ in rest[:n]]
+            rest = rest[n + 1:]
+        return writable
+
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
         """KVM_SET_CPUID2: the CPUID the guest sees (usually from ``get_supported_cpuid``).
         After the vCPU first ran, KVM refuses (EBUSY) any CPUID but the one it has."""
@@ -643,11 +659,13 @@ class Vcpu(FdOwner):
         msrs = tuple(_check.sequence("msr_indices", msr_indices))
         key = (parts, msrs)
         with self._state_lock:
-            batch = self._get_batch[1] if self._get_batch and self._get_batch[0] == key else None
+            batch = self._get_batches.get(key)
             if batch is None:  # checked only when built: a state is often read many times
                 batch = self._build_get_batch(parts, tuple(_check.u32("MSR index", i)
                                                            for i in msrs))
-                self._get_batch = (key, batch)
+                if len(self._get_batches) >= 4:
+                    self._get_batches.clear()
+                self._get_batches[key] = batch
             if "cpuid" in parts:
                 batch.arg(parts.index("cpuid")).nent = MAX_CPUID_ENTRIES  # the kernel sets it
             done, result = self._run_batch(batch)
@@ -698,7 +716,7 @@ class Vcpu(FdOwner):
             raise KvmUnsupportedError("vCPU states exist only on x86_64")
         entries: list[tuple[str, Any, int]] = []
         payloads: list[bytes] = []
-        seen: set[str] = set()
+        seen_order: list[str] = []
         for item in _check.sequence("parts", parts):
             if not isinstance(item, tuple) or len(item) != 2:
                 raise KvmInvalidArgumentError("parts must be (name, bytes) pairs")
@@ -706,9 +724,9 @@ class Vcpu(FdOwner):
             if part not in STATE_PARTS:
                 raise KvmInvalidArgumentError(f"no vCPU state part {part!r}; choose from "
                                               f"{', '.join(STATE_PARTS)}")
-            if part in seen:
+            if part in seen_order:
                 raise KvmInvalidArgumentError(f"vCPU state part {part!r} is given twice")
-            seen.add(part)
+            seen_order.append(part)
             raw = bytes(_check.buffer_bytes(part, data))
             _, setter, ctype = STATE_PARTS[part]
             expect = -1
@@ -729,7 +747,10 @@ class Vcpu(FdOwner):
             # Safety: a copy of exactly the checked length, which is what the kernel reads.
             entries.append((setter, ffi.new("char[]", raw), expect))
             payloads.append(raw)
-        return IoctlBatch(entries, payloads)
+        by_part = dict(zip(seen_order, payloads, strict=True))
+        info = {"xsave": len(by_part["xsave"]) if "xsave" in by_part else None,
+                "cpuid": seen_order[:1] == ["cpuid"]}
+        return IoctlBatch(entries, payloads, kind="vcpu", info=info)
 
     def set_state(self, batch: IoctlBatch) -> None:
         """Write a state prepared by :meth:`prepare_state`, in its order, in one native call.
@@ -742,26 +763,58 @@ class Vcpu(FdOwner):
         kernel's errno, or the first MSR the kernel refused); the parts before it are written.
         """
         self._x86("writing the vCPU state")
-        _check.instance("batch", batch, IoctlBatch)
-        setters = {s for _, s, _ in STATE_PARTS.values()}
-        for name, raw in zip(batch.names, batch.payloads, strict=True):
-            if name not in setters:
-                raise KvmInvalidArgumentError(f"{name} is not a vCPU state write; build the "
-                                              "batch with Vcpu.prepare_state")
-            if name == "KVM_SET_XSAVE" and len(raw) != self._xsave_size:
-                raise KvmInvalidArgumentError(
-                    f"the XSAVE area of vCPU {self.id} is {self._xsave_size} bytes; the state "
-                    f"holds {len(raw)}")
-        has_cpuid = bool(batch.names) and batch.names[0] == "KVM_SET_CPUID2"
-        start = 1 if has_cpuid and batch.payloads[0] in self._cpuid_known else 0
-        done, result = self._run_batch(batch, start)
-        if has_cpuid and start == 0:
-            self._cpuid_known = frozenset((batch.payloads[0],)) if done > 0 else frozenset()
+        self._check_state_batch(batch)
+        skip = (0,) if self._cpuid_skippable(batch) else ()
+        done, result = self._run_batch(batch, skip)
+        self._cpuid_written(batch, skip, done)
         if done < len(batch):
             raise _batch_error(batch, done, result)
 
+    # For Vm.set_states, which writes a VM's and its vCPUs' states in one call.
+
+    def _check_state_batch(self, batch: IoctlBatch) -> None:
+        _check.instance("batch", batch, IoctlBatch)
+        if batch.kind != "vcpu":
+            raise KvmInvalidArgumentError("not a vCPU state write; build the batch with "
+                                          "Vcpu.prepare_state")
+        size = batch.info["xsave"]
+        if size is not None and size != self._xsave_size:
+            raise KvmInvalidArgumentError(
+                f"the XSAVE area of vCPU {self.id} is {self._xsave_size} bytes; the state "
+                f"holds {size}")
+
+    def _cpuid_skippable(self, batch: IoctlBatch) -> bool:
+        return bool(batch.info["cpuid"]) and batch.payloads[0] in self._cpuid_known
+
+    def _cpuid_written(self, batch: IoctlBatch, skip: tuple[int, ...], done: int) -> None:
+        """After a write of ``batch`` that stopped at its entry ``done``."""
+        if batch.info["cpuid"] and 0 not in skip:
+            self._cpuid_known = frozenset((batch.payloads[0],)) if done > 0 else frozenset()
+
+    def _hold(self) -> None:
+        """Begin an :meth:`outside_run` hold (raises if a thread is inside ``run()``)."""
+        with self._run_lock:
+            if self._in_run:
+                raise KvmStateError(f"vCPU {self.id} is inside run(); stop it first")
+            self._holds += 1
+
+    def _unhold(self) -> None:
+        with self._run_lock:
+            self._holds -= 1
+            if not self._holds:
+                self._outside.notify_all()
+
 
 # -- raw encodings of the variable parts of a vCPU state (x86) --------------------------------
+
+
+def state_part_size(part: str) -> int | None:
+    """Bytes of a fixed-size part of :data:`STATE_PARTS` (``None`` for ``xsave``, ``msrs``
+    and ``cpuid``, whose size varies)."""
+    if part not in STATE_PARTS:
+        raise KvmInvalidArgumentError(f"no vCPU state part {part!r}")
+    ctype = STATE_PARTS[part][2]
+    return None if ctype is None or not IS_X86 else int(ffi.sizeof(ctype))
 
 
 def _layout(struct: str, array: str, entry: str) -> tuple[int, int]:

@@ -31,14 +31,18 @@ from kvmio.errors import (
     KvmInvalidArgumentError,
     KvmStateError,
     KvmUnsupportedError,
+    SnapshotError,
     from_errno,
 )
 from kvmio.memory import AnonymousMemory, Memory, MemoryRegion
 from kvmio.vcpu import Vcpu
+from kvmio.vcpu import _batch_error as _vcpu_batch_error
 
 __all__ = ["DEFAULT_RING_ENTRIES", "IRQCHIP_IOAPIC", "IRQCHIP_PIC_MASTER", "IRQCHIP_PIC_SLAVE",
-           "RING_RESERVED_ENTRIES", "VM_STATE_PARTS", "ClockData", "DirtyLogClaim", "DirtyPages",
-           "DirtyRingConfig", "Vm", "VmLimits", "bitmap_to_pages"]
+           "IRQCHIP_STATE_SIZE", "PIT_STATE_SIZE", "RING_RESERVED_ENTRIES", "VM_STATE_PARTS",
+           "ClockData", "DirtyLogClaim", "DirtyPages", "DirtyRingConfig", "StateWriter", "Vm",
+           "VmLimits",
+           "bitmap_to_pages", "decode_clock"]
 
 #: Entries the kernel keeps in reserve at the end of every ring (without Intel PML; with PML it
 #: reserves 512 more, which only the kernel knows: its refusal then names that rule).
@@ -56,6 +60,8 @@ IRQCHIP_PIC_SLAVE = 1
 IRQCHIP_IOAPIC = 2
 #: Bytes of an irqchip's state (the ``chip`` union of ``struct kvm_irqchip``).
 IRQCHIP_STATE_SIZE = 512
+#: Bytes of a PIT's state (``struct kvm_pit_state2``; 0 where there is none).
+PIT_STATE_SIZE: int = ffi.sizeof("struct kvm_pit_state2") if IS_X86 else 0
 
 #: The parts of a VM's state (x86) that :meth:`Vm.get_state` reads and
 #: :meth:`Vm.prepare_state` / :meth:`Vm.set_state` write: part -> (GET ioctl, SET ioctl).
@@ -98,6 +104,9 @@ class VmLimits:
     max_vcpus: int
     max_vcpu_id: int
     max_memslots: int
+    #: KVM_GET_MSR_INDEX_LIST (x86; a system ioctl): the MSRs KVM can save and restore, which
+    #: a snapshot of this VM reads.
+    msr_index_list: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -648,7 +657,7 @@ class Vm(FdOwner):
             raise KvmUnsupportedError("VM states exist only on x86_64")
         entries: list[tuple[str, Any, int]] = []
         payloads: list[bytes] = []
-        seen: set[str] = set()
+        seen: list[str] = []
         for item in _check.sequence("parts", parts):
             if not isinstance(item, tuple) or len(item) != 2:
                 raise KvmInvalidArgumentError("parts must be (name, value) pairs")
@@ -658,7 +667,7 @@ class Vm(FdOwner):
                                               f"{', '.join(VM_STATE_PARTS)}")
             if part in seen:
                 raise KvmInvalidArgumentError(f"VM state part {part!r} is given twice")
-            seen.add(part)
+            seen.append(part)
             _, setter = VM_STATE_PARTS[part]
             if part == "clock":
                 arg = _clock_arg(_check.instance("clock", value, ClockData), False)
@@ -673,7 +682,7 @@ class Vm(FdOwner):
                     _fill_irqchip(arg, raw)
             entries.append((setter, arg, -1))
             payloads.append(raw)
-        return IoctlBatch(entries, payloads)
+        return IoctlBatch(entries, payloads, kind="vm", info={"parts": tuple(seen)})
 
     def set_state(self, batch: IoctlBatch) -> None:
         """Write a VM state prepared by :meth:`prepare_state`, in its order, in one native
@@ -681,19 +690,41 @@ class Vm(FdOwner):
         the first ioctl that fails raises :class:`KvmError` naming it (the parts before it
         are written)."""
         self._x86("writing the VM state")
-        _check.instance("batch", batch, IoctlBatch)
-        setters = {s: part for part, (_, s) in VM_STATE_PARTS.items()}
-        for k, name in enumerate(batch.names):
-            if name not in setters:
-                raise KvmInvalidArgumentError(f"{name} is not a VM state write; build the "
-                                              "batch with Vm.prepare_state")
-            part = setters[name]
-            if name == "KVM_SET_IRQCHIP":
-                part = {v: p for p, v in _CHIP_IDS.items()}[int(batch.arg(k).chip_id)]
-            self._check_part(part)
+        self._check_state_batch(batch)
         done, result = self._run_batch(batch)
         if done < len(batch):
             raise from_errno(-result, batch.names[done])
+
+    def _check_state_batch(self, batch: IoctlBatch) -> None:
+        _check.instance("batch", batch, IoctlBatch)
+        if batch.kind != "vm":
+            raise KvmInvalidArgumentError("not a VM state write; build the batch with "
+                                          "Vm.prepare_state")
+        for part in batch.info["parts"]:
+            self._check_part(part)
+
+    @staticmethod
+    def chain_states(vm_state: IoctlBatch, vcpu_states: Sequence[IoctlBatch]) -> IoctlBatch:
+        """Join a VM's prepared state (:meth:`prepare_state`, possibly of no parts) and one
+        prepared state per vCPU (:meth:`kvmio.Vcpu.prepare_state`) for :meth:`set_states`."""
+        _check.instance("vm_state", vm_state, IoctlBatch)
+        if vm_state.kind != "vm" or any(
+                _check.instance("vcpu state", b, IoctlBatch).kind != "vcpu" for b in vcpu_states):
+            raise KvmInvalidArgumentError("chain a VM state and vCPU states (prepare_state)")
+        return IoctlBatch.chain([vm_state, *vcpu_states])
+
+    def set_states(self, batch: IoctlBatch, vcpus: Sequence[Vcpu]) -> None:
+        """Write this VM's state and its vCPUs', in that order, in one native call: ``batch``
+        is :meth:`chain_states` of a VM state and one state per vCPU of ``vcpus`` (in the
+        same order).  The same as ``self.state_writer(batch, vcpus).write()``."""
+        self.state_writer(batch, vcpus).write()
+
+    def state_writer(self, batch: IoctlBatch, vcpus: Sequence[Vcpu]) -> StateWriter:
+        """Bind a chained state (:meth:`chain_states`) to this VM and ``vcpus``, checking
+        once what :meth:`set_state` and :meth:`kvmio.Vcpu.set_state` check, so that
+        :meth:`StateWriter.write` re-applies it (a reset) with little more than the ioctls."""
+        self._x86("writing the machine state")
+        return StateWriter(self, batch, vcpus)
 
     def _x86(self, what: str) -> None:
         if not IS_X86:
@@ -1093,6 +1124,72 @@ class Vm(FdOwner):
             self._release_fd()
 
 
+class StateWriter:
+    """A VM's and its vCPUs' prepared states bound to them (from :meth:`Vm.state_writer`),
+    checked once.  :meth:`write` writes them in one native call."""
+
+    def __init__(self, vm: Vm, batch: IoctlBatch, vcpus: Sequence[Vcpu]):
+        _check.instance("batch", batch, IoctlBatch)
+        vcpus = [_check.instance("vcpu", v, Vcpu) for v in _check.sequence("vcpus", vcpus)]
+        if batch.kind != "chain" or len(batch.parts) != len(vcpus) + 1:
+            raise KvmInvalidArgumentError(f"batch must chain a VM state and {len(vcpus)} vCPU "
+                                          "states (Vm.chain_states)")
+        vm._check_state_batch(batch.parts[0])
+        for v, b in zip(vcpus, batch.parts[1:], strict=True):
+            v._check_state_batch(b)
+        self.vm = vm
+        self.vcpus: tuple[Vcpu, ...] = tuple(vcpus)
+        self.batch = batch
+        # (vCPU, its part, where the part starts) for the CPUID bookkeeping.
+        self._cpuid = [(v, b, start) for v, b, start in
+                       zip(vcpus, batch.parts[1:], batch.starts[1:], strict=True)
+                       if b.info["cpuid"]]
+        self._owners: tuple[FdOwner, ...] = (vm, *vcpus)
+
+    def write(self) -> None:
+        """Write the states, the VM's first: a vCPU's CPUID is skipped when it is the one
+        installed (see :meth:`kvmio.Vcpu.set_state`), and the vCPUs are held outside
+        ``run()`` meanwhile (one inside it raises :class:`KvmStateError`).  The first ioctl
+        the kernel refuses raises :class:`~kvmio.errors.SnapshotError` naming the VM or the
+        vCPU, with the ioctl and errno; the writes before it are done (the machine is partly
+        written: write it again, or discard it)."""
+        skip = tuple(start for v, b, start in self._cpuid if v._cpuid_skippable(b))
+        held: list[Vcpu] = []
+        fds: list[int] = []
+        try:
+            for v in self.vcpus:  # no run() may start while the state is half written
+                v._hold()
+                held.append(v)
+            for o in self._owners:
+                fds.append(o._acquire_fd())
+            done, result = self.batch.run(fds, skip)
+        finally:
+            for o in self._owners[:len(fds)]:
+                o._release_fd()
+            for v in held:
+                v._unhold()
+        for v, b, start in self._cpuid:
+            v._cpuid_written(b, (0,) if start in skip else (), done - start)
+        if done < len(self.batch):
+            raise self._error(done, result)
+
+    def _error(self, done: int, result: int) -> SnapshotError:
+        batch = self.batch
+        part, k = batch.part_of(done)
+        written = ["the VM", *(f"vCPU {v.id}" for v in self.vcpus)][:part]
+        if part == 0:
+            cause: KvmError = from_errno(-result, batch.names[done])
+        else:
+            cause = _vcpu_batch_error(batch.parts[part], k, result)
+        vcpu = None if part == 0 else self.vcpus[part - 1].id
+        where = "the VM" if vcpu is None else f"vCPU {vcpu}"
+        return SnapshotError(
+            f"writing the state of {where} failed at {cause.ioctl}: {cause.message}; "
+            f"{', '.join(written) or 'nothing'} written before it: the machine is partly "
+            "written (write it again, or discard it)", errno=cause.errno, ioctl=cause.ioctl,
+            vcpu=vcpu)
+
+
 def _irqchip_data(chip: Any) -> bytes:
     # Safety: the helper points into `chip`, which holds IRQCHIP_STATE_SIZE bytes there.
     return bytes(ffi.buffer(lib.kvmio_irqchip_data(chip), IRQCHIP_STATE_SIZE))
@@ -1108,6 +1205,12 @@ def _fill_irqchip(chip: Any, raw: bytes) -> None:
 
 def _clock_data(cd: Any) -> ClockData:
     return ClockData(int(cd.clock), int(cd.flags), int(cd.realtime), int(cd.host_tsc))
+
+
+def decode_clock(raw: bytes) -> ClockData:
+    """The :class:`ClockData` of a raw ``struct kvm_clock_data`` (as :meth:`Vm.get_state`
+    returns the ``clock`` part)."""
+    return _clock_data(_abi.from_bytes("struct kvm_clock_data", raw))
 
 
 def _clock_arg(data: ClockData, realtime: bool) -> Any:
