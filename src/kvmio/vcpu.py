@@ -642,7 +642,7 @@ class Vcpu(FdOwner):
         buf.nent = max_entries
         self._ioctl(lib.KVM_GET_CPUID2, buf, name="KVM_GET_CPUID2")
         got = cpuid_entries(buf)
-        self._cpuid_known |= {encode_cpuid(got)}
+        self._know_cpuid(encode_cpuid(got))
         return got
 
     # -- the whole state, one native call each way ------------------------------------------
@@ -675,8 +675,14 @@ class Vcpu(FdOwner):
             for k, part in enumerate(parts):
                 out[part] = _read_part(part, batch.arg(k), self._xsave_size)
         if "cpuid" in out:
-            self._cpuid_known |= {out["cpuid"]}
+            self._know_cpuid(out["cpuid"])
         return out
+
+    def _know_cpuid(self, raw: bytes) -> None:
+        """Note an encoding of the installed CPUID (KVM updates a few bits as the guest runs,
+        so one CPUID reads back in a few ways; a handful is kept)."""
+        known = self._cpuid_known
+        self._cpuid_known = known | {raw} if len(known) < 8 else frozenset((raw,))
 
     def _build_get_batch(self, parts: tuple[str, ...], msrs: tuple[int, ...]) -> IoctlBatch:
         entries: list[tuple[str, Any, int]] = []

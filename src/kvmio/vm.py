@@ -200,6 +200,7 @@ class Vm(FdOwner):
         self._irqchip = False
         self._pit = False
         self._xsave_size: int | None = None  # KVM_CAP_XSAVE2, asked at the first vCPU
+        self._get_batches: dict[tuple[str, ...], IoctlBatch] = {}  # the last state read
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
@@ -608,9 +609,30 @@ class Vm(FdOwner):
         not create) raise :class:`KvmStateError` before anything is read."""
         self._x86("reading the VM state")
         parts = tuple(_check.sequence("parts", parts))
-        entries: list[tuple[str, Any, int]] = []
         for part in parts:
             self._check_part(part)
+        with self._lock:
+            batch = self._get_batches.get(parts)
+            if batch is None:
+                batch = self._build_get_batch(parts)
+                self._get_batches = {parts: batch}
+            done, result = self._run_batch(batch)
+            if done < len(batch):
+                raise from_errno(-result, batch.names[done])
+            out: dict[str, bytes] = {}
+            for k, part in enumerate(parts):
+                arg = batch.arg(k)
+                if part == "clock":
+                    out[part] = _abi.to_bytes(arg, "struct kvm_clock_data")
+                elif part == "pit2":
+                    out[part] = _abi.to_bytes(arg, "struct kvm_pit_state2")
+                else:
+                    out[part] = _irqchip_data(arg)
+        return out
+
+    def _build_get_batch(self, parts: tuple[str, ...]) -> IoctlBatch:
+        entries: list[tuple[str, Any, int]] = []
+        for part in parts:
             get, _ = VM_STATE_PARTS[part]
             if part == "clock":
                 arg = ffi.new("struct kvm_clock_data *")
@@ -622,20 +644,7 @@ class Vm(FdOwner):
             entries.append((get, arg, -1))
         if len(set(parts)) != len(parts):
             raise KvmInvalidArgumentError(f"a state part is named twice in {parts}")
-        batch = IoctlBatch(entries)
-        done, result = self._run_batch(batch)
-        if done < len(batch):
-            raise from_errno(-result, batch.names[done])
-        out: dict[str, bytes] = {}
-        for k, part in enumerate(parts):
-            arg = batch.arg(k)
-            if part == "clock":
-                out[part] = _abi.to_bytes(arg, "struct kvm_clock_data")
-            elif part == "pit2":
-                out[part] = _abi.to_bytes(arg, "struct kvm_pit_state2")
-            else:
-                out[part] = _irqchip_data(arg)
-        return out
+        return IoctlBatch(entries)
 
     def _check_part(self, part: str) -> None:
         if part not in VM_STATE_PARTS:

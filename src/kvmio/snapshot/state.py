@@ -20,37 +20,49 @@ step  what (ioctl)              why there
 0     pending exits             An I/O or MMIO exit is finished by the kernel only at the
                                 next KVM_RUN (api.rst, ``kvm_run``: "the corresponding
                                 operations are complete (and guest state is consistent)
-                                only after userspace has re-entered the kernel"), which
-                                would write the old instruction's results over the
+                                only after userspace has re-entered the kernel"); an
+                                emulated one is finished by re-running the emulator on
+                                the old instruction, which can write its results over
                                 restored registers, and a string input over memory.  Each
                                 target vCPU re-enters with ``immediate_exit`` set first
-                                (their exits are discarded); restore guest memory after
-                                this step (:func:`finish_pending_exits`).
+                                (the exits met are discarded), as the kernel's selftests
+                                do before they save a state (``vcpu_run_complete_io``);
+                                restore guest memory after this step
+                                (:func:`finish_pending_exits`).
 1     port devices              Userspace only; checked, then applied (``IoBus.restore``
                                 changes nothing on error), before the kernel is touched.
 2     ``clock``                 KVM_SET_CLOCK, to exactly the captured value (no
                                 KVM_CLOCK_REALTIME: kvmclock does not move on across a
-                                restore).  VM-wide state goes before the vCPUs', as both
-                                Firecracker (``vm.rs`` ``restore_state``, then
-                                ``vcpu.rs``) and QEMU (devices loaded before the CPUs'
-                                registers are put) do.
+                                restore).  VM-wide state goes before the vCPUs', as
+                                Firecracker does (``vm.rs`` ``restore_state`` before
+                                ``vcpu.rs`` ``restore_state``) and QEMU does for the
+                                in-kernel PICs, IOAPIC and PIT (loaded with the devices,
+                                before it puts the CPUs' registers).  No kernel rule
+                                orders the clock against the vCPUs.
 3     ``pic_master``,           KVM_SET_IRQCHIP.
       ``pic_slave``, ``ioapic``
 4     ``pit2``                  KVM_SET_PIT2, after the irqchips: the kernel reloads every
-                                channel's count, and the timer it restarts fires into them.
+                                channel's count, and the timer it restarts fires into them
+                                (a tick before them would land in PIC state that is then
+                                overwritten; Firecracker sets the PIT first).
 5     ``cpuid``                 KVM_SET_CPUID2 first of a vCPU's: KVM checks CR4 bits
                                 (SREGS), XCR0, XSAVE features and MSRs against the guest's
                                 CPUID; once a vCPU ran, KVM accepts only the CPUID it has
                                 (api.rst; selftest ``cpuid_test``).  Skipped when the
                                 vCPU is known to have it (``Vcpu.set_state``).
 6     ``sregs``                 Segments, CR0/CR3/CR4, EFER and the APIC base: the mode
-                                before the registers (QEMU ``kvm_arch_put_registers``
-                                puts sregs before regs).
+                                before the registers, as QEMU's
+                                ``kvm_arch_put_registers`` puts them (Firecracker puts the
+                                registers first; the kernel has no rule between the two).
 7     ``regs``                  After SREGS; before VCPU_EVENTS, because KVM_SET_REGS
                                 drops a pending exception (Firecracker
                                 ``restore_state``).
 8     ``xcrs``                  XCR0 (checked against the CPUID) before the XSAVE area
-                                whose components it enables.
+                                whose components it enables, so that the area is loaded
+                                under the XCR0 it was saved with.  No kernel rule orders
+                                the two (KVM checks the area against what the host
+                                supports, not XCR0); QEMU and Firecracker write XSAVE
+                                first.
 9     ``xsave``                 KVM_SET_XSAVE, at the size KVM_CAP_XSAVE2 reports (the
                                 FPU/SSE state is in it); KVM_SET_FPU instead where the
                                 kernel has no XSAVE.
@@ -67,7 +79,7 @@ step  what (ioctl)              why there
                                 runnable) and after VCPU_EVENTS (KVM refuses
                                 INIT_RECEIVED or SIPI_RECEIVED while a restored SMM
                                 latches INIT); QEMU's order.
-14    ``debugregs``             Last, as QEMU puts them.
+14    ``debugregs``             Last, as QEMU puts them (after VCPU_EVENTS).
 ====  ========================  ==========================================================
 
 A set ioctl the kernel refuses stops the restore and raises :class:`SnapshotError` with the
@@ -78,13 +90,14 @@ Capture order
 -------------
 
 :data:`VCPU_CAPTURE_ORDER`: ``mp_state`` first, because KVM_GET_MP_STATE lets the LAPIC
-accept pending INIT/SIPI events, which can reset the vCPU's registers (QEMU: "KVM_GET_MPSTATE
-can modify CS and RIP, call it before KVM_GET_REGS and KVM_GET_SREGS"; Firecracker
-``save_state``); ``vcpu_events`` next, because without KVM_CAP_EXCEPTION_PAYLOAD reading them
-delivers a pending exception's payload into CR2 or DR6, which SREGS and DEBUGREGS must then
-show; then the rest, MSRs last.  A vCPU must be outside KVM_RUN and have no pending exit
-(:attr:`kvmio.Vcpu.exit_pending`): :func:`capture` raises :class:`~kvmio.errors.KvmStateError`
-otherwise.
+accept pending INIT/SIPI events, which can reset the vCPU (QEMU's
+``kvm_arch_get_registers``: "KVM_GET_MPSTATE can modify CS and RIP, call it before
+KVM_GET_REGS and KVM_GET_SREGS"; Firecracker's ``save_state`` reads it first of all);
+``vcpu_events`` next (QEMU reads them first), because without KVM_CAP_EXCEPTION_PAYLOAD
+reading them delivers a pending exception's payload into CR2 or DR6, which SREGS and
+DEBUGREGS must then show; then the rest, MSRs last.  A vCPU must be outside KVM_RUN and have
+no pending exit (:attr:`kvmio.Vcpu.exit_pending`): :func:`capture` raises
+:class:`~kvmio.errors.KvmStateError` otherwise.
 
 MSRs: every MSR of KVM_GET_MSR_INDEX_LIST (``Vm.limits.msr_index_list``) that the vCPU's
 KVM_GET_MSRS actually reads and its KVM_SET_MSRS takes back.  The kernel lists some that a
@@ -251,6 +264,16 @@ class VcpuState:
         if any(not isinstance(e, CpuidEntry) for e in cpuid):
             raise KvmInvalidArgumentError("cpuid must hold CpuidEntry values")
         object.__setattr__(self, "cpuid", cpuid)
+
+    @classmethod
+    def _from_kernel(cls, **values: Any) -> VcpuState:
+        """A state from values the kernel just gave, in the forms and sizes its structs have
+        (a capture): nothing to check, and checking ~60 values costs a capture dearly."""
+        self = object.__new__(cls)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_batch", [])
+        return self
 
     def __repr__(self) -> str:
         return (f"<VcpuState rip={self.registers().rip:#x} mp_state={self.mp_state} "
@@ -468,10 +491,12 @@ class MachineState:
 class _MsrChoice:
     candidates: tuple[int, ...]
     cpuid: bytes
+    entries: tuple[CpuidEntry, ...]
     saved: tuple[int, ...]
 
 
-#: Per vCPU: the MSRs it saves, for the candidates and CPUID they were found with.
+#: Per vCPU: the MSRs it saves, for the candidates and CPUID they were found with (and that
+#: CPUID decoded, which a capture otherwise decodes again each time).
 _MSR_CHOICES: weakref.WeakKeyDictionary[Vcpu, _MsrChoice] = weakref.WeakKeyDictionary()
 
 
@@ -526,12 +551,6 @@ def capture(vm: Vm, vcpus: Iterable[Vcpu] | Mapping[int, Vcpu], *,
     if not candidates and msr_indices is None:
         raise KvmStateError("this VM does not know the kernel's MSR list (it was not created "
                             "by Kvm.create_vm); pass msr_indices")
-    for v in targets:
-        if v.exit_pending:
-            raise KvmStateError(
-                f"vCPU {v.id} stopped at an exit that KVM finishes only at the next KVM_RUN, "
-                "so its registers are not consistent yet: call complete_pending_exit() first",
-                )
     vm_parts = ["clock"]
     if vm.has_irqchip:
         vm_parts += ["pic_master", "pic_slave", "ioapic"]
@@ -543,21 +562,28 @@ def capture(vm: Vm, vcpus: Iterable[Vcpu] | Mapping[int, Vcpu], *,
     with contextlib.ExitStack() as stack:
         for v in targets:
             stack.enter_context(v.outside_run())  # KvmStateError if a thread is in KVM_RUN
+        for v in targets:
+            if v.exit_pending:
+                raise KvmStateError(
+                    f"vCPU {v.id} stopped at an exit that KVM finishes only at the next "
+                    "KVM_RUN, so its registers are not consistent yet: call "
+                    "complete_pending_exit() first")
         raw_vm = vm.get_state(vm_parts)
         states: dict[int, VcpuState] = {}
         for v in targets:
             raw = v.get_state(parts)
             choice = _MSR_CHOICES.get(v)
             if choice is None or choice.candidates != candidates or choice.cpuid != raw["cpuid"]:
-                choice = _MsrChoice(candidates, raw["cpuid"], _saved_msrs(v, candidates))
+                choice = _MsrChoice(candidates, raw["cpuid"], tuple(decode_cpuid(raw["cpuid"])),
+                                    _saved_msrs(v, candidates))
                 _MSR_CHOICES[v] = choice
             msrs = v.get_state(["msrs"], msr_indices=choice.saved)["msrs"]
-            states[v.id] = VcpuState(
+            states[v.id] = VcpuState._from_kernel(
                 regs=raw["regs"], sregs=raw["sregs"], fpu=raw["fpu"], xsave=raw.get("xsave"),
-                xcrs=decode_xcrs(raw["xcrs"]), msrs=dict(decode_msrs(msrs)),
-                lapic=raw.get("lapic"), vcpu_events=raw["vcpu_events"],
-                mp_state=decode_mp_state(raw["mp_state"]), debugregs=raw["debugregs"],
-                cpuid=tuple(decode_cpuid(raw["cpuid"])))
+                xcrs=MappingProxyType(decode_xcrs(raw["xcrs"])),
+                msrs=MappingProxyType(dict(decode_msrs(msrs))), lapic=raw.get("lapic"),
+                vcpu_events=raw["vcpu_events"], mp_state=decode_mp_state(raw["mp_state"]),
+                debugregs=raw["debugregs"], cpuid=choice.entries)
         state = VmState(decode_clock(raw_vm["clock"]), raw_vm.get("pic_master"),
                         raw_vm.get("pic_slave"),
                         raw_vm.get("ioapic"), raw_vm.get("pit2"))
