@@ -62,8 +62,16 @@ EXPECTED_STRUCTS = {
 EXPECTED_X86_STRUCTS = {
     "kvm_segment", "kvm_dtable", "kvm_msr_entry", "kvm_msrs", "kvm_msr_list", "kvm_cpuid_entry2",
     "kvm_cpuid2", "kvm_xcr", "kvm_xcrs", "kvm_pit_config", "kvm_lapic_state", "kvm_xsave",
-    "kvm_vcpu_events", "kvm_debugregs",
+    "kvm_vcpu_events", "kvm_debugregs", "kvm_pic_state", "kvm_ioapic_state", "kvm_irqchip",
+    "kvm_pit_channel_state", "kvm_pit_state2",
 }
+#: Members cffi is not asked to model, which kvmio reaches through C helpers (x86): key, C
+#: expression, and the lib function that must agree.
+HELPER_MEMBERS = [
+    ("irqchip.offsetof chip", "offsetof(struct kvm_irqchip, chip)", "kvmio_irqchip_data_offset"),
+    ("irqchip.sizeof chip", "sizeof(((struct kvm_irqchip *)0)->chip)",
+     "kvmio_irqchip_data_size"),
+]
 
 
 def _fields(struct: str) -> list[tuple[str, Any]]:
@@ -103,6 +111,8 @@ def _probe_items() -> list[tuple[str, str]]:
                 items.append((f"run.fieldsize {m}.{name}",
                               f"sizeof(((struct kvm_run *)0)->{m}.{name})"))
     items += [(f"const {c}", c) for c in CONSTANTS]
+    if IS_X86:
+        items += [(key, expr) for key, expr, _ in HELPER_MEMBERS]
     return items
 
 
@@ -213,6 +223,16 @@ def test_run_union_accessor(member: str) -> None:
     assert int(ffi.cast("uintptr_t", view)) - base == lib.kvmio_run_union_offset()
 
 
+@pytest.mark.skipif(not IS_X86, reason="struct kvm_irqchip is x86-only")
+def test_irqchip_union_helpers(probe: dict[str, int]) -> None:
+    _compare(probe, {key: int(getattr(lib, fn)()) for key, _, fn in HELPER_MEMBERS})
+    chip = ffi.new("struct kvm_irqchip *")
+    offset = int(ffi.cast("uintptr_t", lib.kvmio_irqchip_data(chip))) - int(
+        ffi.cast("uintptr_t", chip))
+    assert offset == probe["irqchip.offsetof chip"]
+    assert offset + probe["irqchip.sizeof chip"] == ffi.sizeof("struct kvm_irqchip")
+
+
 # --------------------------------------------------------------------------- constants
 
 
@@ -256,7 +276,11 @@ def test_abi_facts(probe: dict[str, int]) -> None:
         "const KVM_DIRTY_LOG_PAGE_OFFSET": 64,
     }
     if IS_X86:
-        facts |= {"sizeof kvm_regs": 144, "alignof kvm_regs": 8, "sizeof kvm_sregs": 312}
+        facts |= {"sizeof kvm_regs": 144, "alignof kvm_regs": 8, "sizeof kvm_sregs": 312,
+                  "sizeof kvm_pic_state": 16, "sizeof kvm_pit_state2": 112,
+                  "sizeof kvm_irqchip": 520, "irqchip.offsetof chip": 8,
+                  "irqchip.sizeof chip": 512, "const KVM_IRQCHIP_PIC_MASTER": 0,
+                  "const KVM_IRQCHIP_PIC_SLAVE": 1, "const KVM_IRQCHIP_IOAPIC": 2}
     _compare(probe, facts)
     assert ffi.sizeof("struct kvm_dirty_gfn") == 16
     assert ffi.sizeof("struct kvm_run") == 2352

@@ -30,7 +30,9 @@ from kvmio import (
     Vm,
 )
 from kvmio._abi import KvmRun, lib
+from kvmio.exits import VcpuExit
 from kvmio.guests.modes import setup_protected_mode, setup_real_mode
+from kvmio.guests.programs import program
 from kvmio.x86 import DTable
 
 from guests import boot, run_collecting, wait_until
@@ -376,3 +378,152 @@ def test_kick_is_never_lost(kvm: Kvm) -> None:
             # at once; drain it so that iterations stay independent.
             if v.immediate_exit:
                 assert v.run() == Interrupted()
+
+
+def test_xsave_uses_the_size_the_kernel_reports(kvm: Kvm) -> None:
+    from kvmio import Cap
+
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu()
+        size = vm.check_extension(Cap.XSAVE2)
+        assert vcpu.xsave_size == (size or 4096) >= 4096
+        xs = vcpu.get_xsave()
+        assert len(xs) == vcpu.xsave_size
+        vcpu.set_xsave(xs)
+        for bad in (xs[:-4], xs + bytes(4)):
+            with pytest.raises(KvmInvalidArgumentError, match=f"is {vcpu.xsave_size} bytes"):
+                vcpu.set_xsave(bad)
+
+
+def test_an_io_exit_is_completed_without_running_on(kvm: Kvm) -> None:
+    vm, vcpu = boot(kvm, "hello")
+    with vm:
+        assert not vcpu.exit_pending
+        ex = vcpu.run()
+        assert isinstance(ex, IoOut) and ex.port == 0xE9 and vcpu.exit_pending
+        # KVM finishes the OUT only when it is re-entered; completing it runs nothing more.
+        assert vcpu.complete_pending_exit() == 0
+        assert not vcpu.exit_pending and not vcpu.immediate_exit
+        after = vcpu.get_regs()
+        loop = program("hello").code.index(bytes([0xEE, 0xE2]))  # out dx, al; loop
+        assert after.rip == loop + 1 and after.rcx == 26  # at `loop`, which did not run yet
+        assert vcpu.complete_pending_exit() == 0  # nothing pending: nothing happens
+        assert vcpu.get_regs() == after
+        out, last = run_collecting(vcpu)
+        assert last == Hlt() and b"".join(out[0xE9]) == b"ello from a kvmio guest!\n"
+
+
+def test_completing_a_string_instruction_item(kvm: Kvm) -> None:
+    # rep outsb of 3 bytes from DS:SI, one exit per byte.
+    code = bytes([0xBE, 0x20, 0x00,   # mov si, 0x20
+                  0xB9, 0x03, 0x00,   # mov cx, 3
+                  0xBA, 0xE9, 0x00,   # mov dx, 0xe9
+                  0xF3, 0x6E,         # rep outsb
+                  0xF4]).ljust(0x20, b"\0") + b"abc"
+    vm, vcpu = _real(kvm, code)
+    with vm:
+        first = vcpu.run()
+        assert isinstance(first, IoOut) and first.data == b"a"
+        items: list[VcpuExit] = []
+        vcpu.complete_pending_exit(items.append)
+        assert not vcpu.exit_pending
+        r = vcpu.get_regs()
+        # Between two items the state is consistent: RCX and RSI count the items done, and
+        # RIP is at the rep instruction, which goes on with the next one.
+        done = 1 + len(items)
+        assert (r.rcx, r.rsi) == (3 - done, 0x20 + done)
+        assert r.rip == (9 if done < 3 else 11)
+        rest = run_collecting(vcpu)
+        assert b"".join(rest[0].get(0xE9, [])) == b"abc"[done:] and rest[1] == Hlt()
+
+
+@pytest.mark.fake
+def test_complete_pending_exit_hands_on_further_exits(kvm: Kvm,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kernel may exit again while it completes an operation (the next item of a string
+    # instruction that it does not restart between items); this host does not, so a fake
+    # run() plays that kernel.
+    vm, vcpu = boot(kvm, "hello")
+    with vm:
+        assert isinstance(vcpu.run(), IoOut)
+        script: list[VcpuExit] = [IoOut(0xE9, 1, 1, b"b"), IoOut(0xE9, 1, 1, b"c"),
+                                  Interrupted()]
+
+        def fake_run() -> VcpuExit:
+            assert vcpu.immediate_exit  # completion must never let the guest run on
+            ex = script.pop(0)
+            vcpu._exit_pending = not isinstance(ex, Interrupted)
+            return ex
+
+        monkeypatch.setattr(vcpu, "run", fake_run)
+        with pytest.raises(KvmStateError, match="another exit"):
+            vcpu.complete_pending_exit()
+        assert vcpu.exit_pending and not vcpu.immediate_exit
+        items: list[VcpuExit] = []
+        assert vcpu.complete_pending_exit(items.append) == 1
+        assert items == [IoOut(0xE9, 1, 1, b"c")] and not vcpu.exit_pending and not script
+
+
+def test_vcpu_state_in_one_call(kvm: Kvm) -> None:
+    from kvmio.vcpu import STATE_PARTS, decode_msrs, encode_cpuid, encode_msrs
+
+    vm, vcpu = boot(kvm, "probe64")
+    with vm:
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        msrs = vcpu.readable_msrs([0x10, 0xDEAD0000, 0x174, 0xDEAD0001, 0xC0000081])
+        assert msrs == [0x10, 0x174, 0xC0000081]  # the kernel refuses made-up MSRs
+        parts = [p for p in STATE_PARTS if p != "lapic"]  # no in-kernel irqchip here
+        raw = vcpu.get_state(parts, msr_indices=msrs)
+        assert list(raw) == parts
+        assert [i for i, _ in decode_msrs(raw["msrs"])] == msrs
+        assert raw["cpuid"] == encode_cpuid(vcpu.get_cpuid2())
+        r = vcpu.get_regs()
+        r.rax = 0x1234
+        vcpu.set_regs(r)
+        order = ["cpuid", "sregs", "regs", "xcrs", "xsave", "msrs", "vcpu_events", "mp_state",
+                 "debugregs"]
+        batch = Vcpu.prepare_state([(p, raw[p]) for p in order])
+        vcpu.set_state(batch)
+        assert vcpu.get_regs().rax != 0x1234
+        assert vcpu.get_state(parts, msr_indices=msrs)["regs"] == raw["regs"]
+        ex = vcpu.run()  # probe64 from its start: EFER's low half on port 0x10, LMA set
+        assert isinstance(ex, IoOut) and ex.port == 0x10
+        assert int.from_bytes(ex.data, "little") & (1 << 10)
+        # Lengths are checked when the batch is built, and the XSAVE size when it is used.
+        with pytest.raises(KvmInvalidArgumentError, match="144 bytes, not 143"):
+            Vcpu.prepare_state([("regs", raw["regs"][:-1])])
+        with pytest.raises(KvmInvalidArgumentError, match="nmsrs=3"):
+            Vcpu.prepare_state([("msrs", raw["msrs"][:-1])])
+        with pytest.raises(KvmInvalidArgumentError, match="no vCPU state part"):
+            Vcpu.prepare_state([("pit2", b"")])
+        big = Vcpu.prepare_state([("xsave", raw["xsave"] + bytes(64))])
+        with pytest.raises(KvmInvalidArgumentError, match="the state holds"):
+            vcpu.set_state(big)
+        # A refused MSR names itself, and the writes before it stay done.
+        bad = Vcpu.prepare_state([("regs", raw["regs"]),
+                                  ("msrs", encode_msrs([(0x174, 7), (0xDEAD0000, 1)]))])
+        with pytest.raises(KvmError, match="MSR 0xdead0000 cannot be set") as ei:
+            vcpu.set_state(bad)
+        assert ei.value.ioctl == "KVM_SET_MSRS"
+        assert vcpu.get_msrs([0x174]) == {0x174: 7}
+
+
+def test_cpuid_cannot_change_after_the_first_run(kvm: Kvm) -> None:
+    import errno
+
+    from kvmio.vcpu import encode_cpuid
+
+    vm, vcpu = boot(kvm, "hello")
+    with vm:
+        cpuid = kvm.get_supported_cpuid()
+        vcpu.set_cpuid2(cpuid)
+        assert isinstance(vcpu.run(), IoOut)
+        same = Vcpu.prepare_state([("cpuid", encode_cpuid(vcpu.get_cpuid2()))])
+        vcpu.set_state(same)  # the installed CPUID: allowed (and skipped)
+        other = [e if e.function != 0 else
+                 type(e)(e.function, e.index, e.flags, e.eax, e.ebx ^ 1, e.ecx, e.edx)
+                 for e in cpuid]
+        with pytest.raises(KvmError) as ei:
+            vcpu.set_state(Vcpu.prepare_state([("cpuid", encode_cpuid(other))]))
+        # KVM accepts only the CPUID it has once the vCPU ran (EINVAL since Linux 5.17).
+        assert ei.value.errno == errno.EINVAL and ei.value.ioctl == "KVM_SET_CPUID2"

@@ -13,6 +13,7 @@ from kvmio import (
     KvmClosedError,
     KvmError,
     KvmInvalidArgumentError,
+    KvmStateError,
     KvmUnsupportedError,
     MemoryRegion,
     SlotId,
@@ -151,3 +152,105 @@ def test_x86_platform_addresses(kvm: Kvm) -> None:
         with pytest.raises(KvmError) as ei:
             vm.set_identity_map_address(0xFFFBC000)  # only before vCPUs exist
         assert ei.value.errno == errno.EINVAL and ei.value.ioctl == "KVM_SET_IDENTITY_MAP_ADDR"
+
+
+def test_irqchip_state_round_trip(kvm: Kvm) -> None:
+    from kvmio._abi import ffi
+    from kvmio.vm import IRQCHIP_IOAPIC, IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE
+
+    with kvm.create_vm() as vm:
+        assert not vm.has_irqchip and not vm.has_pit
+        with pytest.raises(KvmStateError, match="create_irqchip"):
+            vm.get_irqchip(IRQCHIP_PIC_MASTER)
+        vm.create_irqchip()
+        assert vm.has_irqchip
+        imr = ffi.offsetof("struct kvm_pic_state", "imr")
+        ioapic_id = ffi.offsetof("struct kvm_ioapic_state", "id")
+        for chip in (IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE):
+            pic = bytearray(vm.get_irqchip(chip))
+            assert len(pic) == 512
+            pic[imr] = 0xA5 + chip
+            vm.set_irqchip(chip, bytes(pic))
+        assert vm.get_irqchip(IRQCHIP_PIC_MASTER)[imr] == 0xA5
+        assert vm.get_irqchip(IRQCHIP_PIC_SLAVE)[imr] == 0xA6
+        ioapic = bytearray(vm.get_irqchip(IRQCHIP_IOAPIC))
+        base = int.from_bytes(ioapic[:8], "little")
+        assert base == 0xFEC00000  # the IOAPIC's default base address
+        ioapic[ioapic_id:ioapic_id + 4] = (3 << 24).to_bytes(4, "little")
+        vm.set_irqchip(IRQCHIP_IOAPIC, bytes(ioapic))
+        got = vm.get_irqchip(IRQCHIP_IOAPIC)
+        assert int.from_bytes(got[ioapic_id:ioapic_id + 4], "little") == 3 << 24
+        with pytest.raises(KvmInvalidArgumentError, match="512 bytes, not 511"):
+            vm.set_irqchip(IRQCHIP_IOAPIC, bytes(ioapic[:-1]))
+        with pytest.raises(KvmInvalidArgumentError, match="chip_id must be"):
+            vm.get_irqchip(3)
+
+
+def test_pit_state_round_trip(kvm: Kvm) -> None:
+    from kvmio._abi import ffi
+
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        with pytest.raises(KvmStateError, match="create_pit2"):
+            vm.get_pit2()
+        vm.create_pit2()
+        assert vm.has_pit
+        raw = vm.get_pit2()
+        assert len(raw) == ffi.sizeof("struct kvm_pit_state2") == 112
+        st = ffi.new("struct kvm_pit_state2 *")
+        ffi.memmove(st, raw, len(raw))
+        st.channels[0].count = 11932
+        st.channels[0].mode = 2
+        st.channels[0].rw_mode = 3
+        vm.set_pit2(bytes(ffi.buffer(st)))
+        got = ffi.new("struct kvm_pit_state2 *")
+        ffi.memmove(got, vm.get_pit2(), 112)
+        ch = got.channels[0]
+        assert (ch.count, ch.mode, ch.rw_mode) == (11932, 2, 3)
+        with pytest.raises(KvmInvalidArgumentError, match="exactly 112 bytes"):
+            vm.set_pit2(raw + b"\0")
+
+
+def test_clock_data_keeps_the_flags_the_kernel_wants(kvm: Kvm) -> None:
+    from kvmio._abi import lib
+    from kvmio.vm import ClockData
+
+    with kvm.create_vm() as vm:
+        vm.set_clock_data(ClockData(7_000_000_000, flags=lib.KVM_CLOCK_TSC_STABLE))
+        cd = vm.get_clock_data()
+        assert 7_000_000_000 <= cd.clock < 8_000_000_000
+        assert cd.flags & ~vm.check_extension(Cap.ADJUST_CLOCK) == 0
+        if cd.flags & lib.KVM_CLOCK_REALTIME:
+            vm.set_clock_data(cd, realtime=True)  # the clock moves on by the real time since
+            assert vm.get_clock_data().clock >= cd.clock
+        else:
+            with pytest.raises(KvmInvalidArgumentError, match="KVM_CLOCK_REALTIME"):
+                vm.set_clock_data(cd, realtime=True)
+        with pytest.raises(KvmInvalidArgumentError, match="u64"):
+            ClockData(-1)
+
+
+def test_vm_state_in_one_call(kvm: Kvm) -> None:
+    from kvmio.vm import VM_STATE_PARTS, ClockData, Vm
+
+    with kvm.create_vm() as vm:
+        with pytest.raises(KvmStateError, match="no in-kernel irqchip"):
+            vm.get_state(["clock", "pic_master"])
+        vm.create_irqchip()
+        vm.create_pit2()
+        parts = list(VM_STATE_PARTS)
+        raw = vm.get_state(parts)
+        assert list(raw) == parts
+        assert [len(raw[p]) for p in parts[1:]] == [512, 512, 512, 112]
+        batch = Vm.prepare_state([("clock", ClockData(9_000_000_000))]
+                                 + [(p, raw[p]) for p in parts[1:]])
+        vm.set_state(batch)
+        again = vm.get_state(parts)
+        assert again["pic_master"] == raw["pic_master"] and again["ioapic"] == raw["ioapic"]
+        assert 9_000_000_000 <= vm.get_clock() < 10_000_000_000
+        with pytest.raises(KvmInvalidArgumentError, match="512 bytes"):
+            Vm.prepare_state([("ioapic", raw["ioapic"][:100])])
+        with pytest.raises(KvmInvalidArgumentError, match="given twice"):
+            Vm.prepare_state([("pit2", raw["pit2"]), ("pit2", raw["pit2"])])
+    with kvm.create_vm() as bare, pytest.raises(KvmStateError, match="no in-kernel irqchip"):
+        bare.set_state(batch)  # refused before anything is written

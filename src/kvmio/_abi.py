@@ -13,6 +13,7 @@ import errno as _errno
 import mmap
 import os
 import platform
+import struct
 import threading
 import warnings
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from kvmio._closing import Closing
 from kvmio._native import ffi, lib
 from kvmio.errors import KvmClosedError, KvmError, from_errno
 
-__all__ = ["ARCH", "IS_X86", "PAGE_SIZE", "FdOwner", "Mapping", "ffi", "ioctl", "lib"]
+__all__ = ["ARCH", "IS_X86", "PAGE_SIZE", "FdOwner", "IoctlBatch", "Mapping", "ffi", "ioctl",
+           "lib"]
 
 PAGE_SIZE: int = mmap.PAGESIZE
 ARCH: str = platform.machine().lower()
@@ -50,6 +52,104 @@ def ioctl(fd: int, request: int, arg: CData | int = 0, *, name: str) -> int:
             return int(r)
         if r != -_errno.EINTR:
             raise from_errno(-r, name)
+
+
+class IoctlBatch:
+    """Ioctls with their argument buffers built once, issued in order by one native call
+    (``kvmio_ioctl_batch``), stopping at the first that fails.
+
+    ``entries`` are ``(ioctl name, argument, expected result)``: the argument is a cffi
+    allocation (``ffi.new``) sized for the request, which the batch keeps; the expected result
+    is the value the call must return (KVM_GET_MSRS and KVM_SET_MSRS return how many MSRs they
+    handled), or -1 for any non-negative one.  ``payloads`` are, for each entry, the bytes the
+    argument was built from (for writes) or ``b""``, so that a caller can compare what a batch
+    would write without reading the C buffers back.  ``kind`` and ``info`` are the builder's
+    notes (what object the batch is for, what to check before it is used).
+
+    A batch goes to one fd; :meth:`chain` joins batches into one whose parts go each to its
+    own fd (a VM's and its vCPUs'), still in one native call.
+
+    Safety: the pointer array handed to C points into arguments the batch (or the batches it
+    chains) owns for its whole life, each sized by the code that built it for its request;
+    the caller holds the batch and every fd it passes open for the call.
+    """
+
+    def __init__(self, entries: list[tuple[str, CData, int]],
+                 payloads: list[bytes] | None = None, *, kind: str = "",
+                 info: dict[str, Any] | None = None):
+        self.names: tuple[str, ...] = tuple(name for name, _, _ in entries)
+        self._args = [arg for _, arg, _ in entries]
+        self.payloads: tuple[bytes, ...] = tuple(payloads) if payloads is not None else \
+            tuple(b"" for _ in entries)
+        if len(self.payloads) != len(entries):
+            raise ValueError("one payload per entry")
+        self.kind = kind
+        self.info: dict[str, Any] = dict(info or {})
+        #: The batches this one chains (itself, for a plain batch), and where each starts.
+        self.parts: tuple[IoctlBatch, ...] = (self,)
+        self.starts: tuple[int, ...] = (0,)
+        n = max(len(entries), 1)
+        self._requests = ffi.new("unsigned long[]", n)
+        self._pointers = ffi.new("void *[]", n)
+        self._expect = ffi.new("int32_t[]", n)
+        for k, (name, arg, expect) in enumerate(entries):
+            self._requests[k] = int(getattr(lib, name))
+            self._pointers[k] = ffi.cast("void *", arg)
+            self._expect[k] = expect
+        self._ends = ffi.new("uint32_t[]", [len(entries)])
+
+    @classmethod
+    def chain(cls, batches: list[IoctlBatch]) -> IoctlBatch:
+        """One batch issuing ``batches`` one after the other, each on its own fd (see
+        :meth:`run`).  It keeps the batches (and so their arguments) alive."""
+        entries: list[tuple[str, CData, int]] = []
+        payloads: list[bytes] = []
+        starts: list[int] = []
+        for b in batches:
+            if len(b.parts) != 1:
+                raise ValueError("chain plain batches")
+            starts.append(len(entries))
+            entries += [(name, b._args[k], int(b._expect[k])) for k, name in enumerate(b.names)]
+            payloads += b.payloads
+        out = cls(entries, payloads, kind="chain")
+        out.parts = tuple(batches)
+        out.starts = tuple(starts)
+        out._ends = ffi.new("uint32_t[]", [*starts[1:], len(entries)])
+        return out
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"<IoctlBatch {self.kind or '-'}: {', '.join(self.names)}>"
+
+    def arg(self, k: int) -> CData:
+        """The argument of entry ``k`` (the kernel's answer, after a read)."""
+        return self._args[k]
+
+    def part_of(self, k: int) -> tuple[int, int]:
+        """``(part, entry within that part)`` of entry ``k`` of a chain."""
+        part = max(i for i, s in enumerate(self.starts) if s <= k)
+        return part, k - self.starts[part]
+
+    def run(self, fds: int | list[int], skip: tuple[int, ...] = ()) -> tuple[int, int]:
+        """Issue every entry (but those in ``skip``) in order: each part on its fd of
+        ``fds`` (one fd for a plain batch).  Returns ``(index, result)``: the index of the
+        first call that failed (``len(self)`` when none did) and its result (-errno, or a
+        count other than the expected one; 0 when none failed)."""
+        fd_list = [fds] if isinstance(fds, int) else list(fds)
+        if len(fd_list) != len(self.parts):
+            raise ValueError(f"{len(self.parts)} fds needed, {len(fd_list)} given")
+        result = ffi.new("int32_t *")
+        mask = ffi.NULL
+        if skip:
+            mask = ffi.new("uint8_t[]", len(self.names))
+            for k in skip:
+                mask[k] = 1
+        done = lib.kvmio_ioctl_batch(ffi.new("int[]", fd_list), self._ends, len(fd_list),
+                                     self._requests, self._pointers, self._expect, mask,
+                                     len(self.names), result)
+        return int(done), int(result[0])
 
 
 def ioctl_eintr(fd: int, request: int, *, name: str) -> int | None:
@@ -142,6 +242,14 @@ class FdOwner(Closing):
         fd = self._acquire_fd()
         try:
             return ioctl(fd, request, arg, name=name)
+        finally:
+            self._release_fd()
+
+    def _run_batch(self, batch: IoctlBatch, skip: tuple[int, ...] = ()) -> tuple[int, int]:
+        """:meth:`IoctlBatch.run` on this object's fd, held against a concurrent close."""
+        fd = self._acquire_fd()
+        try:
+            return batch.run(fd, skip)
         finally:
             self._release_fd()
 
@@ -284,6 +392,21 @@ def from_bytes(ctype: str, data: bytes) -> CData:
     obj = ffi.new(ctype + " *")
     ffi.memmove(obj, data, size)
     return obj
+
+
+def struct_format(ctype: str, fields: tuple[str, ...]) -> struct.Struct:
+    """A :class:`struct.Struct` (native byte order) that reads the unsigned integer ``fields``
+    of ``ctype``, in that order, at the offsets and sizes the C compiler gave them, skipping
+    padding and the other fields: for decoding arrays of small structs in bulk."""
+    by_name = dict(ffi.typeof(ctype).fields or [])
+    spec = sorted((by_name[f].offset, ffi.sizeof(by_name[f].type), f) for f in fields)
+    if [f for _, _, f in spec] != list(fields):
+        raise ValueError(f"{fields} are not in their order in {ctype}")
+    fmt, pos = "=", 0
+    for offset, size, _ in spec:
+        fmt += "x" * (offset - pos) + {1: "B", 2: "H", 4: "I", 8: "Q"}[size]
+        pos = offset + size
+    return struct.Struct(fmt + "x" * (ffi.sizeof(ctype) - pos))
 
 
 def get_dirty_log(fd: int, slot: int, words: Any) -> None:

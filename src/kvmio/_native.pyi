@@ -46,8 +46,12 @@ class _Lib:
     KVM_CAP_VCPU_EVENTS: int
     KVM_CAP_XCRS: int
     KVM_CAP_XSAVE: int
+    KVM_CAP_XSAVE2: int
     KVM_CHECK_EXTENSION: int
     KVM_CLEAR_DIRTY_LOG: int
+    KVM_CLOCK_HOST_TSC: int
+    KVM_CLOCK_REALTIME: int
+    KVM_CLOCK_TSC_STABLE: int
     KVM_CREATE_IRQCHIP: int
     KVM_CREATE_PIT2: int
     KVM_CREATE_VCPU: int
@@ -80,10 +84,12 @@ class _Lib:
     KVM_GET_DEBUGREGS: int
     KVM_GET_DIRTY_LOG: int
     KVM_GET_FPU: int
+    KVM_GET_IRQCHIP: int
     KVM_GET_LAPIC: int
     KVM_GET_MP_STATE: int
     KVM_GET_MSRS: int
     KVM_GET_MSR_INDEX_LIST: int
+    KVM_GET_PIT2: int
     KVM_GET_REGS: int
     KVM_GET_SREGS: int
     KVM_GET_SUPPORTED_CPUID: int
@@ -91,6 +97,10 @@ class _Lib:
     KVM_GET_VCPU_MMAP_SIZE: int
     KVM_GET_XCRS: int
     KVM_GET_XSAVE: int
+    KVM_GET_XSAVE2: int
+    KVM_IRQCHIP_IOAPIC: int
+    KVM_IRQCHIP_PIC_MASTER: int
+    KVM_IRQCHIP_PIC_SLAVE: int
     KVM_IRQ_LINE: int
     KVM_MEM_LOG_DIRTY_PAGES: int
     KVM_MEM_READONLY: int
@@ -107,9 +117,11 @@ class _Lib:
     KVM_SET_DEBUGREGS: int
     KVM_SET_FPU: int
     KVM_SET_IDENTITY_MAP_ADDR: int
+    KVM_SET_IRQCHIP: int
     KVM_SET_LAPIC: int
     KVM_SET_MP_STATE: int
     KVM_SET_MSRS: int
+    KVM_SET_PIT2: int
     KVM_SET_REGS: int
     KVM_SET_SREGS: int
     KVM_SET_TSS_ADDR: int
@@ -125,7 +137,11 @@ class _Lib:
     kvmio_dedup: Callable[..., int]
     kvmio_install_kick_handler: Callable[..., int]
     kvmio_ioctl: Callable[..., int]
+    kvmio_ioctl_batch: Callable[..., int]
     kvmio_ioctl_val: Callable[..., int]
+    kvmio_irqchip_data: Callable[..., Any]
+    kvmio_irqchip_data_offset: Callable[..., int]
+    kvmio_irqchip_data_size: Callable[..., int]
     kvmio_kick_signal: Callable[..., int]
     kvmio_ring_count_dirty: Callable[..., int]
     kvmio_ring_fill: Callable[..., None]

@@ -81,6 +81,9 @@ CDEF_COMMON = """
 #define KVM_IRQ_LINE ...
 #define KVM_GET_CLOCK ...
 #define KVM_SET_CLOCK ...
+#define KVM_CLOCK_TSC_STABLE ...
+#define KVM_CLOCK_REALTIME ...
+#define KVM_CLOCK_HOST_TSC ...
 
 #define KVM_MEM_LOG_DIRTY_PAGES ...
 #define KVM_MEM_READONLY ...
@@ -222,6 +225,9 @@ int kvmio_ioctl(int fd, unsigned long request, void *arg);
 int kvmio_ioctl_val(int fd, unsigned long request, unsigned long arg);
 int kvmio_kick_signal(void);
 int kvmio_install_kick_handler(void);
+uint32_t kvmio_ioctl_batch(int *fds, uint32_t *ends, uint32_t nseg, unsigned long *requests,
+                           void **args, int32_t *expect, uint8_t *skip, uint32_t n,
+                           int32_t *result);
 
 /* dirty ring */
 #define KVMIO_RING_STOP_EMPTY ...
@@ -282,6 +288,7 @@ CDEF_X86 = """
 #define KVM_GET_LAPIC ...
 #define KVM_SET_LAPIC ...
 #define KVM_GET_XSAVE ...
+#define KVM_GET_XSAVE2 ...
 #define KVM_SET_XSAVE ...
 #define KVM_GET_XCRS ...
 #define KVM_SET_XCRS ...
@@ -289,7 +296,15 @@ CDEF_X86 = """
 #define KVM_SET_VCPU_EVENTS ...
 #define KVM_GET_DEBUGREGS ...
 #define KVM_SET_DEBUGREGS ...
+#define KVM_GET_IRQCHIP ...
+#define KVM_SET_IRQCHIP ...
+#define KVM_GET_PIT2 ...
+#define KVM_SET_PIT2 ...
+#define KVM_IRQCHIP_PIC_MASTER ...
+#define KVM_IRQCHIP_PIC_SLAVE ...
+#define KVM_IRQCHIP_IOAPIC ...
 #define KVM_CAP_PIT2 ...
+#define KVM_CAP_XSAVE2 ...
 #define KVM_CAP_SET_TSS_ADDR ...
 #define KVM_CAP_SET_IDENTITY_MAP_ADDR ...
 #define KVM_CAP_XSAVE ...
@@ -390,6 +405,66 @@ struct kvm_lapic_state { ...; };
 struct kvm_xsave { ...; };
 struct kvm_vcpu_events { ...; };
 struct kvm_debugregs { ...; };
+
+struct kvm_pic_state {
+    uint8_t last_irr;
+    uint8_t irr;
+    uint8_t imr;
+    uint8_t isr;
+    uint8_t priority_add;
+    uint8_t irq_base;
+    uint8_t read_reg_select;
+    uint8_t poll;
+    uint8_t special_mask;
+    uint8_t init_state;
+    uint8_t auto_eoi;
+    uint8_t rotate_on_auto_eoi;
+    uint8_t special_fully_nested_mode;
+    uint8_t init4;
+    uint8_t elcr;
+    uint8_t elcr_mask;
+};
+
+struct kvm_ioapic_state {
+    uint64_t base_address;
+    uint32_t ioregsel;
+    uint32_t id;
+    uint32_t irr;
+    uint32_t pad;
+    ...;
+};
+
+/* The chip union (512 bytes: PIC or IOAPIC state) is reached through kvmio_irqchip_data. */
+struct kvm_irqchip {
+    uint32_t chip_id;
+    uint32_t pad;
+    ...;
+};
+void *kvmio_irqchip_data(struct kvm_irqchip *chip);
+size_t kvmio_irqchip_data_offset(void);
+size_t kvmio_irqchip_data_size(void);
+
+struct kvm_pit_channel_state {
+    uint32_t count;
+    uint16_t latched_count;
+    uint8_t count_latched;
+    uint8_t status_latched;
+    uint8_t status;
+    uint8_t read_state;
+    uint8_t write_state;
+    uint8_t write_latch;
+    uint8_t rw_mode;
+    uint8_t mode;
+    uint8_t bcd;
+    uint8_t gate;
+    int64_t count_load_time;
+};
+
+struct kvm_pit_state2 {
+    struct kvm_pit_channel_state channels[3];
+    uint32_t flags;
+    uint32_t reserved[9];
+};
 """
 
 SOURCE = r"""
@@ -482,6 +557,54 @@ int kvmio_install_kick_handler(void)
     sa.sa_flags = 0;
     return sigaction(kvmio_kick_signal(), &sa, NULL) < 0 ? -errno : 0;
 }
+
+/* n ioctls, in order, stopping at the first that fails: a machine state (the VM's and every
+ * vCPU's) is read or written in one call from Python instead of one call per ioctl.  The
+ * calls come in nseg segments, one per file descriptor: calls [ends[s-1], ends[s]) go to
+ * fds[s].  skip (NULL: none) marks calls not to issue.  A call fails when it returns < 0
+ * (EINTR is issued again, as kvmio's other ioctls are) or, where expect[k] >= 0, another value
+ * than expect[k] (KVM_GET_MSRS and KVM_SET_MSRS return how many MSRs they handled).
+ * Returns how many calls were done or skipped before the one that failed (n if none did);
+ * *result is that call's return value (-errno, or the short count), 0 when none failed.  The
+ * caller keeps every args[k] alive and sized for its request, and every fd open. */
+uint32_t kvmio_ioctl_batch(int *fds, uint32_t *ends, uint32_t nseg, unsigned long *requests,
+                           void **args, int32_t *expect, uint8_t *skip, uint32_t n,
+                           int32_t *result)
+{
+    uint32_t s = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        int r;
+        while (s < nseg && k >= ends[s])
+            s++;
+        if (s == nseg) {  /* the segments end before the calls do */
+            *result = -EINVAL;
+            return k;
+        }
+        if (skip && skip[k])
+            continue;
+        do {
+            r = ioctl(fds[s], requests[k], args[k]);
+        } while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            *result = -errno;
+            return k;
+        }
+        if (expect[k] >= 0 && r != expect[k]) {
+            *result = r;
+            return k;
+        }
+    }
+    *result = 0;
+    return n;
+}
+
+#if defined(__x86_64__)
+/* struct kvm_irqchip's chip union, which cffi is not asked to model (the layout test checks
+ * the offset and size against the header). */
+void *kvmio_irqchip_data(struct kvm_irqchip *chip) { return (void *)&chip->chip; }
+size_t kvmio_irqchip_data_offset(void) { return offsetof(struct kvm_irqchip, chip); }
+size_t kvmio_irqchip_data_size(void) { return sizeof(((struct kvm_irqchip *)0)->chip); }
+#endif
 
 /* ---------------------------------------------------------------------------------------------
  * Dirty ring harvesting (Documentation/virt/kvm/api.rst, "KVM_CAP_DIRTY_LOG_RING").

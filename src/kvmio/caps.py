@@ -33,6 +33,7 @@ class Cap(enum.IntEnum):
         SET_TSS_ADDR = lib.KVM_CAP_SET_TSS_ADDR
         SET_IDENTITY_MAP_ADDR = lib.KVM_CAP_SET_IDENTITY_MAP_ADDR
         XSAVE = lib.KVM_CAP_XSAVE
+        XSAVE2 = lib.KVM_CAP_XSAVE2
         XCRS = lib.KVM_CAP_XCRS
         VCPU_EVENTS = lib.KVM_CAP_VCPU_EVENTS
         DEBUGREGS = lib.KVM_CAP_DEBUGREGS

@@ -78,6 +78,20 @@ class DirtyRingOverrunError(DirtyRingError):
         self.harvested = harvested
 
 
+class SnapshotError(KvmError):
+    """A machine state that cannot be captured, restored or read back: a state that does not
+    fit the machine (other vCPU ids, an irqchip one has and the other lacks), a restore the
+    kernel refused part-way (``errno`` and ``ioctl`` are the refused call's; the machine is
+    then partly restored), or serialized bytes that are truncated, corrupted or of another
+    format version."""
+
+    def __init__(self, message: str, *, errno: int | None = None, ioctl: str | None = None,
+                 vcpu: int | None = None):
+        super().__init__(message, errno=errno, ioctl=ioctl)
+        #: The vCPU concerned, if one is.
+        self.vcpu = vcpu
+
+
 def from_errno(err: int, ioctl: str, what: str | None = None) -> KvmError:
     """The exception for a failed call that returned ``-err``."""
     msg = what or os.strerror(err)

@@ -55,6 +55,7 @@ class Kvm(FdOwner):
             raise KvmUnavailableError(
                 f"{path} speaks KVM API version {version}; kvmio supports only {API_VERSION}")
         self.api_version = version
+        self._msrs: list[int] | None = None
 
     def close(self) -> None:
         """Close ``/dev/kvm``.  VMs already created stay usable (they hold their own fds)."""
@@ -115,6 +116,15 @@ class Kvm(FdOwner):
     def get_msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST (x86): MSRs that KVM_GET/SET_MSRS support."""
         _require_x86("KVM_GET_MSR_INDEX_LIST")
+        return list(self._msr_index_list())
+
+    def _msr_index_list(self) -> list[int]:
+        # The list does not change while the kvm module is loaded: asked once per Kvm.
+        if self._msrs is None:
+            self._msrs = self._read_msr_index_list()
+        return self._msrs
+
+    def _read_msr_index_list(self) -> list[int]:
         n = 256
         while True:
             buf = ffi.new("struct kvm_msr_list *", {"indices": n})
@@ -135,7 +145,8 @@ class Kvm(FdOwner):
                           max_vcpus=self.get_max_vcpus(),
                           max_vcpu_id=self.check_extension(Cap.MAX_VCPU_ID)
                           or self.get_max_vcpus(),
-                          max_memslots=self.get_nr_memslots())
+                          max_memslots=self.get_nr_memslots(),
+                          msr_index_list=tuple(self._msr_index_list()) if IS_X86 else ())
         fd = self._ioctl(lib.KVM_CREATE_VM, vm_type, name="KVM_CREATE_VM")
         return Vm(fd, limits)
 

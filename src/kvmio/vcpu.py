@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Mapping as MappingType
 from typing import TYPE_CHECKING, Any
 
 from kvmio import _abi, _check
-from kvmio._abi import IS_X86, FdOwner, Mapping, ffi, lib
+from kvmio._abi import IS_X86, FdOwner, IoctlBatch, Mapping, ffi, lib
 from kvmio.errors import (
     DirtyRingOverrunError,
     KvmClosedError,
@@ -18,6 +20,7 @@ from kvmio.errors import (
     KvmInvalidArgumentError,
     KvmStateError,
     KvmUnsupportedError,
+    from_errno,
 )
 from kvmio.exits import (
     DirtyRingFull,
@@ -44,6 +47,28 @@ if TYPE_CHECKING:
 
 #: Ring-full exits in a row with nothing to harvest before kvmio declares the ring overrun.
 RING_FULL_STUCK_LIMIT = 3
+
+#: The parts of a vCPU's state (x86) that :meth:`Vcpu.get_state` reads and
+#: :meth:`Vcpu.prepare_state` / :meth:`Vcpu.set_state` write: part -> (GET ioctl, SET ioctl,
+#: C type of the argument, or ``None`` where its size varies).  ``xsave`` is read with
+#: KVM_GET_XSAVE2 where the kernel offers KVM_CAP_XSAVE2.
+STATE_PARTS: dict[str, tuple[str, str, str | None]] = {
+    "mp_state": ("KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "struct kvm_mp_state"),
+    "vcpu_events": ("KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events"),
+    "regs": ("KVM_GET_REGS", "KVM_SET_REGS", "struct kvm_regs"),
+    "sregs": ("KVM_GET_SREGS", "KVM_SET_SREGS", "struct kvm_sregs"),
+    "fpu": ("KVM_GET_FPU", "KVM_SET_FPU", "struct kvm_fpu"),
+    "xsave": ("KVM_GET_XSAVE", "KVM_SET_XSAVE", None),
+    "xcrs": ("KVM_GET_XCRS", "KVM_SET_XCRS", "struct kvm_xcrs"),
+    "lapic": ("KVM_GET_LAPIC", "KVM_SET_LAPIC", "struct kvm_lapic_state"),
+    "debugregs": ("KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS", "struct kvm_debugregs"),
+    "msrs": ("KVM_GET_MSRS", "KVM_SET_MSRS", None),
+    "cpuid": ("KVM_GET_CPUID2", "KVM_SET_CPUID2", None),
+}
+#: Bytes of the legacy ``struct kvm_xsave`` (the least KVM_CAP_XSAVE2 ever reports).
+XSAVE_LEGACY_SIZE = 4096
+#: The most CPUID entries a vCPU can have (the kernel's KVM_MAX_CPUID_ENTRIES).
+MAX_CPUID_ENTRIES = 256
 
 
 # vCPUs inside run(), for kick_running(): weak, so that a dropped vCPU is never kept alive.
@@ -73,13 +98,14 @@ class Vcpu(FdOwner):
     :meth:`run` enters the guest and returns a decoded exit.  :meth:`kick` (from any thread)
     makes a ``run`` in progress return :class:`~kvmio.exits.Interrupted` promptly.  A vCPU
     knows nothing of its VM: the VM hands it the ring set (to map its ring) and a callable to
-    run when it closes.
+    run when it closes, and the XSAVE size its VM reported (``KVM_CAP_XSAVE2``; ``None``
+    where the kernel lacks it: then the legacy 4 KiB KVM_GET_XSAVE is used).
     """
 
     _what = "Vcpu"
 
     def __init__(self, vcpu_id: int, fd: int, run: Mapping, *, ring_set: RingSet | None = None,
-                 on_close: Callable[[int], None] | None = None):
+                 on_close: Callable[[int], None] | None = None, xsave_size: int | None = None):
         super().__init__(fd)
         self.id = vcpu_id
         self._run = _abi.KvmRun(run)
@@ -92,6 +118,16 @@ class Vcpu(FdOwner):
         self._running_thread: int | None = None
         self._in_run = False
         self._holds = 0  # outside_run() blocks in progress
+        # Whether the last exit's operation completes only at the next KVM_RUN (I/O, MMIO).
+        self._exit_pending = False
+        self._xsave2 = xsave_size is not None
+        self._xsave_size = xsave_size if xsave_size is not None else XSAVE_LEGACY_SIZE
+        # Encodings (encode_cpuid) known to equal the CPUID installed now: what kvmio set last,
+        # and what KVM_GET_CPUID2 returned since.  Restores skip KVM_SET_CPUID2 for these.
+        self._cpuid_known: frozenset[bytes] = frozenset()
+        self._state_lock = threading.Lock()
+        # Read batches by (parts, MSR indices): a capture reads two (the state, the MSRs).
+        self._get_batches: dict[tuple[tuple[str, ...], tuple[int, ...]], IoctlBatch] = {}
         self._ring: DirtyRing | None = None
         if ring_set is not None:
             try:
@@ -143,17 +179,11 @@ class Vcpu(FdOwner):
         """Hold the vCPU outside ``run()``: raises :class:`KvmStateError` if a thread is in it
         now, and makes ``run()`` wait until the block ends (ring repairs need this).  Holds
         nest and may overlap (from any threads): ``run()`` waits for the last to end."""
-        with self._run_lock:
-            if self._in_run:
-                raise KvmStateError(f"vCPU {self.id} is inside run(); stop it first")
-            self._holds += 1
+        self._hold()
         try:
             yield
         finally:
-            with self._run_lock:
-                self._holds -= 1
-                if not self._holds:
-                    self._outside.notify_all()
+            self._unhold()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -221,10 +251,15 @@ class Vcpu(FdOwner):
             with self._run_lock:
                 self._running_thread = None
                 if r is None:
-                    # Consume the kicks that led here; later ones stay pending.
+                    # Consume the kicks that led here; later ones stay pending.  KVM completes
+                    # a pending operation before it looks at immediate_exit and signals.
                     self._run.immediate_exit = False
+                    self._exit_pending = False
                     return Interrupted()
-            return self._decode(self._run)
+                self._exit_pending = True  # until the exit is known to need no completion
+            ex = self._decode(self._run)
+            self._exit_pending = isinstance(ex, IoOut | IoIn | MmioRead | MmioWrite | Unknown)
+            return ex
         finally:
             if entered:
                 with _RUNNING_LOCK:
@@ -277,6 +312,49 @@ class Vcpu(FdOwner):
     def _check_gen(self, gen: int) -> None:
         if gen != self._exit_gen:
             stale_answer(b"")
+
+    @property
+    def exit_pending(self) -> bool:
+        """Whether the last exit's operation is still incomplete: after an I/O or MMIO exit
+        (or one kvmio does not know), KVM finishes the instruction only at the next KVM_RUN,
+        and until then the vCPU's registers are not consistent (Documentation/virt/kvm/
+        api.rst on ``kvm_run``: "the corresponding operations are complete (and guest state is
+        consistent) only after userspace has re-entered the kernel with KVM_RUN").  A state
+        read now would be wrong; see :meth:`complete_pending_exit`."""
+        return self._exit_pending
+
+    def complete_pending_exit(self, on_exit: Callable[[VcpuExit], None] | None = None, *,
+                              max_exits: int = 1 << 16) -> int:
+        """Finish the operation of the last exit without running the guest further: re-enter
+        KVM_RUN with ``immediate_exit`` set, which completes it and returns at once.
+
+        Answer an :class:`~kvmio.exits.IoIn` or :class:`~kvmio.exits.MmioRead` first: the
+        completion stores the answer in the guest's register.  A string instruction (``rep
+        ins``/``outs``) exits again for its next item: each such exit goes to ``on_exit``
+        (which must answer reads), and completion goes on; without ``on_exit`` it raises
+        :class:`KvmStateError`, and more than ``max_exits`` raise too.  Returns how many exits
+        went to ``on_exit``; does nothing when no exit is pending (:attr:`exit_pending`).
+        """
+        max_exits = _check.integer("max_exits", max_exits, lo=1)
+        handled = 0
+        while self._exit_pending:
+            self.immediate_exit = True
+            ex = self.run()
+            if isinstance(ex, Interrupted):
+                break
+            # Keep a later run() from returning Interrupted at once.
+            self.immediate_exit = False
+            if on_exit is None:
+                raise KvmStateError(
+                    f"completing vCPU {self.id}'s exit led to another exit ({ex!r}, the next "
+                    "item of a string instruction); handle it and complete again, or pass "
+                    "on_exit")
+            if handled >= max_exits:
+                raise KvmStateError(f"vCPU {self.id} still exits after {max_exits} exits "
+                                    "while its operation was completed")
+            on_exit(ex)
+            handled += 1
+        return handled
 
     # -- dirty ring -------------------------------------------------------------------------
 
@@ -392,13 +470,37 @@ class Vcpu(FdOwner):
         """KVM_SET_LAPIC."""
         self._set_raw("struct kvm_lapic_state", "KVM_SET_LAPIC", data)
 
+    @property
+    def xsave_size(self) -> int:
+        """Bytes of this vCPU's XSAVE area: what ``KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)`` said
+        when it was created, or 4096 (the legacy ``struct kvm_xsave``) without that
+        capability."""
+        return self._xsave_size
+
     def get_xsave(self) -> bytes:
-        """KVM_GET_XSAVE: the raw 4 KiB ``struct kvm_xsave``."""
-        return self._get_raw("struct kvm_xsave", "KVM_GET_XSAVE")
+        """The raw XSAVE area, :attr:`xsave_size` bytes: KVM_GET_XSAVE2 where the kernel
+        offers KVM_CAP_XSAVE2, else KVM_GET_XSAVE (4 KiB)."""
+        self._x86("KVM_GET_XSAVE")
+        buf = self._xsave_buffer()
+        req = "KVM_GET_XSAVE2" if self._xsave2 else "KVM_GET_XSAVE"
+        self._ioctl(getattr(lib, req), buf, name=req)
+        return bytes(ffi.buffer(buf, self._xsave_size))
 
     def set_xsave(self, data: bytes) -> None:
-        """KVM_SET_XSAVE."""
-        self._set_raw("struct kvm_xsave", "KVM_SET_XSAVE", data)
+        """KVM_SET_XSAVE from :attr:`xsave_size` bytes (the kernel reads that many: any other
+        length raises :class:`KvmInvalidArgumentError`)."""
+        self._x86("KVM_SET_XSAVE")
+        raw = bytes(_check.buffer_bytes("data", data))
+        if len(raw) != self._xsave_size:
+            raise KvmInvalidArgumentError(
+                f"the XSAVE area of vCPU {self.id} is {self._xsave_size} bytes, not {len(raw)}")
+        self._ioctl(lib.KVM_SET_XSAVE, ffi.new("char[]", raw), name="KVM_SET_XSAVE")
+
+    def _xsave_buffer(self) -> Any:
+        # Safety: sized as KVM_CAP_XSAVE2 said, the most KVM_GET_XSAVE2 writes.
+        if self._xsave2:
+            return ffi.new("char[]", self._xsave_size)
+        return ffi.new("struct kvm_xsave *")
 
     def get_vcpu_events(self) -> bytes:
         """KVM_GET_VCPU_EVENTS: pending exceptions/interrupts/NMIs, raw."""
@@ -478,27 +580,389 @@ class Vcpu(FdOwner):
             raise KvmError(f"MSR {items[n][0]:#x} cannot be set to {items[n][1]:#x} (the kernel "
                            f"set {n} of {len(items)})", ioctl="KVM_SET_MSRS")
 
-    def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
-        """KVM_SET_CPUID2: the CPUID the guest sees (usually from ``get_supported_cpuid``)."""
-        self._x86("KVM_SET_CPUID2")
-        entries = [_check.instance("CPUID entry", e, CpuidEntry)
-                   for e in _check.sequence("entries", entries)]
-        for e in entries:
-            for f in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
-                _check.u32(f"CPUID entry {f}", getattr(e, f))
-        buf = ffi.new("struct kvm_cpuid2 *", {"entries": len(entries)})
-        buf.nent = len(entries)
-        for i, e in enumerate(entries):
-            c = buf.entries[i]
-            c.function, c.index, c.flags = e.function, e.index, e.flags
-            c.eax, c.ebx, c.ecx, c.edx = e.eax, e.ebx, e.ecx, e.edx
-        self._ioctl(lib.KVM_SET_CPUID2, buf, name="KVM_SET_CPUID2")
+    def readable_msrs(self, indices: Sequence[int]) -> list[int]:
+        """The MSRs of ``indices`` (in their order) that KVM_GET_MSRS reads for this vCPU.
 
-    def get_cpuid2(self, max_entries: int = 256) -> list[CpuidEntry]:
+        KVM_GET_MSR_INDEX_LIST names MSRs that a given vCPU may still refuse (features its
+        CPUID lacks, an APIC it does not have); the kernel stops at the first MSR it refuses,
+        so this takes one KVM_GET_MSRS plus one per refused MSR (each reading only the rest).
+        """
+        self._x86("KVM_GET_MSRS")
+        rest = [_check.u32("MSR index", i) for i in _check.sequence("indices", indices)]
+        readable: list[int] = []
+        while rest:
+            m = ffi.new("struct kvm_msrs *", {"entries": len(rest)})
+            m.nmsrs = len(rest)
+            for i, idx in enumerate(rest):
+                m.entries[i].index = idx
+            n = self._ioctl(lib.KVM_GET_MSRS, m, name="KVM_GET_MSRS")
+            readable += rest[:n]
+            rest = rest[n + 1:]
+        return readable
+
+    def writable_msrs(self, values: Sequence[tuple[int, int]]) -> list[int]:
+        """The MSRs of ``(index, value)`` pairs that KVM_SET_MSRS accepts for this vCPU, found
+        by writing them in order (one KVM_SET_MSRS, plus one per refused MSR, each writing
+        only the rest).  It writes: pass values just read, so that nothing changes.  Some
+        kernels read an MSR they then refuse to have written back (this project's CI host:
+        MSR_KVM_POLL_CONTROL reads 0 and takes no value)."""
+        self._x86("KVM_SET_MSRS")
+        rest = [(_check.u32("MSR index", i), _check.u64(f"MSR {i!r} value", v))
+                for i, v in _check.sequence("values", values)]
+        writable: list[int] = []
+        while rest:
+            m = ffi.new("struct kvm_msrs *", {"entries": len(rest)})
+            m.nmsrs = len(rest)
+            for k, (idx, val) in enumerate(rest):
+                m.entries[k].index = idx
+                m.entries[k].data = val
+            n = self._ioctl(lib.KVM_SET_MSRS, m, name="KVM_SET_MSRS")
+            writable += [i for i, _ in rest[:n]]
+            rest = rest[n + 1:]
+        return writable
+
+    def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
+        """KVM_SET_CPUID2: the CPUID the guest sees (usually from ``get_supported_cpuid``).
+        After the vCPU first ran, KVM refuses (EBUSY) any CPUID but the one it has."""
+        self._x86("KVM_SET_CPUID2")
+        raw = encode_cpuid(_check.sequence("entries", entries))
+        try:
+            self._ioctl(lib.KVM_SET_CPUID2, ffi.new("char[]", raw), name="KVM_SET_CPUID2")
+        except BaseException:
+            # The kernel does not promise the old CPUID survives a failed call.
+            self._cpuid_known = frozenset()
+            raise
+        self._cpuid_known = frozenset((raw,))
+
+    def get_cpuid2(self, max_entries: int = MAX_CPUID_ENTRIES) -> list[CpuidEntry]:
         """KVM_GET_CPUID2: the CPUID entries set on this vCPU."""
         self._x86("KVM_GET_CPUID2")
         max_entries = _check.integer("max_entries", max_entries, lo=1, hi=1 << 16)
         buf = ffi.new("struct kvm_cpuid2 *", {"entries": max_entries})
         buf.nent = max_entries
         self._ioctl(lib.KVM_GET_CPUID2, buf, name="KVM_GET_CPUID2")
-        return cpuid_entries(buf)
+        got = cpuid_entries(buf)
+        self._know_cpuid(encode_cpuid(got))
+        return got
+
+    # -- the whole state, one native call each way ------------------------------------------
+
+    def get_state(self, parts: Sequence[str], *, msr_indices: Sequence[int] = ()
+                  ) -> dict[str, bytes]:
+        """Read the given :data:`STATE_PARTS` of this vCPU, in the order given, in one native
+        call (x86); returns each part's raw kernel struct (``msrs`` and ``cpuid`` with their
+        entries, ``xsave`` :attr:`xsave_size` bytes).  ``msrs`` reads ``msr_indices``, which
+        must all be readable (see :meth:`readable_msrs`).  Reading stops at the first ioctl
+        that fails, which raises naming it."""
+        self._x86("reading the vCPU state")
+        parts = tuple(_check.sequence("parts", parts))
+        msrs = tuple(_check.sequence("msr_indices", msr_indices))
+        key = (parts, msrs)
+        with self._state_lock:
+            batch = self._get_batches.get(key)
+            if batch is None:  # checked only when built: a state is often read many times
+                batch = self._build_get_batch(parts, tuple(_check.u32("MSR index", i)
+                                                           for i in msrs))
+                if len(self._get_batches) >= 4:
+                    self._get_batches.clear()
+                self._get_batches[key] = batch
+            if "cpuid" in parts:
+                batch.arg(parts.index("cpuid")).nent = MAX_CPUID_ENTRIES  # the kernel sets it
+            done, result = self._run_batch(batch)
+            if done < len(batch):
+                raise _batch_error(batch, done, result)
+            out: dict[str, bytes] = {}
+            for k, part in enumerate(parts):
+                out[part] = _read_part(part, batch.arg(k), self._xsave_size)
+        if "cpuid" in out:
+            self._know_cpuid(out["cpuid"])
+        return out
+
+    def _know_cpuid(self, raw: bytes) -> None:
+        """Note an encoding of the installed CPUID (KVM updates a few bits as the guest runs,
+        so one CPUID reads back in a few ways; a handful is kept)."""
+        known = self._cpuid_known
+        self._cpuid_known = known | {raw} if len(known) < 8 else frozenset((raw,))
+
+    def _build_get_batch(self, parts: tuple[str, ...], msrs: tuple[int, ...]) -> IoctlBatch:
+        entries: list[tuple[str, Any, int]] = []
+        for part in parts:
+            if part not in STATE_PARTS:
+                raise KvmInvalidArgumentError(f"no vCPU state part {part!r}; choose from "
+                                              f"{', '.join(STATE_PARTS)}")
+            get, _, ctype = STATE_PARTS[part]
+            if part == "xsave":
+                entries.append(("KVM_GET_XSAVE2" if self._xsave2 else get, self._xsave_buffer(),
+                                -1))
+            elif part == "msrs":
+                m = ffi.new("struct kvm_msrs *", {"entries": len(msrs)})
+                m.nmsrs = len(msrs)
+                for i, idx in enumerate(msrs):
+                    m.entries[i].index = idx
+                entries.append((get, m, len(msrs)))
+            elif part == "cpuid":
+                entries.append((get, ffi.new("struct kvm_cpuid2 *",
+                                             {"entries": MAX_CPUID_ENTRIES}), -1))
+            else:
+                assert ctype is not None
+                entries.append((get, ffi.new(ctype + " *"), -1))
+        if len(set(parts)) != len(parts):
+            raise KvmInvalidArgumentError(f"a state part is named twice in {parts}")
+        return IoctlBatch(entries)
+
+    @staticmethod
+    def prepare_state(parts: Sequence[tuple[str, bytes]]) -> IoctlBatch:
+        """Build, once, the writes of a vCPU state for :meth:`set_state`: ``(part, raw)``
+        pairs of :data:`STATE_PARTS` in the order they are to be written, ``raw`` as
+        :meth:`get_state` returns it (or :func:`encode_msrs`, :func:`encode_cpuid`,
+        :func:`encode_xcrs`, :func:`encode_mp_state` make it).  Every length is checked here:
+        a wrong one raises :class:`KvmInvalidArgumentError`.  The batch holds its own copies
+        and serves any number of :meth:`set_state` calls, on any vCPU."""
+        if not IS_X86:
+            raise KvmUnsupportedError("vCPU states exist only on x86_64")
+        entries: list[tuple[str, Any, int]] = []
+        payloads: list[bytes] = []
+        seen_order: list[str] = []
+        for item in _check.sequence("parts", parts):
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise KvmInvalidArgumentError("parts must be (name, bytes) pairs")
+            part, data = item
+            if part not in STATE_PARTS:
+                raise KvmInvalidArgumentError(f"no vCPU state part {part!r}; choose from "
+                                              f"{', '.join(STATE_PARTS)}")
+            if part in seen_order:
+                raise KvmInvalidArgumentError(f"vCPU state part {part!r} is given twice")
+            seen_order.append(part)
+            raw = bytes(_check.buffer_bytes(part, data))
+            _, setter, ctype = STATE_PARTS[part]
+            expect = -1
+            if part == "msrs":
+                expect = len(decode_msrs(raw))
+            elif part == "cpuid":
+                decode_cpuid(raw)  # checks the length against nent
+            elif part == "xsave":
+                if len(raw) < XSAVE_LEGACY_SIZE or len(raw) % 4:
+                    raise KvmInvalidArgumentError(
+                        f"an XSAVE area is a multiple of 4 bytes, at least {XSAVE_LEGACY_SIZE}, "
+                        f"not {len(raw)}")
+            else:
+                assert ctype is not None
+                if len(raw) != ffi.sizeof(ctype):
+                    raise KvmInvalidArgumentError(
+                        f"{part} ({ctype}) is {ffi.sizeof(ctype)} bytes, not {len(raw)}")
+            # Safety: a copy of exactly the checked length, which is what the kernel reads.
+            entries.append((setter, ffi.new("char[]", raw), expect))
+            payloads.append(raw)
+        by_part = dict(zip(seen_order, payloads, strict=True))
+        info = {"xsave": len(by_part["xsave"]) if "xsave" in by_part else None,
+                "cpuid": seen_order[:1] == ["cpuid"]}
+        return IoctlBatch(entries, payloads, kind="vcpu", info=info)
+
+    def set_state(self, batch: IoctlBatch) -> None:
+        """Write a state prepared by :meth:`prepare_state`, in its order, in one native call.
+
+        A leading ``cpuid`` part is skipped when it equals the CPUID known to be installed
+        (kvmio set it, or KVM_GET_CPUID2 returned it since: re-setting it is a no-op that
+        costs more than the rest of the state here).  An XSAVE area of another size than this
+        vCPU's :attr:`xsave_size` raises :class:`KvmInvalidArgumentError` before anything is
+        written.  The first ioctl that fails raises :class:`KvmError` naming it (with the
+        kernel's errno, or the first MSR the kernel refused); the parts before it are written.
+        """
+        self._x86("writing the vCPU state")
+        self._check_state_batch(batch)
+        skip = (0,) if self._cpuid_skippable(batch) else ()
+        done, result = self._run_batch(batch, skip)
+        self._cpuid_written(batch, skip, done)
+        if done < len(batch):
+            raise _batch_error(batch, done, result)
+
+    # For Vm.set_states, which writes a VM's and its vCPUs' states in one call.
+
+    def _check_state_batch(self, batch: IoctlBatch) -> None:
+        _check.instance("batch", batch, IoctlBatch)
+        if batch.kind != "vcpu":
+            raise KvmInvalidArgumentError("not a vCPU state write; build the batch with "
+                                          "Vcpu.prepare_state")
+        size = batch.info["xsave"]
+        if size is not None and size != self._xsave_size:
+            raise KvmInvalidArgumentError(
+                f"the XSAVE area of vCPU {self.id} is {self._xsave_size} bytes; the state "
+                f"holds {size}")
+
+    def _cpuid_skippable(self, batch: IoctlBatch) -> bool:
+        return bool(batch.info["cpuid"]) and batch.payloads[0] in self._cpuid_known
+
+    def _cpuid_written(self, batch: IoctlBatch, skip: tuple[int, ...], done: int) -> None:
+        """After a write of ``batch`` that stopped at its entry ``done``."""
+        if batch.info["cpuid"] and 0 not in skip:
+            self._cpuid_known = frozenset((batch.payloads[0],)) if done > 0 else frozenset()
+
+    def _hold(self) -> None:
+        """Begin an :meth:`outside_run` hold (raises if a thread is inside ``run()``)."""
+        with self._run_lock:
+            if self._in_run:
+                raise KvmStateError(f"vCPU {self.id} is inside run(); stop it first")
+            self._holds += 1
+
+    def _unhold(self) -> None:
+        with self._run_lock:
+            self._holds -= 1
+            if not self._holds:
+                self._outside.notify_all()
+
+
+# -- raw encodings of the variable parts of a vCPU state (x86) --------------------------------
+
+
+def state_part_size(part: str) -> int | None:
+    """Bytes of a fixed-size part of :data:`STATE_PARTS` (``None`` for ``xsave``, ``msrs``
+    and ``cpuid``, whose size varies)."""
+    if part not in STATE_PARTS:
+        raise KvmInvalidArgumentError(f"no vCPU state part {part!r}")
+    ctype = STATE_PARTS[part][2]
+    return None if ctype is None or not IS_X86 else int(ffi.sizeof(ctype))
+
+
+def _layout(struct: str, array: str, entry: str) -> tuple[int, int]:
+    return int(ffi.offsetof(struct, array)), int(ffi.sizeof(entry))
+
+
+def encode_msrs(values: Iterable[tuple[int, int]]) -> bytes:
+    """The raw ``struct kvm_msrs`` (header and entries) for ``(index, value)`` pairs, in the
+    order given (KVM_SET_MSRS writes them in that order)."""
+    items = [(_check.u32("MSR index", i), _check.u64(f"MSR {i!r} value", v)) for i, v in values]
+    m = ffi.new("struct kvm_msrs *", {"entries": len(items)})
+    m.nmsrs = len(items)
+    for k, (idx, val) in enumerate(items):
+        m.entries[k].index = idx
+        m.entries[k].data = val
+    head, size = _layout("struct kvm_msrs", "entries", "struct kvm_msr_entry")
+    return bytes(ffi.buffer(m, head + size * len(items)))
+
+
+def decode_msrs(raw: bytes) -> list[tuple[int, int]]:
+    """``(index, value)`` pairs of a raw ``struct kvm_msrs``, in order; a length that does not
+    match its count raises :class:`KvmInvalidArgumentError`."""
+    head, size = _layout("struct kvm_msrs", "entries", "struct kvm_msr_entry")
+    n = _counted("struct kvm_msrs", raw, head, size, "nmsrs", 1 << 16)
+    fmt = _formats()["msr"]
+    return list(fmt.iter_unpack(raw[head:head + n * size]))
+
+
+def encode_cpuid(entries: Iterable[CpuidEntry]) -> bytes:
+    """The raw ``struct kvm_cpuid2`` (header and entries, padding zero) for ``entries``."""
+    items = [_check.instance("CPUID entry", e, CpuidEntry) for e in entries]
+    for e in items:
+        for f in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
+            _check.u32(f"CPUID entry {f}", getattr(e, f))
+    if len(items) > MAX_CPUID_ENTRIES:
+        raise KvmInvalidArgumentError(f"at most {MAX_CPUID_ENTRIES} CPUID entries, not "
+                                      f"{len(items)}")
+    buf = ffi.new("struct kvm_cpuid2 *", {"entries": len(items)})
+    buf.nent = len(items)
+    for k, e in enumerate(items):
+        c = buf.entries[k]
+        c.function, c.index, c.flags = e.function, e.index, e.flags
+        c.eax, c.ebx, c.ecx, c.edx = e.eax, e.ebx, e.ecx, e.edx
+    head, size = _layout("struct kvm_cpuid2", "entries", "struct kvm_cpuid_entry2")
+    return bytes(ffi.buffer(buf, head + size * len(items)))
+
+
+def decode_cpuid(raw: bytes) -> list[CpuidEntry]:
+    """The entries of a raw ``struct kvm_cpuid2``; a length that does not match its count
+    raises :class:`KvmInvalidArgumentError`."""
+    head, size = _layout("struct kvm_cpuid2", "entries", "struct kvm_cpuid_entry2")
+    n = _counted("struct kvm_cpuid2", raw, head, size, "nent", MAX_CPUID_ENTRIES)
+    fmt = _formats()["cpuid"]
+    return [CpuidEntry(*e) for e in fmt.iter_unpack(raw[head:head + n * size])]
+
+
+def encode_xcrs(xcrs: MappingType[int, int]) -> bytes:
+    """The raw ``struct kvm_xcrs`` for extended control registers by index."""
+    x = ffi.new("struct kvm_xcrs *")
+    cap = len(x.xcrs)
+    if len(xcrs) > cap:
+        raise KvmInvalidArgumentError(f"at most {cap} XCRs, not {len(xcrs)}")
+    items = sorted((_check.u32("XCR index", k), _check.u64(f"XCR {k!r}", v))
+                   for k, v in xcrs.items())
+    x.nr_xcrs = len(items)
+    for k, (idx, val) in enumerate(items):
+        x.xcrs[k].xcr = idx
+        x.xcrs[k].value = val
+    return _abi.to_bytes(x, "struct kvm_xcrs")
+
+
+def decode_xcrs(raw: bytes) -> dict[int, int]:
+    """Extended control registers by index, from a raw ``struct kvm_xcrs``."""
+    x = _abi.from_bytes("struct kvm_xcrs", raw)
+    if x.nr_xcrs > len(x.xcrs):
+        raise KvmInvalidArgumentError(f"struct kvm_xcrs counts {x.nr_xcrs} XCRs, more than "
+                                      f"its {len(x.xcrs)}")
+    return {int(x.xcrs[k].xcr): int(x.xcrs[k].value) for k in range(x.nr_xcrs)}
+
+
+def encode_mp_state(state: int) -> bytes:
+    """The raw ``struct kvm_mp_state`` for a ``KVM_MP_STATE_*`` value."""
+    mp = ffi.new("struct kvm_mp_state *")
+    mp.mp_state = _check.u32("state", state)
+    return _abi.to_bytes(mp, "struct kvm_mp_state")
+
+
+def decode_mp_state(raw: bytes) -> int:
+    """The ``KVM_MP_STATE_*`` value of a raw ``struct kvm_mp_state``."""
+    return int(_abi.from_bytes("struct kvm_mp_state", raw).mp_state)
+
+
+_FORMATS: dict[str, Any] = {}
+
+
+def _formats() -> dict[str, Any]:
+    """Bulk decoders of MSR and CPUID entries, laid out as the compiler says."""
+    if not _FORMATS:
+        _FORMATS["msr"] = _abi.struct_format("struct kvm_msr_entry", ("index", "data"))
+        _FORMATS["cpuid"] = _abi.struct_format(
+            "struct kvm_cpuid_entry2", ("function", "index", "flags", "eax", "ebx", "ecx", "edx"))
+    return _FORMATS
+
+
+def _counted(struct: str, raw: bytes, head: int, size: int, field: str, most: int) -> int:
+    if len(raw) < head:
+        raise KvmInvalidArgumentError(f"{struct} needs at least {head} bytes, not {len(raw)}")
+    offset = int(ffi.offsetof(struct, field))
+    n = int.from_bytes(raw[offset:offset + 4], sys.byteorder)  # a u32 count
+    if n > most or len(raw) != head + n * size:
+        raise KvmInvalidArgumentError(
+            f"{struct} with {field}={n} is {head} + {n} * {size} bytes (at most {most} "
+            f"entries), not {len(raw)}")
+    return n
+
+
+def _read_part(part: str, arg: Any, xsave_size: int) -> bytes:
+    """A state part's raw bytes from the argument its GET ioctl filled."""
+    if part == "xsave":
+        return bytes(ffi.buffer(arg, xsave_size))
+    if part == "msrs":
+        head, size = _layout("struct kvm_msrs", "entries", "struct kvm_msr_entry")
+        return bytes(ffi.buffer(arg, head + size * int(arg.nmsrs)))
+    if part == "cpuid":
+        # As kvmio set it: KVM keeps the entries it was given, whose padding kvmio zeroes.
+        head, size = _layout("struct kvm_cpuid2", "entries", "struct kvm_cpuid_entry2")
+        return bytes(ffi.buffer(arg, head + size * int(arg.nent)))
+    _, _, ctype = STATE_PARTS[part]
+    assert ctype is not None
+    return _abi.to_bytes(arg, ctype)
+
+
+def _batch_error(batch: IoctlBatch, done: int, result: int) -> KvmError:
+    """The error for a batch that stopped at entry ``done`` with ``result``."""
+    name = batch.names[done]
+    if result < 0:
+        return from_errno(-result, name)
+    if name == "KVM_GET_MSRS":
+        index = int(batch.arg(done).entries[result].index)
+        return KvmError(f"MSR {index:#x} cannot be read (the kernel read {result})", ioctl=name)
+    if name == "KVM_SET_MSRS":
+        index, value = decode_msrs(batch.payloads[done])[result]
+        return KvmError(f"MSR {index:#x} cannot be set to {value:#x} (the kernel set {result})",
+                        ioctl=name)
+    return KvmError(f"unexpected result {result}", ioctl=name)

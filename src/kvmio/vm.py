@@ -11,14 +11,15 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from kvmio import _abi, _check
-from kvmio._abi import IS_X86, PAGE_SIZE, FdOwner, Mapping, ffi, lib
+from kvmio._abi import IS_X86, PAGE_SIZE, FdOwner, IoctlBatch, Mapping, ffi, lib
 from kvmio.caps import Cap
 from kvmio.dirty.pages import PageSet, bitmap_to_pages
 from kvmio.dirty.ring import GFN_SIZE, DirtyEntries, DirtyRing, OverrunPolicy
@@ -30,12 +31,18 @@ from kvmio.errors import (
     KvmInvalidArgumentError,
     KvmStateError,
     KvmUnsupportedError,
+    SnapshotError,
+    from_errno,
 )
 from kvmio.memory import AnonymousMemory, Memory, MemoryRegion
 from kvmio.vcpu import Vcpu
+from kvmio.vcpu import _batch_error as _vcpu_batch_error
 
-__all__ = ["DEFAULT_RING_ENTRIES", "RING_RESERVED_ENTRIES", "DirtyLogClaim", "DirtyPages",
-           "DirtyRingConfig", "Vm", "VmLimits", "bitmap_to_pages"]
+__all__ = ["DEFAULT_RING_ENTRIES", "IRQCHIP_IOAPIC", "IRQCHIP_PIC_MASTER", "IRQCHIP_PIC_SLAVE",
+           "IRQCHIP_STATE_SIZE", "PIT_STATE_SIZE", "RING_RESERVED_ENTRIES", "VM_STATE_PARTS",
+           "ClockData", "DirtyLogClaim", "DirtyPages", "DirtyRingConfig", "StateWriter", "Vm",
+           "VmLimits",
+           "bitmap_to_pages", "decode_clock"]
 
 #: Entries the kernel keeps in reserve at the end of every ring (without Intel PML; with PML it
 #: reserves 512 more, which only the kernel knows: its refusal then names that rule).
@@ -47,6 +54,47 @@ DEFAULT_RING_ENTRIES = 4096
 #: The empty page set of empty collections (page sets are immutable, so one serves all).
 _NO_PAGES = PageSet()
 
+#: ``chip_id`` of KVM_GET_IRQCHIP / KVM_SET_IRQCHIP (x86): the two 8259 PICs and the IOAPIC.
+IRQCHIP_PIC_MASTER = 0
+IRQCHIP_PIC_SLAVE = 1
+IRQCHIP_IOAPIC = 2
+#: Bytes of an irqchip's state (the ``chip`` union of ``struct kvm_irqchip``).
+IRQCHIP_STATE_SIZE = 512
+#: Bytes of a PIT's state (``struct kvm_pit_state2``; 0 where there is none).
+PIT_STATE_SIZE: int = ffi.sizeof("struct kvm_pit_state2") if IS_X86 else 0
+
+#: The parts of a VM's state (x86) that :meth:`Vm.get_state` reads and
+#: :meth:`Vm.prepare_state` / :meth:`Vm.set_state` write: part -> (GET ioctl, SET ioctl).
+#: ``clock`` is a ``struct kvm_clock_data``, the irqchips :data:`IRQCHIP_STATE_SIZE` bytes
+#: each (they need :meth:`Vm.create_irqchip`), ``pit2`` a ``struct kvm_pit_state2`` (it
+#: needs :meth:`Vm.create_pit2`).
+VM_STATE_PARTS: dict[str, tuple[str, str]] = {
+    "clock": ("KVM_GET_CLOCK", "KVM_SET_CLOCK"),
+    "pic_master": ("KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP"),
+    "pic_slave": ("KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP"),
+    "ioapic": ("KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP"),
+    "pit2": ("KVM_GET_PIT2", "KVM_SET_PIT2"),
+}
+_CHIP_IDS = {"pic_master": IRQCHIP_PIC_MASTER, "pic_slave": IRQCHIP_PIC_SLAVE,
+             "ioapic": IRQCHIP_IOAPIC}
+
+
+@dataclass(frozen=True)
+class ClockData:
+    """``struct kvm_clock_data`` (KVM_GET_CLOCK): the guest's kvmclock in nanoseconds, the
+    ``KVM_CLOCK_*`` flags saying which other fields are valid, the host's CLOCK_REALTIME
+    (``KVM_CLOCK_REALTIME``) and TSC (``KVM_CLOCK_HOST_TSC``) at the moment it was read."""
+
+    clock: int
+    flags: int = 0
+    realtime: int = 0
+    host_tsc: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("clock", "realtime", "host_tsc"):
+            _check.u64(f"ClockData.{name}", getattr(self, name))
+        _check.u32("ClockData.flags", self.flags)
+
 
 @dataclass(frozen=True)
 class VmLimits:
@@ -56,6 +104,9 @@ class VmLimits:
     max_vcpus: int
     max_vcpu_id: int
     max_memslots: int
+    #: KVM_GET_MSR_INDEX_LIST (x86; a system ioctl): the MSRs KVM can save and restore, which
+    #: a snapshot of this VM reads.
+    msr_index_list: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,6 +208,10 @@ class Vm(FdOwner):
         self._unreported = PageSet()
         self._manual_protect = False
         self._initially_set = False
+        self._irqchip = False
+        self._pit = False
+        self._xsave_size: int | None = None  # KVM_CAP_XSAVE2, asked at the first vCPU
+        self._get_batches: dict[tuple[str, ...], IoctlBatch] = {}  # the last state read
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
@@ -422,13 +477,22 @@ class Vm(FdOwner):
                 raise
             try:
                 vcpu = Vcpu(vcpu_id, vfd, run, ring_set=self._ring_set,
-                            on_close=self._vcpu_closed)
+                            on_close=self._vcpu_closed, xsave_size=self._xsave_area_size())
             except BaseException:
                 run.close()
                 _close_quietly(vfd)
                 raise
             self._vcpus[vcpu_id] = vcpu
             return vcpu
+
+    def _xsave_area_size(self) -> int | None:
+        """What KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) says (the bytes KVM_GET_XSAVE2 writes and
+        KVM_SET_XSAVE reads), or ``None`` without it (x86 only; asked once)."""
+        if not IS_X86:
+            return None
+        if self._xsave_size is None:
+            self._xsave_size = self.check_extension(Cap.XSAVE2)
+        return self._xsave_size or None
 
     def _vcpu_closed(self, vcpu_id: int) -> None:
         with self._lock:
@@ -451,6 +515,7 @@ class Vm(FdOwner):
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: the in-kernel interrupt controller (PIC + IOAPIC on x86)."""
         self._ioctl(lib.KVM_CREATE_IRQCHIP, name="KVM_CREATE_IRQCHIP")
+        self._irqchip = True
 
     def create_pit2(self, speaker_dummy: bool = True) -> None:
         """KVM_CREATE_PIT2 (x86): the in-kernel i8254 timer (needs an irqchip)."""
@@ -458,6 +523,66 @@ class Vm(FdOwner):
         cfg = ffi.new("struct kvm_pit_config *")
         cfg.flags = lib.KVM_PIT_SPEAKER_DUMMY if speaker_dummy else 0
         self._ioctl(lib.KVM_CREATE_PIT2, cfg, name="KVM_CREATE_PIT2")
+        self._pit = True
+
+    @property
+    def has_irqchip(self) -> bool:
+        """Whether :meth:`create_irqchip` made the in-kernel PICs, IOAPIC and local APICs."""
+        return self._irqchip
+
+    @property
+    def has_pit(self) -> bool:
+        """Whether :meth:`create_pit2` made the in-kernel PIT."""
+        return self._pit
+
+    def _irqchip_arg(self, chip_id: int, what: str) -> Any:
+        self._x86(what)
+        chip_id = _check.integer("chip_id", chip_id)
+        if chip_id not in _CHIP_IDS.values():
+            raise KvmInvalidArgumentError(
+                f"chip_id must be {IRQCHIP_PIC_MASTER} (PIC master), {IRQCHIP_PIC_SLAVE} (PIC "
+                f"slave) or {IRQCHIP_IOAPIC} (IOAPIC), not {chip_id}")
+        if not self._irqchip:
+            raise KvmStateError(f"{what} needs the in-kernel irqchip (create_irqchip())")
+        chip = ffi.new("struct kvm_irqchip *")
+        chip.chip_id = chip_id
+        return chip
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP (x86, needs :meth:`create_irqchip`): the raw state of one chip,
+        :data:`IRQCHIP_STATE_SIZE` bytes (``struct kvm_pic_state`` or ``struct
+        kvm_ioapic_state`` at its start).  ``chip_id`` is :data:`IRQCHIP_PIC_MASTER`,
+        :data:`IRQCHIP_PIC_SLAVE` or :data:`IRQCHIP_IOAPIC`."""
+        chip = self._irqchip_arg(chip_id, "KVM_GET_IRQCHIP")
+        self._ioctl(lib.KVM_GET_IRQCHIP, chip, name="KVM_GET_IRQCHIP")
+        return _irqchip_data(chip)
+
+    def set_irqchip(self, chip_id: int, data: bytes) -> None:
+        """KVM_SET_IRQCHIP (x86, needs :meth:`create_irqchip`): restore one chip from what
+        :meth:`get_irqchip` returned (exactly :data:`IRQCHIP_STATE_SIZE` bytes)."""
+        chip = self._irqchip_arg(chip_id, "KVM_SET_IRQCHIP")
+        _fill_irqchip(chip, bytes(_check.buffer_bytes("data", data)))
+        self._ioctl(lib.KVM_SET_IRQCHIP, chip, name="KVM_SET_IRQCHIP")
+
+    def _pit_check(self, what: str) -> None:
+        self._x86(what)
+        if not self._pit:
+            raise KvmStateError(f"{what} needs the in-kernel PIT (create_pit2())")
+
+    def get_pit2(self) -> bytes:
+        """KVM_GET_PIT2 (x86, needs :meth:`create_pit2`): the raw ``struct kvm_pit_state2``
+        (three channels and the flags)."""
+        self._pit_check("KVM_GET_PIT2")
+        st = ffi.new("struct kvm_pit_state2 *")
+        self._ioctl(lib.KVM_GET_PIT2, st, name="KVM_GET_PIT2")
+        return _abi.to_bytes(st, "struct kvm_pit_state2")
+
+    def set_pit2(self, data: bytes) -> None:
+        """KVM_SET_PIT2 (x86, needs :meth:`create_pit2`) from a raw ``struct kvm_pit_state2``.
+        The kernel reloads each channel's count, so its countdown starts again now."""
+        self._pit_check("KVM_SET_PIT2")
+        st = _abi.from_bytes("struct kvm_pit_state2", bytes(_check.buffer_bytes("data", data)))
+        self._ioctl(lib.KVM_SET_PIT2, st, name="KVM_SET_PIT2")
 
     def set_irq_line(self, irq: int, level: bool) -> None:
         """KVM_IRQ_LINE: raise or lower an interrupt line of the in-kernel irqchip."""
@@ -468,15 +593,164 @@ class Vm(FdOwner):
 
     def get_clock(self) -> int:
         """KVM_GET_CLOCK: the guest's kvmclock time in nanoseconds."""
-        cd = ffi.new("struct kvm_clock_data *")
-        self._ioctl(lib.KVM_GET_CLOCK, cd, name="KVM_GET_CLOCK")
-        return int(cd.clock)
+        return self.get_clock_data().clock
 
     def set_clock(self, ns: int) -> None:
-        """KVM_SET_CLOCK: set the guest's kvmclock time in nanoseconds."""
+        """KVM_SET_CLOCK: set the guest's kvmclock time in nanoseconds (no flags)."""
+        self.set_clock_data(ClockData(_check.u64("ns", ns)))
+
+    def get_clock_data(self) -> ClockData:
+        """KVM_GET_CLOCK (KVM_CAP_ADJUST_CLOCK): the clock with its flags, and the host's
+        real time and TSC where the flags say the kernel filled them in."""
         cd = ffi.new("struct kvm_clock_data *")
-        cd.clock = _check.u64("ns", ns)
-        self._ioctl(lib.KVM_SET_CLOCK, cd, name="KVM_SET_CLOCK")
+        self._ioctl(lib.KVM_GET_CLOCK, cd, name="KVM_GET_CLOCK")
+        return _clock_data(cd)
+
+    def set_clock_data(self, data: ClockData, *, realtime: bool = False) -> None:
+        """KVM_SET_CLOCK: set kvmclock to ``data.clock``.
+
+        Only the flag the kernel acts on is passed: with ``realtime`` (which needs
+        ``KVM_CLOCK_REALTIME`` in ``data.flags``, i.e. a clock read by a kernel that reported
+        the host's real time), ``KVM_CLOCK_REALTIME`` and ``data.realtime``, so the kernel adds
+        the real time passed since the clock was read (a migration); otherwise no flag, and
+        the clock is exactly ``data.clock`` (a reset).  The other flags KVM_GET_CLOCK reports
+        (``KVM_CLOCK_TSC_STABLE``, ``KVM_CLOCK_HOST_TSC``) describe the read; kernels before
+        5.16 refuse any flag on KVM_SET_CLOCK, so kvmio never passes them back."""
+        self._ioctl(lib.KVM_SET_CLOCK, _clock_arg(data, realtime), name="KVM_SET_CLOCK")
+
+    # -- the whole VM state, one native call each way ---------------------------------------
+
+    def get_state(self, parts: Sequence[str]) -> dict[str, bytes]:
+        """Read the given :data:`VM_STATE_PARTS`, in the order given, in one native call
+        (x86); returns each part's raw bytes.  Parts this VM lacks (an irqchip or PIT it did
+        not create) raise :class:`KvmStateError` before anything is read."""
+        self._x86("reading the VM state")
+        parts = tuple(_check.sequence("parts", parts))
+        for part in parts:
+            self._check_part(part)
+        with self._lock:
+            batch = self._get_batches.get(parts)
+            if batch is None:
+                batch = self._build_get_batch(parts)
+                self._get_batches = {parts: batch}
+            done, result = self._run_batch(batch)
+            if done < len(batch):
+                raise from_errno(-result, batch.names[done])
+            out: dict[str, bytes] = {}
+            for k, part in enumerate(parts):
+                arg = batch.arg(k)
+                if part == "clock":
+                    out[part] = _abi.to_bytes(arg, "struct kvm_clock_data")
+                elif part == "pit2":
+                    out[part] = _abi.to_bytes(arg, "struct kvm_pit_state2")
+                else:
+                    out[part] = _irqchip_data(arg)
+        return out
+
+    def _build_get_batch(self, parts: tuple[str, ...]) -> IoctlBatch:
+        entries: list[tuple[str, Any, int]] = []
+        for part in parts:
+            get, _ = VM_STATE_PARTS[part]
+            if part == "clock":
+                arg = ffi.new("struct kvm_clock_data *")
+            elif part == "pit2":
+                arg = ffi.new("struct kvm_pit_state2 *")
+            else:
+                arg = ffi.new("struct kvm_irqchip *")
+                arg.chip_id = _CHIP_IDS[part]
+            entries.append((get, arg, -1))
+        if len(set(parts)) != len(parts):
+            raise KvmInvalidArgumentError(f"a state part is named twice in {parts}")
+        return IoctlBatch(entries)
+
+    def _check_part(self, part: str) -> None:
+        if part not in VM_STATE_PARTS:
+            raise KvmInvalidArgumentError(f"no VM state part {part!r}; choose from "
+                                          f"{', '.join(VM_STATE_PARTS)}")
+        if part in _CHIP_IDS and not self._irqchip:
+            raise KvmStateError(f"this VM has no in-kernel irqchip, so no {part} state")
+        if part == "pit2" and not self._pit:
+            raise KvmStateError("this VM has no in-kernel PIT, so no pit2 state")
+
+    @staticmethod
+    def prepare_state(parts: Sequence[tuple[str, bytes | ClockData]]) -> IoctlBatch:
+        """Build, once, the writes of a VM state for :meth:`set_state`: ``(part, value)``
+        pairs of :data:`VM_STATE_PARTS` in the order they are to be written; the clock is a
+        :class:`ClockData` (set as :meth:`set_clock_data` without ``realtime`` does), the
+        others raw bytes as :meth:`get_state` returns them.  Every length is checked here
+        (:class:`KvmInvalidArgumentError`)."""
+        if not IS_X86:
+            raise KvmUnsupportedError("VM states exist only on x86_64")
+        entries: list[tuple[str, Any, int]] = []
+        payloads: list[bytes] = []
+        seen: list[str] = []
+        for item in _check.sequence("parts", parts):
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise KvmInvalidArgumentError("parts must be (name, value) pairs")
+            part, value = item
+            if part not in VM_STATE_PARTS:
+                raise KvmInvalidArgumentError(f"no VM state part {part!r}; choose from "
+                                              f"{', '.join(VM_STATE_PARTS)}")
+            if part in seen:
+                raise KvmInvalidArgumentError(f"VM state part {part!r} is given twice")
+            seen.append(part)
+            _, setter = VM_STATE_PARTS[part]
+            if part == "clock":
+                arg = _clock_arg(_check.instance("clock", value, ClockData), False)
+                raw = _abi.to_bytes(arg, "struct kvm_clock_data")
+            else:
+                raw = bytes(_check.buffer_bytes(part, value))
+                if part == "pit2":
+                    arg = _abi.from_bytes("struct kvm_pit_state2", raw)
+                else:
+                    arg = ffi.new("struct kvm_irqchip *")
+                    arg.chip_id = _CHIP_IDS[part]
+                    _fill_irqchip(arg, raw)
+            entries.append((setter, arg, -1))
+            payloads.append(raw)
+        return IoctlBatch(entries, payloads, kind="vm", info={"parts": tuple(seen)})
+
+    def set_state(self, batch: IoctlBatch) -> None:
+        """Write a VM state prepared by :meth:`prepare_state`, in its order, in one native
+        call.  Parts this VM lacks raise :class:`KvmStateError` before anything is written;
+        the first ioctl that fails raises :class:`KvmError` naming it (the parts before it
+        are written)."""
+        self._x86("writing the VM state")
+        self._check_state_batch(batch)
+        done, result = self._run_batch(batch)
+        if done < len(batch):
+            raise from_errno(-result, batch.names[done])
+
+    def _check_state_batch(self, batch: IoctlBatch) -> None:
+        _check.instance("batch", batch, IoctlBatch)
+        if batch.kind != "vm":
+            raise KvmInvalidArgumentError("not a VM state write; build the batch with "
+                                          "Vm.prepare_state")
+        for part in batch.info["parts"]:
+            self._check_part(part)
+
+    @staticmethod
+    def chain_states(vm_state: IoctlBatch, vcpu_states: Sequence[IoctlBatch]) -> IoctlBatch:
+        """Join a VM's prepared state (:meth:`prepare_state`, possibly of no parts) and one
+        prepared state per vCPU (:meth:`kvmio.Vcpu.prepare_state`) for :meth:`set_states`."""
+        _check.instance("vm_state", vm_state, IoctlBatch)
+        if vm_state.kind != "vm" or any(
+                _check.instance("vcpu state", b, IoctlBatch).kind != "vcpu" for b in vcpu_states):
+            raise KvmInvalidArgumentError("chain a VM state and vCPU states (prepare_state)")
+        return IoctlBatch.chain([vm_state, *vcpu_states])
+
+    def set_states(self, batch: IoctlBatch, vcpus: Sequence[Vcpu]) -> None:
+        """Write this VM's state and its vCPUs', in that order, in one native call: ``batch``
+        is :meth:`chain_states` of a VM state and one state per vCPU of ``vcpus`` (in the
+        same order).  The same as ``self.state_writer(batch, vcpus).write()``."""
+        self.state_writer(batch, vcpus).write()
+
+    def state_writer(self, batch: IoctlBatch, vcpus: Sequence[Vcpu]) -> StateWriter:
+        """Bind a chained state (:meth:`chain_states`) to this VM and ``vcpus``, checking
+        once what :meth:`set_state` and :meth:`kvmio.Vcpu.set_state` check, so that
+        :meth:`StateWriter.write` re-applies it (a reset) with little more than the ioctls."""
+        self._x86("writing the machine state")
+        return StateWriter(self, batch, vcpus)
 
     def _x86(self, what: str) -> None:
         if not IS_X86:
@@ -906,6 +1180,108 @@ class Vm(FdOwner):
             _abi.clear_dirty_log(fd, slot, first_page, num_pages, words)
         finally:
             self._release_fd()
+
+
+class StateWriter:
+    """A VM's and its vCPUs' prepared states bound to them (from :meth:`Vm.state_writer`),
+    checked once.  :meth:`write` writes them in one native call."""
+
+    def __init__(self, vm: Vm, batch: IoctlBatch, vcpus: Sequence[Vcpu]):
+        _check.instance("batch", batch, IoctlBatch)
+        vcpus = [_check.instance("vcpu", v, Vcpu) for v in _check.sequence("vcpus", vcpus)]
+        if batch.kind != "chain" or len(batch.parts) != len(vcpus) + 1:
+            raise KvmInvalidArgumentError(f"batch must chain a VM state and {len(vcpus)} vCPU "
+                                          "states (Vm.chain_states)")
+        vm._check_state_batch(batch.parts[0])
+        for v, b in zip(vcpus, batch.parts[1:], strict=True):
+            v._check_state_batch(b)
+        self.vm = vm
+        self.vcpus: tuple[Vcpu, ...] = tuple(vcpus)
+        self.batch = batch
+        # (vCPU, its part, where the part starts) for the CPUID bookkeeping.
+        self._cpuid = [(v, b, start) for v, b, start in
+                       zip(vcpus, batch.parts[1:], batch.starts[1:], strict=True)
+                       if b.info["cpuid"]]
+        self._owners: tuple[FdOwner, ...] = (vm, *vcpus)
+
+    def write(self) -> None:
+        """Write the states, the VM's first: a vCPU's CPUID is skipped when it is the one
+        installed (see :meth:`kvmio.Vcpu.set_state`), and the vCPUs are held outside
+        ``run()`` meanwhile (one inside it raises :class:`KvmStateError`).  The first ioctl
+        the kernel refuses raises :class:`~kvmio.errors.SnapshotError` naming the VM or the
+        vCPU, with the ioctl and errno; the writes before it are done (the machine is partly
+        written: write it again, or discard it)."""
+        skip = tuple(start for v, b, start in self._cpuid if v._cpuid_skippable(b))
+        held: list[Vcpu] = []
+        fds: list[int] = []
+        try:
+            for v in self.vcpus:  # no run() may start while the state is half written
+                v._hold()
+                held.append(v)
+            for o in self._owners:
+                fds.append(o._acquire_fd())
+            done, result = self.batch.run(fds, skip)
+        finally:
+            for o in self._owners[:len(fds)]:
+                o._release_fd()
+            for v in held:
+                v._unhold()
+        for v, b, start in self._cpuid:
+            v._cpuid_written(b, (0,) if start in skip else (), done - start)
+        if done < len(self.batch):
+            raise self._error(done, result)
+
+    def _error(self, done: int, result: int) -> SnapshotError:
+        batch = self.batch
+        part, k = batch.part_of(done)
+        written = ["the VM", *(f"vCPU {v.id}" for v in self.vcpus)][:part]
+        if part == 0:
+            cause: KvmError = from_errno(-result, batch.names[done])
+        else:
+            cause = _vcpu_batch_error(batch.parts[part], k, result)
+        vcpu = None if part == 0 else self.vcpus[part - 1].id
+        where = "the VM" if vcpu is None else f"vCPU {vcpu}"
+        return SnapshotError(
+            f"writing the state of {where} failed at {cause.ioctl}: {cause.message}; "
+            f"{', '.join(written) or 'nothing'} written before it: the machine is partly "
+            "written (write it again, or discard it)", errno=cause.errno, ioctl=cause.ioctl,
+            vcpu=vcpu)
+
+
+def _irqchip_data(chip: Any) -> bytes:
+    # Safety: the helper points into `chip`, which holds IRQCHIP_STATE_SIZE bytes there.
+    return bytes(ffi.buffer(lib.kvmio_irqchip_data(chip), IRQCHIP_STATE_SIZE))
+
+
+def _fill_irqchip(chip: Any, raw: bytes) -> None:
+    if len(raw) != IRQCHIP_STATE_SIZE:
+        raise KvmInvalidArgumentError(
+            f"an irqchip state is {IRQCHIP_STATE_SIZE} bytes, not {len(raw)}")
+    # Safety: exactly the size of the chip union the helper points to.
+    ffi.memmove(lib.kvmio_irqchip_data(chip), raw, IRQCHIP_STATE_SIZE)
+
+
+def _clock_data(cd: Any) -> ClockData:
+    return ClockData(int(cd.clock), int(cd.flags), int(cd.realtime), int(cd.host_tsc))
+
+
+def decode_clock(raw: bytes) -> ClockData:
+    """The :class:`ClockData` of a raw ``struct kvm_clock_data`` (as :meth:`Vm.get_state`
+    returns the ``clock`` part)."""
+    return _clock_data(_abi.from_bytes("struct kvm_clock_data", raw))
+
+
+def _clock_arg(data: ClockData, realtime: bool) -> Any:
+    _check.instance("data", data, ClockData)
+    cd = ffi.new("struct kvm_clock_data *")
+    cd.clock = data.clock
+    if realtime:
+        if not data.flags & lib.KVM_CLOCK_REALTIME:
+            raise KvmInvalidArgumentError("realtime=True needs a clock read with "
+                                          "KVM_CLOCK_REALTIME in its flags")
+        cd.flags = lib.KVM_CLOCK_REALTIME
+        cd.realtime = data.realtime
+    return cd
 
 
 def _cap_name(cap: Cap | int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from kvmio._abi import ffi
+from kvmio._abi import ffi, from_bytes
 from kvmio._check import u64
 from kvmio.errors import KvmInvalidArgumentError
 
@@ -54,6 +54,11 @@ class Regs:
     def from_c(cls, c: Any) -> Regs:
         """From a ``struct kvm_regs``."""
         return cls(**{n: int(getattr(c, n)) for n in REG_NAMES})
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Regs:
+        """From a raw ``struct kvm_regs`` (as a vCPU state holds it)."""
+        return cls.from_c(from_bytes("struct kvm_regs", raw))
 
     def validate(self) -> None:
         """Raise :class:`KvmInvalidArgumentError` naming the first register that is not a
@@ -140,6 +145,11 @@ class Sregs:
         kw.update({r: int(getattr(c, r)) for r in _CRS})
         kw["interrupt_bitmap"] = tuple(int(x) for x in c.interrupt_bitmap)
         return cls(**kw)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Sregs:
+        """From a raw ``struct kvm_sregs`` (as a vCPU state holds it)."""
+        return cls.from_c(from_bytes("struct kvm_sregs", raw))
 
     def to_c(self) -> Any:
         """A new ``struct kvm_sregs *``.  A field of the wrong type or range raises

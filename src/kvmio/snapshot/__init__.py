@@ -1,0 +1,35 @@
+"""Checkpoints of a running machine: its state kept in memory, restored, written to bytes.
+
+==================  ==========================================================================
+``state``           the machine state apart from guest memory: :class:`MachineState` (the
+                    VM's clock, irqchip and PIT, every vCPU's registers, MSRs, LAPIC...,
+                    and the port devices), :func:`capture`, :func:`restore`, and its
+                    serialized form (:meth:`MachineState.to_bytes`)
+==================  ==========================================================================
+
+The order in which a state is written back, and why, is in :mod:`kvmio.snapshot.state`.
+This package sits above the devices, the tracker and the VM, and below the guests: it uses
+no cffi of its own (the raw buffers are built by :mod:`kvmio.vcpu` and :mod:`kvmio.vm`).
+"""
+
+from kvmio.errors import SnapshotError
+from kvmio.snapshot.state import (
+    FORMAT_VERSION,
+    MachineState,
+    Restorer,
+    VcpuState,
+    VmState,
+    capture,
+    restore,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MachineState",
+    "Restorer",
+    "SnapshotError",
+    "VcpuState",
+    "VmState",
+    "capture",
+    "restore",
+]
