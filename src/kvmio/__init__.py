@@ -18,6 +18,7 @@ from kvmio.errors import (
     KvmStateError,
     KvmUnavailableError,
     KvmUnsupportedError,
+    SnapshotError,
 )
 from kvmio.exits import (
     DirtyRingFull,
@@ -93,6 +94,7 @@ __all__ = [
     "Segment",
     "Shutdown",
     "SlotId",
+    "SnapshotError",
     "Sregs",
     "SystemEvent",
     "SystemEventType",

@@ -84,3 +84,7 @@ def from_errno(err: int, ioctl: str, what: str | None = None) -> KvmError:
     if err == _errno.EBADF:
         return KvmClosedError(f"{msg} (bad or closed file descriptor)", errno=err, ioctl=ioctl)
     return KvmError(msg, errno=err, ioctl=ioctl)
+
+
+class SnapshotError(KvmError):
+    """A snapshot or checkpoint that cannot be taken, restored or read."""
