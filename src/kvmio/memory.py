@@ -476,6 +476,11 @@ class MemoryRegion:
         return bool(self.flags & lib.KVM_MEM_LOG_DIRTY_PAGES)
 
     @property
+    def readonly(self) -> bool:
+        """Whether the slot is read-only for the guest (KVM_MEM_READONLY)."""
+        return bool(self.flags & lib.KVM_MEM_READONLY)
+
+    @property
     def num_pages(self) -> int:
         """Pages in the slot."""
         return self.size // PAGE_SIZE
