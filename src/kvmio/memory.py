@@ -412,6 +412,8 @@ class HostWriteRecord:
             return _NO_PAGES
         with self._lock:
             pages, self._pages = self._pages, set()
+        if len(pages) <= 64:  # sorting a few in Python is cheaper than numpy's two calls
+            return np.array(sorted(pages), dtype=np.uint64)
         out = np.fromiter(pages, dtype=np.uint64, count=len(pages))
         out.sort()
         return out

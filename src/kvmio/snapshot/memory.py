@@ -58,7 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmio import _check
-from kvmio._abi import PAGE_SIZE
+from kvmio._abi import PAGE_SIZE, lib
 from kvmio.dirty.pages import PageSet, coalesce
 from kvmio.dirty.ring import DirtyRing, sorted_unique
 from kvmio.errors import (
@@ -87,6 +87,8 @@ _CHUNK = 256
 #: Runs of pages at least this long are discarded (``madvise``, which frees them) rather
 #: than zero-filled where either would do (zero-filling is faster for fewer pages).
 _DISCARD_RUN = 512
+#: A slot needs one of these flags: dirty-logged, or read-only for the guest.
+_LOGGED = int(lib.KVM_MEM_LOG_DIRTY_PAGES | lib.KVM_MEM_READONLY)
 #: Up to this many pages, a reset copies page by page in Python (numpy's fixed costs would
 #: dominate); more go through numpy's gathers and scatters.
 _FEW = 24
@@ -96,9 +98,10 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_ITEM = np.zeros(1, dtype=_PAGE)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ResetStats:
-    """What one :meth:`MemoryCheckpoint.reset` did."""
+    """What one :meth:`MemoryCheckpoint.reset` did.  (Not frozen: a frozen dataclass costs
+    two microseconds more to make here, a few percent of a small reset.)"""
 
     #: Pages restored: copied back from the checkpoint, or returned to unpopulated.
     pages: int
@@ -163,9 +166,12 @@ class MemoryCheckpoint:
         self._vm = vm
         self._tracker = tracker
         self._lock = threading.Lock()
-        self._rings: list[DirtyRing] = []
+        self._rings: list[DirtyRing] = []  # every ring taken (given back at close)
+        self._open_rings: list[DirtyRing] = []
+        self._ring_vcpus: set[int] | None = None  # the vCPUs whose rings were looked at
         self._claim: list[DirtyLogClaim | None] = [None]  # a cell the finaliser shares
         self._slots: dict[int, _Slot] = {}
+        self._regions: dict[int, MemoryRegion] = {}  # as at the checkpoint
         self._records: list[HostWriteRecord] = []
         self._trusted = False  # whether the next reset may trust the log and the records
         self._log_clean = False  # whether the last collection left the log trustworthy
@@ -192,6 +198,7 @@ class MemoryCheckpoint:
                 for slot, r in sorted(regions.items()):
                     index, data = self._copy_slot(r)
                     self._slots[slot] = _Slot(r, index, data, records[slot])
+                self._regions = regions
                 self._trusted = self._log_clean
         except BaseException:
             self.close()
@@ -225,8 +232,11 @@ class MemoryCheckpoint:
     def _adopt_rings(self) -> list[DirtyRing]:
         """Take the ring of every vCPU not adopted yet (all of them at the checkpoint, those
         created since at a reset); the open rings to collect."""
+        vcpus = self._vm.vcpus
+        if vcpus.keys() == self._ring_vcpus:  # no vCPU created or closed since: as before
+            return self._open_rings
         have = {r.vcpu_id for r in self._rings}
-        for vid, v in sorted(self._vm.vcpus.items()):
+        for vid, v in sorted(vcpus.items()):
             ring = v.ring
             if vid in have or ring is None:
                 continue
@@ -236,7 +246,9 @@ class MemoryCheckpoint:
                     "needs every guest write: pass the DirtyTracker that holds the rings as "
                     "tracker=")
             self._rings.append(ring.take())
-        return [r for r in self._rings if not r.closed]
+        self._open_rings = [r for r in self._rings if not r.closed]
+        self._ring_vcpus = set(vcpus)
+        return self._open_rings
 
     def _copy_slot(self, region: MemoryRegion) -> tuple[Pages, npt.NDArray[np.void]]:
         """The slot's populated pages and a copy of them; for memory whose unpopulated pages
@@ -348,31 +360,42 @@ class MemoryCheckpoint:
             raise KvmInvalidArgumentError("this checkpoint belongs to another VM")
         with self._lock:
             self._check_open()
-            with self._held():
-                self._check_slots()
-                trusted, self._trusted = self._trusted, False  # until this reset completes
-                t1 = time.perf_counter_ns()
-                dirty, whole, reason = self._collect()
-                t2 = time.perf_counter_ns()
-                if not trusted:
-                    whole = set(self._slots)
-                    reason = reason or ("the log cannot be trusted since the checkpoint or an "
-                                        "earlier reset (an overrun, or an interrupted reset)")
-                restored = dirty_pages = host_pages = 0
-                for slot, s in self._slots.items():
-                    host = s.record.take()
-                    host_pages += len(host)
-                    if slot in whole:
-                        restored += self._restore_whole(s)
-                        continue
-                    pages = dirty.get(slot, _EMPTY)
-                    dirty_pages += len(pages)
-                    if len(host):
-                        pages = sorted_unique(np.concatenate((pages, host))) if len(pages) \
-                            else host
-                    if len(pages):
-                        restored += self._restore(s, pages)
-                self._trusted = self._log_clean
+            # Checked, not held: holding every vCPU outside KVM_RUN costs more than a tenth of
+            # a small reset here, and a paused runner's vCPUs stay out until resumed.  (take()
+            # holds them, and the repairs after an overrun hold their own.)
+            for v in self._vm.vcpus.values():
+                if v.running:
+                    raise KvmStateError(f"vCPU {v.id} is running; stop or pause the vCPUs "
+                                        "before a memory reset")
+            self._check_slots()
+            trusted, self._trusted = self._trusted, False  # until this reset completes
+            t1 = time.perf_counter_ns()
+            dirty, whole, reason = self._collect()
+            t2 = time.perf_counter_ns()
+            if not trusted:
+                whole = set(self._slots)
+                reason = reason or ("the log cannot be trusted since the checkpoint or an "
+                                    "earlier reset (an overrun, or an interrupted reset)")
+            restored = dirty_pages = host_pages = 0
+            for slot, s in self._slots.items():
+                host = s.record.take()
+                host_pages += len(host)
+                if slot in whole:
+                    restored += self._restore_whole(s)
+                    continue
+                logged = dirty.get(slot, _EMPTY)
+                dirty_pages += len(logged)
+                pages: Pages | list[int] = logged
+                if len(host):
+                    if len(logged) + len(host) <= _FEW:  # merged in Python: cheaper
+                        pages = sorted({*logged.tolist(), *host.tolist()})
+                    elif len(logged):
+                        pages = sorted_unique(np.concatenate((logged, host)))
+                    else:
+                        pages = host
+                if len(pages):
+                    restored += self._restore(s, pages)
+            self._trusted = self._log_clean
         path: ResetPath
         if whole:
             path = "full"
@@ -396,12 +419,13 @@ class MemoryCheckpoint:
 
     @contextlib.contextmanager
     def _held(self) -> Iterator[None]:
-        """Hold every vCPU outside KVM_RUN (their ``run()`` waits) for the block."""
+        """Hold every vCPU outside KVM_RUN (their ``run()`` waits) for the block; refuse if
+        one is in it now."""
         vcpus = self._vm.vcpus
         for v in vcpus.values():
             if v.running:
                 raise KvmStateError(f"vCPU {v.id} is running; stop or pause the vCPUs before "
-                                    "a memory checkpoint or reset")
+                                    "a memory checkpoint")
         with contextlib.ExitStack() as stack:
             for v in vcpus.values():
                 stack.enter_context(v.outside_run())
@@ -409,10 +433,9 @@ class MemoryCheckpoint:
 
     def _check_slots(self) -> None:
         regions = self._vm.regions
-        if regions.keys() == self._slots.keys() and all(
-                regions[slot] is s.region for slot, s in self._slots.items()):
-            for slot, s in self._slots.items():
-                if not (s.region.log_dirty or s.region.readonly):
+        if regions == self._regions:  # the same region objects in the same slots
+            for slot, r in regions.items():
+                if not r.flags & _LOGGED:
                     raise SnapshotError(f"dirty logging of slot {slot} was turned off since the "
                                         "checkpoint; its guest writes are unknown")
             return
@@ -484,18 +507,20 @@ class MemoryCheckpoint:
 
     # -- restoring --------------------------------------------------------------------------
 
-    def _restore(self, s: _Slot, pages: Pages) -> int:
+    def _restore(self, s: _Slot, pages: Pages | list[int]) -> int:
         """Restore ``pages`` (sorted, distinct) of a slot; returns how many."""
         index = s.index
-        pos = np.searchsorted(index, pages)
         k = len(pages)
         if k <= _FEW:
             # A few pages: one slice copy each, without the fixed cost of numpy's calls.
+            listed = pages if isinstance(pages, list) else pages.tolist()
+            # (uint64 on both sides: with a list of ints numpy would convert all of `index`)
+            pos = np.searchsorted(index, np.array(listed, dtype=np.uint64)).tolist()
             mm = s.region.memory.mapping.mm
             data = s.data_bytes
             n = len(index)
             missing = []
-            for p, q in zip(pages.tolist(), pos.tolist(), strict=True):
+            for p, q in zip(listed, pos, strict=True):
                 if q < n and int(index[q]) == p:
                     mm[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = data[q * PAGE_SIZE:(q + 1) * PAGE_SIZE]
                 elif s.zero:
@@ -505,6 +530,8 @@ class MemoryCheckpoint:
             for p in missing:
                 s.region.memory.discard(p, 1)
             return k
+        pages = np.asarray(pages, dtype=np.uint64)
+        pos = np.searchsorted(index, pages)
         if len(index):
             hit = index[np.minimum(pos, len(index) - 1)] == pages
         else:
