@@ -240,16 +240,17 @@ def test_random_cycles_reset_exactly(kvm: Kvm, mode: str, cycles: list[Cycle],
 
 
 @pytest.mark.parametrize("shape", ["run", "scattered", "unpopulated", "long-unpopulated",
-                                   "mixed"])
+                                   "mixed", "half-of-dense"])
 def test_many_pages_in_every_shape(kvm: Kvm, shape: str) -> None:
     """Hundreds of pages: in runs (a slice copy per run), scattered (gathered in chunks),
-    never populated (zero-filled), a long run never populated (discarded), and all of these
-    together."""
+    never populated (zero-filled), a long run never populated (discarded), all of these
+    together, and every other page of densely stored memory (all of it copied back)."""
     m = machine(kvm, "ring")
     with m.vm:
         base = HIGH_BASE // PAGE
-        populated = list(range(base + 1000, base + 1400)) + \
-            list(range(base + 5000, base + 5000 + 300 * 37, 37))
+        populated = list(range(base + 1000, base + 1400))
+        if shape != "half-of-dense":
+            populated += list(range(base + 5000, base + 5000 + 300 * 37, 37))
         for p in populated:
             m.host_write(p * PAGE, (p % 251 + 1).to_bytes(1, "little") * PAGE)
         if shape == "run":
@@ -258,6 +259,8 @@ def test_many_pages_in_every_shape(kvm: Kvm, shape: str) -> None:
             pages = populated[400::1] + populated[0:400:9]
         elif shape == "unpopulated":
             pages = list(range(base + 50000, base + 50000 + 200 * 5, 5))
+        elif shape == "half-of-dense":
+            pages = populated[1::2] + [base + 3000]  # the last page of the run too
         elif shape == "long-unpopulated":
             pages = list(range(base + 20000, base + 20700))
         else:
