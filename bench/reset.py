@@ -2,11 +2,12 @@
 full-memory copy, by dirty pages and guest size, in ring and bitmap mode.
 
 Each cycle lets a long-mode guest write one 8-byte value into each of ``N`` distinct pages
-(chosen at random among the populated pages, the same ones every cycle, 26 guest instructions
-per write: lossless for the ring), then resets.  The reference is the reset a checkpoint
-without dirty tracking must do: copy every page the checkpoint holds back into guest memory
-(one ``memcpy`` for a dense guest, a scatter of the stored pages for a sparse one), measured in
-the same run after the same guest work.  Guests: 64 MiB and 1 GiB fully populated, and 64 GiB
+(chosen at random among the populated pages, the same ones every cycle; 57 guest
+instructions per write, lossless for the ring even when a write also dirties a page-table
+page), then resets.  The reference is the reset a checkpoint without dirty tracking must do:
+copy every page the checkpoint holds back into guest memory (one ``memcpy`` for a dense
+guest, a scatter of the stored pages for a sparse one), measured in the same run after the
+same guest work.  Guests: 64 MiB and 1 GiB fully populated, and 64 GiB
 sparse (``MAP_NORESERVE``) with 1 GiB populated, spread over all of it.
 
 Reported per row: the p50 of the whole reset in wall time and in CPU time of the calling
@@ -14,8 +15,9 @@ thread (``time.thread_time_ns``: a busy host's other processes do not count), th
 collection (harvest and reset of the ring, or GET_DIRTY_LOG) and of the rest (restoring the
 pages, bookkeeping), the reference's p50 (wall), and the ratio reset / reference.  The first
 Python code after KVM_RUN runs cold on this host, and each reset follows a guest run, as in
-real use.  The pages a reset restores include the page of the guest's write list (a host
-write) and the page tables the guest's CPU marks accessed.
+real use.  The pages a reset restores include the pages of the guest's write list (a host
+write) and the page-table pages whose entries the guest's CPU marks accessed and dirty (one
+per GiB touched: up to 64 more in the 64 GiB guest).
 
 Usage: python bench/reset.py [--repeat N] [--quick] [--json FILE]
 """
@@ -37,9 +39,9 @@ from kvmio.snapshot.memory import MemoryCheckpoint
 
 PAGE = 4096
 #: The write-list guest (long mode; as tests/test_memory_checkpoint.py, which has its
-#: source): stores each (gpa, value) pair of the list at rsi, 26 instructions per write,
+#: source): stores each (gpa, value) pair of the list at rsi, 57 instructions per write,
 #: then ``out 0xE9``.
-WRITER = bytes.fromhex("488b0e4883c6084885c9741c488b06488b56084889104883c610bb08000000"
+WRITER = bytes.fromhex("488b0e4883c6084885c9741c488b06488b56084889104883c610bb18000000"
                        "ffcb75fc48ffc9ebdfe6e9f4")
 CODE_AT = 0x10000
 LIST_AT = 0x20000
