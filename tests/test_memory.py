@@ -19,6 +19,7 @@ from kvmio import (
     Kvm,
     KvmClosedError,
     KvmInvalidArgumentError,
+    KvmUnsupportedError,
     MemfdMemory,
     Memory,
     Vm,
@@ -130,3 +131,133 @@ def test_bad_backends_are_refused(kvm: Kvm, tmp_path: Path) -> None:
         with pytest.raises(KvmInvalidArgumentError, match="closed"):
             vm.add_memory_region(0, memory=mem)
     assert issubclass(MemfdMemory, Memory)
+
+
+# -- host-write records and populated pages ---------------------------------------------------
+
+
+def test_host_writes_are_recorded_per_record(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        r = vm.add_memory_region(0, SIZE)
+        vm.write_memory(0x3000, b"before any record")  # nobody records: nothing kept
+        rec = r.record_host_writes()
+        assert rec.take().tolist() == [] and not rec.take().flags.writeable
+        vm.write_memory(0x5000, b"x")
+        r.write(0x6FFF, b"ab")  # straddles pages 6 and 7
+        vm.write_memory(0x2000, bytes(3 * 4096))  # pages 2, 3, 4
+        vm.write_memory(0x9000, b"")  # nothing written, nothing marked
+        vm.mark_dirty(0xA008, 8)  # e.g. a write through array()
+        r.array()[0xB000] = 1  # a raw view: not recorded...
+        assert rec.pending == 7
+        other = r.record_host_writes()  # a second consumer sees only what comes after it
+        got = rec.take()
+        assert got.dtype == np.uint64 and got.tolist() == [2, 3, 4, 5, 6, 7, 10]
+        assert rec.take().tolist() == []
+        r.mark_dirty(0xB000, 1)  # ...until marked
+        assert rec.take().tolist() == [11] and other.take().tolist() == [11]
+        rec.close()
+        vm.write_memory(0x1000, b"y")
+        assert rec.closed and rec.take().tolist() == [] and other.take().tolist() == [1]
+        with pytest.raises(KvmInvalidArgumentError, match="outside slot"):
+            r.mark_dirty(SIZE - 8, 16)
+        with other:
+            pass
+        assert other.closed and r._records == ()
+
+
+def test_host_write_records_are_thread_safe(kvm: Kvm) -> None:
+    import threading
+
+    with kvm.create_vm() as vm:
+        r = vm.add_memory_region(0, SIZE)
+        rec = r.record_host_writes()
+        pages = SIZE // 4096
+        taken: list[np.ndarray] = []
+        done = threading.Event()
+
+        def taker() -> None:
+            while not done.is_set():
+                taken.append(rec.take())
+
+        t = threading.Thread(target=taker)
+        t.start()
+        for i in range(3 * pages):
+            vm.write_memory((i % pages) * 4096, b"z")
+        done.set()
+        t.join()
+        taken.append(rec.take())
+        assert set(np.concatenate(taken).tolist()) == set(range(pages))
+
+
+def test_populated_pages_of_each_backend(kvm: Kvm, tmp_path: Path) -> None:
+    big = AnonymousMemory(8 << 30, noreserve=True)
+    try:
+        assert big.populated_pages().tolist() == []
+        a = np.frombuffer(big.mapping.mm, dtype=np.uint8)
+        a[0] = 1
+        a[7 * 4096 + 5] = 1
+        _ = int(a[9 * 4096])  # read only: the zero page, holds no data of its own
+        a[big.size - 1] = 1
+        last = big.size // 4096 - 1
+        assert big.populated_pages().tolist() in ([0, 7, last], [0, 7, 9, last])
+        big.discard(7, 1)  # back to zero, memory freed
+        assert a[7 * 4096 + 5] == 0 and 7 not in big.populated_pages().tolist()
+        del a
+    finally:
+        big.close()
+    mem = MemfdMemory(SIZE)
+    other = mmap.mmap(mem.fd, SIZE, mmap.MAP_SHARED)  # another process's view, say
+    try:
+        other[3 * 4096] = 1  # never touched through kvmio's own mapping
+        other[SIZE - 1] = 1
+        assert mem.populated_pages().tolist() == [3, SIZE // 4096 - 1]
+        mem.discard(3, 1)  # a hole again, for every mapping
+        assert mem.populated_pages().tolist() == [SIZE // 4096 - 1]
+        assert other[3 * 4096] == 0  # (reading a memfd's hole allocates the page again)
+        assert os.lseek(mem.fd, 0, os.SEEK_CUR) == 0  # the fd's offset is left alone
+    finally:
+        other.close()
+        mem.close()
+    f = tmp_path / "image"
+    f.write_bytes(b"\x07" * SIZE)
+    private = FileMemory(f)
+    shared = FileMemory(f, shared=True)
+    try:
+        assert not private.unpopulated_is_zero
+        p = np.frombuffer(private.mapping.mm, dtype=np.uint8)
+        assert int(p.sum()) == 7 * SIZE  # every page read: file pages, not data of its own
+        p[2 * 4096] = 9  # a private copy
+        assert private.populated_pages().tolist() == [2]
+        private.discard(2, 1)
+        assert p[2 * 4096] == 7 and private.populated_pages().tolist() == []
+        del p
+        assert len(shared.populated_pages()) == SIZE // 4096  # all of it is the file
+        with pytest.raises(KvmUnsupportedError, match="shared file"):
+            shared.discard(0, 1)
+        with pytest.raises(KvmInvalidArgumentError, match="outside"):
+            private.discard(SIZE // 4096, 1)
+    finally:
+        private.close()
+        shared.close()
+    assert f.read_bytes() == b"\x07" * SIZE
+
+
+def test_populated_pages_without_pagemap_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel lacks PAGEMAP_SCAN (before Linux 6.7) /proc/self/pagemap is read."""
+    from kvmio import _abi
+    from kvmio.errors import KvmError
+
+    def refuse(*args: object, **kwargs: object) -> tuple[int, int]:
+        raise KvmError("no such ioctl", errno=25, ioctl="PAGEMAP_SCAN")  # ENOTTY
+
+    mem = AnonymousMemory(1 << 30, noreserve=True)
+    try:
+        a = np.frombuffer(mem.mapping.mm, dtype=np.uint8)
+        for page in (1, 2, 100, 70000):
+            a[page * 4096] = 1
+        fast = mem.populated_pages()
+        monkeypatch.setattr(_abi, "pagemap_scan", refuse)
+        assert mem.populated_pages().tolist() == fast.tolist() == [1, 2, 100, 70000]
+        del a
+    finally:
+        mem.close()

@@ -41,6 +41,7 @@ from kvmio.exits import (
 from kvmio.memory import (
     AnonymousMemory,
     FileMemory,
+    HostWriteRecord,
     MemfdMemory,
     Memory,
     MemoryRegion,
@@ -72,6 +73,7 @@ __all__ = [
     "FailEntry",
     "FileMemory",
     "Hlt",
+    "HostWriteRecord",
     "InternalError",
     "Interrupted",
     "IoIn",

@@ -24,7 +24,7 @@ from kvmio._native import ffi, lib
 from kvmio.errors import KvmClosedError, KvmError, from_errno
 
 __all__ = ["ARCH", "IS_X86", "PAGE_SIZE", "FdOwner", "IoctlBatch", "Mapping", "ffi", "ioctl",
-           "lib"]
+           "lib", "pagemap_scan"]
 
 PAGE_SIZE: int = mmap.PAGESIZE
 ARCH: str = platform.machine().lower()
@@ -448,6 +448,54 @@ def clear_dirty_log(fd: int, slot: int, first_page: int, num_pages: int, words: 
         ioctl(fd, lib.KVM_CLEAR_DIRTY_LOG, cl, name="KVM_CLEAR_DIRTY_LOG")
     finally:
         ffi.release(buf)
+
+
+# PAGEMAP_SCAN (Linux 6.7, <linux/fs.h>): the regions of a range of this process's memory
+# whose pages are in chosen categories, without one pagemap entry per page.  The UAPI headers
+# this module may be built against (Debian 12's 6.1) lack it, so its two structs and its number
+# are spelled out here.  Both structs are arrays of __u64 only (no padding, the same on every
+# architecture), and the kernel refuses the call (EINVAL) unless the first field is the size it
+# expects, so a wrong layout is refused, never misread.
+#   struct pm_scan_arg { __u64 size, flags, start, end, walk_end, vec, vec_len, max_pages,
+#                        category_inverted, category_mask, category_anyof_mask, return_mask; };
+#   struct page_region { __u64 start, end, categories; };
+_PM_SCAN_ARG_WORDS = 12
+_PAGE_REGION_WORDS = 3
+#: _IOWR('f', 16, struct pm_scan_arg) in the generic ioctl encoding (x86 and arm64 use it).
+_PAGEMAP_SCAN = (3 << 30) | ((_PM_SCAN_ARG_WORDS * 8) << 16) | (ord("f") << 8) | 16
+#: Page categories of PAGEMAP_SCAN.
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
+#: Whether this architecture encodes ioctl numbers as above (else the scan is not attempted).
+HAS_PAGEMAP_SCAN = ARCH in ("x86_64", "amd64", "aarch64", "arm64")
+
+
+def pagemap_scan(fd: int, start: int, end: int, regions: Any, *, inverted: int, mask: int,
+                 anyof: int) -> tuple[int, int]:
+    """One PAGEMAP_SCAN on ``fd`` (an open ``/proc/self/pagemap``) over the host addresses
+    ``[start, end)``: the regions whose pages, with the ``inverted`` categories inverted, have
+    every category of ``mask`` and one of ``anyof``.  Writes up to ``len(regions)`` regions into
+    ``regions`` (a C-contiguous numpy uint64 array, three words per region: start, end,
+    categories) and returns ``(regions written, address where the walk stopped)``; the walk
+    stops early when ``regions`` is full.  Raises :class:`KvmError` with the kernel's errno
+    (ENOTTY before Linux 6.7, EINVAL for a category it does not know).
+
+    Safety: ``regions`` is pinned by ``ffi.from_buffer`` during the call and the argument block
+    is an owned allocation; the kernel writes at most ``vec_len`` (the regions that fit in
+    ``regions``) into the first and only ``walk_end`` into the second.
+    """
+    vec = ffi.from_buffer("uint64_t[]", regions, require_writable=True)
+    try:
+        n = len(vec) // _PAGE_REGION_WORDS
+        arg = ffi.new(f"uint64_t[{_PM_SCAN_ARG_WORDS}]",
+                      [_PM_SCAN_ARG_WORDS * 8, 0, start, end, 0, int(ffi.cast("uintptr_t", vec)),
+                       n, 0, inverted, mask, anyof, 0])
+        got = ioctl(fd, _PAGEMAP_SCAN, arg, name="PAGEMAP_SCAN")
+    finally:
+        ffi.release(vec)
+    return got, int(arg[4])
 
 
 class KvmRun:

@@ -79,7 +79,8 @@ class DirtyRingOverrunError(DirtyRingError):
 
 
 class SnapshotError(KvmError):
-    """A machine state that cannot be captured, restored or read back: a state that does not
+    """A snapshot or checkpoint that cannot be taken, restored or read.  For a machine state:
+    one that cannot be captured, restored or read back: a state that does not
     fit the machine (other vCPU ids, an irqchip one has and the other lacks), a restore the
     kernel refused part-way (``errno`` and ``ioctl`` are the refused call's; the machine is
     then partly restored), or serialized bytes that are truncated, corrupted or of another

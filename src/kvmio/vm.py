@@ -423,10 +423,18 @@ class Vm(FdOwner):
         return self.region_at(gpa, max(length, 1)).read(gpa, length)
 
     def write_memory(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Write guest memory (within one slot).  Host writes are not dirty-logged.  ``data``
-        is any bytes-like object; its length counts bytes."""
+        """Write guest memory (within one slot).  ``data`` is any bytes-like object; its length
+        counts bytes.  Host writes are not in the kernel's dirty log; they are in the slot's
+        host-write records (:meth:`kvmio.MemoryRegion.record_host_writes`)."""
         mv = _check.buffer_bytes("data", data)
         self.region_at(gpa, max(len(mv), 1)).write(gpa, mv)
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Note a host change of ``[gpa, gpa+length)`` (within one slot) made without
+        :meth:`write_memory`, e.g. through :meth:`kvmio.MemoryRegion.array`: its pages go into
+        the slot's host-write records (:meth:`kvmio.MemoryRegion.mark_dirty`)."""
+        length = _check.integer("length", length)
+        self.region_at(gpa, max(length, 1)).mark_dirty(gpa, length)
 
     # -- vCPUs ------------------------------------------------------------------------------
 

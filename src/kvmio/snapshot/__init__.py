@@ -5,6 +5,8 @@
                     VM's clock, irqchip and PIT, every vCPU's registers, MSRs, LAPIC...,
                     and the port devices), :func:`capture`, :func:`restore`, and its
                     serialized form (:meth:`MachineState.to_bytes`)
+``memory``          guest memory kept in memory: :class:`memory.MemoryCheckpoint` (the
+                    populated pages copied, reset in O(pages changed since))
 ==================  ==========================================================================
 
 The order in which a state is written back, and why, is in :mod:`kvmio.snapshot.state`.
