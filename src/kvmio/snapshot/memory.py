@@ -532,71 +532,28 @@ class MemoryCheckpoint:
 
     def _restore(self, s: _Slot, pages: Pages | list[int]) -> int:
         """Restore ``pages`` (sorted, distinct) of a slot; returns how many."""
-        index = s.index
         k = len(pages)
-        if k <= _FEW:
-            # A few pages: one slice copy each, without the fixed cost of numpy's calls.
-            listed = pages if isinstance(pages, list) else pages.tolist()
-            # (uint64 on both sides: with a list of ints numpy would convert all of `index`)
-            pos = np.searchsorted(index, np.array(listed, dtype=np.uint64)).tolist()
-            mm = s.region.memory.mapping.mm
-            data = s.data_bytes
-            n = len(index)
-            missing = []
-            for p, q in zip(listed, pos, strict=True):
-                if q < n and int(index[q]) == p:
-                    mm[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = data[q * PAGE_SIZE:(q + 1) * PAGE_SIZE]
-                elif s.zero:
-                    mm[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = _ZERO_PAGE
-                else:
-                    missing.append(p)
-            for p in missing:
-                s.region.memory.discard(p, 1)
-            return k
         pages = np.asarray(pages, dtype=np.uint64)
-        pos = np.searchsorted(index, pages)
-        if len(index):
-            hit = index[np.minimum(pos, len(index) - 1)] == pages
-        else:
-            hit = np.zeros(k, dtype=bool)
-        view = s.view()
-        hits = int(np.count_nonzero(hit))
-        if s.runs is not None and 2 * hits >= len(index):
-            # Half of the stored pages or more, scattered: copying all of them back, run by
-            # run, moves more bytes but costs less (a scattered page costs about twice a
-            # page of a long memcpy here).
+        if s.runs is not None and 2 * k >= len(s.index):
+            # Half as many pages as the slot stores, or more: copying all stored pages back,
+            # run by run, moves more bytes but costs less than scattering them (a scattered
+            # page costs about twice a page of a long memcpy here).
+            view = s.view()
             for first, count, at in s.runs:
                 view[first:first + count] = s.data[at:at + count]
-        elif hits == k:
-            self._copy(view, s.data, pages, pos)
-        elif hits:
-            self._copy(view, s.data, pages[hit], pos[hit])
-        if hits < k:
-            self._unpopulate(s, view, pages[~hit])
+            pos = np.searchsorted(s.index, pages)
+            hit = (s.index[np.minimum(pos, len(s.index) - 1)] == pages) if len(s.index) \
+                else np.zeros(k, dtype=bool)
+            if not hit.all():
+                self._unpopulate(s, view, pages[~hit])
+            return k
+        # One compiled merge walk copies every stored page back; the pages it has none for
+        # are returned to unpopulated here (zero-filled, or discarded when long runs).
+        missing = _abi.restore_pages(s.region.memory.mapping, s.data, s.index, pages,
+                                     zero=False)
+        if len(missing):
+            self._unpopulate(s, s.view(), missing)
         return k
-
-    def _copy(self, view: npt.NDArray[np.void], data: npt.NDArray[np.void], dst: Pages,
-              src: npt.NDArray[np.intp]) -> None:
-        """``view[dst[i]] = data[src[i]]`` for every i, with one copy per page."""
-        n = len(dst)
-        if n == 1:
-            d, s_ = int(dst[0]), int(src[0])
-            view[d:d + 1] = data[s_:s_ + 1]
-            return
-        breaks = np.flatnonzero((dst[1:] - dst[:-1] != 1) | (src[1:] - src[:-1] != 1)) + 1
-        if (len(breaks) + 1) * 8 <= n:  # long runs: a slice copy (memcpy) per run
-            starts = [0, *breaks.tolist()]
-            ends = [*starts[1:], n]
-            for d, s_, a, b in zip(dst[starts].tolist(), src[starts].tolist(), starts, ends,
-                                   strict=True):
-                view[d:d + b - a] = data[s_:s_ + b - a]
-            return
-        ip = dst.astype(np.intp)
-        for a in range(0, n, _CHUNK):  # scattered: gather through the scratch, then scatter
-            b = min(a + _CHUNK, n)
-            out = self._scratch[:b - a]
-            np.take(data, src[a:b], out=out, mode="clip")
-            view[ip[a:b]] = out
 
     def _unpopulate(self, s: _Slot, view: npt.NDArray[np.void], pages: Pages) -> None:
         """Return ``pages`` (sorted, distinct; unpopulated at the checkpoint) to unpopulated:
