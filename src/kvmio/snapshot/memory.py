@@ -65,7 +65,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmio import _abi, _check
-from kvmio._abi import PAGE_SIZE, lib
+from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.pages import PageSet, coalesce
 from kvmio.dirty.ring import DirtyRing, sorted_unique
 from kvmio.errors import (
@@ -97,8 +97,6 @@ _CHUNK = 256
 #: the guest a page fault when it touches it again (a fuzzer's guest touches the same pages
 #: every cycle), so only long runs, likely one-off, are discarded.
 _DISCARD_RUN = 512
-#: A slot needs one of these flags: dirty-logged, or read-only for the guest.
-_LOGGED = int(lib.KVM_MEM_LOG_DIRTY_PAGES | lib.KVM_MEM_READONLY)
 #: Up to this many pages, a reset copies page by page in Python (numpy's fixed costs would
 #: dominate); more go through numpy's gathers and scatters.
 _FEW = 24
@@ -458,7 +456,7 @@ class MemoryCheckpoint:
         regions = self._vm.regions
         if regions == self._regions:  # the same region objects in the same slots
             for slot, r in regions.items():
-                if not r.flags & _LOGGED:
+                if not (r.log_dirty or r.readonly):
                     raise SnapshotError(f"dirty logging of slot {slot} was turned off since the "
                                         "checkpoint; its guest writes are unknown")
             return
