@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +257,23 @@ def test_checkpoint_refuses_a_running_vcpu(kvm: Kvm) -> None:
         finally:
             vcpu.kick()
             t.join()
+
+
+def test_a_multiboot_kernel_that_crashed_runs_again_after_a_reset(kvm: Kvm) -> None:
+    """A harness's guest crashes (here: ``hlt`` then ``ud2`` with no IDT, a triple fault):
+    the machine refuses to run on after such a stop, but a reset to a checkpoint taken before
+    the crash brings the machine back whole, its stop flag included."""
+    load = 0x100000
+    magic, flags = 0x1BADB002, 0x00010000  # a.out kludge: the address fields follow
+    header = struct.pack("<8I", magic, flags, (-(magic + flags)) & 0xFFFFFFFF,
+                         load, load, 0, 0, load + 32)
+    kernel = header + bytes([0xF4, 0x0F, 0x0B])  # hlt; ud2
+    with MultibootMachine(kvm, kernel, mem=32 << 20, log_dirty=True, irqchip=False) as m:
+        assert m.run(timeout=5).reason is StopReason.HALTED
+        with m.checkpoint() as ck:
+            assert m.run(timeout=5).reason is StopReason.SHUTDOWN
+            with pytest.raises(KvmStateError):
+                m.run(timeout=5)
+            for _ in range(2):
+                ck.reset()
+                assert m.run(timeout=5).reason is StopReason.SHUTDOWN

@@ -596,6 +596,11 @@ def test_the_native_page_restore_copies_zeroes_or_lists_and_checks_bounds() -> N
         with pytest.raises(KvmInvalidArgumentError, match="beyond"):
             _abi.restore_pages(m, store, index, np.array([2, 8], dtype=np.uint64), zero=True)
         assert (mem == 0xEE).all()  # refused before anything was written
+        with pytest.raises(KvmInvalidArgumentError, match="not sorted"):
+            _abi.restore_pages(m, store, index, np.array([7, 2], dtype=np.uint64), zero=True)
+        with pytest.raises(KvmInvalidArgumentError, match="beyond"):  # not only the last
+            _abi.restore_pages(m, store, index, np.array([9, 2], dtype=np.uint64), zero=True)
+        assert (mem == 0xEE).all()
         with pytest.raises(KvmInvalidArgumentError, match="does not match"):
             _abi.restore_pages(m, store[:1], index, pages, zero=True)
         with pytest.raises(KvmInvalidArgumentError, match="uint64"):
@@ -603,3 +608,29 @@ def test_the_native_page_restore_copies_zeroes_or_lists_and_checks_bounds() -> N
         del mem
     finally:
         m.close()
+
+
+def test_closing_the_memory_during_a_native_restore_is_safe() -> None:
+    """A restore pins the guest memory for its call: a close() from another thread meanwhile
+    defers the unmap instead of pulling the memory from under the copy (which crashed the
+    process).  Whichever comes first, the restore completes or raises KvmClosedError."""
+    import threading
+
+    from kvmio import KvmClosedError, _abi
+
+    pages = 16384  # 64 MiB: a copy long enough for the close to land during it
+    for _ in range(5):
+        m = _abi.Mapping(pages * 4096, what="test memory")
+        store = np.ones((pages, 4096), dtype=np.uint8)
+        index = np.arange(pages, dtype=np.uint64)
+        started = threading.Event()
+        closer = threading.Thread(target=lambda m=m, s=started: (s.wait(), m.close()))
+        closer.start()
+        try:
+            started.set()
+            _abi.restore_pages(m, store, index, index, zero=True)
+        except KvmClosedError:
+            pass
+        finally:
+            closer.join()
+            m.close()

@@ -19,6 +19,7 @@ times a second.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
@@ -28,7 +29,7 @@ from types import TracebackType
 
 from kvmio import _check
 from kvmio.devices.bus import IoBus
-from kvmio.errors import KvmClosedError, KvmInvalidArgumentError
+from kvmio.errors import KvmClosedError, KvmError, KvmInvalidArgumentError
 from kvmio.exits import Interrupted, VcpuExit
 from kvmio.runner import ExitHandler, RingFullHandler, run_until_handled, stop_on_any_exit
 from kvmio.snapshot.memory import MemoryCheckpoint, ResetPath, ResetStats
@@ -76,7 +77,9 @@ class Checkpoint:
     """
 
     def __init__(self, vm: Vm, vcpus: tuple[Vcpu, ...], state: MachineState,
-                 memory: MemoryCheckpoint, restorer: Restorer):
+                 memory: MemoryCheckpoint, restorer: Restorer,
+                 on_reset: Callable[[], None] | None = None):
+        self._on_reset = on_reset
         self._vm = vm
         self._vcpus = vcpus
         self.state = state
@@ -87,13 +90,16 @@ class Checkpoint:
     @classmethod
     def take(cls, vm: Vm, vcpus: Iterable[Vcpu] | Mapping[int, Vcpu] | None = None, *,
              devices: IoBus | None = None, tracker: DirtyTracker | None = None,
-             on_exit: Callable[[VcpuExit], None] | None = None) -> Checkpoint:
+             on_exit: Callable[[VcpuExit], None] | None = None,
+             on_reset: Callable[[], None] | None = None) -> Checkpoint:
         """Checkpoint ``vm`` with ``vcpus`` (default: all of them) and the port ``devices``.
 
         A vCPU stopped at an exit that KVM has not finished yet (an I/O or MMIO read it
         answered) is first run to the end of that instruction, without running the guest on
-        (exits met on the way go to ``on_exit``).  Raises :class:`~kvmio.KvmStateError` if a
-        vCPU is running, and :class:`~kvmio.SnapshotError` if a slot is not dirty-logged."""
+        (exits met on the way go to ``on_exit``).  ``on_reset()`` is called at the end of
+        every reset: for state of the caller's own that must come back too (a machine's
+        Python-side flags, say).  Raises :class:`~kvmio.KvmStateError` if a vCPU is running,
+        and :class:`~kvmio.SnapshotError` if a slot is not dirty-logged."""
         _check.instance("vm", vm, Vm)
         targets = tuple(vm.vcpus.values() if vcpus is None else
                         vcpus.values() if isinstance(vcpus, Mapping) else vcpus)
@@ -103,7 +109,9 @@ class Checkpoint:
         state = capture(vm, targets, devices=devices)
         restorer = state.restorer(vm, targets, devices=devices)
         memory = MemoryCheckpoint.take(vm, tracker=tracker)
-        return cls(vm, targets, state, memory, restorer)
+        if on_reset is not None and not callable(on_reset):
+            raise KvmInvalidArgumentError("on_reset must be callable")
+        return cls(vm, targets, state, memory, restorer, on_reset)
 
     def __repr__(self) -> str:
         return (f"<Checkpoint vcpus={[v.id for v in self._vcpus]} "
@@ -137,6 +145,8 @@ class Checkpoint:
             mem = self.memory.reset()
             t2 = time.perf_counter_ns()
             self._restorer.restore()
+            if self._on_reset is not None:
+                self._on_reset()
             t3 = time.perf_counter_ns()
             return ResetReport(mem, t1 - t0, t3 - t2, t3 - t0)
 
@@ -241,7 +251,7 @@ class _Budget:
                 self.fired = True
                 try:
                     self.vcpu.kick()
-                except KvmClosedError:
+                except KvmError:  # closed: no run left to end
                     return
 
     def close(self) -> None:
@@ -290,17 +300,20 @@ class ResetLoop:
         t0 = time.perf_counter_ns()
         if budget is not None:
             budget.arm()
+        ex: VcpuExit | None = None
         try:
             ex = run_until_handled(self.vcpu, self.handler, on_ring_full=self.on_ring_full)
         finally:
             if budget is not None:
                 budget.disarm()
+                if budget.fired and not isinstance(ex, Interrupted):
+                    # The budget ran out as the run ended at an exit (or failed): its kick
+                    # is still pending and would end the next run at once.  Take it back.
+                    with contextlib.suppress(KvmClosedError):
+                        self.vcpu.immediate_exit = False
         t1 = time.perf_counter_ns()
         timed_out = isinstance(ex, Interrupted) and budget is not None and budget.fired
-        if budget is not None and budget.fired and not timed_out:
-            # The budget ran out as the run ended at an exit: its kick is still pending and
-            # would end the next run at once.  Take it back.
-            self.vcpu.immediate_exit = False
+        assert ex is not None
         return Iteration(ex, timed_out, t1 - t0, self.checkpoint.reset())
 
     def run(self, iterations: int, prepare: Callable[[Vm, int], None] | None = None

@@ -280,8 +280,13 @@ class MultibootMachine(Closing):
         ``tracker``: the :class:`~kvmio.tracker.DirtyTracker` that holds the dirty log, if
         any.  An exit the last run stopped at is finished first; output it makes then (the
         rest of a ``rep outs``, say) goes to the devices but is not emitted."""
+        terminal = self._terminal
+
+        def restore_flags() -> None:  # a kernel that crashed since may run again after reset
+            self._terminal = terminal
+
         return Checkpoint.take(self.vm, [self.vcpu], devices=self.bus, tracker=tracker,
-                               on_exit=self._finish_exit)
+                               on_exit=self._finish_exit, on_reset=restore_flags)
 
     def _finish_exit(self, ex: VcpuExit) -> None:
         self._handle(ex, lambda source, data: None)
