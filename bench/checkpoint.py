@@ -42,6 +42,7 @@ def main() -> None:
                 b.cp.close()  # the whole checkpoint below owns the dirty log instead
                 try:
                     with Checkpoint.take(b.vm) as ck:
+                        b.cp = ck.memory  # the reference copies the same stored pages
                         for n in ((1, 100) if args.quick else (1, 10, 100, 1000)):
                             b.pages = {n: np.sort(b.rng.choice(b.populated, n, replace=False))}
                             b.dirty(n)
