@@ -1,0 +1,387 @@
+"""kvmio.snapshot.files: snapshots on disk, restored into new VMs, on the real /dev/kvm.
+
+The guest is a small Multiboot kernel (built here) that prints a line per round over about
+half a second; each line depends on guest memory the kernel wrote before, so a restore that
+gets one byte of memory wrong, or loses a register, prints something else.  A run cut at
+any point, snapshotted and restored in a new VM must print, after the cut, exactly what the
+uninterrupted run printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import time
+import os
+import re
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvmio import Kvm, KvmStateError, SnapshotError
+from kvmio._abi import PAGE_SIZE, ffi
+from kvmio.guests.multiboot import MultibootMachine, StopReason
+from kvmio.guests.workload import Value, Workload
+from kvmio.snapshot import MachineState
+from kvmio.snapshot.files import (
+    CHUNK_BYTES,
+    Snapshotter,
+    inspect_snapshot,
+    merge_snapshots,
+    read_chain,
+    restore_snapshot,
+    save_snapshot,
+)
+from kvmio.tracker import DirtyTracker
+
+from test_multiboot import CFLAGS, ENTRY_S, LINK_LD, _gcc
+
+MIB = 1 << 20
+MEM = 4 * MIB
+
+# Rounds of: 16 pseudo-random read-modify-writes into 256 pages at 2 MiB, a delay in
+# registers only (no memory writes: on this host every emulated write is a ring entry),
+# and a line "round N <accumulator> <page sum>" through one `rep outsb`; then "done" and a
+# debug exit.  The accumulator folds in every value written, each of which depends on the
+# word's old value; every 8 rounds one whole page is summed.
+TICKER_C = r"""
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define AREA ((volatile u32 *)0x200000)
+#define PAGES 256
+
+static void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+
+static void out(const char *s, u32 n) {
+    __asm__ volatile("rep outsb" : "+S"(s), "+c"(n) : "d"(0xE9) : "memory");
+}
+
+static char *hex(char *p, u32 v) {
+    int i;
+    for (i = 0; i < 8; i++) {
+        u32 d = (v >> (28 - 4 * i)) & 15;
+        *p++ = (char)(d < 10 ? '0' + d : 'a' + d - 10);
+    }
+    return p;
+}
+
+static char *dec(char *p, u32 v) {
+    char t[12];
+    int n = 0;
+    do { t[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (n) *p++ = t[--n];
+    return p;
+}
+
+static char *str(char *p, const char *s) { while (*s) *p++ = *s++; return p; }
+
+void kmain(unsigned magic, void *mbi) {
+    u32 x = 0x9E3779B9, acc = 0, page_sum = 0, r, k;
+    char line[64], *p;
+    (void)magic; (void)mbi;
+    for (r = 0; r < ROUNDS; r++) {
+        for (k = 0; k < 16; k++) {
+            u32 i;
+            x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+            i = (x % PAGES) * 1024 + ((x >> 8) & 1023);
+            AREA[i] = AREA[i] * 33 + (x ^ r);
+            acc = (acc << 5 | acc >> 27) ^ AREA[i];
+        }
+        if ((r & 7) == 7) {
+            u32 base = (x % PAGES) * 1024;
+            page_sum = 0;
+            for (k = 0; k < 1024; k++) page_sum = page_sum * 31 + AREA[base + k];
+        }
+        { u32 n = DELAY; __asm__ volatile("1: dec %0; jnz 1b" : "+r"(n)); }
+        p = str(line, "round ");
+        p = dec(p, r);
+        *p++ = ' ';
+        p = hex(p, acc);
+        *p++ = ' ';
+        p = hex(p, page_sum);
+        *p++ = '\n';
+        out(line, (u32)(p - line));
+    }
+    out("done\n", 5);
+    outb(0xF4, 0x21);
+}
+"""
+
+ROUNDS = 40
+EXIT_CODE = (0x21 << 1) | 1
+
+
+@pytest.fixture(scope="session")
+def ticker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ticker kernel (ELF32, Multiboot)."""
+    d = tmp_path_factory.mktemp("ticker")
+    (d / "entry.S").write_text(ENTRY_S)
+    (d / "ticker.c").write_text(TICKER_C)
+    (d / "link.ld").write_text(LINK_LD)
+    _gcc([*CFLAGS, f"-DROUNDS={ROUNDS}", "-DDELAY=6000", "-Wl,--no-warn-rwx-segments",
+          "-Wl,-T,link.ld", "entry.S", "ticker.c", "-o", "ticker.elf"], d)
+    return d / "ticker.elf"
+
+
+@pytest.fixture(scope="session")
+def ticker_output(ticker: Path) -> bytes:
+    """What the ticker prints when nothing interrupts it."""
+    with Kvm() as kvm, MultibootMachine(kvm, ticker, mem=MEM) as m:
+        r = m.run(timeout=60)
+    assert (r.reason, r.exit_code) == (StopReason.DEBUG_EXIT, EXIT_CODE)
+    assert r.output.count(b"\n") == ROUNDS + 1 and r.output.endswith(b"done\n")
+    return r.output
+
+
+class _Cut(Exception):
+    pass
+
+
+def _run_until(m: MultibootMachine, lines: int) -> bytes:
+    """Run until the kernel has printed ``lines`` lines (stopped inside that output exit)."""
+    out = bytearray()
+
+    def on_output(data: bytes) -> None:
+        out.extend(data)
+        if out.count(b"\n") >= lines:
+            raise _Cut
+
+    with pytest.raises(_Cut):
+        m.run(timeout=60, on_output=on_output)
+    return bytes(out)
+
+
+def _run_for(m: MultibootMachine, seconds: float) -> bytes:
+    r = m.run(timeout=seconds)
+    assert r.reason in (StopReason.TIMEOUT, StopReason.DEBUG_EXIT), r.detail
+    return r.output
+
+
+def _finish(m: MultibootMachine) -> bytes:
+    r = m.run(timeout=60)
+    assert (r.reason, r.exit_code) == (StopReason.DEBUG_EXIT, EXIT_CODE), r.detail
+    return r.output
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def _file_hash(path: Path) -> int:
+    return xxhash.xxh3_64_intdigest(path.read_bytes())
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "eager"])
+def test_a_restored_kernel_goes_on_as_if_never_stopped(kvm: Kvm, ticker: Path,
+                                                       ticker_output: bytes, tmp_path: Path,
+                                                       lazy: bool) -> None:
+    with MultibootMachine(kvm, ticker, mem=MEM) as m:
+        before = _run_until(m, 7)  # inside the output exit of line 7: a pending `rep outsb`
+        info = m.snapshot(tmp_path / "s", on_output=lambda d: None)
+        memory = m.vm.read_memory(0, MEM)
+        assert info.kind == "full" and info.memory_layout == "image"
+        assert info.guest["kind"] == "multiboot"
+        # only pages holding data are stored, as a sparse file
+        assert 0 < info.stored_pages < MEM // PAGE_SIZE // 2
+        assert os.stat(tmp_path / "s" / "memory").st_blocks * 512 < MEM // 2
+        original_rest = _finish(m)
+    assert before + original_rest == ticker_output
+    with MultibootMachine.from_snapshot(kvm, tmp_path / "s", lazy=lazy) as r:
+        assert r.vm.read_memory(0, MEM) == memory
+        assert r.restored_from is not None and r.restored_from.id == info.id
+        assert r.image is None and r.entry != 0
+        rest = _finish(r)
+    assert rest == original_rest
+
+
+def test_a_snapshot_at_any_moment_restores(kvm: Kvm, ticker: Path, ticker_output: bytes,
+                                           tmp_path: Path) -> None:
+    # cut by timeouts: at whatever instruction the vCPU is kicked out of
+    with MultibootMachine(kvm, ticker, mem=MEM) as m:
+        out = b""
+        for i in range(3):
+            out += _run_for(m, 0.03 + 0.02 * i)
+            m.snapshot(tmp_path / f"s{i}")
+            with MultibootMachine.from_snapshot(kvm, tmp_path / f"s{i}") as r:
+                assert out + _finish(r) == ticker_output
+
+
+# -- chains -----------------------------------------------------------------------------------
+
+
+def _chain(kvm: Kvm, ticker: Path, where: Path, layers: int, *, ring: bool,
+           step: float = 0.015) -> tuple[list[Path], list[bytes], list[bytes], bytes]:
+    """A full snapshot and ``layers - 1`` diffs of the ticker, taken between short runs;
+    their paths, the output before each, guest memory at each, and what it printed up to
+    its end."""
+    paths, outs, mems = [], [], []
+    kw: dict[str, Any] = {"ring_entries": 4096} if ring else {"log_dirty": True}
+    with MultibootMachine(kvm, ticker, mem=MEM, **kw) as m, m.snapshotter() as chain:
+        out = _run_for(m, step)
+        for i in range(layers):
+            p = where / f"layer{i}"
+            info = m.snapshot(p, chain=chain)
+            assert info.kind == ("full" if i == 0 else "diff")
+            paths.append(p)
+            outs.append(out)
+            mems.append(m.vm.read_memory(0, MEM))
+            out += _run_for(m, step)
+        out += _finish(m)
+    return paths, outs, mems, out
+
+
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "bitmap"])
+def test_a_chain_of_ten_layers(kvm: Kvm, ticker: Path, ticker_output: bytes, tmp_path: Path,
+                               ring: bool) -> None:
+    paths, outs, mems, total = _chain(kvm, ticker, tmp_path, 11, ring=ring)
+    assert total == ticker_output
+    infos = read_chain(paths[-1])
+    assert [i.path for i in infos] == [str(p) for p in paths]
+    assert [i.kind for i in infos] == ["full"] + ["diff"] * 10
+    for lower, upper in zip(infos, infos[1:], strict=False):
+        assert upper.base is not None and upper.base.id == lower.id
+        assert upper.whole_slots == () and upper.memory_layout == "packed"
+        # a diff holds what the kernel dirtied in one short step: a few of its 256 pages
+        assert upper.stored_pages < 128
+    for k in (10, 4):  # the top, and a layer in the middle (its own chain)
+        for lazy in (True, False):
+            with MultibootMachine.from_snapshot(kvm, paths[k], lazy=lazy) as r:
+                assert r.vm.read_memory(0, MEM) == mems[k]
+                assert outs[k] + _finish(r) == ticker_output
+    # every layer named explicitly, bottom up
+    with MultibootMachine.from_snapshot(kvm, [str(p) for p in paths[:8]]) as r:
+        assert r.vm.read_memory(0, MEM) == mems[7]
+
+
+def test_a_restored_machine_snapshots_diffs_on_its_snapshot(kvm: Kvm, ticker: Path,
+                                                            ticker_output: bytes,
+                                                            tmp_path: Path) -> None:
+    with MultibootMachine(kvm, ticker, mem=MEM) as m:
+        out = _run_for(m, 0.03)
+        m.snapshot(tmp_path / "a")
+    with MultibootMachine.from_snapshot(kvm, tmp_path / "a", log_dirty=True) as r, \
+            r.snapshotter() as chain:
+        out += _run_for(r, 0.03)
+        info = r.snapshot(tmp_path / "b", chain=chain)
+        memory = r.vm.read_memory(0, MEM)
+    assert info.kind == "diff" and info.base is not None
+    assert info.base.path == "../a"
+    with MultibootMachine.from_snapshot(kvm, tmp_path / "b") as r2:
+        assert r2.vm.read_memory(0, MEM) == memory
+        assert out + _finish(r2) == ticker_output
+
+
+def test_merges(kvm: Kvm, ticker: Path, ticker_output: bytes, tmp_path: Path) -> None:
+    paths, outs, mems, _ = _chain(kvm, ticker, tmp_path, 4, ring=True)
+    merged = merge_snapshots(paths[-1], tmp_path / "merged")
+    assert merged.kind == "full" and merged.base is None
+    assert read_chain(tmp_path / "merged") == [merged]
+    # a merge of the first two layers, named explicitly: the memory of layer 1
+    two = merge_snapshots([paths[0], paths[1]], tmp_path / "two")
+    top = inspect_snapshot(paths[-1])
+    assert merged.machine == top.machine and merged.guest == top.guest
+    for lazy in (True, False):
+        with MultibootMachine.from_snapshot(kvm, tmp_path / "merged", lazy=lazy) as r:
+            assert r.vm.read_memory(0, MEM) == mems[-1]
+            assert outs[-1] + _finish(r) == ticker_output
+    with MultibootMachine.from_snapshot(kvm, tmp_path / "two") as r:
+        assert r.vm.read_memory(0, MEM) == mems[1]
+    assert two.stored_pages <= merged.stored_pages + 64
+    # merging a full snapshot gives the same memory again
+    again = merge_snapshots(tmp_path / "merged", tmp_path / "again")
+    assert again.stored_pages == merged.stored_pages
+    assert (tmp_path / "again" / "state").read_bytes() == (paths[-1] / "state").read_bytes()
+
+
+# -- clones -------------------------------------------------------------------------------------
+
+
+def test_clones_share_the_file_and_diverge(kvm: Kvm, ticker: Path, ticker_output: bytes,
+                                           tmp_path: Path) -> None:
+    with MultibootMachine(kvm, ticker, mem=MEM) as m:
+        before = _run_until(m, 5)
+        m.snapshot(tmp_path / "s", on_output=lambda d: None)
+    mem_file = tmp_path / "s" / "memory"
+    digest, mtime = _file_hash(mem_file), os.stat(mem_file).st_mtime_ns
+    with MultibootMachine.from_snapshot(kvm, tmp_path / "s") as a, \
+            MultibootMachine.from_snapshot(kvm, tmp_path / "s") as b:
+        # nothing copied yet: both read the file's pages (the page cache, shared)
+        assert len(a.ram.memory.populated_pages()) == 0
+        assert len(b.ram.memory.populated_pages()) == 0
+        # b diverges: its host changes the words the kernel reads next, then it runs
+        b.vm.write_memory(0x200000, b"\x5a" * MIB)
+        rest_a = _finish(a)
+        rest_b = _finish(b)
+        assert before + rest_a == ticker_output
+        assert rest_b != rest_a
+        # each has copies of only the pages it wrote (copy-on-write)
+        written_a = len(a.ram.memory.populated_pages())
+        assert 0 < written_a < MEM // PAGE_SIZE // 4
+        assert a.vm.read_memory(0x200000, 4) != b.vm.read_memory(0x200000, 4)
+    assert _file_hash(mem_file) == digest and os.stat(mem_file).st_mtime_ns == mtime
+    # and the file still restores what it held
+    with MultibootMachine.from_snapshot(kvm, tmp_path / "s") as c:
+        assert before + _finish(c) == ticker_output
+
+
+# -- the built-in workload, copied while it runs ---------------------------------------------
+
+
+@pytest.mark.parametrize("tracked", [False, True], ids=["rings", "tracker"])
+def test_live_diffs_of_a_running_workload(kvm: Kvm, tmp_path: Path, tracked: bool) -> None:
+    # Each write stores the vCPU's write count, so the final memory depends on every page
+    # the diff holds: a restored copy run to the end must equal the original at its end.
+    kw: dict[str, Any] = {"mem_size": 16 * MIB, "max_writes": 15_000, "value": Value.COUNT,
+                          "ring_entries": 4096, "vcpus": 2, "shared": False}
+    with Workload(kvm, **kw) as w:
+        tracker = DirtyTracker(w.vm, interval=0.02).start() if tracked else None
+        with (contextlib.closing(tracker) if tracker is not None else contextlib.nullcontext(),
+              w.snapshotter(tracker=tracker) as chain):
+            full = w.snapshot(tmp_path / "full", chain=chain)
+            assert full.kind == "full"
+            on_ring_full = tracker.on_ring_full if tracker is not None else None
+            with w.runner(on_ring_full=on_ring_full) as runner:
+                _wait(lambda: w.total_writes() > 5_000)
+                diff = w.snapshot(tmp_path / "diff", chain=chain, runner=runner,
+                                  live_passes=2)
+                assert runner.running and not runner.paused
+                runner.wait(60)
+            assert w.total_writes() == 30_000
+        final_low = w.vm.read_memory(0, 4 * MIB)
+        final = w.vm.read_memory(w.mem_base, 16 * MIB)
+    assert diff.kind == "diff" and diff.whole_slots == (0,)  # the low slot is not logged
+    assert 0 < diff.stored_pages < 16 * MIB // PAGE_SIZE
+    for lazy in (True, False):
+        with Workload.from_snapshot(kvm, tmp_path / "diff", lazy=lazy) as r:
+            assert 5_000 < r.total_writes() < 30_000
+            r.run_all(timeout=60)
+            assert r.total_writes() == 30_000
+            assert r.vm.read_memory(w.mem_base, 16 * MIB) == final
+            # the vCPUs' own parameter blocks agree too
+            assert r.vm.read_memory(0x1000, 0x200) == final_low[0x1000:0x1200]
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
