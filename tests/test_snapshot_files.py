@@ -10,18 +10,18 @@ uninterrupted run printed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import itertools
 import json
-import time
 import os
-import re
 import shutil
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import xxhash
 from hypothesis import HealthCheck, given, settings
@@ -33,8 +33,6 @@ from kvmio.guests.multiboot import MultibootMachine, StopReason
 from kvmio.guests.workload import Value, Workload
 from kvmio.snapshot import MachineState
 from kvmio.snapshot.files import (
-    CHUNK_BYTES,
-    Snapshotter,
     inspect_snapshot,
     merge_snapshots,
     read_chain,
@@ -257,7 +255,7 @@ def test_a_chain_of_ten_layers(kvm: Kvm, ticker: Path, ticker_output: bytes, tmp
     infos = read_chain(paths[-1])
     assert [i.path for i in infos] == [str(p) for p in paths]
     assert [i.kind for i in infos] == ["full"] + ["diff"] * 10
-    for lower, upper in zip(infos, infos[1:], strict=False):
+    for lower, upper in itertools.pairwise(infos):
         assert upper.base is not None and upper.base.id == lower.id
         assert upper.whole_slots == () and upper.memory_layout == "packed"
         # a diff holds what the kernel dirtied in one short step: a few of its 256 pages
@@ -385,3 +383,358 @@ def _wait(cond: Callable[[], bool], timeout: float = 60) -> None:
     while not cond():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.005)
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+FILES = ("manifest", "state", "index", "memory")
+
+
+@pytest.fixture(scope="module")
+def kvm_module() -> Iterator[Kvm]:
+    with Kvm() as k:
+        yield k
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory: pytest.TempPathFactory, ticker: Path) -> dict[str, Path]:
+    """A full snapshot and a diff on it (writable files, to be damaged and mended)."""
+    d = tmp_path_factory.mktemp("layers")
+    with Kvm() as kvm, MultibootMachine(kvm, ticker, mem=MEM, log_dirty=True) as m, \
+            m.snapshotter() as chain:
+        _run_until(m, 5)
+        m.snapshot(d / "full", chain=chain, on_output=lambda b: None)
+        _run_until(m, 9)
+        m.snapshot(d / "diff", chain=chain, on_output=lambda b: None)
+    for p in d.glob("*/*"):
+        p.chmod(0o644)
+    return {"full": d / "full", "diff": d / "diff"}
+
+
+def _stored_ranges(layer: Path) -> list[tuple[int, int]]:
+    from kvmio.snapshot._layer import read_layer
+
+    runs = read_layer(layer).runs
+    return [(int(o), int(n) * PAGE_SIZE) for o, n in zip(runs["offset"], runs["pages"],
+                                                         strict=True)]
+
+
+@contextlib.contextmanager
+def _patched(path: Path, pos: int, data: bytes) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        old = os.pread(fd, len(data), pos)
+        os.pwrite(fd, data, pos)
+        try:
+            yield
+        finally:
+            os.pwrite(fd, old, pos)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _resized(path: Path, size: int, extra: bytes = b"") -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        length = os.fstat(fd).st_size
+        tail = os.pread(fd, max(0, length - size), size)
+        if extra:
+            os.pwrite(fd, extra, length)
+        else:
+            os.ftruncate(fd, size)
+        try:
+            yield
+        finally:
+            if extra:
+                os.ftruncate(fd, length)
+            else:
+                os.pwrite(fd, tail, size)
+    finally:
+        os.close(fd)
+
+
+def _refused(kvm: Kvm, top: Path, layer: Path, lazy: bool, match: str | None = None) -> None:
+    with pytest.raises(SnapshotError, match=match):
+        restore_snapshot(kvm, top, lazy=lazy).close()
+    with pytest.raises(SnapshotError, match=match):
+        inspect_snapshot(layer)
+
+
+def test_the_layers_are_sound(kvm: Kvm, layers: dict[str, Path]) -> None:
+    for name in ("full", "diff"):
+        assert inspect_snapshot(layers[name]).checked == "all"
+    for lazy in (True, False):
+        restore_snapshot(kvm, layers["diff"], lazy=lazy).close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_any_flipped_byte_is_refused(kvm_module: Kvm, layers: dict[str, Path],
+                                     data: st.DataObject) -> None:
+    layer = layers[data.draw(st.sampled_from(["full", "diff"]), label="layer")]
+    name = data.draw(st.sampled_from(FILES), label="file")
+    path = layer / name
+    size = path.stat().st_size
+    if name == "memory" and data.draw(st.booleans(), label="in stored data"):
+        off, length = data.draw(st.sampled_from(_stored_ranges(layer)), label="run")
+        pos = off + data.draw(st.integers(0, length - 1), label="offset in run")
+    else:
+        pos = data.draw(st.integers(0, size - 1), label="offset")
+    flip = data.draw(st.integers(1, 255), label="xor")
+    with open(path, "rb") as f:
+        f.seek(pos)
+        old = f.read(1)[0]
+    with _patched(path, pos, bytes([old ^ flip])):
+        _refused(kvm_module, layers["diff"], layer, data.draw(st.booleans(), label="lazy"))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_any_truncation_or_extension_is_refused(kvm_module: Kvm, layers: dict[str, Path],
+                                                data: st.DataObject) -> None:
+    layer = layers[data.draw(st.sampled_from(["full", "diff"]), label="layer")]
+    path = layer / data.draw(st.sampled_from(FILES), label="file")
+    size = path.stat().st_size
+    if data.draw(st.booleans(), label="extend"):
+        change = _resized(path, size, data.draw(st.binary(min_size=1, max_size=64)))
+    else:
+        change = _resized(path, data.draw(st.integers(0, size - 1), label="new size"))
+    with change:
+        _refused(kvm_module, layers["diff"], layer, data.draw(st.booleans(), label="lazy"))
+
+
+def _reseal(layer: Path, change: Callable[[dict[str, Any]], None], *,
+            version: int = 1) -> None:
+    """Rewrite a layer's manifest with ``change`` made to its JSON, with a valid checksum."""
+    path = layer / "manifest"
+    raw = path.read_bytes()
+    obj = json.loads(raw[raw.index(b"\n") + 1:])
+    change(obj)
+    body = (json.dumps(obj, indent=1) + "\n").encode()
+    head = f"kvmio-snapshot {version} xxh3={xxhash.xxh3_64_intdigest(body):016x} " \
+           f"bytes={len(body)}\n"
+    path.chmod(0o644)
+    path.write_bytes(head.encode() + body)
+
+
+@contextlib.contextmanager
+def _kept(layer: Path, *names: str) -> Iterator[None]:
+    saved = {n: (layer / n).read_bytes() for n in names}
+    try:
+        yield
+    finally:
+        for n, b in saved.items():
+            (layer / n).chmod(0o644)
+            (layer / n).write_bytes(b)
+
+
+def _json_values() -> st.SearchStrategy[Any]:
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
+                     st.text(max_size=12), st.sampled_from(["", "full", "diff", "image",
+                                                            "packed", "x86_64", "0" * 32]))
+    return st.recursive(leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(
+        st.text(max_size=8), c, max_size=3), max_leaves=6)
+
+
+def _mutate(obj: Any, data: st.DataObject) -> None:
+    """Change one thing somewhere in ``obj`` (a dict or list): a value, a deletion, a new
+    key, or a number nudged."""
+    while True:
+        keys = list(obj) if isinstance(obj, dict) else list(range(len(obj)))
+        if not keys:
+            return
+        k = data.draw(st.sampled_from(keys))
+        child = obj[k]
+        if isinstance(child, dict | list) and child and data.draw(st.booleans()):
+            obj = child
+            continue
+        what = data.draw(st.sampled_from(["replace", "delete", "add", "nudge"]))
+        if what == "delete" and isinstance(obj, dict):
+            del obj[k]
+        elif what == "add" and isinstance(obj, dict):
+            obj[data.draw(st.text(min_size=1, max_size=8))] = data.draw(_json_values())
+        elif what == "nudge" and isinstance(child, int) and not isinstance(child, bool):
+            obj[k] = child + data.draw(st.sampled_from([-PAGE_SIZE, -1, 1, PAGE_SIZE,
+                                                        1 << 32]))
+        else:
+            obj[k] = data.draw(_json_values())
+        return
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_a_crafted_manifest_with_a_valid_checksum_raises_only_snapshot_errors(
+        kvm_module: Kvm, layers: dict[str, Path], data: st.DataObject) -> None:
+    layer = layers[data.draw(st.sampled_from(["full", "diff"]), label="layer")]
+    with _kept(layer, "manifest"):
+        _reseal(layer, lambda obj: _mutate(obj, data))
+        with contextlib.suppress(SnapshotError):
+            restore_snapshot(kvm_module, layers["diff"], lazy=data.draw(st.booleans())).close()
+
+
+def test_another_format_version_is_refused(kvm: Kvm, layers: dict[str, Path]) -> None:
+    full = layers["full"]
+    with _kept(full, "manifest"):
+        _reseal(full, lambda obj: obj.update(version=2), version=2)
+        _refused(kvm, full, full, True, match="format version 2; this kvmio reads version 1")
+    with _kept(full, "manifest"):
+        _reseal(full, lambda obj: obj.update(version=2))
+        _refused(kvm, full, full, True, match="version differs from the first line")
+    with _kept(full, "index"):
+        raw = bytearray((full / "index").read_bytes())
+        raw[8:10] = struct.pack("<H", 2)
+        (full / "index").write_bytes(bytes(raw))
+        _refused(kvm, full, full, True, match="index")
+    with _kept(full, "state"):  # the state's own version (and its CRC), re-hashed in the manifest
+        st_raw = bytearray((full / "state").read_bytes())
+        st_raw[8:10] = struct.pack("<H", 2)
+        (full / "state").write_bytes(bytes(st_raw))
+        with _kept(full, "manifest"):
+            _reseal(full, lambda obj: obj["state"].update(
+                xxh3=f"{xxhash.xxh3_64_intdigest(bytes(st_raw)):016x}"))
+            _refused(kvm, full, full, True, match="state of .*version")
+
+
+def test_a_diff_on_another_base_is_refused(kvm: Kvm, ticker: Path, layers: dict[str, Path],
+                                           tmp_path: Path) -> None:
+    with MultibootMachine(kvm, ticker, mem=MEM, log_dirty=True) as m, m.snapshotter() as c:
+        _run_until(m, 3)
+        m.snapshot(tmp_path / "other", chain=c, on_output=lambda b: None)
+    full, diff = layers["full"], layers["diff"]
+    with pytest.raises(SnapshotError, match=r"is a diff on snapshot .*, not on"):
+        restore_snapshot(kvm, [tmp_path / "other", diff])
+    with pytest.raises(SnapshotError, match=r"is a diff on snapshot .*, not on"):
+        merge_snapshots([tmp_path / "other", diff], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    # the base found through the diff's hint is another snapshot
+    moved = tmp_path / "moved"
+    shutil.copytree(full.parent, moved)
+    shutil.rmtree(moved / "full")
+    shutil.copytree(tmp_path / "other", moved / "full")
+    with pytest.raises(SnapshotError, match=r"is a diff on snapshot .*, not on"):
+        restore_snapshot(kvm, moved / "diff")
+    # the base has the right id but was changed since (here: its metadata)
+    with _kept(full, "manifest"):
+        _reseal(full, lambda obj: obj["guest"].update(cmdline="changed"))
+        with pytest.raises(SnapshotError, match="has that id and another manifest"):
+            restore_snapshot(kvm, diff)
+    # a diff alone, or first
+    with pytest.raises(SnapshotError, match="a chain starts with a full snapshot"):
+        restore_snapshot(kvm, [diff])
+    with pytest.raises(SnapshotError, match="only the first layer of a chain"):
+        restore_snapshot(kvm, [full, full])
+    # a missing base
+    gone = tmp_path / "gone"
+    shutil.copytree(diff, gone / "diff")
+    with pytest.raises(SnapshotError, match=r"the base of .*no snapshot at"):
+        restore_snapshot(kvm, gone / "diff")
+
+
+def test_a_snapshot_that_does_not_fit_is_refused(kvm: Kvm, ticker: Path, layers: dict[str, Path],
+                                                 tmp_path: Path) -> None:
+    full = layers["full"]
+    # memory of a machine with more RAM
+    with MultibootMachine(kvm, ticker, mem=2 * MEM) as m:
+        _run_until(m, 2)
+        m.snapshot(tmp_path / "big", on_output=lambda b: None)
+    with _kept(full, "memory"):
+        (full / "memory").write_bytes((tmp_path / "big" / "memory").read_bytes())
+        _refused(kvm, full, full, True, match="bytes, the manifest says")
+    # a manifest whose slot no longer matches its index and memory
+    with _kept(full, "manifest"):
+        _reseal(full, lambda obj: obj["machine"]["slots"][0].update(size=2 * MEM))
+        _refused(kvm, full, full, True, match="memory.bytes must be the slots' total size")
+    with _kept(full, "manifest"):
+        _reseal(full, lambda obj: (obj["machine"]["slots"][0].update(size=MEM // 2),
+                                   obj["memory"].update(bytes=MEM // 2)))
+        _refused(kvm, full, full, True, match="a run lies outside its slot|not at its place")
+    with _kept(full, "manifest"):
+        _reseal(full, lambda obj: obj["machine"].update(page_size=2 * PAGE_SIZE))
+        _refused(kvm, full, full, True, match="this host's pages are")
+    # a guest of another kind
+    with Workload(kvm, mem_size=MIB, max_writes=10) as w:
+        w.run_all(timeout=30)
+        w.snapshot(tmp_path / "workload")
+    with pytest.raises(SnapshotError, match="not a snapshot of a multiboot guest"):
+        MultibootMachine.from_snapshot(kvm, tmp_path / "workload")
+    with pytest.raises(SnapshotError, match="not a snapshot of a workload guest"):
+        Workload.from_snapshot(kvm, full)
+    # not a snapshot at all
+    with pytest.raises(SnapshotError, match="no snapshot at"):
+        restore_snapshot(kvm, tmp_path / "nothing")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "manifest").write_text("hello\n")
+    with pytest.raises(SnapshotError, match="not a kvmio snapshot manifest"):
+        inspect_snapshot(tmp_path / "text")
+
+
+def _bad_cr0(layer: Path) -> None:
+    """Give the layer's vCPU a state the kernel refuses (CR0.PG without CR0.PE), re-hashed."""
+    state = MachineState.from_bytes((layer / "state").read_bytes())
+    v = state.vcpus[0]
+    sregs = bytearray(v.sregs)
+    off = ffi.offsetof("struct kvm_sregs", "cr0")
+    sregs[off:off + 8] = struct.pack("<Q", 1 << 31)
+    bad = MachineState(state.vm, {0: dataclasses.replace(v, sregs=bytes(sregs))}, state.devices)
+    raw = bad.to_bytes()
+    (layer / "state").write_bytes(raw)
+    _reseal(layer, lambda obj: obj["state"].update(
+        bytes=len(raw), xxh3=f"{xxhash.xxh3_64_intdigest(raw):016x}"))
+
+
+def test_a_failed_restore_closes_everything_it_made(kvm: Kvm, layers: dict[str, Path]) -> None:
+    full, diff = layers["full"], layers["diff"]
+    restore_snapshot(kvm, diff).close()  # warm up (imports, caches)
+    fds, maps = _fds(), _maps()
+    (off, _), *_ = _stored_ranges(full)
+    for lazy in (True, False):
+        # memory checked after mapping or reading it
+        with (_patched(full / "memory", off + 100, b"\xff"),
+              pytest.raises(SnapshotError, match="do not match their checksums")):
+            restore_snapshot(kvm, diff, lazy=lazy)
+        # the kernel refuses the state: after the VM was made
+        with _kept(full, "state", "manifest"):
+            _bad_cr0(full)
+            with pytest.raises(SnapshotError, match="KVM_SET_SREGS") as e:
+                restore_snapshot(kvm, full, lazy=lazy)
+            assert e.value.errno == errno.EINVAL
+    assert _fds() == fds
+    assert _maps() <= maps + 2
+
+
+def test_verify_false_skips_only_the_memory_checksums(kvm: Kvm, layers: dict[str, Path]) -> None:
+    full = layers["full"]
+    (off, _), *_ = _stored_ranges(full)
+    with _patched(full / "memory", off + 100, b"\xff"):
+        with restore_snapshot(kvm, full, verify=False) as r:  # trusted: it says so
+            assert r.vm.read_memory(100, 1) == b"\xff" or off != 0
+        with pytest.raises(SnapshotError):
+            inspect_snapshot(full)
+        assert inspect_snapshot(full, verify=False).checked == "metadata"
+    with _patched(full / "index", 40, b"\xff"), pytest.raises(SnapshotError, match="index"):
+        restore_snapshot(kvm, full, verify=False)
+
+
+def test_saving_refuses_what_it_cannot_do(kvm: Kvm, ticker: Path, tmp_path: Path) -> None:
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with MultibootMachine(kvm, ticker, mem=MEM) as m:
+        _run_for(m, 0.01)
+        with pytest.raises(SnapshotError, match="it exists"):
+            m.snapshot(tmp_path / "full")
+        with pytest.raises(SnapshotError, match="does not exist"):
+            m.snapshot(tmp_path / "no" / "such")
+        (tmp_path / "empty").mkdir()
+        m.snapshot(tmp_path / "empty")  # an empty directory is taken
+        assert inspect_snapshot(tmp_path / "empty").kind == "full"
+        # nothing is left behind by a failed save
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "full"]
+        for p in (tmp_path / "empty").iterdir():
+            assert p.stat().st_mode & 0o777 == 0o444
+    with Workload(kvm, mem_size=MIB, max_writes=0) as w, w.runner() as runner:
+        _wait(lambda: w.total_writes() > 10)
+        with pytest.raises(KvmStateError, match="running"):
+            save_snapshot(tmp_path / "running", w.vm)
+        runner.stop()
+    assert not (tmp_path / "running").exists()

@@ -246,7 +246,7 @@ class Workload(Closing):
         ``ring_entries`` as its ``dirty_ring``): its vCPUs go on where they were.  Raises
         :class:`~kvmio.errors.SnapshotError` for a snapshot of something else."""
         restored = restore_snapshot(kvm, path, lazy=lazy, verify=verify,
-                                    dirty_ring=ring_entries)
+                                    dirty_ring=ring_entries, guest_kind=SNAPSHOT_KIND)
         try:
             self = cls.__new__(cls)
             self._from_guest(restored.guest)

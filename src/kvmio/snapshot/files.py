@@ -1013,7 +1013,8 @@ class RestoredVm(Closing):
 
 def restore_snapshot(kvm: Kvm, path: ChainSpec, *, lazy: bool = True, verify: bool = True,
                      devices: IoBus | None = None, dirty_ring: int | None = AS_SAVED,
-                     log_dirty: bool | None = None) -> RestoredVm:
+                     log_dirty: bool | None = None,
+                     guest_kind: str | None = None) -> RestoredVm:
     """Build a new VM from a snapshot and restore it; returns a :class:`RestoredVm`.
 
     ``path``: the top layer's directory (a diff's bases are found through the path each one
@@ -1027,11 +1028,16 @@ def restore_snapshot(kvm: Kvm, path: ChainSpec, *, lazy: bool = True, verify: bo
     the page cache shared by every VM restored from the file; diffs on it are read);
     ``lazy=False`` reads everything into anonymous memory.  ``verify`` (the default) checks
     every memory chunk's checksum as it is placed; ``verify=False`` trusts the memory file
-    (every other check is still made).  Any refusal is a :class:`SnapshotError` (or the
-    kernel's :class:`~kvmio.errors.KvmError`), and closes everything made.
+    (every other check is still made).  ``guest_kind``: the ``kind`` the top layer's guest
+    metadata must have (e.g. ``"multiboot"``), checked before anything is built.  Any refusal
+    is a :class:`SnapshotError` and closes everything made; the kernel's own refusals (a
+    state it does not take) carry its errno and ioctl.
     """
     chain = _load_chain(path)
     top = chain[-1].info
+    if guest_kind is not None and top.guest.get("kind") != guest_kind:
+        raise SnapshotError(f"{top.path!r} is not a snapshot of a {guest_kind} guest (its "
+                            f"guest is {top.guest.get('kind')!r})")
     state = chain[-1].state
     memories = _materialize(chain, lazy=lazy, verify=verify)
     try:
@@ -1067,7 +1073,7 @@ def restore_snapshot(kvm: Kvm, path: ChainSpec, *, lazy: bool = True, verify: bo
         for mem in memories.values():
             mem.close()
         if isinstance(e, KvmError) and not isinstance(e, SnapshotError):
-            raise SnapshotError(f"the VM could not be built as {top.path!r} says: {e}",
+            raise SnapshotError(f"the VM could not be built as {top.path!r} says: {e.message}",
                                 errno=e.errno, ioctl=e.ioctl) from e
         raise
     return RestoredVm(vm, vcpus, state, tuple(layer.info for layer in chain))

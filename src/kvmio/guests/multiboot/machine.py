@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from kvmio.system import Kvm
     from kvmio.tracker import DirtyTracker
     from kvmio.vcpu import Vcpu
+    from kvmio.vm import Vm
 
 __all__ = ["MultibootMachine", "MultibootResult", "StopReason", "run_multiboot"]
 
@@ -346,13 +347,10 @@ class MultibootMachine(Closing):
         self = cls.__new__(cls)
         self._devices()
         restored = restore_snapshot(kvm, path, lazy=lazy, verify=verify, devices=self.bus,
-                                    dirty_ring=ring_entries, log_dirty=log_dirty)
+                                    dirty_ring=ring_entries, log_dirty=log_dirty,
+                                    guest_kind=SNAPSHOT_KIND)
         try:
-            g = restored.guest
-            if g.get("kind") != SNAPSHOT_KIND:
-                raise SnapshotError(f"{restored.info.path!r} is not a snapshot of a Multiboot "
-                                    f"machine (its guest is {g.get('kind')!r})")
-            self._from_guest(g, restored.vm)
+            self._from_guest(restored.guest, restored.vm)
             self.vm = restored.vm
             self.ram = self.vm.regions[0]
             self.vcpu = restored.vcpus[0]
@@ -362,7 +360,7 @@ class MultibootMachine(Closing):
             raise
         return self
 
-    def _from_guest(self, g: Mapping[str, Any], vm: Any) -> None:
+    def _from_guest(self, g: Mapping[str, Any], vm: Vm) -> None:
         try:
             self.cmdline = str(g["cmdline"])
             self.mem_size = int(g["mem"])
