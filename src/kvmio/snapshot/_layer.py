@@ -17,7 +17,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
@@ -33,7 +33,7 @@ from kvmio.snapshot.state import MachineState
 __all__ = [
     "CHUNK_BYTES", "FORMAT_VERSION", "HASH_NAME", "INDEX", "MANIFEST", "MEMORY", "STATE",
     "BaseRef", "FileRef", "Layer", "MachineLayout", "SlotLayout", "SnapshotInfo",
-    "chunk_hashes", "encode_index", "encode_manifest", "read_layer",
+    "encode_index", "encode_manifest", "read_layer", "slot_chunk_hashes",
 ]
 
 #: The format version this kvmio writes and reads (the manifest's first line).
@@ -355,42 +355,43 @@ def canonical_chunks(offsets: npt.NDArray[np.uint64], lengths: npt.NDArray[np.ui
     return offs, lens
 
 
-def chunk_hashes(segments: Sequence[tuple[int, memoryview]], chunk_offsets: npt.NDArray[np.uint64],
-                 chunk_lengths: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """The XXH3-64 of every chunk, from ``segments``: ``(file offset, bytes)`` pairs sorted by
-    offset that hold every chunk's bytes (each chunk is covered by consecutive segments
-    without gaps).  The bytes come from wherever they are (guest memory, a buffer), so a
-    chunk is hashed without being copied when one segment holds it."""
+#: One page as one numpy item (gathers copy whole pages per index).
+PAGE_ITEM = np.dtype((np.void, PAGE_SIZE))
+
+
+def slot_chunk_hashes(view: memoryview, runs: npt.NDArray[np.void],
+                      chunk_offsets: npt.NDArray[np.uint64],
+                      chunk_lengths: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The XXH3-64 of the chunks of one slot, whose pages are in ``view`` (the slot's memory)
+    where ``runs`` (the slot's runs) say: a chunk whose pages lie one after the other in
+    memory (an image's, a run's) is hashed in place; a chunk of scattered pages (a diff's) is
+    gathered into a buffer first (one copy, in compiled code) and hashed there."""
     out = np.zeros(len(chunk_offsets), dtype=np.uint64)
     if not len(chunk_offsets):
         return out
-    offs = chunk_offsets.tolist()
-    lens = chunk_lengths.tolist()
-    seg = iter(segments)
-    cur_off, cur = next(seg)
-    for i, (off, length) in enumerate(zip(offs, lens, strict=True)):
-        while cur_off + len(cur) <= off:  # segments before the chunk
-            cur_off, cur = next(seg)
-        a = off - cur_off
-        if a < 0:
-            raise SnapshotError(f"internal: chunk at {off:#x} has no bytes")
-        if a + length <= len(cur):  # within one segment: hashed in place
-            out[i] = xxh3(cur[a:a + length])
+    page = np.uint64(PAGE_SIZE)
+    order = np.argsort(runs["offset"], kind="stable")
+    r_off, r_first, r_n = runs["offset"][order], runs["first"][order], runs["pages"][order]
+    n = r_n.astype(np.int64)
+    starts = np.cumsum(n) - n
+    step = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(starts, n)
+    # every stored page, in file order: its file page and its page in the slot
+    file_pages = np.repeat(r_off // page, n) + step.astype(np.uint64)
+    slot_pages = (np.repeat(r_first, n) + step.astype(np.uint64)).astype(np.intp)
+    at = np.searchsorted(file_pages, chunk_offsets // page).tolist()
+    counts = (chunk_lengths // page).tolist()
+    pages = np.frombuffer(view, dtype=PAGE_ITEM)
+    scratch: npt.NDArray[np.void] | None = None
+    for i, (k, c) in enumerate(zip(at, counts, strict=True)):
+        first, last = int(slot_pages[k]), int(slot_pages[k + c - 1])
+        if last - first == c - 1:  # one stretch of memory
+            out[i] = xxh3(view[first * PAGE_SIZE:(last + 1) * PAGE_SIZE])
             continue
-        h = xxhash.xxh3_64()
-        need, at = length, off
-        while need:
-            a = at - cur_off
-            if a >= len(cur):
-                cur_off, cur = next(seg)
-                if cur_off != at:
-                    raise SnapshotError(f"internal: chunk bytes missing at {at:#x}")
-                continue
-            piece = cur[a:a + need]
-            h.update(piece)
-            need -= len(piece)
-            at += len(piece)
-        out[i] = h.intdigest()
+        if scratch is None or len(scratch) < c:
+            scratch = np.empty(max(c, 256), dtype=PAGE_ITEM)
+        np.take(pages, slot_pages[k:k + c], out=scratch[:c])
+        out[i] = xxh3(scratch[:c].data)
+    del pages
     return out
 
 
@@ -673,6 +674,12 @@ def _info(obj: dict[str, Any], manifest_hash: str, version: int, directory: str
                         manifest_hash)
 
 
+def info_of(body: dict[str, Any], manifest_hash: str, directory: str) -> SnapshotInfo:
+    """What a manifest just written says (``body`` as :func:`encode_manifest` was given it),
+    checked as a read one is."""
+    return _info(json.loads(json.dumps(body)), manifest_hash, FORMAT_VERSION, directory)
+
+
 def read_info(path: str | os.PathLike[str]) -> SnapshotInfo:
     """The checked manifest of the layer at ``path`` (its directory or manifest file)."""
     directory = snapshot_dir(path)
@@ -788,20 +795,3 @@ def read_layer(path: str | os.PathLike[str]) -> Layer:
         raise SnapshotError(f"memory of {d!r}: {st.st_size} bytes, the manifest says "
                             f"{info.memory.bytes} (truncated or extended)")
     return Layer(info, runs, chunks, chunk_slots, state)
-
-
-def run_segments(layer: Layer, views: Mapping[int, memoryview]) -> Iterator[tuple[int,
-                                                                                  memoryview]]:
-    """``(file offset, bytes)`` of every run of ``layer``, in file order, the bytes taken
-    from ``views`` (guest memory of each slot, by slot)."""
-    runs = layer.runs
-    if not len(runs):
-        return
-    order = np.argsort(runs["offset"], kind="stable") if layer.info.memory_layout == "packed" \
-        else range(len(runs))
-    slots, firsts, pages, offsets = (runs["slot"].tolist(), runs["first"].tolist(),
-                                     runs["pages"].tolist(), runs["offset"].tolist())
-    for i in order:
-        v = views[slots[i]]
-        a = firsts[i] * PAGE_SIZE
-        yield offsets[i], v[a:a + pages[i] * PAGE_SIZE]

@@ -110,6 +110,7 @@ from kvmio.memory import AnonymousMemory, FileMemory, Memory, MemoryRegion
 from kvmio.runner import VcpuRunner
 from kvmio.snapshot._dirtylog import ChangeLog, Changes
 from kvmio.snapshot._layer import (
+    CHUNK,
     CHUNK_BYTES,
     FORMAT_VERSION,
     HASH_NAME,
@@ -125,15 +126,15 @@ from kvmio.snapshot._layer import (
     SlotLayout,
     SnapshotInfo,
     canonical_chunks,
-    chunk_hashes,
     encode_index,
     encode_manifest,
     guest_json,
+    info_of,
     manifest_body,
     new_id,
     now_utc,
-    read_info,
     read_layer,
+    slot_chunk_hashes,
     xxh3,
 )
 from kvmio.snapshot.state import MachineState, capture, finish_pending_exits, restore
@@ -550,18 +551,19 @@ class _Writer:
         """Hash the chunks (from the memory the pages were written from, unchanged since),
         write the index, state and manifest; returns the manifest checksum and JSON."""
         runs = self._runs()
-        order = np.argsort(runs["offset"], kind="stable")
-        by_off = runs[order]
-        page = np.uint64(PAGE_SIZE)
-        offs, lens = canonical_chunks(by_off["offset"], by_off["pages"] * page, by_off["slot"])
-        segments = [(o, self.views[s][f * PAGE_SIZE:(f + n) * PAGE_SIZE])
-                    for s, f, n, o in zip(by_off["slot"].tolist(), by_off["first"].tolist(),
-                                          by_off["pages"].tolist(), by_off["offset"].tolist(),
-                                          strict=True)]
-        hashes = chunk_hashes(segments, offs, lens)
-        chunks = np.zeros(len(offs), dtype=[("offset", "<u8"), ("length", "<u8"),
-                                            ("hash", "<u8")])
-        chunks["offset"], chunks["length"], chunks["hash"] = offs, lens, hashes
+        by_off = runs[np.argsort(runs["offset"], kind="stable")]
+        offs, lens = canonical_chunks(by_off["offset"], by_off["pages"] * np.uint64(PAGE_SIZE),
+                                      by_off["slot"])
+        chunks = np.zeros(len(offs), dtype=CHUNK)
+        chunks["offset"], chunks["length"] = offs, lens
+        if len(offs):
+            chunk_slots = by_off["slot"][np.searchsorted(by_off["offset"], offs,
+                                                         side="right") - 1]
+            for slot in np.unique(chunk_slots).tolist():
+                mine = chunk_slots == slot
+                lo, hi = np.searchsorted(runs["slot"], [slot, slot + 1])
+                chunks["hash"][mine] = slot_chunk_hashes(self.views[slot], runs[lo:hi],
+                                                         offs[mine], lens[mine])
         stored = int(runs["pages"].sum()) if len(runs) else 0
         layout: Literal["image", "packed"] = "image" if self.kind == "full" else "packed"
         if durable:
@@ -642,13 +644,13 @@ def _save(target: str, tmp: str, vm: Vm, vcpus: list[Vcpu], *, kind: Literal["fu
                 writer.apply(last)
             state = capture(vm, vcpus, devices=devices)
             ref = None if base is None else base.ref(relative_to=target)
-            writer.finish(state=state, base=ref, guest=guest, durable=durable)
+            h, body = writer.finish(state=state, base=ref, guest=guest, durable=durable)
     finally:
         writer.close()
         if resume and runner is not None:
             runner.resume()
     _publish(tmp, target, durable)
-    return read_info(target)
+    return info_of(body, h, target)
 
 
 def save_snapshot(path: str | os.PathLike[str], vm: Vm,
@@ -876,12 +878,7 @@ def _verify_slot(layer: Layer, slot: int, view: memoryview) -> None:
     chunks = layer.slot_chunks(slot)
     if not len(chunks):
         return
-    runs = layer.slot_runs(slot)
-    order = np.argsort(runs["offset"], kind="stable")
-    segments = [(o, view[f * PAGE_SIZE:(f + n) * PAGE_SIZE])
-                for f, n, o in zip(runs["first"][order].tolist(), runs["pages"][order].tolist(),
-                                   runs["offset"][order].tolist(), strict=True)]
-    got = chunk_hashes(segments, chunks["offset"], chunks["length"])
+    got = slot_chunk_hashes(view, layer.slot_runs(slot), chunks["offset"], chunks["length"])
     bad = np.flatnonzero(got != chunks["hash"])
     if len(bad):
         i = int(bad[0])
@@ -1162,12 +1159,12 @@ def merge_snapshots(path: ChainSpec, out: str | os.PathLike[str], *,
         try:
             for slot in memories:
                 writer.write_whole(slot)
-            writer.finish(state=top.state, base=None, guest=_thaw_guest(top.info.guest),
-                          durable=durable)
+            h, body = writer.finish(state=top.state, base=None,
+                                    guest=_thaw_guest(top.info.guest), durable=durable)
         finally:
             writer.close()
         _publish(tmp, target, durable)
-        return read_info(target)
+        return info_of(body, h, target)
     except OSError as e:
         if isinstance(e, KvmError):
             raise
