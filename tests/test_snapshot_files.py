@@ -738,3 +738,113 @@ def test_saving_refuses_what_it_cannot_do(kvm: Kvm, ticker: Path, tmp_path: Path
             save_snapshot(tmp_path / "running", w.vm)
         runner.stop()
     assert not (tmp_path / "running").exists()
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def _cli(args: list[str]) -> Any:
+    from kvmio.cli import main
+
+    from test_multiboot import _runner
+
+    return _runner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.usefixtures("kvm")
+def test_cli_take_inspect_restore_merge(ticker: Path, ticker_output: bytes,
+                                        tmp_path: Path) -> None:
+    s0, s1, s2 = tmp_path / "s0", tmp_path / "s1", tmp_path / "s2"
+    r = _cli(["snapshot", "take", s0, "--kernel", ticker, "--mem", "4M", "--after", "0.05",
+              "--diff", s1, "--diff", s2, "--every", "0.03", "--json", tmp_path / "t.json"])
+    assert r.exit_code == 0, r.stderr
+    before = r.stdout_bytes
+    assert ticker_output.startswith(before)
+    assert r.stderr.count("kvmio: wrote ") == 3 and f"wrote {s2}: diff on ../s1" in r.stderr
+    written = json.loads((tmp_path / "t.json").read_text())
+    assert [w["kind"] for w in written] == ["full", "diff", "diff"]
+
+    r = _cli(["snapshot", "inspect", s2, "--json", tmp_path / "i.json"])
+    assert r.exit_code == 0, r.stderr
+    for text in ("version 1", "diff on", "Multiboot kernel, 4 MiB RAM",
+                 "memory ok", f"diff {s2} <- diff {s1} <- full {s0}"):
+        assert text in r.stdout, text
+    seen = json.loads((tmp_path / "i.json").read_text())
+    assert seen["layer"]["checked"] == "all" and len(seen["chain"]) == 3
+    assert "not checked (--quick)" in _cli(["snapshot", "inspect", s0 / "manifest",
+                                            "--quick"]).stdout
+
+    r = _cli(["restore", s2])
+    assert r.exit_code == EXIT_CODE, r.stderr
+    assert before + r.stdout_bytes == ticker_output
+    assert "debug exit" in r.stderr
+
+    r = _cli(["snapshot", "merge", s2, tmp_path / "m"])
+    assert r.exit_code == 0 and "wrote" in r.stderr and ": full," in r.stderr, r.stderr
+    r = _cli(["restore", tmp_path / "m", "--eager"])
+    assert r.exit_code == EXIT_CODE and before + r.stdout_bytes == ticker_output
+
+    # a restore that writes a diff on what it restored, then stops
+    r = _cli(["restore", s2, "--no-verify", "--snapshot", tmp_path / "s3", "--after", "0.05"])
+    assert r.exit_code in (0, EXIT_CODE), r.stderr
+    middle = r.stdout_bytes
+    assert f"wrote {tmp_path / 's3'}: diff on ../s2" in r.stderr
+    r = _cli(["restore", tmp_path / "s3"])
+    assert before + middle + r.stdout_bytes == ticker_output
+
+
+@pytest.mark.usefixtures("kvm")
+def test_cli_workload_take_and_restore(tmp_path: Path) -> None:
+    r = _cli(["snapshot", "take", tmp_path / "w", "--mem", "16M", "--writes", "20000",
+              "--after", "0.2", "--diff", tmp_path / "w1", "--every", "0.1"])
+    assert r.exit_code == 0, r.stderr
+    assert "writes so far" in r.stderr and f"wrote {tmp_path / 'w1'}: diff" in r.stderr
+    r = _cli(["restore", tmp_path / "w1", "--timeout", "60"])
+    assert r.exit_code == 0, r.stderr
+    assert "20,000 in all" in r.stderr and "its vCPUs halted" in r.stderr
+
+
+@pytest.mark.usefixtures("kvm")
+def test_cli_snapshot_errors(ticker: Path, layers: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    r = _cli(["snapshot", "take", tmp_path / "full", "--kernel", ticker, "--mem", "4M"])
+    assert r.exit_code == 2 and "exists" in r.stderr
+    r = _cli(["restore", tmp_path / "none"])
+    assert r.exit_code == 1 and "Error: cannot restore" in r.stderr and "no snapshot at" in r.stderr
+    assert "Traceback" not in r.stderr
+    (off, _), *_ = _stored_ranges(layers["full"])
+    with _patched(layers["full"] / "memory", off + 8, b"\x01\x02"):
+        r = _cli(["snapshot", "inspect", layers["diff"]])
+        assert r.exit_code == 0  # the diff itself is sound; its base is checked by restores
+        r = _cli(["snapshot", "inspect", layers["full"]])
+        assert r.exit_code == 1 and "does not match its checksum" in r.stderr, r.stderr
+        r = _cli(["restore", layers["diff"]])
+        assert r.exit_code == 1 and "do not match their checksums" in r.stderr
+    gone = tmp_path / "gone"
+    shutil.copytree(layers["diff"], gone / "diff")
+    r = _cli(["snapshot", "inspect", gone / "diff"])
+    assert r.exit_code == 1 and "cannot follow the chain" in r.stdout
+
+
+@pytest.mark.usefixtures("kvm")
+def test_cli_ctrl_c_while_taking_writes_nothing(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    kvmio = str(Path(sys.executable).with_name("kvmio"))
+    with subprocess.Popen([kvmio, "snapshot", "take", str(tmp_path / "s"), "--mem", "16M",
+                           "--after", "600"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as p:
+        try:
+            time.sleep(1.0)  # the workload runs
+            assert p.poll() is None
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert p.returncode == 130, err
+    assert b"Interrupted." in err and b"Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
