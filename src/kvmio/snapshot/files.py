@@ -440,7 +440,11 @@ class _Writer:
         self.fd = os.open(os.path.join(directory, MEMORY), os.O_RDWR | os.O_CREAT | os.O_EXCL
                           | os.O_CLOEXEC, 0o444)
         if kind == "full":
-            os.ftruncate(self.fd, machine.image_bytes)
+            try:
+                os.ftruncate(self.fd, machine.image_bytes)
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         self._page_views = {}
@@ -643,7 +647,7 @@ def _save(target: str, tmp: str, vm: Vm, vcpus: list[Vcpu], *, kind: Literal["fu
     regions: dict[int, MemoryRegion] = vm.regions
     writer = _Writer(tmp, kind, machine, {s: r.memory for s, r in regions.items()})
     resume = False
-    try:
+    try:  # (the writer closes its file if it fails to set it up)
         first = True
         if (runner is not None and live_passes > 0 and runner.running and not runner.paused
                 and changes_log is not None):
@@ -730,7 +734,9 @@ class Snapshotter(Closing):
 
     ``base``: the :class:`SnapshotInfo` of a snapshot the VM's memory equals now (one it was
     just restored from, see :class:`RestoredVm`), so that the first save is already a diff
-    on it.  ``devices`` and ``guest`` are saved with every layer (each save may override
+    on it.  Make it before the guest runs or the host writes guest memory: guest writes
+    wait in the dirty log for their consumer, but host writes are recorded only from then
+    on.  ``devices`` and ``guest`` are saved with every layer (each save may override
     them).  Close it (or use ``with``) to give the dirty log back.
     """
 
@@ -965,7 +971,11 @@ def _materialize(chain: list[Layer], *, lazy: bool, verify: bool) -> dict[int, M
                     raise SnapshotError(f"cannot map {chain[start].memory_path!r}: "
                                         f"{e.message}", errno=e.errno) from None
             else:
-                memory = AnonymousMemory(s.size, noreserve=True)
+                try:
+                    memory = AnonymousMemory(s.size, noreserve=True)
+                except KvmError as e:
+                    raise SnapshotError(f"cannot map {s.size} bytes for slot {s.slot}: "
+                                        f"{e.message}", errno=e.errno) from None
             out[s.slot] = memory
             view = memoryview(memory.mapping.mm)
             try:
