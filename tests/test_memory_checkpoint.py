@@ -31,6 +31,7 @@ from kvmio import (
     FileMemory,
     IoOut,
     Kvm,
+    KvmInvalidArgumentError,
     KvmStateError,
     MemfdMemory,
     SnapshotError,
@@ -568,3 +569,68 @@ def test_stats_and_stored_pages(kvm: Kvm) -> None:
             assert isinstance(cp.reset(m.vm), ResetStats)
             with pytest.raises(Exception, match="another VM"), kvm.create_vm() as other:
                 cp.reset(other)
+
+
+def test_the_native_page_restore_copies_zeroes_or_lists_and_checks_bounds() -> None:
+    """``_abi.restore_pages``, the compiled copy a reset uses: stored pages come back, pages
+    the store lacks are zeroed or listed, and a page beyond the memory or a store that does
+    not match its index is refused before anything is written."""
+    from kvmio import _abi
+
+    m = _abi.Mapping(8 * 4096, what="test memory")
+    try:
+        mem = np.frombuffer(m.mm, dtype=np.uint8).reshape(8, 4096)
+        mem[:] = 0xEE
+        store = np.zeros((2, 4096), dtype=np.uint8)
+        store[0] = 1
+        store[1] = 2
+        index = np.array([2, 5], dtype=np.uint64)
+        pages = np.array([1, 2, 5, 7], dtype=np.uint64)
+        missing = _abi.restore_pages(m, store, index, pages, zero=False)
+        assert missing.tolist() == [1, 7]
+        assert (mem[2] == 1).all() and (mem[5] == 2).all()
+        assert (mem[1] == 0xEE).all() and (mem[7] == 0xEE).all() and (mem[0] == 0xEE).all()
+        assert len(_abi.restore_pages(m, store, index, pages, zero=True)) == 0
+        assert (mem[1] == 0).all() and (mem[7] == 0).all() and (mem[3] == 0xEE).all()
+        mem[:] = 0xEE
+        with pytest.raises(KvmInvalidArgumentError, match="beyond"):
+            _abi.restore_pages(m, store, index, np.array([2, 8], dtype=np.uint64), zero=True)
+        assert (mem == 0xEE).all()  # refused before anything was written
+        with pytest.raises(KvmInvalidArgumentError, match="not sorted"):
+            _abi.restore_pages(m, store, index, np.array([7, 2], dtype=np.uint64), zero=True)
+        with pytest.raises(KvmInvalidArgumentError, match="beyond"):  # not only the last
+            _abi.restore_pages(m, store, index, np.array([9, 2], dtype=np.uint64), zero=True)
+        assert (mem == 0xEE).all()
+        with pytest.raises(KvmInvalidArgumentError, match="does not match"):
+            _abi.restore_pages(m, store[:1], index, pages, zero=True)
+        with pytest.raises(KvmInvalidArgumentError, match="uint64"):
+            _abi.restore_pages(m, store, index.astype(np.int64), pages, zero=True)
+        del mem
+    finally:
+        m.close()
+
+
+def test_closing_the_memory_during_a_native_restore_is_safe() -> None:
+    """A restore pins the guest memory for its call: a close() from another thread meanwhile
+    defers the unmap instead of pulling the memory from under the copy (which crashed the
+    process).  Whichever comes first, the restore completes or raises KvmClosedError."""
+    import threading
+
+    from kvmio import KvmClosedError, _abi
+
+    pages = 16384  # 64 MiB: a copy long enough for the close to land during it
+    for _ in range(5):
+        m = _abi.Mapping(pages * 4096, what="test memory")
+        store = np.ones((pages, 4096), dtype=np.uint8)
+        index = np.arange(pages, dtype=np.uint64)
+        started = threading.Event()
+        closer = threading.Thread(target=lambda m=m, s=started: (s.wait(), m.close()))
+        closer.start()
+        try:
+            started.set()
+            _abi.restore_pages(m, store, index, index, zero=True)
+        except KvmClosedError:
+            pass
+        finally:
+            closer.join()
+            m.close()

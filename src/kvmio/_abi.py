@@ -19,9 +19,12 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from kvmio._closing import Closing
 from kvmio._native import ffi, lib
-from kvmio.errors import KvmClosedError, KvmError, from_errno
+from kvmio.errors import KvmClosedError, KvmError, KvmInvalidArgumentError, from_errno
 
 __all__ = ["ARCH", "IS_X86", "PAGE_SIZE", "FdOwner", "IoctlBatch", "Mapping", "ffi", "ioctl",
            "lib", "pagemap_scan"]
@@ -303,10 +306,12 @@ class Mapping:
     """An owned ``mmap`` with a C pointer to it.
 
     Safety: the pointer is obtained with ``ffi.from_buffer``, which holds a buffer export on the
-    mmap so it cannot be unmapped while the pointer is in use; ``close()`` releases the export
-    first and then unmaps.  If user code still holds a view (memoryview or numpy array) of the
-    mapping, Python refuses to unmap it and the memory stays valid until the last view is gone,
-    so no code path can touch unmapped memory.
+    mmap; ``close()`` releases that export first and then unmaps.  So :attr:`ptr` (and
+    :meth:`cast`) stays valid only until ``close()``: a user of it in C must either hold a
+    lock that ``close()`` needs (the ring set's lock, for the rings) or take an export of its
+    own for the call (``ffi.from_buffer(mapping.mm)``, as :func:`restore_pages` does).  While
+    any export or view (memoryview, numpy array) of the mapping is alive, Python refuses to
+    unmap it and the unmap waits for the last one.
     """
 
     def __init__(self, size: int, *, fd: int = -1, offset: int = 0, shared: bool = False,
@@ -365,6 +370,46 @@ class Mapping:
             # once the last view is dropped.
             with contextlib.suppress(BufferError):
                 mm.close()
+
+
+def restore_pages(dst: Mapping, store: npt.NDArray[Any], index: npt.NDArray[np.uint64],
+                  pages: npt.NDArray[np.uint64], *, zero: bool) -> npt.NDArray[np.uint64]:
+    """Copy stored pages back into ``dst`` (a checkpoint's reset): ``pages`` (sorted,
+    distinct page indices of ``dst``) get their content from ``store`` (contiguous, 4096
+    bytes per page, one per entry of ``index``, the sorted pages it holds), or zeros
+    (``zero``) where ``store`` has none; returns the pages it has none for when not ``zero``.
+    Raises :class:`KvmInvalidArgumentError` (nothing written) for a page beyond ``dst``,
+    ``pages`` not strictly increasing, or a store that does not match its index."""
+    if store.nbytes != len(index) * PAGE_SIZE or not store.flags.c_contiguous:
+        raise KvmInvalidArgumentError("the page store does not match its index")
+    if index.dtype != np.uint64 or pages.dtype != np.uint64:
+        raise KvmInvalidArgumentError("page indices must be uint64 arrays")
+    index = np.ascontiguousarray(index)
+    pages = np.ascontiguousarray(pages)
+    missing = np.empty(0 if zero else len(pages), dtype=np.uint64)
+    # Safety: every pointer comes from from_buffer, which pins its buffer for the call (the
+    # guest memory too: a close() of its mapping meanwhile cannot unmap it, see Mapping);
+    # the call reads `store` only at positions below len(index) (the merge walk), writes
+    # `dst` only at pages below its size (every page checked first, in C, before any write)
+    # and `missing` at most len(pages) items.
+    d = ffi.from_buffer("uint8_t[]", dst.mm, require_writable=True)
+    st = ffi.from_buffer("uint8_t[]", store)
+    ix = ffi.from_buffer("uint64_t[]", index)
+    pg = ffi.from_buffer("uint64_t[]", pages)
+    mi = ffi.from_buffer("uint64_t[]", missing, require_writable=True) if len(missing) \
+        else ffi.NULL
+    try:
+        n = lib.kvmio_restore_pages(d, dst.size // PAGE_SIZE, st, ix, len(index), pg,
+                                    len(pages), int(zero), mi)
+    finally:
+        for b in (d, st, ix, pg):
+            ffi.release(b)
+        if len(missing):
+            ffi.release(mi)
+    if n < 0:
+        raise KvmInvalidArgumentError("a page to restore lies beyond the memory, or the pages "
+                                      "are not sorted and distinct")
+    return missing[:n]
 
 
 def new(ctype: str, init: Any = None) -> CData:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -66,6 +67,26 @@ def sequence(name: str, value: object) -> list[Any]:
     if isinstance(value, str | bytes | bytearray) or not hasattr(value, "__iter__"):
         raise KvmInvalidArgumentError(f"{name} must be a sequence, not {type(value).__name__}")
     return list(value)
+
+
+def named_parts(name: str, value: object, known: Iterable[str], what: str
+                ) -> list[tuple[str, Any]]:
+    """``value`` as a list of ``(part, value)`` pairs, each part one of ``known`` and given
+    once (``what`` names the parts in messages, e.g. "vCPU state part")."""
+    known = tuple(known)
+    out: list[tuple[str, Any]] = []
+    seen: set[str] = set()
+    for item in sequence(name, value):
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise KvmInvalidArgumentError(f"{name} must be (name, value) pairs")
+        part, data = item
+        if part not in known:
+            raise KvmInvalidArgumentError(f"no {what} {part!r}; choose from {', '.join(known)}")
+        if part in seen:
+            raise KvmInvalidArgumentError(f"{what} {part!r} is given twice")
+        seen.add(part)
+        out.append((part, data))
+    return out
 
 
 def instance(name: str, value: object, kind: type[T]) -> T:

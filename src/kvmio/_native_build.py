@@ -272,6 +272,9 @@ int32_t kvmio_collect_reference(struct kvm_dirty_gfn *ring, uint32_t size, uint3
                                 uint32_t *harvested);
 void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,
                      uint32_t slot, uint64_t first_offset);
+int64_t kvmio_restore_pages(uint8_t *dst, uint64_t dst_pages, const uint8_t *store,
+                            const uint64_t *index, uint64_t nindex, const uint64_t *pages,
+                            uint64_t npages, int zero, uint64_t *missing);
 """
 
 # x86_64-only structures and ioctls.
@@ -1038,6 +1041,35 @@ int32_t kvmio_collect_reference(struct kvm_dirty_gfn *ring, uint32_t size, uint3
         done += (uint32_t)r;
     }
     return kvmio_dedup(slots, offsets, n, pages, scratch, gslot, gstart, glen, gentries);
+}
+
+/* A checkpoint's page restore: for each of `npages` sorted, distinct page indices, copy the
+ * stored page back into guest memory at `dst` (`dst_pages` pages), if the checkpoint stored
+ * it (`index`: the sorted indices of the `nindex` pages in `store`, 4096 bytes each), else
+ * zero it (`zero`) or list it in `missing` (npages items) for the caller to discard.  Both
+ * lists are sorted, so one merge walk finds every page (an unsorted `index` would only make
+ * it miss stored pages: the caller builds it sorted).  Returns how many are in `missing`, or
+ * -1 (nothing done) if a page lies beyond `dst_pages` or `pages` is not strictly increasing. */
+int64_t kvmio_restore_pages(uint8_t *dst, uint64_t dst_pages, const uint8_t *store,
+                            const uint64_t *index, uint64_t nindex, const uint64_t *pages,
+                            uint64_t npages, int zero, uint64_t *missing)
+{
+    uint64_t q = 0, m = 0;
+    for (uint64_t k = 0; k < npages; k++)  /* every page in range and in order, first */
+        if (pages[k] >= dst_pages || (k && pages[k] <= pages[k - 1]))
+            return -1;
+    for (uint64_t k = 0; k < npages; k++) {
+        const uint64_t p = pages[k];
+        while (q < nindex && index[q] < p)
+            q++;
+        if (q < nindex && index[q] == p)
+            memcpy(dst + p * 4096, store + q * 4096, 4096);
+        else if (zero)
+            memset(dst + p * 4096, 0, 4096);
+        else
+            missing[m++] = p;
+    }
+    return (int64_t)m;
 }
 
 void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,

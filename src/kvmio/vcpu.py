@@ -528,16 +528,7 @@ class Vcpu(FdOwner):
         """KVM_SET_XCRS."""
         self._x86("KVM_SET_XCRS")
         _check.instance("xcrs", xcrs, dict)
-        x = ffi.new("struct kvm_xcrs *")
-        cap = len(x.xcrs)
-        if len(xcrs) > cap:
-            raise KvmInvalidArgumentError(f"at most {cap} XCRs, not {len(xcrs)}")
-        items = sorted((_check.u32("XCR index", k), _check.u64(f"XCR {k!r}", v))
-                       for k, v in xcrs.items())
-        x.nr_xcrs = len(items)
-        for i, (k, v) in enumerate(items):
-            x.xcrs[i].xcr = k
-            x.xcrs[i].value = v
+        x = _abi.from_bytes("struct kvm_xcrs", encode_xcrs(xcrs))
         self._ioctl(lib.KVM_SET_XCRS, x, name="KVM_SET_XCRS")
 
     def get_mp_state(self) -> int:
@@ -723,15 +714,7 @@ class Vcpu(FdOwner):
         entries: list[tuple[str, Any, int]] = []
         payloads: list[bytes] = []
         seen_order: list[str] = []
-        for item in _check.sequence("parts", parts):
-            if not isinstance(item, tuple) or len(item) != 2:
-                raise KvmInvalidArgumentError("parts must be (name, bytes) pairs")
-            part, data = item
-            if part not in STATE_PARTS:
-                raise KvmInvalidArgumentError(f"no vCPU state part {part!r}; choose from "
-                                              f"{', '.join(STATE_PARTS)}")
-            if part in seen_order:
-                raise KvmInvalidArgumentError(f"vCPU state part {part!r} is given twice")
+        for part, data in _check.named_parts("parts", parts, STATE_PARTS, "vCPU state part"):
             seen_order.append(part)
             raw = bytes(_check.buffer_bytes(part, data))
             _, setter, ctype = STATE_PARTS[part]

@@ -707,15 +707,7 @@ class Vm(FdOwner):
         entries: list[tuple[str, Any, int]] = []
         payloads: list[bytes] = []
         seen: list[str] = []
-        for item in _check.sequence("parts", parts):
-            if not isinstance(item, tuple) or len(item) != 2:
-                raise KvmInvalidArgumentError("parts must be (name, value) pairs")
-            part, value = item
-            if part not in VM_STATE_PARTS:
-                raise KvmInvalidArgumentError(f"no VM state part {part!r}; choose from "
-                                              f"{', '.join(VM_STATE_PARTS)}")
-            if part in seen:
-                raise KvmInvalidArgumentError(f"VM state part {part!r} is given twice")
+        for part, value in _check.named_parts("parts", parts, VM_STATE_PARTS, "VM state part"):
             seen.append(part)
             _, setter = VM_STATE_PARTS[part]
             if part == "clock":

@@ -5,8 +5,13 @@
                     VM's clock, irqchip and PIT, every vCPU's registers, MSRs, LAPIC...,
                     and the port devices), :func:`capture`, :func:`restore`, and its
                     serialized form (:meth:`MachineState.to_bytes`)
-``memory``          guest memory kept in memory: :class:`memory.MemoryCheckpoint` (the
+``memory``          guest memory kept in memory: :class:`MemoryCheckpoint` (the
                     populated pages copied, reset in O(pages changed since))
+``checkpoint``      both bound together: :class:`Checkpoint` (take, reset) and
+                    :class:`ResetLoop` (run, reset, run again, with statistics)
+``files``           snapshots on disk: full and diff layers (:func:`files.save_snapshot`,
+                    :class:`files.Snapshotter`), restored into a new VM lazily or eagerly
+                    (:func:`files.restore_snapshot`), merged, inspected; the format
 ==================  ==========================================================================
 
 The order in which a state is written back, and why, is in :mod:`kvmio.snapshot.state`.
@@ -15,6 +20,8 @@ no cffi of its own (the raw buffers are built by :mod:`kvmio.vcpu` and :mod:`kvm
 """
 
 from kvmio.errors import SnapshotError
+from kvmio.snapshot.checkpoint import Checkpoint, Iteration, LoopStats, ResetLoop, ResetReport
+from kvmio.snapshot.memory import MemoryCheckpoint, ResetStats
 from kvmio.snapshot.state import (
     FORMAT_VERSION,
     MachineState,
@@ -27,7 +34,14 @@ from kvmio.snapshot.state import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "Checkpoint",
+    "Iteration",
+    "LoopStats",
     "MachineState",
+    "MemoryCheckpoint",
+    "ResetLoop",
+    "ResetReport",
+    "ResetStats",
     "Restorer",
     "SnapshotError",
     "VcpuState",

@@ -65,7 +65,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmio import _abi, _check
-from kvmio._abi import PAGE_SIZE, lib
+from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.pages import PageSet, coalesce
 from kvmio.dirty.ring import DirtyRing, sorted_unique
 from kvmio.errors import (
@@ -97,13 +97,13 @@ _CHUNK = 256
 #: the guest a page fault when it touches it again (a fuzzer's guest touches the same pages
 #: every cycle), so only long runs, likely one-off, are discarded.
 _DISCARD_RUN = 512
-#: A slot needs one of these flags: dirty-logged, or read-only for the guest.
-_LOGGED = int(lib.KVM_MEM_LOG_DIRTY_PAGES | lib.KVM_MEM_READONLY)
 #: Up to this many pages, a reset copies page by page in Python (numpy's fixed costs would
 #: dominate); more go through numpy's gathers and scatters.
 _FEW = 24
 #: A copy this large or larger goes on transparent huge pages (:func:`_page_store`).
 _HUGE = 2 << 20
+#: Where page copies start past a page boundary (see :func:`_page_store`).
+_STORE_OFFSET = 64
 _EMPTY: Pages = np.zeros(0, dtype=np.uint64)
 _EMPTY.setflags(write=False)
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -195,7 +195,7 @@ class MemoryCheckpoint:
         self._trusted = False  # whether the next reset may trust the log and the records
         self._log_clean = False  # whether the last collection left the log trustworthy
         self._closed = False
-        self._scratch = np.zeros(_CHUNK, dtype=_PAGE)
+        self._scratch = _page_store(_CHUNK)
         self._scratch.view(np.uint8)[::PAGE_SIZE] = 1  # fault every page of it in now
         self._finalizer = weakref.finalize(self, _give_back, vm, self._rings, self._records,
                                            self._claim)
@@ -456,7 +456,7 @@ class MemoryCheckpoint:
         regions = self._vm.regions
         if regions == self._regions:  # the same region objects in the same slots
             for slot, r in regions.items():
-                if not r.flags & _LOGGED:
+                if not (r.log_dirty or r.readonly):
                     raise SnapshotError(f"dirty logging of slot {slot} was turned off since the "
                                         "checkpoint; its guest writes are unknown")
             return
@@ -530,71 +530,28 @@ class MemoryCheckpoint:
 
     def _restore(self, s: _Slot, pages: Pages | list[int]) -> int:
         """Restore ``pages`` (sorted, distinct) of a slot; returns how many."""
-        index = s.index
         k = len(pages)
-        if k <= _FEW:
-            # A few pages: one slice copy each, without the fixed cost of numpy's calls.
-            listed = pages if isinstance(pages, list) else pages.tolist()
-            # (uint64 on both sides: with a list of ints numpy would convert all of `index`)
-            pos = np.searchsorted(index, np.array(listed, dtype=np.uint64)).tolist()
-            mm = s.region.memory.mapping.mm
-            data = s.data_bytes
-            n = len(index)
-            missing = []
-            for p, q in zip(listed, pos, strict=True):
-                if q < n and int(index[q]) == p:
-                    mm[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = data[q * PAGE_SIZE:(q + 1) * PAGE_SIZE]
-                elif s.zero:
-                    mm[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = _ZERO_PAGE
-                else:
-                    missing.append(p)
-            for p in missing:
-                s.region.memory.discard(p, 1)
-            return k
         pages = np.asarray(pages, dtype=np.uint64)
-        pos = np.searchsorted(index, pages)
-        if len(index):
-            hit = index[np.minimum(pos, len(index) - 1)] == pages
-        else:
-            hit = np.zeros(k, dtype=bool)
-        view = s.view()
-        hits = int(np.count_nonzero(hit))
-        if s.runs is not None and 2 * hits >= len(index):
-            # Half of the stored pages or more, scattered: copying all of them back, run by
-            # run, moves more bytes but costs less (a scattered page costs about twice a
-            # page of a long memcpy here).
+        if s.runs is not None and 2 * k >= len(s.index):
+            # Half as many pages as the slot stores, or more: copying all stored pages back,
+            # run by run, moves more bytes but costs less than scattering them (a scattered
+            # page costs about twice a page of a long memcpy here).
+            view = s.view()
             for first, count, at in s.runs:
                 view[first:first + count] = s.data[at:at + count]
-        elif hits == k:
-            self._copy(view, s.data, pages, pos)
-        elif hits:
-            self._copy(view, s.data, pages[hit], pos[hit])
-        if hits < k:
-            self._unpopulate(s, view, pages[~hit])
+            pos = np.searchsorted(s.index, pages)
+            hit = (s.index[np.minimum(pos, len(s.index) - 1)] == pages) if len(s.index) \
+                else np.zeros(k, dtype=bool)
+            if not hit.all():
+                self._unpopulate(s, view, pages[~hit])
+            return k
+        # One compiled merge walk copies every stored page back; the pages it has none for
+        # are returned to unpopulated here (zero-filled, or discarded when long runs).
+        missing = _abi.restore_pages(s.region.memory.mapping, s.data, s.index, pages,
+                                     zero=False)
+        if len(missing):
+            self._unpopulate(s, s.view(), missing)
         return k
-
-    def _copy(self, view: npt.NDArray[np.void], data: npt.NDArray[np.void], dst: Pages,
-              src: npt.NDArray[np.intp]) -> None:
-        """``view[dst[i]] = data[src[i]]`` for every i, with one copy per page."""
-        n = len(dst)
-        if n == 1:
-            d, s_ = int(dst[0]), int(src[0])
-            view[d:d + 1] = data[s_:s_ + 1]
-            return
-        breaks = np.flatnonzero((dst[1:] - dst[:-1] != 1) | (src[1:] - src[:-1] != 1)) + 1
-        if (len(breaks) + 1) * 8 <= n:  # long runs: a slice copy (memcpy) per run
-            starts = [0, *breaks.tolist()]
-            ends = [*starts[1:], n]
-            for d, s_, a, b in zip(dst[starts].tolist(), src[starts].tolist(), starts, ends,
-                                   strict=True):
-                view[d:d + b - a] = data[s_:s_ + b - a]
-            return
-        ip = dst.astype(np.intp)
-        for a in range(0, n, _CHUNK):  # scattered: gather through the scratch, then scatter
-            b = min(a + _CHUNK, n)
-            out = self._scratch[:b - a]
-            np.take(data, src[a:b], out=out, mode="clip")
-            view[ip[a:b]] = out
 
     def _unpopulate(self, s: _Slot, view: npt.NDArray[np.void], pages: Pages) -> None:
         """Return ``pages`` (sorted, distinct; unpopulated at the checkpoint) to unpopulated:
@@ -675,16 +632,23 @@ class MemoryCheckpoint:
 
 
 def _page_store(pages: int) -> npt.NDArray[np.void]:
-    """Room for ``pages`` pages of copies, on transparent huge pages where the kernel gives
-    them: a reset reads scattered pages of it, and with 2 MiB pages most of those reads miss
-    no TLB entry (measured here: 10-25% off a reset of 100 to 1,000 scattered pages)."""
-    if pages * PAGE_SIZE < _HUGE:
-        return np.empty(pages, dtype=_PAGE)
-    store = _abi.Mapping(pages * PAGE_SIZE, what="checkpoint copy")
-    with contextlib.suppress(OSError):  # no THP: ordinary pages
-        store.mm.madvise(mmap.MADV_HUGEPAGE)
+    """Room for ``pages`` page copies, 64 bytes past a page boundary, and on transparent
+    huge pages where the kernel gives them (for 2 MiB or more).
+
+    The offset: guest memory is page aligned, and copying a page between two page-aligned
+    buffers, or from a page-aligned one into one 16 bytes past (where ``malloc`` puts large
+    numpy arrays), ran 2 and 10 times slower here than from 64 bytes past (the CPU's loads
+    alias its stores to the same offsets in a page).  Huge pages: a reset reads scattered
+    pages of the store, and with 2 MiB pages fewer of those reads miss the TLB (5-10% off a
+    reset of 100 to 1,000 scattered pages here, about the noise of this host)."""
+    size = pages * PAGE_SIZE
+    store = _abi.Mapping(size + PAGE_SIZE, what="checkpoint copy")
+    if size >= _HUGE:
+        with contextlib.suppress(OSError):  # no THP: ordinary pages
+            store.mm.madvise(mmap.MADV_HUGEPAGE)
     # The array holds the mapping (through its buffer): unmapped when the array goes.
-    return np.frombuffer(store.mm, dtype=_PAGE)
+    raw = np.frombuffer(store.mm, dtype=np.uint8, count=size, offset=_STORE_OFFSET)
+    return raw.view(_PAGE)
 
 
 def _runs_to_pages(first: Pages, count: Pages) -> Pages:

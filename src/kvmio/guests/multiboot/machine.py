@@ -61,6 +61,7 @@ from kvmio.guests.multiboot.bootinfo import (
 from kvmio.guests.multiboot.header import BOOTLOADER_MAGIC
 from kvmio.guests.multiboot.image import KernelImage, parse_kernel, read_kernel_file
 from kvmio.runner import run_until_handled
+from kvmio.snapshot.checkpoint import Checkpoint
 from kvmio.snapshot.files import (
     AS_SAVED,
     ChainSpec,
@@ -384,6 +385,25 @@ class MultibootMachine(Closing):
     def close(self) -> None:
         """Close the VM (idempotent)."""
         self.vm.close()
+
+    def checkpoint(self, *, tracker: DirtyTracker | None = None) -> Checkpoint:
+        """An in-memory :class:`~kvmio.snapshot.Checkpoint` of the machine now (between two
+        :meth:`run` calls): guest RAM, the vCPU, the in-kernel irqchip and PIT, and the port
+        devices.  ``checkpoint.reset()`` brings it all back, and the next :meth:`run` goes
+        on from there.  RAM must be dirty-logged (``ring_entries=`` or ``log_dirty=True``);
+        ``tracker``: the :class:`~kvmio.tracker.DirtyTracker` that holds the dirty log, if
+        any.  An exit the last run stopped at is finished first; output it makes then (the
+        rest of a ``rep outs``, say) goes to the devices but is not emitted."""
+        terminal = self._terminal
+
+        def restore_flags() -> None:  # a kernel that crashed since may run again after reset
+            self._terminal = terminal
+
+        return Checkpoint.take(self.vm, [self.vcpu], devices=self.bus, tracker=tracker,
+                               on_exit=self._finish_exit, on_reset=restore_flags)
+
+    def _finish_exit(self, ex: VcpuExit) -> None:
+        self._handle(ex, lambda source, data: None)
 
     def vga_text(self) -> str:
         """The VGA text screen now (see :func:`render_vga_text`)."""
