@@ -848,3 +848,31 @@ def test_cli_ctrl_c_while_taking_writes_nothing(tmp_path: Path) -> None:
     assert p.returncode == 130, err
     assert b"Interrupted." in err and b"Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ring_overrun_makes_the_diff_hold_the_slot_whole(kvm: Kvm, tmp_path: Path) -> None:
+    # The dense 'burst' writer overruns the ring by construction: which pages it wrote is
+    # unknown, so the diff must hold the slot whole, and still restore exactly.
+    from kvmio import Hlt
+    from kvmio.guests.workload import MEM_SLOT
+
+    from guests import burst, wait_until
+
+    with Workload(kvm, mem_size=64 * MIB, ring_entries=4096, max_writes=100,
+                  order="sequential", value="count") as w:
+        assert isinstance(w.run_vcpu(0), Hlt)
+        with DirtyTracker(w.vm, "ring", interval=3600.0) as tracker, \
+                w.snapshotter(tracker=tracker) as chain:
+            w.snapshot(tmp_path / "full", chain=chain)
+            burst(w)
+            with w.runner(on_ring_full=tracker.on_ring_full) as r:
+                wait_until(lambda: tracker.recoveries >= 1 or not r.running,
+                           what="the ring to overrun and be recovered")
+                r.pause()
+                diff = w.snapshot(tmp_path / "diff", chain=chain, runner=r)
+                low = w.vm.read_memory(0, 4 * MIB)
+                mem = w.vm.read_memory(w.mem_base, 64 * MIB)
+        assert diff.kind == "diff" and MEM_SLOT in diff.whole_slots
+        with restore_snapshot(kvm, tmp_path / "diff") as rv:
+            assert rv.vm.read_memory(0, 4 * MIB) == low
+            assert rv.vm.read_memory(w.mem_base, 64 * MIB) == mem
