@@ -24,6 +24,7 @@ from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.ring import DirtyRing, sorted_unique
 from kvmio.errors import DirtyRingError, KvmError, KvmStateError, SnapshotError
 from kvmio.memory import HostWriteRecord, MemoryRegion
+from kvmio.snapshot._layer import runs_to_pages
 from kvmio.tracker import DirtyTracker
 from kvmio.vm import DirtyLogClaim, Vm
 
@@ -164,7 +165,7 @@ class ChangeLog:
                 if slot in whole or slot not in regions:
                     continue
                 first = (sr.gpas - np.uint64(regions[slot].guest_phys_addr)) // page
-                out.pages[slot] = _runs_to_pages(first, sr.lengths // page)
+                out.pages[slot] = runs_to_pages(first, sr.lengths // page)
             return
         if vm.ring_set is None:
             got = vm.collect_dirty_pages(final=final, claim=self._claim[0])
@@ -207,16 +208,6 @@ class ChangeLog:
                     ring.resync()
                 if ring.hole_pending:
                     ring.recover_from_overrun()
-
-
-def _runs_to_pages(first: Pages, count: Pages) -> Pages:
-    n = count.astype(np.int64)
-    total = int(n.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.uint64)
-    out = np.arange(total, dtype=np.int64)
-    out += np.repeat(first.astype(np.int64) - (np.cumsum(n) - n), n)
-    return out.astype(np.uint64)
 
 
 def _give_back(vm: Vm, rings: list[DirtyRing], records: list[HostWriteRecord],

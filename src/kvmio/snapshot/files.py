@@ -135,6 +135,7 @@ from kvmio.snapshot._layer import (
     new_id,
     now_utc,
     read_layer,
+    runs_to_pages,
     slot_chunk_hashes,
     xxh3,
 )
@@ -208,44 +209,41 @@ def _os_error(what: str, e: OSError) -> SnapshotError:
     return SnapshotError(f"{what}: {e.strerror or e}", errno=e.errno)
 
 
+def _advance(part: list[memoryview], i: int, done: int) -> int:
+    """After ``done`` bytes of ``part[i:]`` were transferred: the index of the first buffer
+    not done, that buffer trimmed to what is left."""
+    while done and i < len(part):
+        n = len(part[i])
+        if done >= n:
+            done -= n
+            i += 1
+        else:
+            part[i] = part[i][done:]
+            done = 0
+    return i
+
+
 def _pwrite_all(fd: int, bufs: Sequence[memoryview], offset: int) -> None:
-    """Write ``bufs`` one after the other at ``offset`` (``pwritev``, short writes
-    continued)."""
+    """Write ``bufs`` one after the other at ``offset`` (``pwritev``; a short write goes on
+    with the rest)."""
     for a in range(0, len(bufs), _IOV_MAX):
-        part = list(bufs[a:a + _IOV_MAX])
-        want = sum(len(b) for b in part)
-        done = os.pwritev(fd, part, offset)
-        offset += done
-        while done < want:  # a short write: the rest, one buffer at a time
-            for i, b in enumerate(part):
-                if done >= len(b):
-                    done -= len(b)
-                    continue
-                rest = [b[done:], *part[i + 1:]]
-                want = sum(len(x) for x in rest)
-                part, done = rest, os.pwritev(fd, rest, offset)
-                offset += done
-                break
+        part, i = list(bufs[a:a + _IOV_MAX]), 0
+        while i < len(part):
+            done = os.pwritev(fd, part[i:] if i else part, offset)
+            offset += done
+            i = _advance(part, i, done)
 
 
 def _pread_all(fd: int, bufs: Sequence[memoryview], offset: int, what: str) -> None:
     """Fill ``bufs`` from ``offset`` (``preadv``); a short read is a :class:`SnapshotError`."""
     for a in range(0, len(bufs), _IOV_MAX):
-        part = list(bufs[a:a + _IOV_MAX])
-        want = sum(len(b) for b in part)
-        while want:
-            done = os.preadv(fd, part, offset)
+        part, i = list(bufs[a:a + _IOV_MAX]), 0
+        while i < len(part):
+            done = os.preadv(fd, part[i:] if i else part, offset)
             if done <= 0:
                 raise SnapshotError(f"{what}: the file ended early (truncated while read?)")
             offset += done
-            want -= done
-            while done:
-                if done >= len(part[0]):
-                    done -= len(part[0])
-                    part.pop(0)
-                else:
-                    part[0] = part[0][done:]
-                    done = 0
+            i = _advance(part, i, done)
 
 
 def _prepare_target(path: str | os.PathLike[str]) -> tuple[str, str]:
@@ -334,7 +332,7 @@ def _file_data_pages(memory: FileMemory) -> Pages | None:
             counts.append(-(-(b - memory.offset) // PAGE_SIZE) - first)
     finally:
         os.close(fd)
-    return _runs_pages(np.array(firsts, dtype=np.uint64), np.array(counts, dtype=np.uint64))
+    return runs_to_pages(np.array(firsts, dtype=np.uint64), np.array(counts, dtype=np.uint64))
 
 
 def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -356,16 +354,6 @@ def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
         yield data, hole
         pos = hole
-
-
-def _runs_pages(first: Pages, count: Pages) -> Pages:
-    n = count.astype(np.int64)
-    total = int(n.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.uint64)
-    out = np.arange(total, dtype=np.int64)
-    out += np.repeat(first.astype(np.int64) - (np.cumsum(n) - n), n)
-    return out.astype(np.uint64)
 
 
 def _candidates(memory: Memory) -> Pages:
@@ -394,7 +382,7 @@ def _nonzero(memory: Memory, pages: Pages) -> Pages:
             nz = words[a:b].any(axis=1)
             if nz.any():
                 keep.append(np.flatnonzero(nz).astype(np.uint64) + np.uint64(a))
-    short = _runs_pages(first[~long_runs], count[~long_runs])
+    short = runs_to_pages(first[~long_runs], count[~long_runs])
     for a in range(0, len(short), _SCAN):
         idx = short[a:a + _SCAN]
         nz = words[idx.astype(np.intp)].any(axis=1)
@@ -432,7 +420,6 @@ class _Writer:
         self._hashes: dict[int, tuple[int, int]] = {}
         self.offsets = machine.image_offsets()
         self.whole: set[int] = set(self.memories) if kind == "full" else set()
-        self.why: list[str] = []
         # image: the pages written, per slot; packed: also their offsets in the file
         self._pages: dict[int, Pages] = {}
         self._offs: dict[int, Pages] = {}
@@ -465,7 +452,6 @@ class _Writer:
 
     def apply(self, changes: Changes) -> None:
         """Write what a collection found changed."""
-        self.why.extend(changes.why)
         for slot in sorted(changes.whole):
             if slot in self.memories:
                 self.write_whole(slot)
