@@ -335,6 +335,12 @@ def test_clones_share_the_file_and_diverge(kvm: Kvm, ticker: Path, ticker_output
         written_a = len(a.ram.memory.populated_pages())
         assert 0 < written_a < MEM // PAGE_SIZE // 4
         assert a.vm.read_memory(0x200000, 4) != b.vm.read_memory(0x200000, 4)
+        # a full snapshot of a lazily restored machine holds the file's pages and its own
+        again = a.snapshot(tmp_path / "again")
+        assert again.stored_pages >= inspect_snapshot(tmp_path / "s").stored_pages
+        memory_a = a.vm.read_memory(0, MEM)
+    with restore_snapshot(kvm, tmp_path / "again") as r:
+        assert r.vm.read_memory(0, MEM) == memory_a
     assert _file_hash(mem_file) == digest and os.stat(mem_file).st_mtime_ns == mtime
     # and the file still restores what it held
     with MultibootMachine.from_snapshot(kvm, tmp_path / "s") as c:
