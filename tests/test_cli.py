@@ -53,7 +53,9 @@ def test_info(kvm: Kvm) -> None:
 
 
 @pytest.mark.parametrize("command", [[], ["info"], ["demo"], ["run"], ["dirtyrate"],
-                                     ["bench"], ["bench", "ring-vs-bitmap"]])
+                                     ["bench"], ["bench", "ring-vs-bitmap"], ["snapshot"],
+                                     ["snapshot", "take"], ["snapshot", "inspect"],
+                                     ["snapshot", "merge"], ["restore"]])
 def test_help(command: list[str]) -> None:
     r = CliRunner().invoke(main, [*command, "--help"])
     assert r.exit_code == 0, r.output

@@ -31,6 +31,8 @@ def test_readme_example(kvm: Kvm, code: str) -> None:
         assert "IoOut(port=233" in text and "Hlt()" in text and "1 [5]" in text
     elif "DirtyTracker" in code:
         assert text.strip() == "True True"
+    elif "snapshotter" in code:
+        assert text.split() == ["diff", "../full", "True", "5000"]
     else:
         assert "distinct pages from 10000 ring entries" in text
 

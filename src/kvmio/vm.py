@@ -210,6 +210,8 @@ class Vm(FdOwner):
         self._initially_set = False
         self._irqchip = False
         self._pit = False
+        self._tss_address: int | None = None
+        self._identity_map_address: int | None = None
         self._xsave_size: int | None = None  # KVM_CAP_XSAVE2, asked at the first vCPU
         self._get_batches: dict[tuple[str, ...], IoctlBatch] = {}  # the last state read
 
@@ -513,12 +515,14 @@ class Vm(FdOwner):
         self._x86("KVM_SET_TSS_ADDR")
         addr = _check.u32("addr", addr)
         self._ioctl(lib.KVM_SET_TSS_ADDR, addr, name="KVM_SET_TSS_ADDR")
+        self._tss_address = addr
 
     def set_identity_map_address(self, addr: int = 0xFFFBC000) -> None:
         """KVM_SET_IDENTITY_MAP_ADDR (x86, Intel): one page KVM may use for real mode."""
         self._x86("KVM_SET_IDENTITY_MAP_ADDR")
         p = ffi.new("uint64_t *", _check.u64("addr", addr))
         self._ioctl(lib.KVM_SET_IDENTITY_MAP_ADDR, p, name="KVM_SET_IDENTITY_MAP_ADDR")
+        self._identity_map_address = int(p[0])
 
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: the in-kernel interrupt controller (PIC + IOAPIC on x86)."""
@@ -542,6 +546,17 @@ class Vm(FdOwner):
     def has_pit(self) -> bool:
         """Whether :meth:`create_pit2` made the in-kernel PIT."""
         return self._pit
+
+    @property
+    def tss_address(self) -> int | None:
+        """The address given to :meth:`set_tss_address`, or ``None`` if it was not called
+        (a VM restored from a snapshot is given the same)."""
+        return self._tss_address
+
+    @property
+    def identity_map_address(self) -> int | None:
+        """The address given to :meth:`set_identity_map_address`, or ``None``."""
+        return self._identity_map_address
 
     def _irqchip_arg(self, chip_id: int, what: str) -> Any:
         self._x86(what)

@@ -1,4 +1,5 @@
-"""The ``kvmio`` command line: ``info``, ``demo``, ``run``, ``dirtyrate`` and ``bench``.
+"""The ``kvmio`` command line: ``info``, ``demo``, ``run``, ``dirtyrate``, ``bench``,
+``snapshot`` (``take``, ``inspect``, ``merge``) and ``restore``.
 
 One module per command; :mod:`kvmio.cli.params` holds the parameter types (sizes, finite ranged
 numbers, output files checked up front) and :mod:`kvmio.cli.errors` the one error boundary

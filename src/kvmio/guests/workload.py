@@ -13,23 +13,34 @@ writes in its parameter block, so the host always knows the true number of write
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kvmio import _check
 from kvmio._abi import PAGE_SIZE
 from kvmio._closing import Closing
-from kvmio.errors import KvmInvalidArgumentError
+from kvmio.errors import KvmInvalidArgumentError, SnapshotError
 from kvmio.exits import Interrupted, IoOut, VcpuExit
 from kvmio.guests.modes import PAGE_TABLE_ADDR, page_tables_size, setup_long_mode
 from kvmio.guests.programs import program
 from kvmio.memory import MemoryRegion
 from kvmio.runner import ExitHandler, RingFullHandler, VcpuRunner, run_until_handled
+from kvmio.snapshot.files import (
+    AS_SAVED,
+    ChainSpec,
+    SnapshotInfo,
+    Snapshotter,
+    restore_snapshot,
+    save_snapshot,
+)
 from kvmio.system import Kvm
+from kvmio.tracker import DirtyTracker
 from kvmio.vcpu import RING_FULL_STUCK_LIMIT, Vcpu
 
 LOW_SLOT = 0
@@ -46,6 +57,8 @@ STACK_TOP = 0x7000
 APIC_PAGE = 0xFEE00000
 #: Where the tracked slot goes when it would cover APIC_PAGE from MEM_BASE.
 HIGH_MEM_BASE = 4 << 30
+#: The ``kind`` of a workload's snapshot (in its guest metadata).
+SNAPSHOT_KIND = "workload"
 
 _FMT = "<15Q"  # the parameter block: 15 little-endian u64 (see asm/dirtier.S)
 _OFF_COUNT = 64
@@ -193,6 +206,85 @@ class Workload(Closing):
             self.vm.close()
             raise
         self._generation = 0
+        #: The snapshot this workload was restored from (``None`` if it was built).
+        self.restored_from: SnapshotInfo | None = None
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def _snapshot_guest(self) -> dict[str, Any]:
+        params = [{k: int(v) for k, v in dataclasses.asdict(p).items()} for p in self.params]
+        return {"kind": SNAPSHOT_KIND, "mem_base": self.mem_base, "params": params,
+                "generation": self._generation}
+
+    def snapshotter(self, *, tracker: DirtyTracker | None = None) -> Snapshotter:
+        """A :class:`~kvmio.snapshot.files.Snapshotter` of this workload (for a chain of diff
+        snapshots with :meth:`snapshot`): its first save is full, or a diff on the snapshot
+        the workload was restored from.  The tracked slot's diffs hold what changed; the small
+        untracked slot (parameters, counters, page tables) is held whole by each diff."""
+        return Snapshotter(self.vm, tracker=tracker, guest=self._snapshot_guest(),
+                           base=self.restored_from)
+
+    def snapshot(self, path: str | os.PathLike[str], *, chain: Snapshotter | None = None,
+                 full: bool = False, runner: VcpuRunner | None = None, live_passes: int = 1,
+                 durable: bool = False) -> SnapshotInfo:
+        """Write a snapshot to the new directory ``path``: a full one of the stopped
+        workload, or with ``chain`` (from :meth:`snapshotter`) the chain's next layer, copied
+        while ``runner`` (if given and running) runs the vCPUs (see
+        :meth:`~kvmio.snapshot.files.Snapshotter.save`).  Raises
+        :class:`~kvmio.errors.SnapshotError`."""
+        if chain is None:
+            return save_snapshot(path, self.vm, self.vcpus, guest=self._snapshot_guest(),
+                                 durable=durable)
+        return chain.save(path, self.vcpus, guest=self._snapshot_guest(), full=full,
+                          runner=runner, live_passes=live_passes, durable=durable)
+
+    @classmethod
+    def from_snapshot(cls, kvm: Kvm, path: ChainSpec, *, lazy: bool = True,
+                      verify: bool = True, ring_entries: int | None = AS_SAVED) -> Workload:
+        """A workload restored from a snapshot :meth:`snapshot` wrote (``path``, ``lazy`` and
+        ``verify`` as :func:`~kvmio.snapshot.files.restore_snapshot` takes them;
+        ``ring_entries`` as its ``dirty_ring``): its vCPUs go on where they were.  Raises
+        :class:`~kvmio.errors.SnapshotError` for a snapshot of something else."""
+        restored = restore_snapshot(kvm, path, lazy=lazy, verify=verify,
+                                    dirty_ring=ring_entries, guest_kind=SNAPSHOT_KIND)
+        try:
+            self = cls.__new__(cls)
+            self._from_guest(restored.guest)
+            regions = restored.vm.regions
+            if sorted(regions) != [LOW_SLOT, MEM_SLOT] or \
+                    regions[MEM_SLOT].guest_phys_addr != self.mem_base or \
+                    sorted(restored.vcpus) != list(range(len(self.params))):
+                raise SnapshotError("the snapshot's machine is not a workload's")
+            self.kvm = kvm
+            self.vm = restored.vm
+            self.low = regions[LOW_SLOT]
+            self.mem = regions[MEM_SLOT]
+            self.vcpus = [restored.vcpus[i] for i in range(len(self.params))]
+            self.restored_from = restored.info
+        except BaseException:
+            restored.close()
+            raise
+        return self
+
+    def _from_guest(self, g: Mapping[str, Any]) -> None:
+        if g.get("kind") != SNAPSHOT_KIND:
+            raise SnapshotError(f"not a snapshot of a workload (its guest is "
+                                f"{g.get('kind')!r})")
+        try:
+            self.mem_base = int(g["mem_base"])
+            self._generation = int(g["generation"])
+            params = []
+            for raw in g["params"]:
+                values: dict[str, Any] = {k: int(v) for k, v in raw.items()}
+                values["order"], values["value"] = Order(values["order"]), Value(values["value"])
+                p = DirtierParams(**values)
+                p.validate()
+                params.append(p)
+        except (KeyError, TypeError, ValueError, AttributeError, KvmInvalidArgumentError) as e:
+            raise SnapshotError(f"the snapshot's workload metadata is malformed ({e})") from None
+        if not 1 <= len(params) <= MAX_VCPUS:
+            raise SnapshotError("the snapshot's workload metadata has no vCPUs")
+        self.params = params
 
     @staticmethod
     def params_addr(i: int) -> int:

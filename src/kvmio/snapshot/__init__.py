@@ -9,6 +9,9 @@
                     populated pages copied, reset in O(pages changed since))
 ``checkpoint``      both bound together: :class:`Checkpoint` (take, reset) and
                     :class:`ResetLoop` (run, reset, run again, with statistics)
+``files``           snapshots on disk: full and diff layers (:func:`files.save_snapshot`,
+                    :class:`files.Snapshotter`), restored into a new VM lazily or eagerly
+                    (:func:`files.restore_snapshot`), merged, inspected; the format
 ==================  ==========================================================================
 
 The order in which a state is written back, and why, is in :mod:`kvmio.snapshot.state`.

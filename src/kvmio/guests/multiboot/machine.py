@@ -8,9 +8,9 @@ import enum
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmio._abi import IS_X86, lib
 from kvmio._closing import Closing
@@ -33,6 +33,7 @@ from kvmio.errors import (
     KvmInvalidArgumentError,
     KvmStateError,
     KvmUnsupportedError,
+    SnapshotError,
 )
 from kvmio.exits import (
     DirtyRingFull,
@@ -58,15 +59,24 @@ from kvmio.guests.multiboot.bootinfo import (
     write_boot_info,
 )
 from kvmio.guests.multiboot.header import BOOTLOADER_MAGIC
-from kvmio.guests.multiboot.image import parse_kernel, read_kernel_file
+from kvmio.guests.multiboot.image import KernelImage, parse_kernel, read_kernel_file
 from kvmio.runner import run_until_handled
 from kvmio.snapshot.checkpoint import Checkpoint
+from kvmio.snapshot.files import (
+    AS_SAVED,
+    ChainSpec,
+    SnapshotInfo,
+    Snapshotter,
+    restore_snapshot,
+    save_snapshot,
+)
 from kvmio.x86 import Regs
 
 if TYPE_CHECKING:
     from kvmio.system import Kvm
     from kvmio.tracker import DirtyTracker
     from kvmio.vcpu import Vcpu
+    from kvmio.vm import Vm
 
 __all__ = ["MultibootMachine", "MultibootResult", "StopReason", "run_multiboot"]
 
@@ -79,6 +89,9 @@ HALT_POLL_INTERVAL = 0.05
 
 #: Initial ESP (the specification leaves it undefined).
 STACK_TOP = 0x7000
+
+#: The ``kind`` of a Multiboot machine's snapshot (in its guest metadata).
+SNAPSHOT_KIND = "multiboot"
 
 _RFLAGS_IF = 1 << 9
 
@@ -231,15 +244,20 @@ class MultibootMachine(Closing):
         name = default_name if name is None else name
         self.cmdline = f"{name} {cmdline}" if cmdline else name
         _encode_cmdline(self.cmdline)
-        self.image = parse_kernel(data)
-        self.image.check_placement(mem)
-        self.boot_info = boot_info_layout(mem, self.cmdline, self.image.end)
+        image = parse_kernel(data)
+        #: The kernel as loaded (``None`` for a machine restored from a snapshot).
+        self.image: KernelImage | None = image
+        image.check_placement(mem)
+        #: The kernel's format (``"elf"`` or ``"aout"``), entry point, end and load warnings.
+        self.kernel_format, self.entry, self.kernel_end = image.format, image.entry, image.end
+        self.warnings: tuple[str, ...] = image.warnings
+        self.boot_info = boot_info_layout(mem, self.cmdline, image.end)
         self.mem_size = mem
-        self.uart = Uart16550()
-        self.vga = VgaText()
-        self.bus = IoBus([DebugConsole(), DebugExitPort(), self.uart, PowerControl(), self.vga])
+        self._devices()
         self._terminal: StopReason | None = None
         self.irqchip = irqchip
+        #: The snapshot this machine was restored from (``None`` if it booted).
+        self.restored_from: SnapshotInfo | None = None
         self.vm = kvm.create_vm()
         try:
             self.vm.set_tss_address()
@@ -251,12 +269,12 @@ class MultibootMachine(Closing):
             self.ram = self.vm.add_memory_region(0, mem, slot=0, noreserve=True,
                                                  log_dirty=ring_entries is not None
                                                  if log_dirty is None else bool(log_dirty))
-            self.image.load(self.vm)
-            self.info_addr = write_boot_info(self.vm, mem, self.cmdline, self.image.end)
+            image.load(self.vm)
+            self.info_addr = write_boot_info(self.vm, mem, self.cmdline, image.end)
             self.vcpu: Vcpu = self.vm.create_vcpu(0)
             with contextlib.suppress(KvmUnsupportedError):
                 self.vcpu.set_cpuid2(kvm.get_supported_cpuid())
-            setup_protected_mode(self.vcpu, self.vm, self.image.entry, stack=STACK_TOP)
+            setup_protected_mode(self.vcpu, self.vm, image.entry, stack=STACK_TOP)
             regs = self.vcpu.get_regs()
             regs.rax, regs.rbx, regs.rflags = BOOTLOADER_MAGIC, self.info_addr, 2
             self.vcpu.set_regs(regs)
@@ -264,9 +282,105 @@ class MultibootMachine(Closing):
             self.vm.close()
             raise
 
+    def _devices(self) -> None:
+        self.uart = Uart16550()
+        self.vga = VgaText()
+        self.bus = IoBus([DebugConsole(), DebugExitPort(), self.uart, PowerControl(), self.vga])
+
     def __repr__(self) -> str:
-        return (f"<MultibootMachine {self.image.format} entry={self.image.entry:#x} "
+        return (f"<MultibootMachine {self.kernel_format} entry={self.entry:#x} "
                 f"mem={self.mem_size >> 20} MiB {'closed' if self.vm.closed else 'open'}>")
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def _snapshot_guest(self) -> dict[str, Any]:
+        return {"kind": SNAPSHOT_KIND, "cmdline": self.cmdline, "mem": self.mem_size,
+                "irqchip": self.irqchip, "format": self.kernel_format, "entry": self.entry,
+                "kernel_end": self.kernel_end, "warnings": list(self.warnings),
+                "info_addr": self.info_addr,
+                "terminal": None if self._terminal is None else self._terminal.value}
+
+    def _exit_handler(self, on_output: Callable[[bytes], None] | None
+                      ) -> Callable[[VcpuExit], None]:
+        """Exits met while a pending exit is finished for a snapshot: to the devices, their
+        output to ``on_output`` (a stop they cause is the next run's business)."""
+        def emit(source: str, data: bytes) -> None:
+            if on_output is not None:
+                on_output(data)
+
+        def on_exit(ex: VcpuExit) -> None:
+            self._handle(ex, emit)
+
+        return on_exit
+
+    def snapshotter(self, *, tracker: DirtyTracker | None = None) -> Snapshotter:
+        """A :class:`~kvmio.snapshot.files.Snapshotter` of this machine (for a chain of diff
+        snapshots with :meth:`snapshot`): its first save is full, or a diff on the snapshot the
+        machine was restored from.  Guest RAM must be dirty-logged (``log_dirty=True`` or a
+        dirty ring) for diffs to hold only what changed; without it each diff holds it all."""
+        return Snapshotter(self.vm, tracker=tracker, devices=self.bus,
+                           guest=self._snapshot_guest(), base=self.restored_from)
+
+    def snapshot(self, path: str | os.PathLike[str], *, chain: Snapshotter | None = None,
+                 full: bool = False, on_output: Callable[[bytes], None] | None = None,
+                 durable: bool = False) -> SnapshotInfo:
+        """Write a snapshot of the stopped machine (between runs) to the new directory
+        ``path``: a full one, or with ``chain`` (from :meth:`snapshotter`) the chain's next
+        layer (``full`` forces a full one).  Output the kernel makes while its last exit is
+        finished goes to ``on_output``.  Raises :class:`~kvmio.errors.SnapshotError`."""
+        on_exit = self._exit_handler(on_output)
+        if chain is None:
+            return save_snapshot(path, self.vm, [self.vcpu], devices=self.bus,
+                                 guest=self._snapshot_guest(), on_exit=on_exit,
+                                 durable=durable)
+        return chain.save(path, [self.vcpu], devices=self.bus, guest=self._snapshot_guest(),
+                          full=full, on_exit=on_exit, durable=durable)
+
+    @classmethod
+    def from_snapshot(cls, kvm: Kvm, path: ChainSpec, *, lazy: bool = True,
+                      verify: bool = True, ring_entries: int | None = AS_SAVED,
+                      log_dirty: bool | None = None) -> MultibootMachine:
+        """A machine restored from a snapshot :meth:`snapshot` wrote (``path`` as
+        :func:`~kvmio.snapshot.files.restore_snapshot` takes it, with ``lazy``, ``verify``,
+        ``ring_entries`` as its ``dirty_ring`` and ``log_dirty``): :meth:`run` goes on where
+        the kernel was, with its devices as they were.  Raises
+        :class:`~kvmio.errors.SnapshotError` for a snapshot of something else."""
+        self = cls.__new__(cls)
+        self._devices()
+        restored = restore_snapshot(kvm, path, lazy=lazy, verify=verify, devices=self.bus,
+                                    dirty_ring=ring_entries, log_dirty=log_dirty,
+                                    guest_kind=SNAPSHOT_KIND)
+        try:
+            self._from_guest(restored.guest, restored.vm)
+            self.vm = restored.vm
+            self.ram = self.vm.regions[0]
+            self.vcpu = restored.vcpus[0]
+            self.restored_from = restored.info
+        except BaseException:
+            restored.close()
+            raise
+        return self
+
+    def _from_guest(self, g: Mapping[str, Any], vm: Vm) -> None:
+        try:
+            self.cmdline = str(g["cmdline"])
+            self.mem_size = int(g["mem"])
+            self.irqchip = bool(g["irqchip"])
+            self.kernel_format = str(g["format"])
+            self.entry = int(g["entry"])
+            self.kernel_end = int(g["kernel_end"])
+            self.warnings = tuple(str(w) for w in g["warnings"])
+            self.info_addr = int(g["info_addr"])
+            terminal = g["terminal"]
+            self._terminal = None if terminal is None else StopReason(terminal)
+            self.boot_info = boot_info_layout(self.mem_size, self.cmdline, self.kernel_end)
+        except (KeyError, TypeError, ValueError, KvmInvalidArgumentError) as e:
+            raise SnapshotError(f"the snapshot's Multiboot metadata is malformed ({e})") from None
+        regions = vm.regions
+        if list(regions) != [0] or regions[0].size != self.mem_size or list(vm.vcpus) != [0]:
+            raise SnapshotError("the snapshot's machine is not a Multiboot machine's (one slot "
+                                "of RAM at 0, one vCPU)")
+        self.image = None
 
     def close(self) -> None:
         """Close the VM (idempotent)."""
@@ -413,7 +527,7 @@ class MultibootMachine(Closing):
             reason=stop.reason, detail=stop.detail, exit=ex, output=output.value(),
             debugcon=shares["debugcon"].value(), serial=shares["serial"].value(),
             exit_code=stop.exit_code, regs=regs, vga_text=self.vga_text(), elapsed=elapsed,
-            exits=exits, warnings=self.image.warnings, output_dropped=output.dropped)
+            exits=exits, warnings=self.warnings, output_dropped=output.dropped)
 
     def _dead_halt(self) -> _Stop | None:
         """With the in-kernel irqchip: a stop if the vCPU sits in HLT with interrupts disabled
