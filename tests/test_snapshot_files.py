@@ -835,6 +835,7 @@ def test_cli_snapshot_errors(ticker: Path, layers: dict[str, Path], tmp_path: Pa
 
 @pytest.mark.usefixtures("kvm")
 def test_cli_ctrl_c_while_taking_writes_nothing(tmp_path: Path) -> None:
+    import selectors
     import signal
     import subprocess
     import sys
@@ -843,12 +844,26 @@ def test_cli_ctrl_c_while_taking_writes_nothing(tmp_path: Path) -> None:
     with subprocess.Popen([kvmio, "snapshot", "take", str(tmp_path / "s"), "--mem", "16M",
                            "--after", "600"], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE) as p:
+        assert p.stderr is not None
+        sel = selectors.DefaultSelector()
+        sel.register(p.stderr, selectors.EVENT_READ)
         try:
-            time.sleep(1.0)  # the workload runs
-            assert p.poll() is None
+            # Interrupted once the workload runs (it says so), not after a guessed delay that
+            # a busy machine can turn into "still importing".
+            early = b""
+            end = time.monotonic() + 120
+            while b"the workload runs" not in early:
+                left = end - time.monotonic()
+                assert left > 0 and p.poll() is None, early
+                if sel.select(left):
+                    chunk = os.read(p.stderr.fileno(), 65536)
+                    assert chunk, early
+                    early += chunk
             p.send_signal(signal.SIGINT)
             _, err = p.communicate(timeout=60)
+            err = early + err
         finally:
+            sel.close()
             if p.poll() is None:
                 p.kill()
     assert p.returncode == 130, err

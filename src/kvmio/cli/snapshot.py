@@ -155,6 +155,7 @@ def take(ctx: click.Context, directory: str, after: float, diffs: tuple[str, ...
               w.snapshotter() as chain):
             w.generation = 1
             with w.runner() as runner:
+                _say(f"the workload runs; the first snapshot comes after {points[0][1]:g} s")
                 for path, secs in points:
                     t0 = time.monotonic()
                     runner.wait(secs)
