@@ -27,10 +27,11 @@ from kvmio import (
     Vm,
 )
 from kvmio.exits import VcpuExit
-from kvmio.guests.modes import setup_long_mode, setup_protected_mode, setup_real_mode
+from kvmio.guests.modes import setup_real_mode
 from kvmio.guests.multiboot import MultibootMachine, StopReason
 from kvmio.snapshot import Checkpoint, ResetLoop
-from test_state import CODE, COUNTER, DONE_PORT, LOOP, MEM, _trace
+from test_state import CODE, COUNTER, DONE_PORT, MEM, _trace
+from test_state import _machine as state_machine
 
 from test_multiboot import kernels  # noqa: F401  (the session's test kernels, a fixture)
 
@@ -43,26 +44,15 @@ HIGH_SIZE = 4 << 30
 
 def _machine(kvm: Kvm, mode: str, ring: bool, *, high: bool = False) -> tuple[Vm, Vcpu]:
     """The state tests' loop guest, in dirty-logged memory (ring or bitmap)."""
-    vm = kvm.create_vm()
-    vm.set_tss_address()
-    if ring:
-        vm.enable_dirty_ring(4096)
-    vm.add_memory_region(0, MEM, log_dirty=True)
-    if high:
-        vm.add_memory_region(HIGH_GPA, HIGH_SIZE, log_dirty=True, noreserve=True)
-    vm.write_memory(CODE, LOOP)
-    vcpu = vm.create_vcpu()
-    vcpu.set_cpuid2(kvm.get_supported_cpuid())
-    if mode == "real":
-        setup_real_mode(vcpu, CODE)
-        r = vcpu.get_regs()
-        r.rbx = COUNTER - CODE
-    else:
-        (setup_protected_mode if mode == "protected" else setup_long_mode)(vcpu, vm, CODE)
-        r = vcpu.get_regs()
-        r.rdi = COUNTER
-    vcpu.set_regs(r)
-    return vm, vcpu
+
+    def memory(vm: Vm) -> None:
+        if ring:
+            vm.enable_dirty_ring(4096)
+        vm.add_memory_region(0, MEM, log_dirty=True)
+        if high:
+            vm.add_memory_region(HIGH_GPA, HIGH_SIZE, log_dirty=True, noreserve=True)
+
+    return state_machine(kvm, mode, memory=memory)
 
 
 def _digest(vm: Vm) -> str:

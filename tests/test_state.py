@@ -75,12 +75,18 @@ LOOP = bytes([
 DONE_PORT = 0xEB
 
 
-def _machine(kvm: Kvm, mode: str, *, irqchip: bool = False) -> tuple[Vm, Vcpu]:
+def _machine(kvm: Kvm, mode: str, *, irqchip: bool = False,
+             memory: Callable[[Vm], None] | None = None) -> tuple[Vm, Vcpu]:
+    """The loop guest in ``mode``; ``memory(vm)`` adds the memory (default: MEM bytes at 0,
+    unlogged), before any vCPU exists."""
     vm = kvm.create_vm()
     vm.set_tss_address()
     if irqchip:
         vm.create_irqchip()
-    vm.add_memory_region(0, MEM)
+    if memory is None:
+        vm.add_memory_region(0, MEM)
+    else:
+        memory(vm)
     vm.write_memory(CODE, LOOP)
     vcpu = vm.create_vcpu()
     vcpu.set_cpuid2(kvm.get_supported_cpuid())

@@ -71,7 +71,7 @@ class SlotId:
         return (self.address_space << 16) | self.slot
 
 
-def _runs_to_pages(first: Pages, count: Pages) -> Pages:
+def runs_to_pages(first: Pages, count: Pages) -> Pages:
     """Page indices of runs ``(first page, page count)`` (sorted if the runs are)."""
     n = count.astype(np.int64)
     total = int(n.sum())
@@ -123,7 +123,7 @@ def _scan_populated(fd: int, address: int, size: int, file_is_unpopulated: bool)
         if walk_end <= start:
             raise KvmError(f"PAGEMAP_SCAN made no progress at {start:#x}", ioctl="PAGEMAP_SCAN")
         start = walk_end
-    return _runs_to_pages(np.concatenate(firsts), np.concatenate(counts))
+    return runs_to_pages(np.concatenate(firsts), np.concatenate(counts))
 
 
 def _read_populated(fd: int, address: int, size: int, file_is_unpopulated: bool) -> Pages:
@@ -281,7 +281,7 @@ class MemfdMemory(Memory):
                 pos = hole
         finally:
             os.close(fd)
-        return _runs_to_pages(np.array(firsts, dtype=np.uint64),
+        return runs_to_pages(np.array(firsts, dtype=np.uint64),
                               np.array(counts, dtype=np.uint64))
 
     def discard(self, first_page: int, num_pages: int) -> None:

@@ -23,8 +23,7 @@ import numpy.typing as npt
 from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.ring import DirtyRing, sorted_unique
 from kvmio.errors import DirtyRingError, KvmError, KvmStateError, SnapshotError
-from kvmio.memory import HostWriteRecord, MemoryRegion
-from kvmio.snapshot._layer import runs_to_pages
+from kvmio.memory import HostWriteRecord, MemoryRegion, runs_to_pages
 from kvmio.tracker import DirtyTracker
 from kvmio.vm import DirtyLogClaim, Vm
 

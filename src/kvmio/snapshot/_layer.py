@@ -33,7 +33,7 @@ from kvmio.snapshot.state import MachineState
 __all__ = [
     "CHUNK_BYTES", "FORMAT_VERSION", "HASH_NAME", "INDEX", "MANIFEST", "MEMORY", "STATE",
     "BaseRef", "FileRef", "Layer", "MachineLayout", "SlotLayout", "SnapshotInfo",
-    "encode_index", "encode_manifest", "read_layer", "runs_to_pages", "slot_chunk_hashes",
+    "encode_index", "encode_manifest", "read_layer", "slot_chunk_hashes",
 ]
 
 #: The format version this kvmio writes and reads (the manifest's first line).
@@ -353,18 +353,6 @@ def canonical_chunks(offsets: npt.NDArray[np.uint64], lengths: npt.NDArray[np.ui
     offs = np.repeat(ext_off, n) + k.astype(np.uint64) * cb
     lens = np.minimum(np.repeat(ext_off + ext_len, n) - offs, cb)
     return offs, lens
-
-
-def runs_to_pages(first: npt.NDArray[np.uint64], count: npt.NDArray[np.uint64]
-                  ) -> npt.NDArray[np.uint64]:
-    """Page indices of runs ``(first page, page count)``, in run order."""
-    n = count.astype(np.int64)
-    total = int(n.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.uint64)
-    out = np.arange(total, dtype=np.int64)
-    out += np.repeat(first.astype(np.int64) - (np.cumsum(n) - n), n)
-    return out.astype(np.uint64)
 
 
 #: One page as one numpy item (gathers copy whole pages per index).

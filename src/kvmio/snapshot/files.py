@@ -106,7 +106,7 @@ from kvmio.dirty.pages import coalesce
 from kvmio.dirty.ring import sorted_unique
 from kvmio.errors import KvmError, KvmStateError, SnapshotError
 from kvmio.exits import VcpuExit
-from kvmio.memory import AnonymousMemory, FileMemory, Memory, MemoryRegion
+from kvmio.memory import AnonymousMemory, FileMemory, Memory, MemoryRegion, runs_to_pages
 from kvmio.runner import VcpuRunner
 from kvmio.snapshot._dirtylog import ChangeLog, Changes
 from kvmio.snapshot._layer import (
@@ -135,7 +135,6 @@ from kvmio.snapshot._layer import (
     new_id,
     now_utc,
     read_layer,
-    runs_to_pages,
     slot_chunk_hashes,
     xxh3,
 )
@@ -909,17 +908,13 @@ def _verify_slot(layer: Layer, slot: int, view: memoryview) -> None:
                             f"offset {int(chunks['offset'][i]):#x}")
 
 
-def _check_holes(layer: Layer, slot: int, view: memoryview, fd: int, start: int,
-                 size: int) -> None:
-    """The file's data in ``[start, start+size)`` outside the slot's runs must be zero (the
-    pages a lazy mapping shows there)."""
-    runs = layer.slot_runs(slot)
-    covered = list(zip((runs["offset"] - np.uint64(start)).tolist(),
-                       (runs["pages"] * np.uint64(PAGE_SIZE)).tolist(), strict=True))
+def _gaps(covered: list[tuple[int, int]], extents: Iterable[tuple[int, int]]
+          ) -> Iterator[tuple[int, int]]:
+    """The parts ``[pos, stop)`` of ``extents`` (data ranges ``[a, b)``, in order) that no
+    ``(offset, length)`` of ``covered`` (sorted) covers."""
+    covered = sorted(covered)
     i = 0
-    for a, b in _data_extents(fd, start, start + size):
-        a -= start
-        b -= start
+    for a, b in extents:
         pos = a
         while pos < b:
             while i < len(covered) and covered[i][0] + covered[i][1] <= pos:
@@ -928,12 +923,24 @@ def _check_holes(layer: Layer, slot: int, view: memoryview, fd: int, start: int,
                 pos = covered[i][0] + covered[i][1]
                 continue
             stop = min(b, covered[i][0]) if i < len(covered) else b
-            if any(view[pos:stop]) if stop - pos < 64 else np.frombuffer(
-                    view[pos:stop], dtype=np.uint8).any():
-                raise SnapshotError(f"memory of {layer.directory!r}: data outside the stored "
-                                    f"runs of slot {slot} at file offset {start + pos:#x} "
-                                    "(corrupted)")
+            yield pos, stop
             pos = stop
+
+
+def _check_holes(layer: Layer, slot: int, view: memoryview, fd: int, start: int,
+                 size: int) -> None:
+    """The file's data in ``[start, start+size)`` outside the slot's runs must be zero (the
+    pages a lazy mapping shows there)."""
+    runs = layer.slot_runs(slot)
+    covered = list(zip((runs["offset"] - np.uint64(start)).tolist(),
+                       (runs["pages"] * np.uint64(PAGE_SIZE)).tolist(), strict=True))
+    extents = ((a - start, b - start) for a, b in _data_extents(fd, start, start + size))
+    for pos, stop in _gaps(covered, extents):
+        if any(view[pos:stop]) if stop - pos < 64 else np.frombuffer(
+                view[pos:stop], dtype=np.uint8).any():
+            raise SnapshotError(f"memory of {layer.directory!r}: data outside the stored "
+                                f"runs of slot {slot} at file offset {start + pos:#x} "
+                                "(corrupted)")
 
 
 def _materialize(chain: list[Layer], *, lazy: bool, verify: bool) -> dict[int, Memory]:
@@ -1132,19 +1139,12 @@ def _verify_file(layer: Layer) -> None:
 
 def _check_holes_file(layer: Layer, slot: int, fd: int, start: int, size: int,
                       buf: memoryview) -> None:
+    """As :func:`_check_holes`, reading the file through ``buf`` instead of a mapping."""
     runs = layer.slot_runs(slot)
-    covered = sorted(zip(runs["offset"].tolist(), (runs["pages"] * np.uint64(PAGE_SIZE)).tolist(),
-                         strict=True))
-    i = 0
-    for a, b in _data_extents(fd, start, start + size):
-        pos = a
-        while pos < b:
-            while i < len(covered) and covered[i][0] + covered[i][1] <= pos:
-                i += 1
-            if i < len(covered) and covered[i][0] <= pos:
-                pos = covered[i][0] + covered[i][1]
-                continue
-            stop = min(b, covered[i][0]) if i < len(covered) else b
+    covered = list(zip(runs["offset"].tolist(), (runs["pages"] * np.uint64(PAGE_SIZE)).tolist(),
+                       strict=True))
+    for pos, stop in _gaps(covered, _data_extents(fd, start, start + size)):
+        while pos < stop:
             n = min(stop - pos, len(buf))
             _pread_all(fd, [buf[:n]], pos, f"memory of {layer.directory!r}")
             if np.frombuffer(buf[:n], dtype=np.uint8).any():

@@ -76,7 +76,7 @@ from kvmio.errors import (
     KvmStateError,
     SnapshotError,
 )
-from kvmio.memory import FileMemory, HostWriteRecord, MemoryRegion
+from kvmio.memory import FileMemory, HostWriteRecord, MemoryRegion, runs_to_pages
 from kvmio.tracker import DirtyTracker
 from kvmio.vm import DirtyLogClaim, Vm
 
@@ -486,7 +486,7 @@ class MemoryCheckpoint:
                     continue
                 base = np.uint64(self._slots[slot].region.guest_phys_addr)
                 first = (sr.gpas - base) // np.uint64(PAGE_SIZE)
-                pages[slot] = _runs_to_pages(first, sr.lengths // np.uint64(PAGE_SIZE))
+                pages[slot] = runs_to_pages(first, sr.lengths // np.uint64(PAGE_SIZE))
             self._log_clean = True  # the tracker repairs its rings; doubt comes as `whole`
             why = None if not whole else (f"the tracker reported slots {sorted(whole)} wholly "
                                           "dirty (a ring overran)")
@@ -649,17 +649,6 @@ def _page_store(pages: int) -> npt.NDArray[np.void]:
     # The array holds the mapping (through its buffer): unmapped when the array goes.
     raw = np.frombuffer(store.mm, dtype=np.uint8, count=size, offset=_STORE_OFFSET)
     return raw.view(_PAGE)
-
-
-def _runs_to_pages(first: Pages, count: Pages) -> Pages:
-    """Page indices of runs ``(first page, page count)``, in run order."""
-    n = count.astype(np.int64)
-    total = int(n.sum())
-    if total == 0:
-        return _EMPTY
-    out = np.arange(total, dtype=np.int64)
-    out += np.repeat(first.astype(np.int64) - (np.cumsum(n) - n), n)
-    return out.astype(np.uint64)
 
 
 def _give_back(vm: Vm, rings: list[DirtyRing], records: list[HostWriteRecord],
