@@ -1,7 +1,8 @@
-"""Sizes written by people: ``"128M"``, ``"1G"``, ``"64MiB"``, ``"4096B"``.
+"""Sizes written by people: ``"128M"``, ``"1G"``, ``"64MiB"``, ``"4096B"``, parsed
+(:func:`parse_size`) and written back (:func:`format_size`).
 
 A values-layer module (it imports only :mod:`kvmio.errors`), so that every layer above, the
-command line included, parses sizes one way.
+command line included, parses and names sizes one way.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import re
 
 from kvmio.errors import KvmInvalidArgumentError
 
-__all__ = ["parse_size"]
+__all__ = ["format_size", "parse_size"]
 
 _BARE = {0: "bytes", 10: "KiB", 20: "MiB", 30: "GiB", 40: "TiB"}
+
+_UNITS = ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"))
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgtKMGT])(?:i?[bB])?|([bB]))?\s*")
 
@@ -51,3 +54,12 @@ def parse_size(text: str, *, default_shift: int = 20, what: str = "size") -> int
             raise KvmInvalidArgumentError(f"{what} {text!r} is not a whole number of bytes")
         return value
     return int(number) << shift
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes in the largest binary unit that divides it (``"3 GiB"``, ``"1536 KiB"``,
+    ``"100 bytes"``)."""
+    for shift, unit in _UNITS:
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"

@@ -24,7 +24,7 @@ import click
 
 from kvmio._abi import PAGE_SIZE
 from kvmio.errors import KvmError
-from kvmio.units import parse_size
+from kvmio.units import format_size, parse_size
 
 __all__ = ["PAGE_SIZE", "FiniteFloatRange", "OutputFile", "RingEntries", "Size",
            "format_size", "plot_hint"]
@@ -35,17 +35,6 @@ if TYPE_CHECKING:  # click >= 8.2 types its parameter types; older clicks are no
     _StrType = click.ParamType[str, Any]
 else:
     _IntType = _StrType = click.ParamType
-
-_UNITS = ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB"))
-
-
-def format_size(n: int) -> str:
-    """``n`` bytes in the largest binary unit that divides it (``"3 GiB"``, ``"1536 KiB"``,
-    ``"100 bytes"``)."""
-    for shift, unit in _UNITS:
-        if n and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} bytes"
 
 
 class Size(_IntType):
