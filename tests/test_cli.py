@@ -1,4 +1,5 @@
-"""The command line: info, demo, dirtyrate (workload and kernel, JSON and plot), bench."""
+"""The command line: info, demo, dirtyrate (workload and kernel, JSON and plot), bench
+(ring-vs-bitmap, reset)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_info(kvm: Kvm) -> None:
 
 
 @pytest.mark.parametrize("command", [[], ["info"], ["demo"], ["run"], ["dirtyrate"],
-                                     ["bench"], ["bench", "ring-vs-bitmap"], ["snapshot"],
+                                     ["bench"], ["bench", "ring-vs-bitmap"], ["bench", "reset"],
+                                     ["snapshot"],
                                      ["snapshot", "take"], ["snapshot", "inspect"],
                                      ["snapshot", "merge"], ["restore"]])
 def test_help(command: list[str]) -> None:
@@ -161,6 +163,44 @@ def test_bench_ring_vs_bitmap(kvm: Kvm, tmp_path: Path) -> None:
         assert c["pages_found"] == c["dirty"]  # both modes find exactly the dirty set
     assert "faster" in r.output
     _png(png, 900, 550)
+
+
+def test_bench_reset(kvm: Kvm, tmp_path: Path) -> None:
+    png, j = tmp_path / "reset.png", tmp_path / "reset.json"
+    r = CliRunner().invoke(main, ["bench", "reset", "--mem", "64M", "--dirty", "1", "--dirty",
+                                  "10", "--repeat", "2", "--plot", str(png), "--json", str(j)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(j.read_text())
+    assert data["interrupted"] is False
+    assert data["config"] == {"guests": [{"label": "64 MiB", "size": 64 << 20,
+                                          "populated": 64 << 20}],
+                              "dirty": [1, 10], "modes": ["ring", "bitmap"], "repeat": 2}
+    cells = data["cells"]
+    assert [(c["mode"], c["dirty"]) for c in cells] == [("ring", 1), ("ring", 10),
+                                                        ("bitmap", 1), ("bitmap", 10)]
+    for c in cells:
+        assert (c["guest"], c["size"], c["populated"], c["repeats"]) == (
+            "64 MiB", 64 << 20, 64 << 20, 2)
+        # The pages the guest wrote, and besides them only its write list and the page-table
+        # pages its writes mark accessed and dirty: not the 16,384 pages of the guest.
+        assert c["dirty"] < c["restored"] <= c["dirty"] + 8, c
+        assert 0 < c["collect_us"] <= c["reset_us"] and c["reset_cpu_us"] > 0
+        assert c["full_copy_us"] > 0 and c["ratio"] == c["reset_us"] / c["full_copy_us"]
+    assert "copy: the reference" in r.output and r.output.count(" dirty: reset ") == 4
+    _png(png, 900, 550)
+
+
+def test_bench_reset_sparse_guest_and_one_mode(kvm: Kvm, tmp_path: Path) -> None:
+    j = tmp_path / "sparse.json"
+    r = CliRunner().invoke(main, ["bench", "reset", "--mem", "64G", "--populated", "4M",
+                                  "--dirty", "100", "--mode", "bitmap", "--repeat", "1",
+                                  "--quiet", "--json", str(j)])
+    assert r.exit_code == 0, r.output
+    assert "dirty: reset" not in r.output  # --quiet: the table only
+    [cell] = json.loads(j.read_text())["cells"]
+    assert (cell["mode"], cell["guest"], cell["populated"]) == ("bitmap", "64 GiB sparse",
+                                                                4 << 20)
+    assert 100 < cell["restored"] < 1024  # not the whole of the 1,024 populated pages
 
 
 def test_dirtyrate_json_marks_a_complete_run(kvm: Kvm, tmp_path: Path) -> None:
@@ -275,6 +315,16 @@ def _no_kvm(monkeypatch: pytest.MonkeyPatch) -> None:
     (["bench", "ring-vs-bitmap", "--dirty", "70000"], "--dirty", ""),
     (["bench", "ring-vs-bitmap", "--mem", "1T"], "--mem", "between 4 KiB and 512 GiB"),
     (["bench", "ring-vs-bitmap", "--mem", "16K", "--dirty", "1000"], "--mem", "do not fit"),
+    (["bench", "reset", "--repeat", "0"], "--repeat", ""),
+    (["bench", "reset", "--dirty", "0"], "--dirty", ""),
+    (["bench", "reset", "--dirty", "20000"], "--dirty", "1<=x<=15360"),
+    (["bench", "reset", "--mem", "512G"], "--mem", "between 1 MiB and 256 GiB"),
+    (["bench", "reset", "--mem", "16M", "--dirty", "5000"], "--dirty",
+     "5,000 dirty pages do not fit the 16 MiB guest (4,096 populated pages)"),
+    (["bench", "reset", "--mem", "1G", "--populated", "4M", "--dirty", "2000"], "--dirty",
+     "do not fit the 1 GiB sparse (4 MiB populated) guest (1,024 populated pages)"),
+    (["bench", "reset", "--populated", "1K"], "--populated", "out of range"),
+    (["bench", "reset", "--mode", "fast"], "--mode", "'fast' is not one of 'ring', 'bitmap'"),
 ])
 def test_numeric_options_are_range_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                            args: list[str], option: str, match: str) -> None:
@@ -323,7 +373,8 @@ def test_sizes_are_parsed_one_way() -> None:
 
 
 @pytest.mark.parametrize("command", [["dirtyrate", "--duration", "0.2"],
-                                     ["bench", "ring-vs-bitmap", "--dirty", "16"]])
+                                     ["bench", "ring-vs-bitmap", "--dirty", "16"],
+                                     ["bench", "reset", "--dirty", "1"]])
 @pytest.mark.parametrize("option", ["--json", "--plot"])
 @pytest.mark.parametrize(("where", "match"), [
     ("missing/out", "does not exist"),
@@ -350,7 +401,8 @@ def test_output_paths_are_checked_up_front(monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 @pytest.mark.parametrize("command", [["dirtyrate", "--duration", "0.2"],
-                                     ["bench", "ring-vs-bitmap", "--dirty", "16"]])
+                                     ["bench", "ring-vs-bitmap", "--dirty", "16"],
+                                     ["bench", "reset", "--dirty", "1"]])
 def test_plot_without_matplotlib_is_refused_up_front(monkeypatch: pytest.MonkeyPatch,
                                                      tmp_path: Path,
                                                      command: list[str]) -> None:
@@ -568,6 +620,21 @@ def test_ctrl_c_stops_bench_and_keeps_the_cells(kvm: Kvm, tmp_path: Path) -> Non
     assert 1 <= len(data["cells"]) < 8
     assert data["cells"][0]["mode"] == "ring"
     assert b"one collection (ms)" in out  # the table of the cells measured
+
+
+def test_ctrl_c_stops_bench_reset_and_keeps_the_cells(kvm: Kvm, tmp_path: Path) -> None:
+    # The first cell takes a second; the second one (10,000 pages a run) ten: SIGINT lands in
+    # it, most likely while its guest runs in the main thread.
+    j, png = tmp_path / "r.json", tmp_path / "r.png"
+    code, out, err = _interrupt(["bench", "reset", "--mem", "64M", "--dirty", "1", "--dirty",
+                                 "10000", "--repeat", "20", "--json", str(j), "--plot",
+                                 str(png)], b"dirty: reset")
+    _assert_interrupted(code, err)
+    data = json.loads(j.read_text())
+    assert data["interrupted"] is True
+    assert 1 <= len(data["cells"]) < 4
+    assert (data["cells"][0]["mode"], data["cells"][0]["dirty"]) == ("ring", 1)
+    assert b"copy: the reference" in out and png.exists()  # the table and the plot
 
 
 # -- arguments that are not UTF-8 --------------------------------------------------------------
