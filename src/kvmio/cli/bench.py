@@ -130,7 +130,7 @@ def _reset_line(c: ResetCell) -> str:
 def _reset_table(cells: list[ResetCell]) -> Table:
     t = Table(title="checkpoint reset, p50 (ms); copy: the reference, every stored page "
                     "copied back",
-              box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+              box=box.SIMPLE_HEAD, padding=0, show_edge=False)
     t.add_column("mode", no_wrap=True)
     for name in ("guest", "dirty", "restored", "reset", "CPU", "collect", "copy", "ratio"):
         t.add_column(name, justify="right", no_wrap=True)
