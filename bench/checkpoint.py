@@ -1,14 +1,14 @@
 """Benchmark: a whole checkpoint reset (``Checkpoint.reset``: pending exit, memory, machine
 state) and a run-then-reset loop, against the floors measured in the same run.
 
-The guest and its write list are ``bench/reset.py``'s (a long-mode guest that writes one
-value into each of ``N`` chosen pages, then ``out``).  Per row: the p50 of the whole reset
-(wall time), of its parts (finishing the exit, memory, state), and two references from the
-same run: a full copy of the checkpoint's pages (the reset without dirty tracking) and the
-machine state's own ioctls issued back to back in one native call (``Vm.set_state``'s
-floor, ``bench/state.py``).  The loop row runs the guest and resets it ``--repeat`` times
-and reports resets per second with the guest's time excluded, and whole iterations per
-second.
+The guest and its write list are ``bench/reset.py``'s (:class:`kvmio.resetbench.ResetBench`:
+a long-mode guest that writes one value into each of ``N`` chosen pages, then ``out``).  Per
+row: the p50 of the whole reset (wall time), of its parts (finishing the exit, memory,
+state), and two references from the same run: a full copy of the checkpoint's pages (the
+reset without dirty tracking) and the machine state's own ioctls issued back to back in one
+native call (``Vm.set_state``'s floor, ``bench/state.py``).  The loop row runs the guest and
+resets it ``--repeat`` times and reports resets per second with the guest's time excluded,
+and whole iterations per second.
 
 Usage: python bench/checkpoint.py [--repeat N] [--quick]
 """
@@ -19,10 +19,8 @@ import argparse
 import statistics
 import time
 
-import numpy as np
-from reset import GUESTS, Bench
-
 from kvmio import Kvm
+from kvmio.resetbench import DEFAULT_GUESTS, ResetBench
 from kvmio.snapshot import Checkpoint
 
 
@@ -31,29 +29,29 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=21)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    guests = GUESTS[:1] + GUESTS[2:] if args.quick else GUESTS
+    guests = DEFAULT_GUESTS[:1] + DEFAULT_GUESTS[2:] if args.quick else DEFAULT_GUESTS
     print("| mode | guest | dirty | restored | reset p50 | exit / memory / state | "
           "full copy | reset / full copy |")
     print("|---|---|---|---|---|---|---|---|")
     with Kvm() as kvm:
         for mode in ("ring", "bitmap"):
-            for name, size, populated in guests:
-                b = Bench(kvm, mode, size, populated)
-                b.cp.close()  # the whole checkpoint below owns the dirty log instead
-                try:
+            for guest in guests:
+                name = guest.label
+                with ResetBench(kvm, mode, guest) as b:
+                    b.checkpoint.close()  # the whole checkpoint below owns the dirty log instead
                     with Checkpoint.take(b.vm) as ck:
-                        b.cp = ck.memory  # the reference copies the same stored pages
+                        b.use(ck.memory)  # the reference copies the same stored pages
                         for n in ((1, 100) if args.quick else (1, 10, 100, 1000)):
-                            b.pages = {n: np.sort(b.rng.choice(b.populated, n, replace=False))}
-                            b.dirty(n)
+                            pages = b.choose(n)
+                            b.dirty(pages)
                             ck.reset()  # warm-up
                             reps = []
                             for _ in range(args.repeat):
-                                b.dirty(n)
+                                b.dirty(pages)
                                 reps.append(ck.reset())
                             ref = []
                             for _ in range(max(3, args.repeat // 3)):
-                                b.dirty(n)
+                                b.dirty(pages)
                                 t0 = time.perf_counter_ns()
                                 b.full_copy()
                                 ref.append(time.perf_counter_ns() - t0)
@@ -68,11 +66,11 @@ def main() -> None:
                                   f"| {med(ref) / 1e3:.0f} us | {total / med(ref):.4f} |",
                                   flush=True)
                         # The harness loop: run 100 pages, reset, again.
-                        b.pages = {100: np.sort(b.rng.choice(b.populated, 100, replace=False))}
+                        pages = b.choose(100)
                         runs, resets = [], []
                         for _ in range(args.repeat):
                             t0 = time.perf_counter_ns()
-                            b.dirty(100)
+                            b.dirty(pages)
                             t1 = time.perf_counter_ns()
                             resets.append(ck.reset().ns)
                             runs.append(t1 - t0)
@@ -81,8 +79,6 @@ def main() -> None:
                               f"excluded), {len(resets) / ((sum(resets) + sum(runs)) / 1e9):.0f}"
                               f" iterations/s | guest {statistics.median(runs) / 1e3:.0f} us "
                               "| - | - |", flush=True)
-                finally:
-                    b.close()
 
 
 if __name__ == "__main__":

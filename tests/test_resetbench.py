@@ -143,3 +143,18 @@ def test_a_kick_during_a_guest_run_is_reported_and_the_run_goes_on(kvm: Kvm) -> 
         assert kicks == 1
         written = b.mem.array().reshape(-1, 4096)[pages.astype(np.intp), :8].view("<u8")
         assert (written[:, 0] == np.arange(1, 1001)).all()  # every write, once, in order
+
+
+def test_a_whole_checkpoint_can_take_over_the_memory(kvm: Kvm) -> None:
+    # bench/checkpoint.py: the whole checkpoint needs the dirty log the bench's own holds.
+    from kvmio.snapshot import Checkpoint
+
+    with ResetBench(kvm, "ring", ResetGuest(16 * MIB, 16 * MIB)) as b, \
+            ResetBench(kvm, "ring", ResetGuest(16 * MIB, 16 * MIB)) as other:
+        with pytest.raises(KvmInvalidArgumentError, match="another VM"):
+            b.use(other.checkpoint)
+        b.checkpoint.close()
+        with Checkpoint.take(b.vm) as ck:
+            b.use(ck.memory)
+            cell = b.measure(3, 1)
+            assert cell.restored > 3 and b.checkpoint is ck.memory

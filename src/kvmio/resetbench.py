@@ -273,6 +273,18 @@ class ResetBench:
             self.vm.close()
             raise
 
+    def use(self, checkpoint: MemoryCheckpoint) -> None:
+        """Reset with, and copy back from, ``checkpoint`` from now on (a checkpoint of this
+        VM's memory taken since, e.g. the memory half of a whole
+        :class:`~kvmio.snapshot.Checkpoint`, which needs the dirty log that the one taken at
+        set-up holds: close that one first); the previous one is closed."""
+        if checkpoint.vm is not self.vm:
+            raise KvmInvalidArgumentError("the checkpoint belongs to another VM")
+        if checkpoint is not self.checkpoint:
+            self.checkpoint.close()
+        self.checkpoint = checkpoint
+        self._index, self._stored = checkpoint.stored(self.mem.slot)
+
     def close(self) -> None:
         """Close the checkpoint and the VM."""
         try:
