@@ -172,8 +172,10 @@ def _reset_table(cells: list[ResetCell]) -> Table:
 def reset_command(ctx: click.Context, mems: tuple[int, ...], populated: int,
                   dirty: tuple[int, ...], modes: tuple[ResetMode, ...], repeat: int,
                   json_path: str | None, plot_path: str | None, quiet: bool) -> None:
-    """Checkpoint-reset time (MemoryCheckpoint.reset) against dirty pages and guest size, in
-    ring and bitmap mode, beside a full copy of guest memory."""
+    """Checkpoint reset against dirty pages and guest size.
+
+    Times MemoryCheckpoint.reset after a guest wrote N pages, in ring and bitmap mode, beside
+    a full copy of every stored page (the reset without dirty tracking)."""
     guests = ([ResetGuest.of(m, populated) for m in dict.fromkeys(mems)] if mems
               else list(resetbench.DEFAULT_GUESTS))
     sizes = list(dict.fromkeys(dirty)) or list(resetbench.DEFAULT_DIRTY)
