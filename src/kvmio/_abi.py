@@ -155,6 +155,18 @@ class IoctlBatch:
         return int(done), int(result[0])
 
 
+def run_bounded(fd: int, run: KvmRun, seconds: float) -> int | None:
+    """KVM_RUN for at most ``seconds`` (a per-thread kernel timer kicks the calling thread);
+    ``None`` on EINTR (the bound or a kick ended it).  ``run`` is the vCPU's kvm_run, which
+    the caller keeps mapped (it holds the vCPU's run) until this returns."""
+    r = lib.kvmio_run_bounded(fd, lib.KVM_RUN, run.raw, max(1000, int(seconds * 1e9)))
+    if r == -_errno.EINTR:
+        return None
+    if r < 0:
+        raise from_errno(-r, "KVM_RUN (bounded)")
+    return int(r)
+
+
 def ioctl_eintr(fd: int, request: int, *, name: str) -> int | None:
     """Like :func:`ioctl` with no argument, but return ``None`` on EINTR (a kicked KVM_RUN)."""
     r = lib.kvmio_ioctl_val(fd, request, 0)

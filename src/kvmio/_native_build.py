@@ -225,6 +225,7 @@ int kvmio_ioctl(int fd, unsigned long request, void *arg);
 int kvmio_ioctl_val(int fd, unsigned long request, unsigned long arg);
 int kvmio_kick_signal(void);
 int kvmio_install_kick_handler(void);
+int kvmio_run_bounded(int fd, unsigned long request, struct kvm_run *run, int64_t ns);
 uint32_t kvmio_ioctl_batch(int *fds, uint32_t *ends, uint32_t nseg, unsigned long *requests,
                            void **args, int32_t *expect, uint8_t *skip, uint32_t n,
                            int32_t *result);
@@ -478,6 +479,7 @@ SOURCE = r"""
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
@@ -549,7 +551,90 @@ int kvmio_ioctl_val(int fd, unsigned long request, unsigned long arg)
  * no SA_RESTART, so that its only effect is to make a blocked KVM_RUN return EINTR. */
 int kvmio_kick_signal(void) { return SIGRTMIN + 4; }
 
-static void kvmio_kick_handler(int sig) { (void)sig; }
+/* The bounded runs in progress: which thread (kernel tid) runs which kvm_run.  A thread
+ * only ever writes its own entry's run (and claims a free entry with a compare-and-swap), so
+ * the signal handler, which looks for the entry of the thread it interrupted, sees a stable
+ * entry.  (A table rather than thread-local storage: a module loaded at run time has no
+ * static TLS room to spare, and other TLS may allocate inside a signal handler.) */
+#define KVMIO_BOUNDED_MAX 256
+static struct {
+    int tid;
+    struct kvm_run *volatile run;
+} kvmio_bounded[KVMIO_BOUNDED_MAX];
+
+/* Also sets immediate_exit of a bounded run in progress in this thread: a kick (or the bound's
+ * timer) that lands after kvmio_run_bounded() armed the timer but before KVM_RUN entered the
+ * guest then makes KVM_RUN return EINTR at once instead of being lost (the kernel's documented
+ * use of immediate_exit).  The kvm_run is mapped for as long as its entry is set: it is set
+ * and cleared inside kvmio_run_bounded(), which the vCPU calls from its run(), and close()
+ * does not unmap kvm_run while a run() is in flight.  syscall() and one-byte stores are
+ * async-signal-safe. */
+static void kvmio_kick_handler(int sig)
+{
+    int tid = (int)syscall(SYS_gettid);
+    int i;
+    (void)sig;
+    for (i = 0; i < KVMIO_BOUNDED_MAX; i++) {
+        if (__atomic_load_n(&kvmio_bounded[i].tid, __ATOMIC_ACQUIRE) == tid) {
+            struct kvm_run *run = kvmio_bounded[i].run;
+            if (run != NULL)
+                run->immediate_exit = 1;
+            return;
+        }
+    }
+}
+
+/* KVM_RUN (request) on fd that lasts at most ns nanoseconds: a one-shot per-thread timer sends
+ * the kick signal to the calling thread when the time is up, which makes KVM_RUN return EINTR
+ * (with no Python thread involved: precise also while the interpreter is busy).  Returns like
+ * kvmio_ioctl_val (-EINTR: the bound or a kick ended the run), or -errno when the timer cannot
+ * be made.  The caller keeps run mapped until this returns. */
+int kvmio_run_bounded(int fd, unsigned long request, struct kvm_run *run, int64_t ns)
+{
+    struct sigevent sev;
+    struct itimerspec its;
+    timer_t timer;
+    int r, e;
+
+    int tid = (int)syscall(SYS_gettid);
+    int slot;
+
+    for (slot = 0; slot < KVMIO_BOUNDED_MAX; slot++) {
+        int free_tid = 0;
+        if (__atomic_compare_exchange_n(&kvmio_bounded[slot].tid, &free_tid, tid, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            break;
+    }
+    if (slot == KVMIO_BOUNDED_MAX)
+        return -EAGAIN;
+    memset(&sev, 0, sizeof(sev));
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = kvmio_kick_signal();
+    sev._sigev_un._tid = (pid_t)tid;
+    if (timer_create(CLOCK_MONOTONIC, &sev, &timer) < 0) {
+        e = errno;
+        __atomic_store_n(&kvmio_bounded[slot].tid, 0, __ATOMIC_RELEASE);
+        return -e;
+    }
+    if (ns < 1000)
+        ns = 1000;
+    memset(&its, 0, sizeof(its));
+    its.it_value.tv_sec = (time_t)(ns / 1000000000);
+    its.it_value.tv_nsec = (long)(ns % 1000000000);
+    kvmio_bounded[slot].run = run;
+    if (timer_settime(timer, 0, &its, NULL) < 0) {
+        e = errno;
+        r = -1;
+    } else {
+        r = ioctl(fd, request, 0);
+        e = errno;
+    }
+    timer_delete(timer);  /* a signal it sent already may still set immediate_exit: a spare
+                           * kick, which the next run consumes by returning EINTR */
+    kvmio_bounded[slot].run = NULL;
+    __atomic_store_n(&kvmio_bounded[slot].tid, 0, __ATOMIC_RELEASE);
+    return r < 0 ? -e : r;
+}
 
 int kvmio_install_kick_handler(void)
 {

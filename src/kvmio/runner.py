@@ -11,7 +11,11 @@ runner serves what every user of a running VM needs and used to write by hand:
   handled (what a snapshot or a migration's final pass needs), :meth:`VcpuRunner.resume`
   lets them go on;
 - :meth:`VcpuRunner.stop` kicks every vCPU and joins every thread: no thread is ever left
-  behind, also when the caller is unwinding from an exception or Ctrl-C (``with`` does it).
+  behind, also when the caller is unwinding from an exception or Ctrl-C (``with`` does it);
+- a :class:`Throttle` (e.g. :class:`kvmio.limit.DirtyLimit`) paces the vCPUs from the run
+  loop: before each KVM_RUN it says how long the vCPU thread waits first and how long the
+  run may last at most (``Vcpu.run(max_time=...)``: a kernel timer ends it), and it is told
+  when each run ends.
 
 The handler decides what an exit means: it returns ``True`` to run the vCPU again, ``False`` to
 end that vCPU's thread (its exit is kept in :attr:`VcpuRunner.exits`).  An exception in a
@@ -26,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 from kvmio import _check
 from kvmio.errors import (
@@ -38,7 +42,7 @@ from kvmio.errors import (
 from kvmio.exits import DirtyRingFull, Interrupted, VcpuExit
 from kvmio.vcpu import RING_FULL_STUCK_LIMIT, Vcpu
 
-__all__ = ["ExitHandler", "RingFullHandler", "VcpuRunner", "run_until_handled",
+__all__ = ["ExitHandler", "RingFullHandler", "Throttle", "VcpuRunner", "run_until_handled",
            "stop_on_any_exit"]
 
 #: ``handler(vcpu, exit) -> run again?``
@@ -50,6 +54,37 @@ RingFullHandler = Callable[[Vcpu], None]
 def stop_on_any_exit(vcpu: Vcpu, ex: VcpuExit) -> bool:
     """The default handler: every exit the runner does not serve itself ends the vCPU."""
     return False
+
+
+class Throttle(Protocol):
+    """Paces vCPUs from the run loop (:class:`VcpuRunner`, :func:`run_until_handled`).
+
+    The loop calls :meth:`admit` before each KVM_RUN and :meth:`ran` after it; a throttle
+    calls the wakers it was given (:meth:`add_waker`) when a waiting vCPU should ask again
+    (its budget changed).  Every method is called from vCPU threads and must be thread-safe
+    and quick; none may raise for a well-formed call.
+    """
+
+    def admit(self, vcpu_id: int) -> tuple[float, float | None]:
+        """``(wait, slice)``: ``wait > 0`` means do not run yet, ask again after ``wait``
+        seconds (or when woken); ``wait == 0`` means the run starts now and lasts at most
+        ``slice`` seconds (``None``: unbounded).  Each admission is followed by one
+        :meth:`ran`."""
+        ...
+
+    def ran(self, vcpu_id: int) -> None:
+        """The run that :meth:`admit` let start has ended (KVM_RUN returned)."""
+        ...
+
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        """Call ``wake()`` whenever waiting vCPUs should call :meth:`admit` again."""
+        ...
+
+    def remove_waker(self, wake: Callable[[], None]) -> None:
+        """Stop calling ``wake``."""
+        ...
+
+
 
 
 class _State:
@@ -73,12 +108,14 @@ class VcpuRunner:
     call :meth:`start` and then :meth:`stop` (or :meth:`close`).
 
     ``max_stuck``: ring-full exits in a row with nothing to harvest (and no harvest by anyone
-    in between) before the ring is declared overrun.
+    in between) before the ring is declared overrun.  ``throttle``: paces the vCPUs (see
+    :class:`Throttle` and :meth:`set_throttle`).
     """
 
     def __init__(self, vcpus: Sequence[Vcpu], handler: ExitHandler = stop_on_any_exit, *,
                  on_ring_full: RingFullHandler | None = None,
-                 max_stuck: int = RING_FULL_STUCK_LIMIT, name: str = "kvmio-vcpu"):
+                 max_stuck: int = RING_FULL_STUCK_LIMIT, name: str = "kvmio-vcpu",
+                 throttle: Throttle | None = None):
         vcpus = _check.sequence("vcpus", vcpus)
         if not vcpus:
             raise KvmStateError("a runner needs at least one vCPU")
@@ -98,6 +135,9 @@ class VcpuRunner:
         self._stop = False
         self._started = False
         self._reported = False
+        self._throttle: Throttle | None = None
+        if throttle is not None:
+            self.set_throttle(throttle)
 
     def __repr__(self) -> str:
         return (f"<VcpuRunner vcpus={sorted(self._states)} "
@@ -133,8 +173,9 @@ class VcpuRunner:
             v.add_note(f"while stopping the vCPUs: {type(e).__name__}: {e}")
 
     def stop(self, *, raise_errors: bool = True) -> None:
-        """Kick every vCPU out of KVM_RUN and join every thread (idempotent).  Re-raises the
-        first error a vCPU thread met, unless ``raise_errors`` is false."""
+        """Kick every vCPU out of KVM_RUN and join every thread (idempotent), and let go of
+        the throttle, if any.  Re-raises the first error a vCPU thread met, unless
+        ``raise_errors`` is false."""
         self._check_not_a_vcpu_thread("stop")
         with self._cond:
             self._stop = True
@@ -147,6 +188,7 @@ class VcpuRunner:
                 t.join(0.05)
                 if t.is_alive():  # a kick can land before run(): repeat until the thread is out
                     self._kick(st)
+        self.set_throttle(None)  # nothing left to pace: the throttle lets go of this runner
         if raise_errors:
             self._raise_first()
 
@@ -182,6 +224,49 @@ class VcpuRunner:
                 self._reported = True
                 raise st.error
 
+    # -- pacing -----------------------------------------------------------------------------
+
+    @property
+    def throttle(self) -> Throttle | None:
+        """The :class:`Throttle` pacing the vCPUs, if any."""
+        return self._throttle
+
+    def set_throttle(self, throttle: Throttle | None) -> None:
+        """Pace the vCPUs with ``throttle`` from their next KVM_RUN on (``None``: stop pacing;
+        a vCPU waiting for its budget runs at once).  One throttle at a time: replacing one
+        with another raises :class:`KvmStateError` (remove the first with ``None``)."""
+        if throttle is not None:
+            for name in ("admit", "ran", "add_waker", "remove_waker"):
+                if not callable(getattr(throttle, name, None)):
+                    raise KvmStateError(f"a throttle needs the method {name}(); "
+                                        f"{type(throttle).__name__} has none")
+        with self._cond:
+            old = self._throttle
+            if throttle is not None and old is not None and old is not throttle:
+                raise KvmStateError("this runner has a throttle already; remove it first "
+                                    "(set_throttle(None))")
+            if old is throttle:
+                return
+            self._throttle = throttle
+            self._cond.notify_all()
+        if old is not None:
+            old.remove_waker(self._wake)
+        if throttle is not None:
+            throttle.add_waker(self._wake)
+            if self._started and not self._stop:
+                self._kick_all()  # runs that began unpaced go through the throttle now
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _wait_budget(self, seconds: float) -> None:
+        """A throttled vCPU thread waits for its budget: until ``seconds`` pass, the throttle
+        wakes it, or a pause or stop needs it."""
+        with self._cond:
+            if not (self._pause or self._stop):
+                self._cond.wait(seconds)
+
     # -- pause and resume -------------------------------------------------------------------
 
     def pause(self, timeout: float | None = None) -> None:
@@ -196,6 +281,7 @@ class VcpuRunner:
             if not self._started:
                 raise KvmStateError("the runner was not started")
             self._pause = True
+            self._cond.notify_all()  # vCPU threads waiting for a throttle's budget
         while True:
             self._kick_all()
             with self._cond:
@@ -277,8 +363,16 @@ class VcpuRunner:
         vcpu = st.vcpu
         try:
             while self._park(st):
+                throttle = self._throttle
                 try:
-                    ex = vcpu.run()
+                    if throttle is None:
+                        ex = vcpu.run()
+                    else:
+                        got = _paced_run(vcpu, throttle)
+                        if isinstance(got, float):
+                            self._wait_budget(got)
+                            continue
+                        ex = got
                 except KvmClosedError:
                     if self._stop:
                         return
@@ -330,15 +424,46 @@ def _serve_ring_full(st: _State, on_ring_full: RingFullHandler | None, max_stuck
             vcpu=st.vcpu.id)
 
 
+def _paced_run(vcpu: Vcpu, throttle: Throttle) -> VcpuExit | float:
+    """One throttled step: the exit of a run bounded by the throttle's slice, or the seconds
+    to wait for the budget first."""
+    wait, slice_ = throttle.admit(vcpu.id)
+    if wait > 0:
+        return float(wait)
+    try:
+        return vcpu.run(max_time=slice_)
+    finally:
+        throttle.ran(vcpu.id)
+
+
+#: Longest wait of :func:`run_until_handled` for a throttle's budget before it looks for a
+#: kick again (its caller's way to end it early).
+KICK_POLL = 0.01
+
+
 def run_until_handled(vcpu: Vcpu, handler: ExitHandler = stop_on_any_exit, *,
                       on_ring_full: RingFullHandler | None = None,
-                      max_stuck: int = RING_FULL_STUCK_LIMIT) -> VcpuExit:
+                      max_stuck: int = RING_FULL_STUCK_LIMIT,
+                      throttle: Throttle | None = None) -> VcpuExit:
     """Run one vCPU in the calling thread with the runner's exit routing, until ``handler``
-    returns ``False`` (that exit is returned).  Kicks (``Interrupted``) end it too."""
+    returns ``False`` (that exit is returned).  Kicks (``Interrupted``) end it too; with a
+    ``throttle``, so do the kicks that end its slices (call again to go on).  While the
+    throttle makes the vCPU wait, a kick ends the wait within :data:`KICK_POLL` seconds."""
     st = _State(vcpu)
     max_stuck = _check.integer("max_stuck", max_stuck, lo=1)
     while True:
-        ex = vcpu.run()
+        if throttle is None:
+            ex = vcpu.run()
+        else:
+            got = _paced_run(vcpu, throttle)
+            if isinstance(got, float):
+                if vcpu.immediate_exit:  # kicked while waiting: the run returns at once
+                    ex = vcpu.run()
+                else:
+                    time.sleep(min(got, KICK_POLL))
+                    continue
+            else:
+                ex = got
         if isinstance(ex, DirtyRingFull) and vcpu.ring is not None:
             _serve_ring_full(st, on_ring_full, max_stuck)
             continue

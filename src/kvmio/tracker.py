@@ -12,7 +12,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -30,8 +30,8 @@ from kvmio.memory import MemoryRegion
 from kvmio.vcpu import Vcpu
 from kvmio.vm import DirtyLogClaim, DirtyPages, Vm
 
-__all__ = ["DirtyRanges", "DirtyRate", "DirtyTracker", "RateSample", "SlotRanges",
-           "WindowCounter", "coalesce"]
+__all__ = ["DirtyRanges", "DirtyRate", "DirtyTracker", "PassListener", "RateSample",
+           "SlotRanges", "WindowCounter", "coalesce"]
 
 Mode = Literal["ring", "bitmap", "auto"]
 
@@ -166,6 +166,10 @@ class WindowCounter:
 # --------------------------------------------------------------------------------------------
 # The tracker
 
+#: ``listener(sample, harvested_at)``: called after each pass with its :class:`RateSample` and
+#: the ``time.monotonic()`` of its harvest (see :meth:`DirtyTracker.add_pass_listener`).
+PassListener = Callable[["RateSample", float], None]
+
 
 @dataclass(frozen=True)
 class RateSample:
@@ -179,6 +183,9 @@ class RateSample:
     #: Seconds the rate's passes cover (the window, give or take half a pass interval): the
     #: rate is their distinct pages divided by this.
     span: float = 0.0
+    #: Distinct pages this pass found in each vCPU's ring (ring mode; empty in bitmap mode,
+    #: where the kernel does not say which vCPU wrote a page).
+    vcpu_pages: dict[int, int] = field(default_factory=dict)
 
     @property
     def bytes_per_second(self) -> float:
@@ -296,6 +303,7 @@ class DirtyTracker:
             if slot not in regions:
                 raise KvmInvalidArgumentError(f"log_slots names slot {slot}, which does not exist")
         self._logging_started: list[int] = []
+        self._listeners: list[PassListener] = []
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -499,17 +507,22 @@ class DirtyTracker:
             if self.mode == "ring" and not self.strict:
                 self._repair_rings(now)
         distinct, span = self._vm_window.add(self._last, now, dict(pages), sizes)
-        vrates = {}
+        vrates, vpages = {}, {}
         for vid, win in self._vcpu_windows.items():
-            vd, vs = win.add(self._last, now, dict(got.per_vcpu.get(vid, PageSet())), sizes)
+            mine = got.per_vcpu.get(vid, PageSet())
+            vd, vs = win.add(self._last, now, dict(mine), sizes)
             vrates[vid] = vd / vs if vs > 0 else 0.0
-        self.samples.append(RateSample(now - self._t0, pages.count, got.entries,
-                                       distinct / span if span > 0 else 0.0, vrates, span))
+            vpages[vid] = mine.count
+        sample = RateSample(now - self._t0, pages.count, got.entries,
+                            distinct / span if span > 0 else 0.0, vrates, span, vpages)
+        self.samples.append(sample)
         self.heatmap_rows.append(self._histogram(pages, got.regions))
         self._last = now
         self.passes += 1
         self.entries += got.entries
         self.cpu_time += time.monotonic() - t_start
+        for listener in list(self._listeners):
+            listener(sample, now)  # an error stops the tracker, as any pass error does
 
     def _collect_rings(self, holds: contextlib.ExitStack, final: bool) -> DirtyPages:
         """Harvest and reset the tracked rings.  A ring that overran is harvested only with its
@@ -668,6 +681,21 @@ class DirtyTracker:
             slots[s] = SlotRanges(s, np.array([r.guest_phys_addr], dtype=np.uint64),
                                   np.array([r.size], dtype=np.uint64), r.num_pages)
         return DirtyRanges(slots, frozenset(whole))
+
+    def add_pass_listener(self, listener: PassListener) -> None:
+        """Call ``listener(sample, harvested_at)`` after every pass, in the thread that ran it
+        (the worker, or a vCPU thread in :meth:`on_ring_full`), with the tracker's lock held:
+        it must be quick and must not call back into the tracker's passes.  An exception it
+        raises stops the tracker like any error of a pass (the pass's pages are kept)."""
+        if not callable(listener):
+            raise KvmInvalidArgumentError("a pass listener must be callable")
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_pass_listener(self, listener: PassListener) -> None:
+        """Stop calling ``listener`` (no error if it was not added)."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
 
     def rate(self) -> DirtyRate:
         """The latest windowed dirty rate (VM and, in ring mode, per vCPU)."""

@@ -76,6 +76,10 @@ _RUNNING: weakref.WeakSet[Vcpu] = weakref.WeakSet()
 _RUNNING_LOCK = threading.Lock()
 
 
+#: The longest ``max_time`` of :meth:`Vcpu.run` (seconds: a day).
+MAX_RUN_TIME = 86400.0
+
+
 def kick_running(thread: int | None = None) -> int:
     """Kick every vCPU that is inside :meth:`Vcpu.run` now (only those running in ``thread``,
     a ``threading.get_ident()``, if given); returns how many.  For a signal helper thread: a
@@ -213,14 +217,20 @@ class Vcpu(FdOwner):
             if self._running_thread is not None:
                 signal.pthread_kill(self._running_thread, _abi.kick_signal())
 
-    def run(self) -> VcpuExit:
+    def run(self, max_time: float | None = None) -> VcpuExit:
         """KVM_RUN: run the guest until it exits to userspace, and decode the exit.
+
+        ``max_time``: the run lasts at most that many seconds: a kernel timer of the calling
+        thread kicks it then (precise to tens of microseconds, whatever Python's other
+        threads do), and it returns :class:`~kvmio.exits.Interrupted` like any kick.
 
         I/O-in and MMIO-read exits carry an ``answer()`` method that writes the value the guest
         reads back into ``kvm_run``; it must be called before the next ``run()``.  The vCPU
         counts as running until the exit is decoded, so ``close()`` cannot unmap ``kvm_run``
         under it.  Raises :class:`KvmClosedError` once the vCPU is closed (or closing).
         """
+        if max_time is not None:
+            max_time = _check.positive_float("max_time", max_time, hi=MAX_RUN_TIME)
         _abi.kick_signal()  # install the kick handler before the first KVM_RUN
         entered = False
         try:
@@ -247,7 +257,10 @@ class Vcpu(FdOwner):
                 # _in_run is set, so no other run() can overwrite it; not under the run lock,
                 # which a tracker takes while holding the ring set's lock).
                 self._ring.before_run()
-            r = _abi.ioctl_eintr(fd, lib.KVM_RUN, name="KVM_RUN")
+            if max_time is None:
+                r = _abi.ioctl_eintr(fd, lib.KVM_RUN, name="KVM_RUN")
+            else:  # kvm_run stays mapped: close() waits for this run (_in_run) to end
+                r = _abi.run_bounded(fd, self._run, max_time)
             with self._run_lock:
                 self._running_thread = None
                 if r is None:

@@ -60,7 +60,7 @@ from kvmio.guests.multiboot.bootinfo import (
 )
 from kvmio.guests.multiboot.header import BOOTLOADER_MAGIC
 from kvmio.guests.multiboot.image import KernelImage, parse_kernel, read_kernel_file
-from kvmio.runner import run_until_handled
+from kvmio.runner import Throttle, run_until_handled
 from kvmio.snapshot.checkpoint import Checkpoint
 from kvmio.snapshot.files import (
     AS_SAVED,
@@ -413,8 +413,12 @@ class MultibootMachine(Closing):
             on_output: Callable[[bytes], None] | None = None,
             on_ring_full: Callable[[Vcpu], None] | None = None,
             max_output: int = DEFAULT_MAX_OUTPUT,
-            on_interrupted: Callable[[], None] | None = None) -> MultibootResult:
+            on_interrupted: Callable[[], None] | None = None,
+            throttle: Throttle | None = None) -> MultibootResult:
         """Run the kernel until it stops (see :class:`StopReason`) or ``timeout`` seconds pass.
+
+        ``throttle`` paces the vCPU (e.g. a :class:`kvmio.limit.DirtyLimit`: see
+        :class:`kvmio.runner.Throttle`).
 
         Output bytes are passed to ``on_output`` as they are written; the result keeps the last
         ``max_output`` bytes (1 MiB by default) and counts the ones it dropped, so that a
@@ -491,7 +495,7 @@ class MultibootMachine(Closing):
             while True:
                 # Ring-full exits are served by the runner's routing (on_ring_full, or the
                 # vCPU's own ring drained), which also reports a ring stuck full as overrun.
-                ex = run_until_handled(vcpu, on_ring_full=on_ring_full)
+                ex = run_until_handled(vcpu, on_ring_full=on_ring_full, throttle=throttle)
                 exits += 1
                 if isinstance(ex, Interrupted):
                     if timed_out:
