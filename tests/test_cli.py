@@ -101,6 +101,48 @@ def test_dirtyrate_workload_json_and_plot(kvm: Kvm, tmp_path: Path) -> None:
     _png(png, 1000, 700)
 
 
+def test_dirtyrate_limit_json_and_plot(kvm: Kvm, tmp_path: Path) -> None:
+    """--limit on one vCPU of two: the samples carry the limit series, the limited vCPU's
+    rate comes down to its limit, the other runs free."""
+    j, png = tmp_path / "limit.json", tmp_path / "limit.png"
+    r = CliRunner().invoke(main, ["dirtyrate", "--mem", "2G", "--vcpus", "2", "--order",
+                                  "sequential", "--duration", "3", "--limit", "4MiB/s",
+                                  "--limit-vcpu", "1", "--json", str(j), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    assert "vCPU 1: limit 4.0 MiB/s" in r.output
+    data = json.loads(j.read_text())
+    assert data["config"]["limit"] == 4 << 20 and data["config"]["limit_vcpu"] == 1
+    assert all(s["limit_bytes_per_second"] == {"1": 4 << 20} for s in data["samples"])
+    limit = data["extra"]["limit"]
+    assert limit["changes"][0]["vcpu"] == 1 and limit["changes"][0]["bytes_per_second"] == 4 << 20
+    assert limit["vcpus"]["1"]["throttled_seconds"] > 1.0
+    assert limit["vcpus"]["0"]["limit"] is None and limit["vcpus"]["0"]["throttled_seconds"] == 0
+    late = [s["vcpu_pages_per_second"] for s in data["samples"] if s["time"] >= 2.0]
+    assert late
+    for rates in late:  # the tracker's figure (test_limit.py holds it to the guest's counter)
+        assert abs(rates["1"] * 4096 - (4 << 20)) < 0.3 * (4 << 20), rates
+        assert rates["0"] > 3 * rates["1"]
+    _png(png, 1000, 700)
+
+
+def test_dirtyrate_kernel_under_a_limit(kvm: Kvm, tmp_path: Path) -> None:
+    """A multiboot kernel's run loop is paced too: the sweeper (thousands of pages a second
+    unlimited, see test_dirtyrate_kernel) stays under 2 MiB/s."""
+    kernel = tmp_path / "sweeper.elf"
+    kernel.write_bytes(make_elf([(0x100000, SWEEPER, len(SWEEPER))], 0x100000))
+    j = tmp_path / "k.json"
+    r = CliRunner().invoke(main, ["dirtyrate", "--kernel", str(kernel), "--mem", "64M",
+                                  "--duration", "2.5", "--quiet", "--limit", "2M",
+                                  "--json", str(j)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(j.read_text())
+    assert data["extra"]["limit"]["vcpus"]["0"]["throttled_seconds"] > 0.5
+    late = [s for s in data["samples"] if s["time"] >= 1.5]
+    assert late
+    for s in late:  # distinct pages over the window: at most what the passes charged
+        assert 0 < s["pages_per_second"] * 4096 < 1.3 * (2 << 20), s
+
+
 def test_dirtyrate_bitmap_mode(kvm: Kvm) -> None:
     r = CliRunner().invoke(main, ["dirtyrate", "--mode", "bitmap", "--mem", "64M",
                                   "--duration", "0.5", "--quiet"])
@@ -310,6 +352,16 @@ def _no_kvm(monkeypatch: pytest.MonkeyPatch) -> None:
     (["dirtyrate", "--pace", "-1"], "--pace", ""),
     (["dirtyrate", "--ring", "1000"], "--ring", "power of two"),
     (["dirtyrate", "--ring", "0"], "--ring", "power of two"),
+    (["dirtyrate", "--limit", "0"], "--limit", "out of range"),
+    (["dirtyrate", "--limit", "1K/s"], "--limit", "between 4 KiB/s and 1 TiB/s"),
+    (["dirtyrate", "--limit", "nan"], "--limit", "bad rate"),
+    (["dirtyrate", "--limit", "fast"], "--limit", "bad rate"),
+    (["dirtyrate", "--limit-vcpu", "0"], "--limit-vcpu", "needs --limit"),
+    (["dirtyrate", "--limit", "4M", "--limit-vcpu", "2", "--vcpus", "2"], "--limit-vcpu",
+     "vCPU 2 does not exist: the guest has 2 vCPUs"),
+    (["dirtyrate", "--kernel", "KERNEL", "--limit", "4M", "--limit-vcpu", "1"],
+     "--limit-vcpu", "the guest has 1 vCPU"),
+    (["dirtyrate", "--limit", "4M", "--limit-vcpu", "16"], "--limit-vcpu", ""),
     (["bench", "ring-vs-bitmap", "--repeat", "0"], "--repeat", ""),
     (["bench", "ring-vs-bitmap", "--dirty", "0"], "--dirty", ""),
     (["bench", "ring-vs-bitmap", "--dirty", "70000"], "--dirty", ""),

@@ -29,6 +29,8 @@ def test_readme_example(kvm: Kvm, code: str) -> None:
         assert re.fullmatch(r"\{'ring': 100\} \d+ us per reset \(p50\)\n", text), text
     elif "IoOut" in code:
         assert "IoOut(port=233" in text and "Hlt()" in text and "1 [5]" in text
+    elif "DirtyLimit" in code:
+        assert text.split() == ["True", "True", "True"], text
     elif "DirtyTracker" in code:
         assert text.strip() == "True True"
     elif "snapshotter" in code:

@@ -22,6 +22,7 @@ from kvmio.errors import KvmError, KvmInvalidArgumentError
 from kvmio.exits import Hlt
 from kvmio.guests.multiboot import MultibootMachine, MultibootResult, StopReason
 from kvmio.guests.workload import Workload
+from kvmio.limit import DirtyLimit
 from kvmio.system import Kvm
 from kvmio.tracker import DirtyTracker, Mode
 
@@ -68,15 +69,53 @@ class DirtyRateReport:
         return d
 
 
+def _limit_series(limit: DirtyLimit, t0: float, times: list[float],
+                  vcpus: list[int]) -> list[dict[str, float]]:
+    """The limit of each limited vCPU (bytes/s, keyed by vCPU id as a string) at each of
+    ``times`` (seconds since ``t0``), replayed from the limit's changes."""
+    out = []
+    changes = sorted(limit.changes, key=lambda c: c[0])
+    default: float | None = None
+    per: dict[int, float | None] = {}
+    k = 0
+    for t in times:
+        while k < len(changes) and changes[k][0] - t0 <= t:
+            _, vid, value = changes[k]
+            if vid is None:
+                default, per = value, {}
+            else:
+                per[vid] = value
+            k += 1
+        now = {}
+        for v in vcpus:
+            value = per.get(v, default)
+            if value is not None:
+                now[str(v)] = value
+        out.append(now)
+    return out
+
+
 def _report(tracker: DirtyTracker, config: dict[str, Any], duration: float,
-            **kw: Any) -> DirtyRateReport:
+            limit: DirtyLimit | None = None, **kw: Any) -> DirtyRateReport:
     times, counts, span = tracker.heatmap()
-    samples = [{"time": s.time, "pages": s.pages, "entries": s.entries,
+    samples: list[dict[str, Any]] = [{"time": s.time, "pages": s.pages, "entries": s.entries,
                 "pages_per_second": s.pages_per_second, "bytes_per_second": s.bytes_per_second,
                 "span": s.span,
                 "vcpu_pages_per_second": {str(k): v for k, v in s.vcpu_pages_per_second.items()}}
                for s in tracker.samples]
     extra = kw.pop("extra", {})
+    if limit is not None:
+        vcpus = sorted(tracker.vm.vcpus)
+        series = _limit_series(limit, tracker.started_at, [s["time"] for s in samples], vcpus)
+        for sample, limits in zip(samples, series, strict=True):
+            sample["limit_bytes_per_second"] = limits
+        extra["limit"] = {
+            "changes": [{"time": t - tracker.started_at, "vcpu": v, "bytes_per_second": b}
+                        for t, v, b in limit.changes],
+            "vcpus": {str(v): {"limit": st.limit, "throttled_seconds": st.throttled,
+                               "run_seconds": st.run_time, "pages_charged": st.pages}
+                      for v in vcpus for st in [limit.status(v)]},
+        }
     # Ring overruns the tracker survived: when, which vCPU, why (pages were reported whole).
     extra["overruns"] = [{"time": t, "vcpu": v, "why": why}
                          for t, v, why in tracker.overrun_events]
@@ -120,25 +159,50 @@ def _watch(tracker: DirtyTracker, duration: float, progress: Progress | None,
             progress(tracker, time.monotonic() - t0)
 
 
+def _check_limit(limit: float | None, limit_vcpu: int | None, vcpus: int) -> None:
+    if limit_vcpu is not None:
+        if limit is None:
+            raise KvmInvalidArgumentError("limit_vcpu needs a limit")
+        if isinstance(limit_vcpu, bool) or not isinstance(limit_vcpu, int) or \
+                not 0 <= limit_vcpu < vcpus:
+            raise KvmInvalidArgumentError(
+                f"limit_vcpu {limit_vcpu!r} does not exist (the guest has {vcpus} vCPU"
+                f"{'s' if vcpus > 1 else ''})")
+
+
 def measure_workload(kvm: Kvm, *, mem: int = 1 << 30, vcpus: int = 1,
                      working_set: int | None = None, order: str = "random", pace: int = 0,
                      mode: Mode = "ring", ring_entries: int = 4096, interval: float = 0.05,
                      window: float = 1.0, duration: float = 3.0, heatmap_bins: int = 128,
-                     progress: Progress | None = None) -> DirtyRateReport:
-    """Run the built-in dirtier for ``duration`` seconds under a :class:`DirtyTracker`."""
+                     limit: float | None = None, limit_vcpu: int | None = None,
+                     progress: Progress | None = None,
+                     on_limit: Callable[[DirtyLimit], None] | None = None) -> DirtyRateReport:
+    """Run the built-in dirtier for ``duration`` seconds under a :class:`DirtyTracker`.
+
+    ``limit``: a dirty-rate limit in bytes per second (:class:`~kvmio.limit.DirtyLimit`) for
+    vCPU ``limit_vcpu``, or for every vCPU if that is ``None``; the report's samples carry
+    the limit in effect (``limit_bytes_per_second``).  ``on_limit(limit)`` is called once the
+    limit holds (e.g. to show it live)."""
     if not duration > 0:
         raise KvmInvalidArgumentError("duration must be positive")
+    _check_limit(limit, limit_vcpu, vcpus)
     use_ring = mode in ("ring", "auto")
     config = {"guest": "dirtier", "mem": mem, "vcpus": vcpus, "working_set": working_set or mem,
               "order": order, "pace": pace, "mode": "ring" if use_ring else "bitmap",
               "ring_entries": ring_entries if use_ring else None, "interval": interval,
-              "window": window, "duration": duration}
+              "window": window, "duration": duration, "limit": limit, "limit_vcpu": limit_vcpu}
     with Workload(kvm, mem_size=mem, vcpus=vcpus, working_set=working_set, order=order,
                   pace=pace, shared=False, ring_entries=ring_entries if use_ring else None) as w:
         tracker = DirtyTracker(w.vm, "ring" if use_ring else "bitmap", interval=interval,
                                window=window, heatmap_bins=heatmap_bins)
         interrupted = False
+        limiter: DirtyLimit | None = None
         with tracker, w.runner(on_ring_full=tracker.on_ring_full if use_ring else None) as r:
+            if limit is not None:
+                limiter = DirtyLimit(tracker, r)
+                limiter.set(limit, vcpu=limit_vcpu)
+                if on_limit is not None:
+                    on_limit(limiter)
             t0 = time.monotonic()
             done = threading.Event()
             try:
@@ -147,9 +211,11 @@ def measure_workload(kvm: Kvm, *, mem: int = 1 << 30, vcpus: int = 1,
                 interrupted = True  # stop as at the end of the duration, and report
             r.stop()  # kick and join every vCPU thread; re-raises a vCPU thread's error
             elapsed = time.monotonic() - t0
-        report = _report(tracker, config, elapsed, guest_writes=w.total_writes(),
+        report = _report(tracker, config, elapsed, limiter, guest_writes=w.total_writes(),
                          stop="interrupted" if interrupted else "duration reached",
                          interrupted=interrupted)
+        if limiter is not None:
+            limiter.close()
     if interrupted:
         raise MeasurementInterrupted(report)
     return report
@@ -158,16 +224,20 @@ def measure_workload(kvm: Kvm, *, mem: int = 1 << 30, vcpus: int = 1,
 def measure_kernel(kvm: Kvm, kernel: str, *, mem: int, cmdline: str = "", mode: Mode = "ring",
                    ring_entries: int = 4096, interval: float = 0.05, window: float = 1.0,
                    duration: float = 3.0, heatmap_bins: int = 128,
+                   limit: float | None = None,
                    on_output: Callable[[bytes], None] | None = None,
-                   progress: Progress | None = None) -> DirtyRateReport:
-    """Run a multiboot kernel for up to ``duration`` seconds under a :class:`DirtyTracker`."""
+                   progress: Progress | None = None,
+                   on_limit: Callable[[DirtyLimit], None] | None = None) -> DirtyRateReport:
+    """Run a multiboot kernel for up to ``duration`` seconds under a :class:`DirtyTracker`
+    (``limit``: its vCPU's dirty-rate limit in bytes per second, as
+    :func:`measure_workload` takes it)."""
     if not duration > 0:
         raise KvmInvalidArgumentError("duration must be positive")
     use_ring = mode in ("ring", "auto")
     config = {"guest": kernel, "mem": mem, "cmdline": cmdline,
               "mode": "ring" if use_ring else "bitmap",
               "ring_entries": ring_entries if use_ring else None, "interval": interval,
-              "window": window, "duration": duration}
+              "window": window, "duration": duration, "limit": limit}
     # Guest RAM is dirty-logged from the moment tracking starts, not from boot (as a migration
     # turns logging on when it starts).
     with MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, log_dirty=False,
@@ -189,7 +259,8 @@ def measure_kernel(kvm: Kvm, kernel: str, *, mem: int, cmdline: str = "", mode: 
                 while not stop.is_set():
                     left = max(0.0, end - time.monotonic())
                     r = m.run(timeout=min(KERNEL_RUN_SLICE, left), on_output=on_output,
-                              on_ring_full=tracker.on_ring_full if use_ring else None)
+                              on_ring_full=tracker.on_ring_full if use_ring else None,
+                              throttle=limiter)
                     results.append(r)
                     output.extend(r.output)
                     del output[:-KERNEL_OUTPUT_KEPT]
@@ -201,7 +272,13 @@ def measure_kernel(kvm: Kvm, kernel: str, *, mem: int, cmdline: str = "", mode: 
                 done.set()
 
         interrupted = False
+        limiter: DirtyLimit | None = None
         with tracker:
+            if limit is not None:
+                limiter = DirtyLimit(tracker)  # paces the kernel's run loop (throttle=)
+                limiter.set(limit)
+                if on_limit is not None:
+                    on_limit(limiter)
             t0 = time.monotonic()
             th = threading.Thread(target=run, name="kvmio-dirtyrate-kernel", daemon=True)
             th.start()
@@ -222,9 +299,11 @@ def measure_kernel(kvm: Kvm, kernel: str, *, mem: int, cmdline: str = "", mode: 
             why = f"timeout ({duration:g} s) after {elapsed:.2f} s"
         else:
             why = last.summary() if last is not None else "not run"
-        report = _report(tracker, config, elapsed, stop=why,
+        report = _report(tracker, config, elapsed, limiter, stop=why,
                          output=bytes(output).decode("utf-8", "replace"),
                          interrupted=interrupted)
+        if limiter is not None:
+            limiter.close()
     if interrupted:
         raise MeasurementInterrupted(report)
     return report

@@ -38,9 +38,18 @@ def plot_dirty_rate(report: DirtyRateReport, path: str | os.PathLike[str], *,
         ax1.plot(t, [s["bytes_per_second"] / (1 << 20) for s in report.samples], lw=2,
                  label="VM", color="black")
         vcpus = sorted({k for s in report.samples for k in s["vcpu_pages_per_second"]}, key=int)
+        colours = {}
         for v in vcpus:
-            ax1.plot(t, [s["vcpu_pages_per_second"].get(v, 0) * PAGE_SIZE / (1 << 20)
-                         for s in report.samples], lw=1, label=f"vCPU {v}")
+            (line,) = ax1.plot(t, [s["vcpu_pages_per_second"].get(v, 0) * PAGE_SIZE / (1 << 20)
+                                   for s in report.samples], lw=1, label=f"vCPU {v}")
+            colours[v] = line.get_color()
+        # The dirty-rate limit in effect at each sample, dashed in its vCPU's colour.
+        limited = sorted({k for s in report.samples
+                          for k in s.get("limit_bytes_per_second", {})}, key=int)
+        for v in limited:
+            ax1.step(t, [s.get("limit_bytes_per_second", {}).get(v, np.nan) / (1 << 20)
+                         for s in report.samples], where="post", lw=1.2, ls="--",
+                     color=colours.get(v, "grey"), label=f"limit vCPU {v}")
         ax1.set_xlabel("time (s)")
         ax1.set_ylabel("dirty rate (MiB/s, distinct pages)")
         ax1.set_title(f"dirty rate, {report.config.get('mode')} mode, window "

@@ -14,7 +14,15 @@ from rich.live import Live
 from rich.table import Table
 
 from kvmio.cli.common import console, open_kvm, write_json
-from kvmio.cli.params import PAGE_SIZE, FiniteFloatRange, OutputFile, RingEntries, Size, format_size
+from kvmio.cli.params import (
+    PAGE_SIZE,
+    FiniteFloatRange,
+    OutputFile,
+    Rate,
+    RingEntries,
+    Size,
+    format_size,
+)
 from kvmio.cli.run import MULTIBOOT_MEMORY
 from kvmio.dirtyrate import (
     DirtyRateReport,
@@ -22,6 +30,7 @@ from kvmio.dirtyrate import (
     measure_kernel,
     measure_workload,
 )
+from kvmio.limit import DirtyLimit
 from kvmio.tracker import DirtyTracker
 
 __all__ = ["MAX_DURATION", "MAX_INTERVAL", "MAX_MEMORY", "MAX_PACE", "dirtyrate"]
@@ -36,17 +45,35 @@ MAX_MEMORY = 512 << 30
 MAX_PACE = 1_000_000_000
 
 
-def _rate_table(tracker: DirtyTracker, elapsed: float, duration: float) -> Table:
+def _mib(b: float | None) -> str:
+    return "" if b is None else f"{b / (1 << 20):,.1f}"
+
+
+def _rate_table(tracker: DirtyTracker, elapsed: float, duration: float,
+                limit: DirtyLimit | None = None) -> Table:
     t = Table(title=f"dirty rate ({tracker.mode} mode, window {tracker.window:g} s) "
                     f"{elapsed:4.1f}/{duration:g} s")
     t.add_column("")
     t.add_column("pages/s", justify="right")
     t.add_column("MiB/s", justify="right")
+    limits = limit.limits if limit is not None else {}
+    if limit is not None:
+        t.add_column("limit MiB/s", justify="right")
+        t.add_column("throttled s", justify="right")
     r = tracker.rate()
-    for vid, pps in sorted(r.vcpu_pages_per_second.items()):
-        t.add_row(f"vCPU {vid}", f"{pps:,.0f}", f"{pps * PAGE_SIZE / (1 << 20):,.1f}")
-    t.add_row("[bold]VM[/]", f"{r.pages_per_second:,.0f}",
-              f"{r.bytes_per_second / (1 << 20):,.1f}")
+    vids = sorted(set(r.vcpu_pages_per_second) | set(limits))
+    for vid in vids:
+        pps = r.vcpu_pages_per_second.get(vid)
+        row = [f"vCPU {vid}", "" if pps is None else f"{pps:,.0f}",
+               "" if pps is None else _mib(pps * PAGE_SIZE)]
+        if limit is not None:
+            row += [_mib(limits.get(vid)), f"{limit.status(vid).throttled:,.1f}"]
+        t.add_row(*row)
+    row = ["[bold]VM[/]", f"{r.pages_per_second:,.0f}", _mib(r.bytes_per_second)]
+    if limit is not None:
+        all_limited = bool(limits) and set(limits) >= set(tracker.vm.vcpus)
+        row += [_mib(sum(limits.values())) if all_limited else "", ""]
+    t.add_row(*row)
     return t
 
 
@@ -78,6 +105,18 @@ def _summarise(report: DirtyRateReport) -> None:
     if report.guest_writes is not None:
         console.print(f"guest's own count: {report.guest_writes:,} writes in "
                       f"{report.duration:.2f} s")
+    held = report.extra.get("limit")
+    if held:
+        for vid, st in held["vcpus"].items():
+            if st["limit"] is None and not st["throttled_seconds"]:
+                continue
+            rates = [s["vcpu_pages_per_second"].get(vid) for s in report.samples
+                     if s["time"] >= report.duration / 2]
+            measured = [r for r in rates if r is not None]
+            mean = (f"{sum(measured) / len(measured) * PAGE_SIZE / (1 << 20):,.1f} MiB/s "
+                    "in the second half, ") if measured else ""
+            console.print(f"vCPU {vid}: limit {_mib(st['limit']) or 'none'} MiB/s, {mean}"
+                          f"throttled {st['throttled_seconds']:.2f} s")
 
 
 @click.command()
@@ -114,14 +153,31 @@ def _summarise(report: DirtyRateReport) -> None:
 @click.option("--plot", "plot_path", type=OutputFile(plot=True), default=None,
               help="Write a PNG: rate over time and a memory x time heatmap (needs "
                    "matplotlib).")
+@click.option("--limit", "limit", default=None, type=Rate(),
+              help="Hold the dirty rate of each vCPU (or of --limit-vcpu) at or under RATE "
+                   "bytes per second, e.g. 16M or 16MiB/s (a bare number is MiB/s).  In "
+                   "bitmap mode the VM's pages are shared out among the vCPUs by their time "
+                   "in the guest.")
+@click.option("--limit-vcpu", "limit_vcpu", default=None, type=click.IntRange(0, 15),
+              help="Limit only this vCPU (with --limit).")
 @click.option("--quiet", is_flag=True, help="No live display.")
 @click.pass_context
 def dirtyrate(ctx: click.Context, mem: int, vcpus: int, working_set: int | None, order: str,
               pace: int, mode: Literal["ring", "bitmap"], ring_entries: int, interval: float,
               window: float | None, duration: float, kernel: str | None, cmdline: str,
-              json_path: str | None, plot_path: str | None, quiet: bool) -> None:
-    """Measure how fast, and where, a guest dirties memory (distinct pages per second)."""
+              json_path: str | None, plot_path: str | None, limit: int | None,
+              limit_vcpu: int | None, quiet: bool) -> None:
+    """Measure how fast, and where, a guest dirties memory (distinct pages per second),
+    optionally under a dirty-rate limit."""
     window = _check_times(ctx, interval, window, duration)
+    if limit_vcpu is not None:
+        if limit is None:
+            raise click.BadParameter("needs --limit", ctx, param_hint="'--limit-vcpu'")
+        count = 1 if kernel is not None else vcpus
+        if limit_vcpu >= count:
+            raise click.BadParameter(
+                f"vCPU {limit_vcpu} does not exist: the guest has {count} vCPU"
+                f"{'s' if count > 1 else ''}", ctx, param_hint="'--limit-vcpu'")
     if kernel is not None:
         if not MULTIBOOT_MEMORY.min <= mem <= MULTIBOOT_MEMORY.max:
             raise click.BadParameter(f"{format_size(mem)} is out of range for a kernel: it "
@@ -137,15 +193,24 @@ def dirtyrate(ctx: click.Context, mem: int, vcpus: int, working_set: int | None,
         live = Live(console=console, refresh_per_second=4, transient=False) if not quiet \
             else None
         started = False
+        limiter: DirtyLimit | None = None
+
+        def on_limit(lim: DirtyLimit) -> None:
+            nonlocal limiter
+            limiter = lim
 
         def progress(tracker: DirtyTracker, elapsed: float) -> None:
             nonlocal started
             if not started and tracker.samples:  # the guest runs; Ctrl-C now keeps samples
                 started = True
+                held = "" if limit is None else (
+                    f", limit {format_size(limit)}/s for "
+                    f"{'every vCPU' if limit_vcpu is None else f'vCPU {limit_vcpu}'}")
                 console.print(f"measuring {guest}, {format_size(mem)}, {mode} mode, for "
-                              f"{duration:g} s (Ctrl-C stops early and keeps the samples)")
+                              f"{duration:g} s{held} (Ctrl-C stops early and keeps the "
+                              "samples)")
             if live is not None:
-                live.update(_rate_table(tracker, elapsed, duration))
+                live.update(_rate_table(tracker, elapsed, duration, limiter))
 
         try:
             if live is not None:
@@ -153,12 +218,15 @@ def dirtyrate(ctx: click.Context, mem: int, vcpus: int, working_set: int | None,
             if kernel is not None:
                 report = measure_kernel(kvm, kernel, mem=mem, cmdline=cmdline, mode=mode,
                                         ring_entries=ring_entries, interval=interval,
-                                        window=window, duration=duration, progress=progress)
+                                        window=window, duration=duration, limit=limit,
+                                        progress=progress, on_limit=on_limit)
             else:
                 report = measure_workload(kvm, mem=mem, vcpus=vcpus, working_set=working_set,
                                           order=order, pace=pace, mode=mode,
                                           ring_entries=ring_entries, interval=interval,
-                                          window=window, duration=duration, progress=progress)
+                                          window=window, duration=duration, limit=limit,
+                                          limit_vcpu=limit_vcpu, progress=progress,
+                                          on_limit=on_limit)
         except MeasurementInterrupted as e:  # the guest was stopped, every thread joined
             interrupted = e
             report = e.report

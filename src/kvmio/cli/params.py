@@ -26,7 +26,7 @@ from kvmio._abi import PAGE_SIZE
 from kvmio.errors import KvmError
 from kvmio.units import format_size, parse_size
 
-__all__ = ["PAGE_SIZE", "FiniteFloatRange", "OutputFile", "RingEntries", "Size",
+__all__ = ["PAGE_SIZE", "FiniteFloatRange", "OutputFile", "Rate", "RingEntries", "Size",
            "format_size", "plot_hint"]
 
 
@@ -84,6 +84,37 @@ class Size(_IntType):
 
     def __repr__(self) -> str:
         return f"Size({format_size(self.min)}..{format_size(self.max)})"
+
+
+class Rate(Size):
+    """A rate in bytes per second, written as a size with an optional ``/s``: ``16M``,
+    ``16MiB/s``, ``512K/s`` (a bare number is MiB/s), between one page and 1 TiB per
+    second."""
+
+    name = "rate"
+
+    def __init__(self) -> None:
+        super().__init__(min=PAGE_SIZE, max=1 << 40, multiple=1, what="rate")
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        """``RATE``."""
+        return "RATE"
+
+    def describe(self) -> str:
+        """The accepted range, in words."""
+        return f"between {format_size(self.min)}/s and {format_size(self.max)}/s"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        """Parse and check ``value`` (``/s`` or ``ps`` at the end is optional)."""
+        if isinstance(value, str):
+            text = value.strip()
+            for suffix in ("/s", "ps"):
+                if text.lower().endswith(suffix):
+                    text = text[:-len(suffix)].rstrip()
+                    break
+            value = text
+        return super().convert(value, param, ctx)
 
 
 class FiniteFloatRange(click.FloatRange):
