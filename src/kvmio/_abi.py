@@ -584,7 +584,8 @@ class KvmRun:
 
     @property
     def raw(self) -> CData:
-        """The ``struct kvm_run *`` (for tests that fill in a fake exit)."""
+        """The ``struct kvm_run *`` (for a bounded run, whose kick handler sets its
+        ``immediate_exit``, and for tests that fill in a fake exit)."""
         return self._r()
 
     def _r(self) -> CData:

@@ -45,6 +45,9 @@ from kvmio.tracker import DirtyTracker, RateSample
 
 __all__ = ["BURST", "MAX_SLICE", "MIN_SLICE", "QUANTUM", "DirtyLimit", "LimitStatus"]
 
+#: The clock (a module attribute, so that the accounting can be tested on a simulated one).
+_now = time.monotonic
+
 #: Shortest KVM_RUN slice of a throttled vCPU (seconds).
 MIN_SLICE = 0.0002
 #: Longest KVM_RUN slice of a vCPU that has a limit (seconds): also how soon a limit set on a
@@ -90,7 +93,7 @@ class _Account:
         self.credit = 0.0  # pages the vCPU may still dirty
         self.t_credit = now  # when credit was last brought up to date
         self.charged = 0.0  # estimated pages (est()) already taken from credit
-        self.confirmed = 0  # pages the passes found
+        self.confirmed = 0.0  # pages the passes found
         self.confirmed_run = 0.0  # run time up to the last pass
         self.run_done = 0.0  # run time of the runs that ended
         self.run_started: float | None = None  # the run in progress
@@ -100,7 +103,7 @@ class _Account:
         self.den = 0.0  # ... over run seconds
         self.waiting_since: float | None = None
         self.throttled = 0.0
-        self.history: collections.deque[tuple[float, int]] = collections.deque()
+        self.history: collections.deque[tuple[float, float]] = collections.deque()
         self.window = window
 
     def speed(self) -> float | None:
@@ -131,6 +134,76 @@ class _Account:
             self.credit -= used - self.charged
         self.charged = used
         self.t_credit = now
+
+    def set_limit(self, now: float, pages: float | None) -> bool:
+        """Set the limit (pages per second, ``None``: none); returns whether the vCPU is in a
+        run without a slice bound, which must be kicked for the limit to hold at once."""
+        self.refresh(now)
+        if pages is not None and self.limit is None:
+            self.credit = 0.0  # a new limit starts with an empty budget
+        self.limit = pages
+        if pages is None:
+            self.credit = 0.0
+            self.waiting_since = None
+        return pages is not None and self.run_started is not None and not self.bounded
+
+    def admit(self, now: float) -> tuple[float, float | None]:
+        """:meth:`DirtyLimit.admit` for this vCPU."""
+        if self.run_started is not None:  # a run whose end was not reported: end it now
+            self.ran(now)
+        self.refresh(now)
+        if self.limit is None:
+            self.run_started, self.bounded = now, False
+            return 0.0, None
+        speed = self.speed()
+        if speed is None:  # learning its speed: it runs, its pages are not charged
+            self.run_started, self.bounded = now, True
+            return 0.0, MAX_SLICE
+        need = self.need()
+        if self.credit < need * (1 - 1e-9):  # (a budget grown to need, up to rounding, is)
+            if self.waiting_since is None:
+                self.waiting_since = now
+            return (need - self.credit) / self.limit, None
+        if self.waiting_since is not None:
+            self.throttled += now - self.waiting_since
+            self.waiting_since = None
+        slice_ = self.credit / speed if speed > 0 else MAX_SLICE
+        self.run_started, self.bounded = now, True
+        return 0.0, min(max(slice_, MIN_SLICE), MAX_SLICE)
+
+    def ran(self, now: float) -> None:
+        """The run that :meth:`admit` let start has ended."""
+        if self.run_started is not None:
+            self.run_done += max(0.0, now - self.run_started)
+            self.run_started = None
+
+    def on_pass(self, now: float, found: float) -> bool:
+        """A tracker pass found ``found`` pages of this vCPU: replace the estimate for the runs
+        it covers with them, and learn the speed.  Returns whether the vCPU just learnt its
+        speed inside a (learning) run, which should be kicked so that its limit holds."""
+        self.refresh(now)
+        before = self.est(now)
+        learning = self.speed() is None
+        run = self.run_time(now)
+        if self.synced:
+            self.confirmed += found
+            dr = run - self.confirmed_run
+            if dr > 0:  # weighted by run time: a short run barely moves it
+                keep = math.exp(-dr / SPEED_MEMORY)
+                self.num = keep * self.num + found
+                self.den = keep * self.den + dr
+            self.history.append((now, found))
+        self.synced = True  # the first pass only sets the baseline
+        self.confirmed_run = run
+        after = self.est(now)
+        kick = False
+        if self.limit is not None and not learning:
+            self.credit -= after - before
+        elif self.limit is not None and self.speed() is not None:
+            self.credit = 0.0  # learnt: limited from now on, starting with no budget
+            kick = self.run_started is not None  # in a learning run: end it now
+        self.charged = after
+        return kick
 
     def rate(self, now: float) -> float:
         """Pages charged per second over the window."""
@@ -181,7 +254,7 @@ class DirtyLimit:
         #: Every change of a limit: ``(time.monotonic(), vCPU or None for all, bytes per
         #: second or None when cancelled)``.
         self.changes: list[tuple[float, int | None, float | None]] = []
-        now = time.monotonic()
+        now = _now()
         for vid in self._vm.vcpus:
             self._accounts[vid] = _Account(now, tracker.window)
         tracker.add_pass_listener(self._on_pass)
@@ -232,26 +305,17 @@ class DirtyLimit:
                 raise KvmStateError(
                     "the tracker is not running: a dirty limit needs its passes to measure "
                     "what the vCPUs dirty (start it first)")
-            now = time.monotonic()
+            now = _now()
             for vid in self._vm.vcpus:
                 self._account(vid, now)
-            before = {vid: a.limit for vid, a in self._accounts.items()}
-            for a in self._accounts.values():
-                a.refresh(now)
             if vcpu is None:
                 self._default = pages
                 self._per.clear()
             else:
                 self._per[vcpu] = pages
             for vid, a in self._accounts.items():
-                a.limit = self._per.get(vid, self._default)
-                if a.limit is not None and before[vid] is None:
-                    a.credit = 0.0  # a new limit starts with an empty budget
-                if a.limit is not None and a.run_started is not None and not a.bounded:
+                if a.set_limit(now, self._per.get(vid, self._default)):
                     kick.append(vid)  # running without a slice bound: bound it now
-                if a.limit is None:
-                    a.credit = 0.0
-                    a.waiting_since = None
             self.changes.append((now, vcpu, None if pages is None else pages * PAGE_SIZE))
         self._kick(kick)
         self._wake()
@@ -281,7 +345,7 @@ class DirtyLimit:
     def status(self, vcpu: int) -> LimitStatus:
         """What ``vcpu`` was charged, how long it waited, its limit."""
         vcpu = _check.integer("vcpu", vcpu)
-        now = time.monotonic()
+        now = _now()
         with self._lock:
             a = self._accounts.get(vcpu)
             if a is None:
@@ -293,12 +357,12 @@ class DirtyLimit:
             return LimitStatus(vcpu, None if a.limit is None else a.limit * PAGE_SIZE,
                                a.rate(now) * PAGE_SIZE,
                                None if speed is None else speed * PAGE_SIZE, throttled,
-                               a.run_time(now), a.confirmed)
+                               a.run_time(now), round(a.confirmed))
 
     def rate(self, vcpu: int | None = None) -> float:
         """Bytes per second charged to ``vcpu`` (to all vCPUs if ``None``) over the window
         (the tracker's): distinct pages per pass, summed over the window's passes."""
-        now = time.monotonic()
+        now = _now()
         with self._lock:
             if vcpu is None:
                 return sum(a.rate(now) for a in self._accounts.values()) * PAGE_SIZE
@@ -313,40 +377,17 @@ class DirtyLimit:
     def admit(self, vcpu_id: int) -> tuple[float, float | None]:
         """:meth:`kvmio.runner.Throttle.admit`: how long ``vcpu_id`` waits before its next
         run, or how long that run may last."""
-        now = time.monotonic()
+        now = _now()
         with self._lock:
-            a = self._account(vcpu_id, now)
-            if a.run_started is not None:  # a run whose end was not reported: end it now
-                a.run_done += now - a.run_started
-                a.run_started = None
-            a.refresh(now)
-            if a.limit is None or self._closed:
-                a.run_started, a.bounded = now, False
-                return 0.0, None
-            speed = a.speed()
-            if speed is None:  # learning its speed: it runs, its pages are not charged
-                a.run_started, a.bounded = now, True
-                return 0.0, MAX_SLICE
-            need = a.need()
-            if a.credit < need:
-                if a.waiting_since is None:
-                    a.waiting_since = now
-                return (need - a.credit) / a.limit, None
-            if a.waiting_since is not None:
-                a.throttled += now - a.waiting_since
-                a.waiting_since = None
-            slice_ = a.credit / speed if speed > 0 else MAX_SLICE
-            a.run_started, a.bounded = now, True
-            return 0.0, min(max(slice_, MIN_SLICE), MAX_SLICE)
+            return self._account(vcpu_id, now).admit(now)
 
     def ran(self, vcpu_id: int) -> None:
         """:meth:`kvmio.runner.Throttle.ran`: ``vcpu_id``'s run ended."""
-        now = time.monotonic()
+        now = _now()
         with self._lock:
             a = self._accounts.get(vcpu_id)
-            if a is not None and a.run_started is not None:
-                a.run_done += now - a.run_started
-                a.run_started = None
+            if a is not None:
+                a.ran(now)
 
     def add_waker(self, wake: Callable[[], None]) -> None:
         """:meth:`kvmio.runner.Throttle.add_waker`."""
@@ -373,7 +414,7 @@ class DirtyLimit:
 
     def _on_pass(self, sample: RateSample, harvested_at: float) -> None:
         """The tracker's pass listener: replace the estimated charges with what it found."""
-        now = time.monotonic()
+        now = _now()
         with self._lock:
             for vid in sample.vcpu_pages:
                 self._account(vid, now)
@@ -386,29 +427,8 @@ class DirtyLimit:
                 found = {vid: sample.pages * max(0.0, r) / total for vid, r in runs.items()} \
                     if total > 0 else {}
             for vid, a in self._accounts.items():
-                a.refresh(now)
-                before = a.est(now)
-                learning = a.speed() is None
-                run = a.run_time(now)
-                n = found.get(vid, 0.0)
-                if a.synced:
-                    a.confirmed += round(n)
-                    dr = run - a.confirmed_run
-                    if dr > 0:  # weighted by run time: a short run barely moves it
-                        keep = math.exp(-dr / SPEED_MEMORY)
-                        a.num = keep * a.num + n
-                        a.den = keep * a.den + dr
-                    a.history.append((now, round(n)))
-                a.synced = True  # the first pass only sets the baseline
-                a.confirmed_run = run
-                after = a.est(now)
-                if a.limit is not None and not learning:
-                    a.credit -= after - before
-                elif a.limit is not None and a.speed() is not None:
-                    a.credit = 0.0  # learnt: limited from now on, starting with no budget
-                    if a.run_started is not None:
-                        learnt.append(vid)  # in a learning slice: end it now
-                a.charged = after
+                if a.on_pass(now, found.get(vid, 0.0)):
+                    learnt.append(vid)
         self._kick(learnt)
         self._wake()
 
@@ -434,9 +454,10 @@ class DirtyLimit:
             if self._closed:
                 return
             self._closed = True
+            now = _now()
             for a in self._accounts.values():
-                a.limit = None
-            self.changes.append((time.monotonic(), None, None))
+                a.set_limit(now, None)
+            self.changes.append((now, None, None))
         self._tracker.remove_pass_listener(self._on_pass)
         runner, self._runner = self._runner, None
         if runner is not None and runner.throttle is self:
