@@ -13,6 +13,7 @@ same run (the assertion message says which limit was held).
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import threading
@@ -21,11 +22,11 @@ import time
 import numpy as np
 import pytest
 
-from kvmio import Interrupted, Kvm, KvmInvalidArgumentError, KvmStateError
+from kvmio import Interrupted, IoOut, Kvm, KvmInvalidArgumentError, KvmStateError
 from kvmio.guests.workload import MEM_BASE, Workload
 from kvmio.limit import MAX_SLICE, DirtyLimit
 from kvmio.runner import VcpuRunner, run_until_handled
-from kvmio.tracker import DirtyTracker
+from kvmio.tracker import DirtyTracker, RateSample
 
 from guests import wait_until
 
@@ -244,7 +245,7 @@ def test_bad_limits_and_misuse_are_refused(kvm: Kvm) -> None:
             lim.set(MiB)
         with t:
             for bad in (0, -1.0, math.nan, math.inf, -math.inf):
-                with pytest.raises(KvmInvalidArgumentError, match="positive finite"):
+                with pytest.raises(KvmInvalidArgumentError, match=r"finite number > 0"):
                     lim.set(bad)
             for wrong in ("1M", None, True, [1]):
                 with pytest.raises(KvmInvalidArgumentError, match="must be a number"):
@@ -381,3 +382,114 @@ def test_run_until_handled_paces_and_stays_kickable(kvm: Kvm) -> None:
             assert isinstance(run_until_handled(v, w.exit_handler(), throttle=rec),
                               Interrupted)
         assert rec.admitted == rec.ended >= 20
+
+
+def test_a_bounded_runs_late_timer_leaves_no_kick_behind(kvm: Kvm) -> None:
+    """A guest that exits all the time (OUT in a loop) under bounds of microseconds: the
+    bound's timer often fires just as a real exit returns; that is nobody's kick, and the
+    next run (unbounded) must not return Interrupted for it."""
+    with kvm.create_vm() as vm:
+        mem = vm.add_memory_region(0, 1 << 20)
+        mem.write(0x1000, bytes([0xE6, 0xE9, 0xEB, 0xFC]))  # out 0xe9, al; jmp back
+        v = vm.create_vcpu()
+        sregs = v.get_sregs()
+        sregs.cs.base = sregs.cs.selector = 0
+        v.set_sregs(sregs)
+        regs = v.get_regs()
+        regs.rip = 0x1000
+        v.set_regs(regs)
+        outs = interrupted = 0
+        end = time.monotonic() + 1.5
+        k = 0
+        while time.monotonic() < end:
+            ex = v.run(max_time=(1e-6, 3e-6, 8e-6, 2e-5)[k % 4])
+            k += 1
+            if isinstance(ex, IoOut):
+                outs += 1
+                assert not v.immediate_exit, "a real exit left a kick pending"
+                assert isinstance(v.run(), IoOut)  # unbounded: the next OUT, not Interrupted
+            else:
+                interrupted += 1
+        assert outs > 100 and interrupted > 100  # both kinds of ends happened
+        v.kick()  # a kick of its own is never lost, bounded run or not
+        assert isinstance(v.run(max_time=10.0), Interrupted)
+
+
+def test_removing_the_throttle_releases_a_waiting_vcpu_at_once(kvm: Kvm) -> None:
+    rec = _Recorder(wait=600.0, slice_=0.001)
+    rec.blocked = True  # every admit: wait ten minutes
+    with Workload(kvm, mem_size=16 << 20) as w, \
+            VcpuRunner(w.vcpus, w.exit_handler(), throttle=rec) as r:
+        wait_until(lambda: rec.waits >= 1, what="the vCPU to wait for budget")
+        time.sleep(0.1)
+        assert w.writes(0) == 0
+        r.set_throttle(None)
+        wait_until(lambda: w.writes(0) > 0, timeout=20, what="the vCPU to run unthrottled")
+
+
+def test_a_closed_limit_releases_waiting_vcpus_and_new_vcpus_get_the_limit(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=1 << 30, order="sequential", ring_entries=4096) as w, \
+            DirtyTracker(w.vm, "ring") as t, w.runner(on_ring_full=t.on_ring_full) as r:
+        lim = DirtyLimit(t, r)
+        lim.set(np.float64(PAGE))  # one page per second (numpy scalars are numbers too)
+        wait_until(lambda: lim.status(0).throttled > 0.2, what="the vCPU to be throttled")
+        before = w.writes(0)
+        lim.close()
+        wait_until(lambda: w.writes(0) > before + 1000, timeout=20,
+                   what="the vCPU to run free after close()")
+        assert r.throttle is None
+    with Workload(kvm, mem_size=16 << 20, ring_entries=4096) as w, \
+            DirtyTracker(w.vm, "ring") as t, DirtyLimit(t) as lim:
+        lim.set(MiB)
+        v = w.vm.create_vcpu(5)
+        assert lim.get(v.id) == MiB and lim.limits == {0: MiB, 5: MiB}
+        with pytest.raises(KvmInvalidArgumentError, match="does not exist"):
+            lim.get(6)
+        with Workload(kvm, mem_size=16 << 20) as other, \
+                pytest.raises(KvmInvalidArgumentError, match="not a vCPU of the tracker"):
+            DirtyLimit(t, other.runner())
+
+
+def test_pass_listeners_see_each_pass_and_a_failing_one_stops_the_tracker(kvm: Kvm) -> None:
+    seen: list[tuple[int, dict[int, int], float]] = []
+    with Workload(kvm, mem_size=1 << 30, vcpus=2, shared=False, order="sequential",
+                  ring_entries=4096) as w, DirtyTracker(w.vm, "ring") as t:
+        r = w.runner(on_ring_full=t.on_ring_full).start()
+
+        def listen(sample: RateSample, harvested_at: float) -> None:
+            seen.append((sample.pages, dict(sample.vcpu_pages), harvested_at))
+
+        t.add_pass_listener(listen)
+        wait_until(lambda: len(seen) > 5, what="passes")
+        t.remove_pass_listener(listen)
+        t.remove_pass_listener(listen)  # not an error
+        n = len(seen)
+        time.sleep(0.2)
+        assert len(seen) == n
+        busy = [(pages, per) for pages, per, _ in seen if pages]
+        assert busy
+        for pages, per in busy:  # disjoint working sets: per-vCPU pages add up
+            assert set(per) == {0, 1} and sum(per.values()) == pages
+        assert all(b >= a for (_, _, a), (_, _, b) in itertools.pairwise(seen))
+
+        def fail(sample: RateSample, harvested_at: float) -> None:
+            raise RuntimeError("listener failed")
+
+        with pytest.raises(KvmInvalidArgumentError):
+            t.add_pass_listener(42)  # type: ignore[arg-type]
+        t.add_pass_listener(fail)
+        wait_until(lambda: t.error is not None, what="the listener's error")
+        with pytest.raises(RuntimeError, match="listener failed"):
+            t.take()
+        # (Leaving the block closes the tracker, which raises its error once more.)
+        t.remove_pass_listener(fail)
+        r.stop(raise_errors=False)  # (a ring-full exit since re-raised the tracker's error)
+        with pytest.raises(RuntimeError, match="listener failed"):
+            t.close()
+
+
+def test_a_throttle_that_is_not_one_is_refused(kvm: Kvm) -> None:
+    with Workload(kvm, mem_size=16 << 20) as w:
+        for bad in (object(), 5):
+            with pytest.raises(KvmStateError, match="needs the method"):
+                run_until_handled(w.vcpus[0], throttle=bad)  # type: ignore[arg-type]

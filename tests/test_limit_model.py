@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kvmio.limit import BURST, MAX_SLICE, MIN_SLICE, QUANTUM, _Account
+from kvmio.limit import BURST, MAX_DEBT, MAX_SLICE, MIN_SLICE, QUANTUM, _Account
 
 PASS = 0.05  # the tracker's interval
 LATE = 0.003  # the most a slice overruns its bound
@@ -167,6 +167,8 @@ class Budget(RuleBasedStateMachine):
         # overshoot into debt, which the vCPU pays by waiting.
         over = cap + self.max_speed * (MAX_SLICE + LATE) + self.max_est * MIN_SLICE \
             + self.entry + 1.0
+        # (Debt beyond MAX_DEBT seconds of the limit is forgiven, by design, and counted.)
+        over += self.acc.forgiven
         assert confirmed <= lim * (self.t - t0) + over + self.carried, (
             confirmed, lim * (self.t - t0), over, self.carried)
         # And from the end of the last idle period: a vCPU that was not run does not save up
@@ -230,3 +232,29 @@ def test_a_pass_turns_an_underestimate_into_debt() -> None:
     wait, _ = acc.admit(t)
     # 900 pages of debt, plus a quantum of budget (20 pages at 1,000 pages/s), at 1,000/s.
     assert abs(wait - (900 + 20) / 1000) < 0.01, wait
+
+
+def test_debt_is_capped_so_a_guest_is_never_frozen_long() -> None:
+    """A vCPU that learnt it dirties nothing, then dirties a million pages a second for one
+    slice: the pass's debt is capped at MAX_DEBT seconds of its limit, the rest forgiven and
+    counted, so it waits at most that long (not the minutes the whole debt would take)."""
+    t = 10.0
+    acc = _Account(t, 1.0)
+    acc.on_pass(t, 0.0)
+    for _ in range(4):
+        acc.admit(t)
+        t += 0.04
+        acc.ran(t)
+        acc.on_pass(t, 0.0)
+    assert acc.speed() == 0.0
+    acc.set_limit(t, 256.0)
+    t += 0.1
+    wait, slice_ = acc.admit(t)
+    assert wait == 0 and slice_ == MAX_SLICE  # its speed says it dirties nothing
+    t += slice_
+    acc.ran(t)
+    acc.on_pass(t, 50_000.0)
+    wait, _ = acc.admit(t)
+    # The debt, then the budget of one shortest slice at the speed just learnt.
+    assert abs(wait - (MAX_DEBT + acc.need() / 256)) < 1e-6, wait
+    assert acc.forgiven > 40_000

@@ -155,16 +155,26 @@ class IoctlBatch:
         return int(done), int(result[0])
 
 
-def run_bounded(fd: int, run: KvmRun, seconds: float) -> int | None:
-    """KVM_RUN for at most ``seconds`` (a per-thread kernel timer kicks the calling thread);
-    ``None`` on EINTR (the bound or a kick ended it).  ``run`` is the vCPU's kvm_run, which
+#: Bounded runs in progress at once, at most (over every thread of the process).
+MAX_BOUNDED_RUNS = 256
+
+
+def run_bounded(fd: int, run: KvmRun, seconds: float) -> tuple[int | None, bool]:
+    """KVM_RUN for at most ``seconds`` (a per-thread kernel timer kicks the calling thread):
+    ``(result, spare)``, result ``None`` on EINTR (the bound or a kick ended it); ``spare``:
+    the timer set ``immediate_exit`` during the call (after a real exit: a spare kick, which
+    the caller clears unless it was kicked meanwhile).  ``run`` is the vCPU's kvm_run, which
     the caller keeps mapped (it holds the vCPU's run) until this returns."""
-    r = lib.kvmio_run_bounded(fd, lib.KVM_RUN, run.raw, max(1000, int(seconds * 1e9)))
+    flag = ffi.new("int *")
+    r = lib.kvmio_run_bounded(fd, lib.KVM_RUN, run.raw, max(1000, int(seconds * 1e9)), flag)
     if r == -_errno.EINTR:
-        return None
+        return None, bool(flag[0])
+    if r == -_errno.EAGAIN:
+        raise KvmError(f"more than {MAX_BOUNDED_RUNS} bounded runs at once",
+                       errno=_errno.EAGAIN, ioctl="KVM_RUN")
     if r < 0:
         raise from_errno(-r, "KVM_RUN (bounded)")
-    return int(r)
+    return int(r), bool(flag[0])
 
 
 def ioctl_eintr(fd: int, request: int, *, name: str) -> int | None:

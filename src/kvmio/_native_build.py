@@ -225,7 +225,8 @@ int kvmio_ioctl(int fd, unsigned long request, void *arg);
 int kvmio_ioctl_val(int fd, unsigned long request, unsigned long arg);
 int kvmio_kick_signal(void);
 int kvmio_install_kick_handler(void);
-int kvmio_run_bounded(int fd, unsigned long request, struct kvm_run *run, int64_t ns);
+int kvmio_run_bounded(int fd, unsigned long request, struct kvm_run *run, int64_t ns,
+                      int *set_exit);
 uint32_t kvmio_ioctl_batch(int *fds, uint32_t *ends, uint32_t nseg, unsigned long *requests,
                            void **args, int32_t *expect, uint8_t *skip, uint32_t n,
                            int32_t *result);
@@ -473,6 +474,7 @@ struct kvm_pit_state2 {
 
 SOURCE = r"""
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -560,6 +562,7 @@ int kvmio_kick_signal(void) { return SIGRTMIN + 4; }
 static struct {
     int tid;
     struct kvm_run *volatile run;
+    volatile sig_atomic_t set_exit;  /* the handler set immediate_exit (it was 0) */
 } kvmio_bounded[KVMIO_BOUNDED_MAX];
 
 /* Also sets immediate_exit of a bounded run in progress in this thread: a kick (or the bound's
@@ -577,8 +580,10 @@ static void kvmio_kick_handler(int sig)
     for (i = 0; i < KVMIO_BOUNDED_MAX; i++) {
         if (__atomic_load_n(&kvmio_bounded[i].tid, __ATOMIC_ACQUIRE) == tid) {
             struct kvm_run *run = kvmio_bounded[i].run;
-            if (run != NULL)
+            if (run != NULL && !run->immediate_exit) {
                 run->immediate_exit = 1;
+                kvmio_bounded[i].set_exit = 1;
+            }
             return;
         }
     }
@@ -588,8 +593,12 @@ static void kvmio_kick_handler(int sig)
  * the kick signal to the calling thread when the time is up, which makes KVM_RUN return EINTR
  * (with no Python thread involved: precise also while the interpreter is busy).  Returns like
  * kvmio_ioctl_val (-EINTR: the bound or a kick ended the run), or -errno when the timer cannot
- * be made.  The caller keeps run mapped until this returns. */
-int kvmio_run_bounded(int fd, unsigned long request, struct kvm_run *run, int64_t ns)
+ * be made (-EAGAIN: KVMIO_BOUNDED_MAX bounded runs at once).  *set_exit tells whether the
+ * handler set immediate_exit during the call (it was clear before): after a real exit (a
+ * return >= 0) that is the timer firing late, whose spare kick the caller clears unless a kick
+ * of its own came meanwhile.  The caller keeps run mapped until this returns. */
+int kvmio_run_bounded(int fd, unsigned long request, struct kvm_run *run, int64_t ns,
+                      int *set_exit)
 {
     struct sigevent sev;
     struct itimerspec its;
@@ -621,6 +630,7 @@ int kvmio_run_bounded(int fd, unsigned long request, struct kvm_run *run, int64_
     memset(&its, 0, sizeof(its));
     its.it_value.tv_sec = (time_t)(ns / 1000000000);
     its.it_value.tv_nsec = (long)(ns % 1000000000);
+    kvmio_bounded[slot].set_exit = 0;
     kvmio_bounded[slot].run = run;
     if (timer_settime(timer, 0, &its, NULL) < 0) {
         e = errno;
@@ -632,8 +642,18 @@ int kvmio_run_bounded(int fd, unsigned long request, struct kvm_run *run, int64_
     timer_delete(timer);  /* a signal it sent already may still set immediate_exit: a spare
                            * kick, which the next run consumes by returning EINTR */
     kvmio_bounded[slot].run = NULL;
+    *set_exit = kvmio_bounded[slot].set_exit;
     __atomic_store_n(&kvmio_bounded[slot].tid, 0, __ATOMIC_RELEASE);
     return r < 0 ? -e : r;
+}
+
+/* In a child made by fork(), the threads that were in bounded runs do not exist: free their
+ * entries (a child's thread could otherwise be given one of their tids). */
+static int kvmio_atfork_done;
+
+static void kvmio_bounded_atfork_child(void)
+{
+    memset((void *)kvmio_bounded, 0, sizeof(kvmio_bounded));
 }
 
 int kvmio_install_kick_handler(void)
@@ -643,7 +663,15 @@ int kvmio_install_kick_handler(void)
     sa.sa_handler = kvmio_kick_handler;
     sigemptyset(&sa.sa_mask);
     sa.sa_flags = 0;
-    return sigaction(kvmio_kick_signal(), &sa, NULL) < 0 ? -errno : 0;
+    if (sigaction(kvmio_kick_signal(), &sa, NULL) < 0)
+        return -errno;
+    if (!kvmio_atfork_done) {
+        int r = pthread_atfork(NULL, NULL, kvmio_bounded_atfork_child);
+        if (r != 0)
+            return -r;
+        kvmio_atfork_done = 1;
+    }
+    return 0;
 }
 
 /* n ioctls, in order, stopping at the first that fails: a machine state (the VM's and every

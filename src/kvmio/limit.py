@@ -58,6 +58,10 @@ MAX_SLICE = 0.05
 QUANTUM = 0.02
 #: The most unused budget a vCPU keeps, in seconds of its limit (its largest burst).
 BURST = 0.1
+#: The most debt a vCPU carries, in seconds of its limit: a guest that dirtied far more than
+#: its speed estimate said (it sped up within one pass interval) is not frozen for longer
+#: (what it dirtied beyond is forgiven, and counted in ``LimitStatus.forgiven``).
+MAX_DEBT = 1.0
 #: The speed estimate (pages per second of run time) forgets past runs with this time
 #: constant, in seconds of run time.
 SPEED_MEMORY = 0.02
@@ -83,6 +87,8 @@ class LimitStatus:
     run_time: float
     #: Pages charged in total.
     pages: int
+    #: Pages dirtied beyond the most debt a vCPU carries (:data:`MAX_DEBT`): not charged.
+    forgiven: int = 0
 
 
 class _Account:
@@ -102,7 +108,9 @@ class _Account:
         self.num = 0.0  # speed estimate: pages ...
         self.den = 0.0  # ... over run seconds
         self.waiting_since: float | None = None
+        self.wait_until = 0.0
         self.throttled = 0.0
+        self.forgiven = 0.0  # pages of debt beyond MAX_DEBT, not charged
         self.history: collections.deque[tuple[float, float]] = collections.deque()
         self.window = window
 
@@ -131,9 +139,32 @@ class _Account:
         if self.limit is not None and self.speed() is not None:  # (learning: charged nothing)
             cap = max(self.limit * BURST, 2 * self.need())
             self.credit = min(cap, self.credit + self.limit * max(0.0, now - self.t_credit))
-            self.credit -= used - self.charged
+            self.charge(used - self.charged)
         self.charged = used
         self.t_credit = now
+
+    def charge(self, pages: float) -> None:
+        """Take ``pages`` from the budget, down to the most debt allowed."""
+        assert self.limit is not None
+        self.credit -= pages
+        floor = -self.limit * MAX_DEBT
+        if self.credit < floor:
+            self.forgiven += floor - self.credit
+            self.credit = floor
+
+    def stop_waiting(self, now: float) -> None:
+        """Count the wait in progress, if any, as throttled time (up to what it was told)."""
+        if self.waiting_since is not None:
+            self.throttled += max(0.0, min(now, self.wait_until) - self.waiting_since)
+            self.waiting_since = None
+
+    def throttled_until(self, now: float) -> float:
+        """Throttled seconds so far, the wait in progress included (up to what it was told:
+        a vCPU thread that stopped asking does not count as waiting)."""
+        extra = 0.0
+        if self.waiting_since is not None:
+            extra = max(0.0, min(now, self.wait_until) - self.waiting_since)
+        return self.throttled + extra
 
     def set_limit(self, now: float, pages: float | None) -> bool:
         """Set the limit (pages per second, ``None``: none); returns whether the vCPU is in a
@@ -144,7 +175,7 @@ class _Account:
         self.limit = pages
         if pages is None:
             self.credit = 0.0
-            self.waiting_since = None
+            self.stop_waiting(now)
         return pages is not None and self.run_started is not None and not self.bounded
 
     def admit(self, now: float) -> tuple[float, float | None]:
@@ -160,13 +191,11 @@ class _Account:
             self.run_started, self.bounded = now, True
             return 0.0, MAX_SLICE
         need = self.need()
+        self.stop_waiting(now)
         if self.credit < need * (1 - 1e-9):  # (a budget grown to need, up to rounding, is)
-            if self.waiting_since is None:
-                self.waiting_since = now
-            return (need - self.credit) / self.limit, None
-        if self.waiting_since is not None:
-            self.throttled += now - self.waiting_since
-            self.waiting_since = None
+            wait = (need - self.credit) / self.limit
+            self.waiting_since, self.wait_until = now, now + wait
+            return wait, None
         slice_ = self.credit / speed if speed > 0 else MAX_SLICE
         self.run_started, self.bounded = now, True
         return 0.0, min(max(slice_, MIN_SLICE), MAX_SLICE)
@@ -193,24 +222,29 @@ class _Account:
                 self.num = keep * self.num + found
                 self.den = keep * self.den + dr
             self.history.append((now, found))
+            self.prune(now)
         self.synced = True  # the first pass only sets the baseline
         self.confirmed_run = run
         after = self.est(now)
         kick = False
         if self.limit is not None and not learning:
-            self.credit -= after - before
+            self.charge(after - before)
         elif self.limit is not None and self.speed() is not None:
             self.credit = 0.0  # learnt: limited from now on, starting with no budget
             kick = self.run_started is not None  # in a learning run: end it now
         self.charged = after
         return kick
 
-    def rate(self, now: float) -> float:
-        """Pages charged per second over the window."""
+    def prune(self, now: float) -> None:
+        """Forget the passes older than the window."""
         h = self.history
         while h and h[0][0] < now - self.window:
             h.popleft()
-        return sum(n for _, n in h) / self.window
+
+    def rate(self, now: float) -> float:
+        """Pages charged per second over the window."""
+        self.prune(now)
+        return sum(n for _, n in self.history) / self.window
 
 
 class DirtyLimit:
@@ -240,6 +274,11 @@ class DirtyLimit:
                 f"vCPU dirties), not {type(tracker).__name__}: start a DirtyTracker first")
         if runner is not None:
             _check.instance("runner", runner, VcpuRunner)
+            mine = tracker.vm.vcpus
+            for v in runner.vcpus:
+                if mine.get(v.id) is not v:
+                    raise KvmInvalidArgumentError(
+                        f"the runner's vCPU {v.id} is not a vCPU of the tracker's VM")
         if tracker.error is not None:
             raise KvmStateError(f"the tracker failed: {tracker.error}")
         self._tracker = tracker
@@ -323,6 +362,8 @@ class DirtyLimit:
     def get(self, vcpu: int) -> float | None:
         """``vcpu``'s limit in bytes per second (``None``: none)."""
         vcpu = _check.integer("vcpu", vcpu)
+        if vcpu not in self._vm.vcpus:
+            raise KvmInvalidArgumentError(f"vCPU {vcpu} does not exist")
         with self._lock:
             pages = self._per.get(vcpu, self._default) if not self._closed else None
         return None if pages is None else pages * PAGE_SIZE
@@ -353,11 +394,11 @@ class DirtyLimit:
                     raise KvmInvalidArgumentError(f"vCPU {vcpu} does not exist")
                 a = self._account(vcpu, now)
             speed = a.speed()
-            throttled = a.throttled + (now - a.waiting_since if a.waiting_since else 0.0)
             return LimitStatus(vcpu, None if a.limit is None else a.limit * PAGE_SIZE,
                                a.rate(now) * PAGE_SIZE,
-                               None if speed is None else speed * PAGE_SIZE, throttled,
-                               a.run_time(now), round(a.confirmed))
+                               None if speed is None else speed * PAGE_SIZE,
+                               a.throttled_until(now), a.run_time(now), round(a.confirmed),
+                               round(a.forgiven))
 
     def rate(self, vcpu: int | None = None) -> float:
         """Bytes per second charged to ``vcpu`` (to all vCPUs if ``None``) over the window
@@ -377,14 +418,14 @@ class DirtyLimit:
     def admit(self, vcpu_id: int) -> tuple[float, float | None]:
         """:meth:`kvmio.runner.Throttle.admit`: how long ``vcpu_id`` waits before its next
         run, or how long that run may last."""
-        now = _now()
-        with self._lock:
+        with self._lock:  # (the clock read under the lock: times reach an account in order)
+            now = _now()
             return self._account(vcpu_id, now).admit(now)
 
     def ran(self, vcpu_id: int) -> None:
         """:meth:`kvmio.runner.Throttle.ran`: ``vcpu_id``'s run ended."""
-        now = _now()
         with self._lock:
+            now = _now()
             a = self._accounts.get(vcpu_id)
             if a is not None:
                 a.ran(now)
@@ -414,8 +455,8 @@ class DirtyLimit:
 
     def _on_pass(self, sample: RateSample, harvested_at: float) -> None:
         """The tracker's pass listener: replace the estimated charges with what it found."""
-        now = _now()
         with self._lock:
+            now = _now()
             for vid in sample.vcpu_pages:
                 self._account(vid, now)
             learnt: list[int] = []
@@ -473,11 +514,8 @@ class DirtyLimit:
 
 
 def _rate(name: str, value: object) -> float:
-    """A limit: a positive finite real number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise KvmInvalidArgumentError(f"{name} must be a number, not {type(value).__name__}")
-    v = float(value)
-    if math.isnan(v) or math.isinf(v) or v <= 0:
-        raise KvmInvalidArgumentError(
-            f"{name} must be a positive finite number, not {value!r} (cancel() lifts a limit)")
-    return v
+    """A limit: a positive finite real number (numpy scalars too)."""
+    try:
+        return _check.positive_float(name, value)
+    except KvmInvalidArgumentError as e:
+        raise KvmInvalidArgumentError(f"{e.message} (cancel() lifts a limit)") from None

@@ -42,8 +42,8 @@ from kvmio.errors import (
 from kvmio.exits import DirtyRingFull, Interrupted, VcpuExit
 from kvmio.vcpu import RING_FULL_STUCK_LIMIT, Vcpu
 
-__all__ = ["ExitHandler", "RingFullHandler", "Throttle", "VcpuRunner", "run_until_handled",
-           "stop_on_any_exit"]
+__all__ = ["ExitHandler", "RingFullHandler", "Throttle", "VcpuRunner", "check_throttle",
+           "run_until_handled", "stop_on_any_exit"]
 
 #: ``handler(vcpu, exit) -> run again?``
 ExitHandler = Callable[[Vcpu, VcpuExit], bool]
@@ -102,6 +102,14 @@ class _State:
         self.last_harvested = -1
 
 
+def check_throttle(throttle: object) -> None:
+    """Raise :class:`KvmStateError` unless ``throttle`` has the :class:`Throttle` methods."""
+    for name in ("admit", "ran", "add_waker", "remove_waker"):
+        if not callable(getattr(throttle, name, None)):
+            raise KvmStateError(f"a throttle needs the method {name}(); "
+                                f"{type(throttle).__name__} has none")
+
+
 class VcpuRunner:
     """Runs ``vcpus``, each in its own thread, until each one's handler ends it or
     :meth:`stop` is called.  Use it as a context manager (``with VcpuRunner(...) as r:``), or
@@ -136,6 +144,7 @@ class VcpuRunner:
         self._started = False
         self._reported = False
         self._throttle: Throttle | None = None
+        self._wakes = 0  # wake-ups for vCPU threads waiting for a throttle's budget
         if throttle is not None:
             self.set_throttle(throttle)
 
@@ -236,10 +245,7 @@ class VcpuRunner:
         a vCPU waiting for its budget runs at once).  One throttle at a time: replacing one
         with another raises :class:`KvmStateError` (remove the first with ``None``)."""
         if throttle is not None:
-            for name in ("admit", "ran", "add_waker", "remove_waker"):
-                if not callable(getattr(throttle, name, None)):
-                    raise KvmStateError(f"a throttle needs the method {name}(); "
-                                        f"{type(throttle).__name__} has none")
+            check_throttle(throttle)
         with self._cond:
             old = self._throttle
             if throttle is not None and old is not None and old is not throttle:
@@ -248,6 +254,7 @@ class VcpuRunner:
             if old is throttle:
                 return
             self._throttle = throttle
+            self._wakes += 1
             self._cond.notify_all()
         if old is not None:
             old.remove_waker(self._wake)
@@ -258,13 +265,16 @@ class VcpuRunner:
 
     def _wake(self) -> None:
         with self._cond:
+            self._wakes += 1
             self._cond.notify_all()
 
-    def _wait_budget(self, seconds: float) -> None:
+    def _wait_budget(self, seconds: float, wakes: int, throttle: Throttle) -> None:
         """A throttled vCPU thread waits for its budget: until ``seconds`` pass, the throttle
-        wakes it, or a pause or stop needs it."""
+        wakes it, or a pause or stop needs it.  ``wakes`` is the wake-up count from before the
+        throttle was asked: a wake-up since then (or another throttle) means ask again now."""
         with self._cond:
-            if not (self._pause or self._stop):
+            if not (self._pause or self._stop) and self._wakes == wakes and \
+                    self._throttle is throttle:
                 self._cond.wait(seconds)
 
     # -- pause and resume -------------------------------------------------------------------
@@ -363,14 +373,14 @@ class VcpuRunner:
         vcpu = st.vcpu
         try:
             while self._park(st):
-                throttle = self._throttle
+                throttle, wakes = self._throttle, self._wakes
                 try:
                     if throttle is None:
                         ex = vcpu.run()
                     else:
                         got = _paced_run(vcpu, throttle)
                         if isinstance(got, float):
-                            self._wait_budget(got)
+                            self._wait_budget(got, wakes, throttle)
                             continue
                         ex = got
                 except KvmClosedError:
@@ -451,6 +461,8 @@ def run_until_handled(vcpu: Vcpu, handler: ExitHandler = stop_on_any_exit, *,
     throttle makes the vCPU wait, a kick ends the wait within :data:`KICK_POLL` seconds."""
     st = _State(vcpu)
     max_stuck = _check.integer("max_stuck", max_stuck, lo=1)
+    if throttle is not None:
+        check_throttle(throttle)
     while True:
         if throttle is None:
             ex = vcpu.run()

@@ -115,6 +115,7 @@ class Vcpu(FdOwner):
         self._run = _abi.KvmRun(run)
         self._on_close = on_close
         self._exit_gen = 0
+        self._kicks = 0  # kicks made (a bounded run's late timer is told from them)
         # Guards the identity of the thread inside KVM_RUN, so that kick() never signals a
         # thread that has left run() (or exited).
         self._run_lock = threading.Lock()
@@ -164,6 +165,7 @@ class Vcpu(FdOwner):
 
     def _wake(self) -> None:
         with self._run_lock:
+            self._kicks += 1
             if self._running_thread is not None:
                 self._run.immediate_exit = True
                 signal.pthread_kill(self._running_thread, _abi.kick_signal())
@@ -201,6 +203,8 @@ class Vcpu(FdOwner):
     def immediate_exit(self, value: bool) -> None:
         with self._run_lock:
             self._run.immediate_exit = value
+            if value:
+                self._kicks += 1
 
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN; safe from any thread while the vCPU is open.
@@ -214,6 +218,7 @@ class Vcpu(FdOwner):
         """
         with self._run_lock:
             self._run.immediate_exit = True
+            self._kicks += 1
             if self._running_thread is not None:
                 signal.pthread_kill(self._running_thread, _abi.kick_signal())
 
@@ -248,6 +253,7 @@ class Vcpu(FdOwner):
                 # the fd hold can leak, right after it is taken, and a leaked hold of the
                 # thread that closes the vCPU does not hold up close().)
                 self._in_run = entered = True
+                kicks = self._kicks
                 self._running_thread = threading.get_ident()
                 self._exit_gen += 1
                 with _RUNNING_LOCK:
@@ -257,12 +263,17 @@ class Vcpu(FdOwner):
                 # _in_run is set, so no other run() can overwrite it; not under the run lock,
                 # which a tracker takes while holding the ring set's lock).
                 self._ring.before_run()
+            spare = False
             if max_time is None:
                 r = _abi.ioctl_eintr(fd, lib.KVM_RUN, name="KVM_RUN")
             else:  # kvm_run stays mapped: close() waits for this run (_in_run) to end
-                r = _abi.run_bounded(fd, self._run, max_time)
+                r, spare = _abi.run_bounded(fd, self._run, max_time)
             with self._run_lock:
                 self._running_thread = None
+                if spare and r is not None and self._kicks == kicks:
+                    # The bound's timer fired as the run ended with an exit: its kick is not
+                    # one anybody made, and must not cut the next run short.
+                    self._run.immediate_exit = False
                 if r is None:
                     # Consume the kicks that led here; later ones stay pending.  KVM completes
                     # a pending operation before it looks at immediate_exit and signals.

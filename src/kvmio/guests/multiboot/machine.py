@@ -60,7 +60,7 @@ from kvmio.guests.multiboot.bootinfo import (
 )
 from kvmio.guests.multiboot.header import BOOTLOADER_MAGIC
 from kvmio.guests.multiboot.image import KernelImage, parse_kernel, read_kernel_file
-from kvmio.runner import Throttle, run_until_handled
+from kvmio.runner import Throttle, check_throttle, run_until_handled
 from kvmio.snapshot.checkpoint import Checkpoint
 from kvmio.snapshot.files import (
     AS_SAVED,
@@ -418,7 +418,8 @@ class MultibootMachine(Closing):
         """Run the kernel until it stops (see :class:`StopReason`) or ``timeout`` seconds pass.
 
         ``throttle`` paces the vCPU (e.g. a :class:`kvmio.limit.DirtyLimit`: see
-        :class:`kvmio.runner.Throttle`).
+        :class:`kvmio.runner.Throttle`); each end of one of its slices counts as an exit and
+        calls ``on_interrupted``.
 
         Output bytes are passed to ``on_output`` as they are written; the result keeps the last
         ``max_output`` bytes (1 MiB by default) and counts the ones it dropped, so that a
@@ -444,17 +445,21 @@ class MultibootMachine(Closing):
                 f"max_output must be a non-negative int, not {max_output!r}")
         if timeout is not None and timeout < 0:
             raise KvmInvalidArgumentError(f"timeout must be non-negative, not {timeout}")
+        if throttle is not None:
+            check_throttle(throttle)
         vcpu = self.vcpu
         lock = threading.Lock()
         done = threading.Event()
         finished = False
         timed_out = False
         kicked = False
+        polls = 0  # the watcher's kicks: a dead halt is looked for after each one
+        checked = 0
         poll = HALT_POLL_INTERVAL if self.irqchip else None
 
         def watch(deadline: float | None) -> None:
             # Kicks the vCPU at the deadline, and every `poll` seconds to look for a dead halt.
-            nonlocal timed_out, kicked
+            nonlocal timed_out, kicked, polls
             while True:
                 waits = [w for w in (poll, None if deadline is None
                                      else deadline - time.monotonic()) if w is not None]
@@ -466,6 +471,7 @@ class MultibootMachine(Closing):
                     if deadline is not None and time.monotonic() >= deadline:
                         timed_out = True
                     kicked = True
+                    polls += 1
                     with contextlib.suppress(KvmError):
                         vcpu.kick()
                     if timed_out:
@@ -501,7 +507,9 @@ class MultibootMachine(Closing):
                     if timed_out:
                         stop = _Stop(StopReason.TIMEOUT, f"timeout ({timeout:g} s)")
                         break
-                    dead = self._dead_halt() if self.irqchip else None
+                    # (Not at each end of a throttle's slice: only after the watcher's poll.)
+                    dead = self._dead_halt() if self.irqchip and polls != checked else None
+                    checked = polls
                     if dead is not None:
                         stop = dead
                         break
