@@ -18,6 +18,7 @@ from kvmio.errors import (
     KvmStateError,
     KvmUnavailableError,
     KvmUnsupportedError,
+    MigrationError,
     SnapshotError,
 )
 from kvmio.exits import (
@@ -88,6 +89,7 @@ __all__ = [
     "MemfdMemory",
     "Memory",
     "MemoryRegion",
+    "MigrationError",
     "MmioRead",
     "MmioWrite",
     "PageSet",

@@ -93,6 +93,14 @@ class SnapshotError(KvmError):
         self.vcpu = vcpu
 
 
+class MigrationError(KvmError):
+    """A migration that cannot go on: the connection failed or was cut, the stream is not a
+    kvmio migration stream (truncated, corrupted, another version, a record that does not
+    fit the machine it describes), the destination refused, or no switch-over fitted the
+    downtime limit in time.  The source VM is left running (resumed); a destination never
+    runs a VM it did not receive whole."""
+
+
 def from_errno(err: int, ioctl: str, what: str | None = None) -> KvmError:
     """The exception for a failed call that returned ``-err``."""
     msg = what or os.strerror(err)

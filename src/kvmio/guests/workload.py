@@ -25,11 +25,19 @@ from typing import Any, TypeVar
 from kvmio import _check
 from kvmio._abi import PAGE_SIZE
 from kvmio._closing import Closing
-from kvmio.errors import KvmInvalidArgumentError, SnapshotError
+from kvmio.errors import KvmInvalidArgumentError, MigrationError, SnapshotError
 from kvmio.exits import Interrupted, IoOut, VcpuExit
 from kvmio.guests.modes import PAGE_TABLE_ADDR, page_tables_size, setup_long_mode
 from kvmio.guests.programs import program
 from kvmio.memory import MemoryRegion
+from kvmio.migration.precopy import (
+    DEFAULT_DOWNTIME,
+    MigrationReport,
+    PassReport,
+    receive_vm,
+    send_vm,
+)
+from kvmio.migration.stream import Connection
 from kvmio.runner import ExitHandler, RingFullHandler, VcpuRunner, run_until_handled
 from kvmio.snapshot.files import (
     AS_SAVED,
@@ -42,6 +50,7 @@ from kvmio.snapshot.files import (
 from kvmio.system import Kvm
 from kvmio.tracker import DirtyTracker
 from kvmio.vcpu import RING_FULL_STUCK_LIMIT, Vcpu
+from kvmio.vm import Vm
 
 LOW_SLOT = 0
 LOW_SIZE = 4 << 20
@@ -248,23 +257,59 @@ class Workload(Closing):
         restored = restore_snapshot(kvm, path, lazy=lazy, verify=verify,
                                     dirty_ring=ring_entries, guest_kind=SNAPSHOT_KIND)
         try:
-            self = cls.__new__(cls)
-            self._from_guest(restored.guest)
-            regions = restored.vm.regions
-            if sorted(regions) != [LOW_SLOT, MEM_SLOT] or \
-                    regions[MEM_SLOT].guest_phys_addr != self.mem_base or \
-                    sorted(restored.vcpus) != list(range(len(self.params))):
-                raise SnapshotError("the snapshot's machine is not a workload's")
-            self.kvm = kvm
-            self.vm = restored.vm
-            self.low = regions[LOW_SLOT]
-            self.mem = regions[MEM_SLOT]
-            self.vcpus = [restored.vcpus[i] for i in range(len(self.params))]
+            self = cls._adopt(kvm, restored.vm, restored.vcpus, restored.guest)
             self.restored_from = restored.info
         except BaseException:
             restored.close()
             raise
         return self
+
+    @classmethod
+    def _adopt(cls, kvm: Kvm, vm: Vm, vcpus: Mapping[int, Vcpu],
+               guest: Mapping[str, Any]) -> Workload:
+        """A workload around a VM built from a snapshot or a migration (SnapshotError if its
+        metadata or machine is not a workload's)."""
+        self = cls.__new__(cls)
+        self._from_guest(guest)
+        regions = vm.regions
+        if sorted(regions) != [LOW_SLOT, MEM_SLOT] or \
+                regions[MEM_SLOT].guest_phys_addr != self.mem_base or \
+                sorted(vcpus) != list(range(len(self.params))):
+            raise SnapshotError("the machine is not a workload's")
+        self.kvm = kvm
+        self.vm = vm
+        self.low = regions[LOW_SLOT]
+        self.mem = regions[MEM_SLOT]
+        self.vcpus = [vcpus[i] for i in range(len(self.params))]
+        self.restored_from = None
+        return self
+
+    # -- migration ------------------------------------------------------------------------------
+
+    def migrate(self, conn: Connection, *, runner: VcpuRunner | None = None,
+                tracker: DirtyTracker | None = None, downtime: float = DEFAULT_DOWNTIME,
+                max_passes: int = 30, timeout: float | None = None,
+                on_pass: Callable[[PassReport], None] | None = None) -> MigrationReport:
+        """Migrate this workload to a destination (:meth:`from_migration`) at the other end
+        of ``conn``, live while ``runner`` runs it (see :func:`kvmio.migration.send_vm`)."""
+        return send_vm(conn, self.vm, self.vcpus, runner=runner, tracker=tracker,
+                       guest=self._snapshot_guest(), downtime=downtime, max_passes=max_passes,
+                       timeout=timeout, on_pass=on_pass)
+
+    @classmethod
+    def from_migration(cls, kvm: Kvm, conn: Connection, *,
+                       ring_entries: int | None = AS_SAVED) -> Workload:
+        """The workload a source's :meth:`migrate` sends on ``conn`` (its vCPUs go on where
+        the source's stopped).  Raises :class:`~kvmio.errors.MigrationError`."""
+        got = receive_vm(kvm, conn, dirty_ring=ring_entries)
+        try:
+            return cls._adopt(kvm, got.vm, got.vcpus, got.guest)
+        except SnapshotError as e:
+            got.close()
+            raise MigrationError(f"the migrated VM is not a workload: {e.message}") from e
+        except BaseException:
+            got.close()
+            raise
 
     def _from_guest(self, g: Mapping[str, Any]) -> None:
         if g.get("kind") != SNAPSHOT_KIND:

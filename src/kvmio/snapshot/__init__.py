@@ -9,6 +9,9 @@
                     populated pages copied, reset in O(pages changed since))
 ``checkpoint``      both bound together: :class:`Checkpoint` (take, reset) and
                     :class:`ResetLoop` (run, reset, run again, with statistics)
+``changelog``       the pages a VM changed since the last look (:class:`ChangeLog`: the
+                    dirty log, or a tracker's, plus host writes; slots it cannot know named
+                    whole), for snapshot diffs and migration passes
 ``files``           snapshots on disk: full and diff layers (:func:`files.save_snapshot`,
                     :class:`files.Snapshotter`), restored into a new VM lazily or eagerly
                     (:func:`files.restore_snapshot`), merged, inspected; the format
@@ -20,6 +23,7 @@ no cffi of its own (the raw buffers are built by :mod:`kvmio.vcpu` and :mod:`kvm
 """
 
 from kvmio.errors import SnapshotError
+from kvmio.snapshot.changelog import ChangeLog, Changes
 from kvmio.snapshot.checkpoint import Checkpoint, Iteration, LoopStats, ResetLoop, ResetReport
 from kvmio.snapshot.memory import MemoryCheckpoint, ResetStats
 from kvmio.snapshot.state import (
@@ -34,6 +38,8 @@ from kvmio.snapshot.state import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "ChangeLog",
+    "Changes",
     "Checkpoint",
     "Iteration",
     "LoopStats",

@@ -153,6 +153,13 @@ class MachineLayout:
             extra.append(f"dirty ring {self.dirty_ring}")
         return f"{slots}; {', '.join(extra)}"
 
+    @classmethod
+    def from_json(cls, value: object, where: str = "machine layout") -> MachineLayout:
+        """A layout from what :meth:`to_json` wrote, every field checked (slots page aligned,
+        in order and not overlapping, this host's architecture and page size); anything
+        else raises :class:`SnapshotError` naming the field and ``where``."""
+        return _machine(_Schema(where), value)
+
     def to_json(self) -> dict[str, Any]:
         """The layout as the manifest writes it."""
         return {"arch": self.arch, "page_size": self.page_size,

@@ -108,7 +108,6 @@ from kvmio.errors import KvmError, KvmStateError, SnapshotError
 from kvmio.exits import VcpuExit
 from kvmio.memory import AnonymousMemory, FileMemory, Memory, MemoryRegion, runs_to_pages
 from kvmio.runner import VcpuRunner
-from kvmio.snapshot._dirtylog import ChangeLog, Changes
 from kvmio.snapshot._layer import (
     CHUNK,
     CHUNK_BYTES,
@@ -138,6 +137,7 @@ from kvmio.snapshot._layer import (
     slot_chunk_hashes,
     xxh3,
 )
+from kvmio.snapshot.changelog import ChangeLog, Changes
 from kvmio.snapshot.state import MachineState, capture, finish_pending_exits, restore
 from kvmio.system import Kvm
 from kvmio.tracker import DirtyTracker
@@ -157,6 +157,7 @@ __all__ = [
     "SlotLayout",
     "SnapshotInfo",
     "Snapshotter",
+    "build_vm",
     "inspect_snapshot",
     "machine_layout",
     "merge_snapshots",
@@ -1070,6 +1071,31 @@ def restore_snapshot(kvm: Kvm, path: ChainSpec, *, lazy: bool = True, verify: bo
                             f"guest is {top.guest.get('kind')!r})")
     state = chain[-1].state
     memories = _materialize(chain, lazy=lazy, verify=verify)
+    vm, vcpus = build_vm(kvm, top.machine, memories, dirty_ring=dirty_ring,
+                         log_dirty=log_dirty, what=repr(top.path))
+    try:
+        target = state if devices is not None or state.devices is None else \
+            MachineState(state.vm, state.vcpus, None)
+        restore(target, vm, vcpus, devices=devices)
+    except BaseException as e:
+        vm.close()
+        if isinstance(e, KvmError) and not isinstance(e, SnapshotError):
+            raise SnapshotError(f"the VM could not be built as {top.path!r} says: {e.message}",
+                                errno=e.errno, ioctl=e.ioctl) from e
+        raise
+    return RestoredVm(vm, vcpus, state, tuple(layer.info for layer in chain))
+
+
+def build_vm(kvm: Kvm, machine: MachineLayout, memories: dict[int, Memory], *,
+             dirty_ring: int | object | None = AS_SAVED, log_dirty: bool | None = None,
+             what: str = "its layout") -> tuple[Vm, dict[int, Vcpu]]:
+    """A new VM built as ``machine`` says, its slots backed by ``memories`` (one per slot id,
+    handed to the VM: closed with it, or here if the build fails): dirty ring (``dirty_ring``:
+    entries, ``None`` for none, default as the layout says), slots (``log_dirty`` overrides
+    their flag), TSS and identity-map addresses, irqchip, PIT and vCPUs, in the order the
+    kernel needs.  No state is restored.  A refusal raises :class:`SnapshotError` (naming
+    ``what``) with everything made closed."""
+    memories = dict(memories)
     try:
         vm = kvm.create_vm()
     except BaseException:
@@ -1077,10 +1103,9 @@ def restore_snapshot(kvm: Kvm, path: ChainSpec, *, lazy: bool = True, verify: bo
             m.close()
         raise
     try:
-        machine = top.machine
         ring = machine.dirty_ring if dirty_ring is AS_SAVED else dirty_ring
         if ring:
-            vm.enable_dirty_ring(ring)
+            vm.enable_dirty_ring(int(ring))  # type: ignore[call-overload]
         for s in machine.slots:  # before the irqchip: slot changes cost far more after it here
             vm.add_memory_region(s.guest_phys_addr, slot=s.slot, memory=memories[s.slot],
                                  log_dirty=s.log_dirty if log_dirty is None else log_dirty,
@@ -1095,18 +1120,15 @@ def restore_snapshot(kvm: Kvm, path: ChainSpec, *, lazy: bool = True, verify: bo
         if machine.pit:
             vm.create_pit2()
         vcpus = {vid: vm.create_vcpu(vid) for vid in machine.vcpus}
-        target = state if devices is not None or state.devices is None else \
-            MachineState(state.vm, state.vcpus, None)
-        restore(target, vm, vcpus, devices=devices)
     except BaseException as e:
         vm.close()
         for mem in memories.values():
             mem.close()
         if isinstance(e, KvmError) and not isinstance(e, SnapshotError):
-            raise SnapshotError(f"the VM could not be built as {top.path!r} says: {e.message}",
+            raise SnapshotError(f"the VM could not be built as {what} says: {e.message}",
                                 errno=e.errno, ioctl=e.ioctl) from e
         raise
-    return RestoredVm(vm, vcpus, state, tuple(layer.info for layer in chain))
+    return vm, vcpus
 
 
 # -- inspecting and merging --------------------------------------------------------------------

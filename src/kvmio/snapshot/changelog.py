@@ -1,4 +1,5 @@
-"""The pages a VM changed since the last look, for a :class:`~kvmio.snapshot.files.Snapshotter`.
+"""The pages a VM changed since the last look, for a :class:`~kvmio.snapshot.files.Snapshotter`
+and a migration (:mod:`kvmio.migration`).
 
 :class:`ChangeLog` is a dirty-log consumer: it takes the log (every vCPU's ring, or the bitmap
 claim) unless a :class:`~kvmio.tracker.DirtyTracker` holds it, opens a host-write record on

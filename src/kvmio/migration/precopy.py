@@ -1,0 +1,374 @@
+"""Pre-copy live migration: :func:`send_vm` on the source, :func:`receive_vm` on the
+destination, over any stream connection (a socket, an SSL socket, a socket pair).
+
+The source sends every populated page once while the vCPUs run (pass 0: zero pages as ZERO
+records, not data), then passes of the pages changed since the previous pass (the dirty log,
+or a tracker's, plus host writes through kvmio: :class:`~kvmio.snapshot.ChangeLog`), until
+the next pass's bytes at the measured bandwidth fit the downtime limit.  It then pauses the
+vCPUs, collects the final changes, sends them, the slots no dirty log covers (whole), and the
+machine state, and waits for the destination's answer.  A slot the log cannot vouch for (a
+ring overrun) is sent whole: nothing it could have hidden is missed.
+
+If anything fails before the destination answers ``OKAY`` (the connection, the destination, a
+timeout), the source's vCPUs are resumed and :class:`~kvmio.errors.MigrationError` is raised.
+The destination builds the VM from the stream's layout, writes pages only after checking them
+(:class:`~kvmio.migration.stream.StreamReader`), restores the state after ``DONE``, and
+answers; on any error it closes the VM it was building: it never hands over a half-received
+one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kvmio._abi import PAGE_SIZE
+from kvmio.devices import IoBus
+from kvmio.errors import KvmError, KvmStateError, MigrationError, SnapshotError
+from kvmio.memory import AnonymousMemory, Memory, MemoryRegion
+from kvmio.migration.stream import MAX_PAGES_PER_RECORD, Connection, StreamReader, StreamWriter
+from kvmio.runner import VcpuRunner
+from kvmio.snapshot.changelog import ChangeLog, Changes
+from kvmio.snapshot.files import AS_SAVED, build_vm, machine_layout
+from kvmio.snapshot.state import MachineState, capture, finish_pending_exits, restore
+from kvmio.system import Kvm
+from kvmio.tracker import DirtyTracker
+from kvmio.vcpu import Vcpu
+from kvmio.vm import Vm
+
+__all__ = ["DEFAULT_DOWNTIME", "MigrationReport", "PassReport", "ReceivedVm", "receive_vm",
+           "send_vm"]
+
+#: The default downtime limit (seconds): the longest the guest may stand still at switch-over.
+DEFAULT_DOWNTIME = 0.3
+
+Pages = npt.NDArray[np.uint64]
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """One pass of the source: pages and bytes sent, how long it took, whether the vCPUs were
+    paused (the final pass)."""
+
+    number: int
+    pages: int
+    zero_pages: int
+    bytes: int
+    seconds: float
+    whole_slots: tuple[int, ...] = ()
+    final: bool = False
+
+
+@dataclass
+class MigrationReport:
+    """What :func:`send_vm` did."""
+
+    passes: list[PassReport] = field(default_factory=list)
+    #: Seconds from the start to the destination's answer.
+    total_seconds: float = 0.0
+    #: Seconds the guest stood still: from the pause to the destination's answer.
+    downtime: float = 0.0
+    #: The downtime the switch-over expected (bytes left / bandwidth).
+    estimated_downtime: float = 0.0
+    #: Bytes written to the connection.
+    bytes_sent: int = 0
+    #: The bandwidth measured on the last live pass (bytes per second).
+    bandwidth: float = 0.0
+    #: Why the slots sent whole were (ring overruns, slots without a dirty log).
+    whole_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def pages_sent(self) -> int:
+        """Pages sent over all passes (zero pages included)."""
+        return sum(p.pages for p in self.passes)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        d = asdict(self)
+        d["pages_sent"] = self.pages_sent
+        return d
+
+
+class _Sender:
+    def __init__(self, w: StreamWriter, regions: Mapping[int, MemoryRegion]):
+        self.w = w
+        self.regions = regions
+        self.pages = 0
+        self.zero = 0
+        #: While the guest runs: (monotonic deadline, error message) of the whole migration.
+        self.deadline: tuple[float, str] | None = None
+
+    def send(self, slot: int, pages: Pages) -> None:
+        """Send ``pages`` (sorted, distinct indices) of ``slot``: zero ones as ZERO records."""
+        region = self.regions[slot]
+        view = region.array(np.uint64).reshape(-1, PAGE_SIZE // 8)
+        for at in range(0, len(pages), MAX_PAGES_PER_RECORD):
+            if self.deadline is not None and time.monotonic() > self.deadline[0]:
+                raise MigrationError(self.deadline[1])
+            idx = pages[at:at + MAX_PAGES_PER_RECORD]
+            block = view[idx.astype(np.intp)]  # a copy: the guest may write on meanwhile
+            nonzero = block.any(axis=1)
+            if not nonzero.all():
+                self.w.pages(slot, idx[~nonzero], None)
+                self.zero += int((~nonzero).sum())
+            if nonzero.any():
+                self.w.pages(slot, idx[nonzero], block[nonzero].view(np.uint8))
+            self.pages += len(idx)
+
+    def whole(self, slot: int) -> None:
+        """Every populated page of ``slot`` (the rest are zero at the destination)."""
+        self.send(slot, self.regions[slot].memory.populated_pages())
+
+
+def _vcpus(vm: Vm, vcpus: Iterable[Vcpu] | None) -> list[Vcpu]:
+    out = list(vm.vcpus.values()) if vcpus is None else list(vcpus)
+    if not out:
+        raise KvmStateError("a migration needs the VM's vCPUs")
+    return sorted(out, key=lambda v: v.id)
+
+
+def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
+            runner: VcpuRunner | None = None, tracker: DirtyTracker | None = None,
+            devices: IoBus | None = None, guest: Mapping[str, Any] | None = None,
+            downtime: float = DEFAULT_DOWNTIME, max_passes: int = 30,
+            timeout: float | None = None, answer_timeout: float = 60.0,
+            on_pass: Callable[[PassReport], None] | None = None) -> MigrationReport:
+    """Migrate ``vm`` (its ``vcpus``, default all) to the destination at the other end of
+    ``conn`` (see the module).
+
+    ``runner``: the :class:`~kvmio.runner.VcpuRunner` running the vCPUs (passes are copied
+    while it runs; it is paused for the switch-over and stays paused after a success, resumed
+    after a failure); without one the vCPUs must be stopped.  ``tracker``: a running
+    :class:`~kvmio.tracker.DirtyTracker` of the VM whose passes supply the dirty pages (else
+    the migration takes the dirty log itself).  ``devices``: the port devices, whose state
+    goes with the machine state.  ``guest``: metadata for the destination (JSON-able).
+    ``downtime``: the switch-over's limit in seconds; ``max_passes`` live passes at most,
+    after which the switch-over happens anyway; ``timeout``: seconds after which a migration
+    that has not switched over is abandoned (:class:`MigrationError`, the source runs on);
+    ``answer_timeout``: seconds the destination has to answer after the state was sent (set
+    on ``conn`` if it has ``settimeout``).  ``on_pass(report)`` is called after each pass.
+    """
+    if not downtime > 0:
+        raise MigrationError("downtime must be positive")
+    targets = _vcpus(vm, vcpus)
+    t0 = time.monotonic()
+    report = MigrationReport()
+    layout = machine_layout(vm, targets)
+    regions = dict(vm.regions)
+    w = StreamWriter(conn)
+    sender = _Sender(w, regions)
+    paused = False
+    try:
+        log = ChangeLog(vm, tracker=tracker)
+    except SnapshotError as e:
+        raise MigrationError(f"the dirty log is not free: {e.message}") from e
+    try:
+        log.collect(final=False)  # the baseline: pass 0 sends everything after it
+        w.preamble()
+        w.config(layout, dict(guest or {}))
+
+        def run_pass(number: int, changes: Changes | None, final: bool) -> PassReport:
+            start, sent0 = time.monotonic(), w.sent
+            pages0, zero0 = sender.pages, sender.zero
+            whole: set[int] = set(regions) if changes is None else set(changes.whole)
+            if changes is not None:
+                for slot, pages in sorted(changes.pages.items()):
+                    if slot in regions and slot not in whole and len(pages):
+                        sender.send(slot, pages)
+                report.whole_reasons.extend(changes.why)
+            for slot in sorted(whole):
+                if slot in regions and (final or changes is None or
+                                        regions[slot].log_dirty):
+                    sender.whole(slot)  # untracked slots: in pass 0 and the final pass only
+            p = PassReport(number, sender.pages - pages0, sender.zero - zero0, w.sent - sent0,
+                           time.monotonic() - start, tuple(sorted(whole)), final)
+            w.end_pass(number, p.pages, p.bytes)
+            report.passes.append(p)
+            if on_pass is not None:
+                on_pass(p)
+            return p
+
+        if timeout is not None and runner is not None:
+            sender.deadline = (t0 + timeout, f"the migration did not converge within "
+                                             f"{timeout:g} s (still copying while the guest ran)")
+        last = run_pass(0, None, final=False)
+        bandwidth = last.bytes / max(last.seconds, 1e-6)
+        pending: Changes | None = None
+        if runner is not None:
+            number = 1
+            while True:
+                changes = log.collect(final=False)
+                size = sum(len(p) for s, p in changes.pages.items()
+                           if s not in changes.whole) * PAGE_SIZE
+                size += sum(regions[s].memory.populated_pages().size * PAGE_SIZE
+                            for s in changes.whole if s in regions and regions[s].log_dirty)
+                report.estimated_downtime = size / bandwidth
+                if report.estimated_downtime <= downtime or number > max_passes:
+                    pending = changes
+                    break
+                if timeout is not None and time.monotonic() - t0 > timeout:
+                    raise MigrationError(
+                        f"the migration did not converge within {timeout:g} s ({number - 1} "
+                        f"passes; {size >> 20} MiB dirty, {report.estimated_downtime:.2f} s "
+                        f"to send at {bandwidth / 2**20:.1f} MiB/s, limit {downtime:g} s)")
+                last = run_pass(number, changes, final=False)
+                if last.seconds > 0 and last.bytes > 64 * PAGE_SIZE:
+                    bandwidth = last.bytes / last.seconds
+                number += 1
+            sender.deadline = None  # the final pass is the downtime: it is not cut short
+            t_pause = time.monotonic()
+            runner.pause()
+            paused = True
+        else:
+            number, t_pause = 1, time.monotonic()
+        for v in targets:
+            if v.running:
+                raise KvmStateError(f"vCPU {v.id} is running; pass its runner")
+        finish_pending_exits(targets)  # may write guest memory: before the final collection
+        final = log.collect(final=True)
+        if pending is not None:
+            for slot, pages in pending.pages.items():
+                have = final.pages.get(slot)
+                final.pages[slot] = pages if have is None else np.union1d(have, pages)
+            final.whole |= pending.whole
+        run_pass(number, final, final=True)
+        state = capture(vm, targets, devices=devices)
+        w.record(b"STAT", state.to_bytes())
+        w.record(b"DONE")
+        reader = StreamReader(conn)
+        settimeout = getattr(conn, "settimeout", None)
+        if settimeout is not None:  # a destination that never answers is a failure too
+            settimeout(answer_timeout)
+        answer = reader.record((b"OKAY", b"FAIL"))
+        if answer.tag == b"FAIL":
+            raise MigrationError("the destination refused the VM: "
+                                 + answer.payload.decode("utf-8", "replace"))
+        report.downtime = time.monotonic() - t_pause
+        report.bandwidth = bandwidth
+    except BaseException as e:
+        if paused and runner is not None:
+            runner.resume()  # the source runs on: nothing was handed over
+        if isinstance(e, KvmError) and not isinstance(e, MigrationError):
+            raise MigrationError(f"the migration failed: {e.message}", errno=e.errno,
+                                 ioctl=e.ioctl) from e
+        raise
+    finally:
+        log.close()
+    report.total_seconds = time.monotonic() - t0
+    report.bytes_sent = w.sent
+    return report
+
+
+@dataclass
+class ReceivedVm:
+    """What :func:`receive_vm` built: the VM (memory and state restored, vCPUs never run),
+    its vCPUs by id, the state, the guest's metadata, and what arrived.  Close it (or the
+    VM) when done."""
+
+    vm: Vm
+    vcpus: dict[int, Vcpu]
+    state: MachineState
+    guest: dict[str, Any]
+    passes: int
+    pages: int
+    bytes: int
+    seconds: float
+
+    def close(self) -> None:
+        """Close the VM."""
+        self.vm.close()
+
+
+def receive_vm(kvm: Kvm, conn: Connection, *, devices: IoBus | None = None,
+               dirty_ring: int | object | None = AS_SAVED,
+               on_bytes: Callable[[int], None] | None = None) -> ReceivedVm:
+    """Build a VM from the migration stream on ``conn`` and answer the source (see the
+    module).  ``devices``: where the port devices' state goes (required if the source sent
+    any); ``dirty_ring``: the new VM's ring (default: as the source had it).  Raises
+    :class:`MigrationError` (and answers ``FAIL`` when it can) for anything wrong; the VM it
+    was building is closed then."""
+    t0 = time.monotonic()
+    r = StreamReader(conn, on_bytes=on_bytes)
+    vm: Vm | None = None
+    try:
+        r.preamble()
+        guest = r.config(r.record((b"CONF",)))
+        layout = r.layout
+        assert layout is not None
+        memories: dict[int, Memory] = {s.slot: AnonymousMemory(s.size, noreserve=True)
+                                       for s in layout.slots}
+        try:
+            vm, vcpus = build_vm(kvm, layout, memories, dirty_ring=dirty_ring,
+                                 what="the migration stream")
+        except SnapshotError as e:
+            raise MigrationError(e.message, errno=e.errno, ioctl=e.ioctl) from e
+        regions = vm.regions
+        views = {slot: reg.array(np.uint64).reshape(-1, PAGE_SIZE // 8)
+                 for slot, reg in regions.items()}
+        written = {slot: np.zeros(reg.num_pages, dtype=np.bool_)
+                   for slot, reg in regions.items()}
+        passes = pages = 0
+        state: MachineState | None = None
+        expect: tuple[bytes, ...] = (b"ZERO", b"DATA", b"PASS")
+        while True:
+            rec = r.record(expect)
+            if rec.tag in (b"DATA", b"ZERO"):
+                pr = r.pages(rec)  # checked against the layout before it touches memory
+                ix = pr.pages.astype(np.intp)
+                if pr.data is not None:
+                    views[pr.slot][ix] = pr.data.view(np.uint64).reshape(len(ix), -1)
+                    written[pr.slot][ix] = True
+                else:
+                    had = ix[written[pr.slot][ix]]  # fresh pages are zero already
+                    if len(had):
+                        views[pr.slot][had] = 0
+                        written[pr.slot][had] = False
+                pages += len(ix)
+                expect = (b"ZERO", b"DATA", b"PASS")
+            elif rec.tag == b"PASS":
+                number, _, _ = r.end_pass(rec)
+                if number != passes:
+                    raise MigrationError(f"pass {number} ended where pass {passes} was due")
+                passes += 1
+                expect = (b"ZERO", b"DATA", b"PASS", b"STAT")  # the state follows the last
+            elif rec.tag == b"STAT":
+                try:
+                    state = MachineState.from_bytes(rec.payload)
+                except SnapshotError as e:
+                    raise MigrationError(f"the machine state in the stream is not valid: "
+                                         f"{e.message}") from e
+                expect = (b"DONE",)
+            else:  # DONE
+                break
+        assert state is not None
+        try:
+            restore(state, vm, vcpus, devices=devices)
+        except SnapshotError as e:
+            raise MigrationError(f"the machine state does not fit the VM: {e.message}",
+                                 errno=e.errno, ioctl=e.ioctl) from e
+        StreamWriter(conn).record(b"OKAY")
+    except BaseException as e:
+        if vm is not None:
+            vm.close()
+        if isinstance(e, MigrationError | KvmError):
+            with contextlib.suppress(MigrationError, OSError):
+                StreamWriter(conn).record(b"FAIL", str(e).encode()[:4096])
+        # No more reading: a source still sending learns at once (EPIPE) instead of filling
+        # the connection's buffers and waiting.
+        shutdown = getattr(conn, "shutdown", None)
+        if shutdown is not None:
+            with contextlib.suppress(OSError):
+                shutdown(socket.SHUT_RDWR)
+        if isinstance(e, KvmError) and not isinstance(e, MigrationError):
+            raise MigrationError(f"the VM could not be received: {e.message}", errno=e.errno,
+                                 ioctl=e.ioctl) from e
+        raise
+    return ReceivedVm(vm, vcpus, state, guest, passes, pages, r.received,
+                      time.monotonic() - t0)

@@ -1,0 +1,278 @@
+"""The migration stream: a versioned sequence of checksummed records.
+
+Layout (all integers little-endian)::
+
+    preamble   b"KVMIO-MIGRATE\\n" (14 bytes), version u16
+    record     tag (4 ASCII bytes), payload length u32, payload, XXH3-64 u64 of tag, length
+               and payload
+
+Records, in order: ``CONF`` (JSON: the machine layout, the guest's metadata), then for each
+pass any number of ``ZERO`` and ``DATA`` records and one ``PASS``, then ``STAT`` (the machine
+state's own serialized form) and ``DONE``.  The destination answers ``OKAY`` (it built and
+restored the VM) or ``FAIL`` (UTF-8 reason).
+
+- ``ZERO``: slot u32, count u32, then ``count`` page indices u64 (strictly increasing): pages
+  that hold zeros;
+- ``DATA``: slot u32, count u32, the page indices, then ``count`` pages of data;
+- ``PASS``: pass number u32, pages u64, bytes u64 (what the pass sent).
+
+:class:`StreamReader` checks every record before anything reaches guest memory: its tag, its
+length against the most its tag allows and against what its counts imply, its checksum, the
+order of records, and (through :meth:`StreamReader.pages`) that the slot exists and every page
+index lies within it.  Anything else is a :class:`~kvmio.errors.MigrationError`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from kvmio._abi import PAGE_SIZE
+from kvmio.errors import MigrationError, SnapshotError
+from kvmio.snapshot.files import MachineLayout
+
+__all__ = ["MAGIC", "MAX_PAGES_PER_RECORD", "VERSION", "Connection", "PageRecord", "Record",
+           "StreamReader", "StreamWriter", "socket_pair"]
+
+MAGIC = b"KVMIO-MIGRATE\n"
+VERSION = 1
+#: Pages in one ZERO or DATA record at most.
+MAX_PAGES_PER_RECORD = 256
+_HEADER = struct.Struct("<4sI")
+_HASH = struct.Struct("<Q")
+_PAGES = struct.Struct("<II")
+_PASS = struct.Struct("<IQQ")
+#: The most payload each tag may carry.
+_LIMITS = {
+    b"CONF": 1 << 20,
+    b"ZERO": _PAGES.size + 8 * MAX_PAGES_PER_RECORD,
+    b"DATA": _PAGES.size + (8 + PAGE_SIZE) * MAX_PAGES_PER_RECORD,
+    b"PASS": _PASS.size,
+    b"STAT": 64 << 20,
+    b"DONE": 0,
+    b"OKAY": 0,
+    b"FAIL": 4096,
+}
+
+
+class Connection(Protocol):
+    """What the stream reads from and writes to: a socket (or an SSL socket)."""
+
+    def sendall(self, data: bytes | bytearray | memoryview, /) -> None:
+        """Send all of ``data`` (raise ``OSError`` if it cannot)."""
+        ...
+
+    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int:
+        """Receive up to ``nbytes`` into ``buffer``; 0 at the end of the stream."""
+        ...
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record as read: its tag and checked payload."""
+
+    tag: bytes
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PageRecord:
+    """A checked ZERO or DATA record: the slot, its page indices (strictly increasing, within
+    the slot), and for DATA the pages (``count`` x 4096 bytes, read-only)."""
+
+    slot: int
+    pages: npt.NDArray[np.uint64]
+    data: npt.NDArray[np.uint8] | None
+
+
+def _hash(header: bytes, payload: bytes | bytearray | memoryview) -> int:
+    h = xxhash.xxh3_64()
+    h.update(header)
+    h.update(payload)
+    return h.intdigest()
+
+
+class StreamWriter:
+    """Writes records to ``conn`` (counting the bytes sent)."""
+
+    def __init__(self, conn: Connection):
+        self._conn = conn
+        #: Bytes written so far.
+        self.sent = 0
+
+    def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        try:
+            for p in parts:
+                self._conn.sendall(p)
+                self.sent += len(p)
+        except OSError as e:
+            raise MigrationError(f"the connection failed while sending: {e}",
+                                 errno=e.errno) from e
+
+    def preamble(self) -> None:
+        """The stream's first bytes."""
+        self._send(MAGIC + struct.pack("<H", VERSION))
+
+    def record(self, tag: bytes, *payload: bytes | bytearray | memoryview) -> None:
+        """One record whose payload is the concatenation of ``payload``."""
+        payload = tuple(memoryview(p).cast("B") for p in payload)  # lengths in bytes
+        n = sum(len(p) for p in payload)
+        if tag not in _LIMITS or n > _LIMITS[tag]:
+            raise MigrationError(f"record {tag!r} of {n} bytes cannot be sent")
+        header = _HEADER.pack(tag, n)
+        h = xxhash.xxh3_64()
+        h.update(header)
+        for p in payload:
+            h.update(p)
+        self._send(header, *payload, _HASH.pack(h.intdigest()))
+
+    def config(self, layout: MachineLayout, guest: dict[str, Any]) -> None:
+        """The ``CONF`` record."""
+        body = json.dumps({"layout": layout.to_json(), "guest": guest},
+                          sort_keys=True).encode()
+        self.record(b"CONF", body)
+
+    def pages(self, slot: int, pages: npt.NDArray[np.uint64],
+              data: npt.NDArray[np.uint8] | None) -> None:
+        """One ZERO (``data is None``) or DATA record (``data``: ``len(pages)`` pages)."""
+        n = len(pages)
+        if not 1 <= n <= MAX_PAGES_PER_RECORD:
+            raise MigrationError(f"a page record holds 1 to {MAX_PAGES_PER_RECORD} pages")
+        idx = np.ascontiguousarray(pages, dtype="<u8")
+        if data is None:
+            self.record(b"ZERO", _PAGES.pack(slot, n), idx.data)
+        else:
+            if data.nbytes != n * PAGE_SIZE:
+                raise MigrationError("page data does not match its page count")
+            self.record(b"DATA", _PAGES.pack(slot, n), idx.data,
+                        np.ascontiguousarray(data).data)
+
+    def end_pass(self, number: int, pages: int, nbytes: int) -> None:
+        """The ``PASS`` record closing pass ``number``."""
+        self.record(b"PASS", _PASS.pack(number, pages, nbytes))
+
+
+class StreamReader:
+    """Reads and checks records from ``conn`` (see the module).  ``on_bytes(n)`` is told of
+    every ``n`` bytes received (progress)."""
+
+    def __init__(self, conn: Connection, *, on_bytes: Callable[[int], None] | None = None):
+        self._conn = conn
+        self._on_bytes = on_bytes
+        #: Bytes read so far.
+        self.received = 0
+        self.layout: MachineLayout | None = None
+        self._slot_pages: dict[int, int] = {}
+
+    def _read(self, n: int, what: str) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self._conn.recv_into(view[got:], n - got)
+            except TimeoutError as e:
+                raise MigrationError(f"the connection stalled while reading {what}") from e
+            except OSError as e:
+                raise MigrationError(f"the connection failed while reading {what}: {e}",
+                                     errno=e.errno) from e
+            if k == 0:
+                raise MigrationError(f"the stream ended in the middle of {what} (the "
+                                     "connection was closed: truncated)")
+            got += k
+            self.received += k
+            if self._on_bytes is not None:
+                self._on_bytes(k)
+        return buf
+
+    def preamble(self) -> None:
+        """Check the stream's first bytes."""
+        raw = self._read(len(MAGIC) + 2, "the preamble")
+        if bytes(raw[:len(MAGIC)]) != MAGIC:
+            raise MigrationError("not a kvmio migration stream (bad preamble)")
+        (version,) = struct.unpack_from("<H", raw, len(MAGIC))
+        if version != VERSION:
+            raise MigrationError(f"migration stream version {version}; this kvmio speaks "
+                                 f"version {VERSION}")
+
+    def record(self, expect: tuple[bytes, ...] | None = None) -> Record:
+        """The next record, checked; ``expect``: the tags allowed here."""
+        header = bytes(self._read(_HEADER.size, "a record header"))
+        tag, n = _HEADER.unpack(header)
+        if tag not in _LIMITS:
+            raise MigrationError(f"unknown record {tag!r} (corrupted stream)")
+        if n > _LIMITS[tag]:
+            raise MigrationError(f"record {tag!r} claims {n} bytes, more than it may hold "
+                                 f"({_LIMITS[tag]}): corrupted stream")
+        payload = bytes(self._read(n, f"a {tag.decode()} record"))
+        (h,) = _HASH.unpack(self._read(_HASH.size, "a record checksum"))
+        if h != _hash(header, payload):
+            raise MigrationError(f"record {tag!r}: checksum mismatch (corrupted stream)")
+        if expect is not None and tag not in expect:
+            due = "/".join(t.decode() for t in expect)
+            raise MigrationError(f"record {tag.decode()} where {due} was due (a stream out "
+                                 "of order)")
+        return Record(tag, payload)
+
+    def config(self, rec: Record) -> dict[str, Any]:
+        """The ``CONF`` record's guest metadata, after checking its layout (kept in
+        :attr:`layout`)."""
+        try:
+            obj = json.loads(rec.payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise MigrationError(f"the CONF record is not valid JSON ({e})") from None
+        if not isinstance(obj, dict) or set(obj) != {"layout", "guest"} or \
+                not isinstance(obj["guest"], dict):
+            raise MigrationError("the CONF record has the wrong fields")
+        try:
+            self.layout = MachineLayout.from_json(obj["layout"], "the stream's CONF record")
+        except SnapshotError as e:
+            raise MigrationError(e.message) from None
+        self._slot_pages = {s.slot: s.num_pages for s in self.layout.slots}
+        guest: dict[str, Any] = obj["guest"]
+        return guest
+
+    def pages(self, rec: Record) -> PageRecord:
+        """A ZERO or DATA record, checked against the layout: the slot exists, the count
+        matches the length, the indices increase strictly and lie within the slot."""
+        p = rec.payload
+        if len(p) < _PAGES.size:
+            raise MigrationError(f"a {rec.tag.decode()} record is too short")
+        slot, n = _PAGES.unpack_from(p)
+        per = 8 + (PAGE_SIZE if rec.tag == b"DATA" else 0)
+        if not 1 <= n <= MAX_PAGES_PER_RECORD or len(p) != _PAGES.size + per * n:
+            raise MigrationError(f"a {rec.tag.decode()} record's count ({n}) does not match "
+                                 f"its length ({len(p)})")
+        size = self._slot_pages.get(slot)
+        if size is None:
+            raise MigrationError(f"a {rec.tag.decode()} record names slot {slot}, which the "
+                                 "stream's machine does not have")
+        idx = np.frombuffer(p, dtype="<u8", count=n, offset=_PAGES.size).astype(np.uint64)
+        if int(idx[-1]) >= size or (n > 1 and not bool(np.all(idx[1:] > idx[:-1]))):
+            raise MigrationError(f"a {rec.tag.decode()} record names pages outside slot {slot} "
+                                 f"({size} pages) or out of order")
+        data = None
+        if rec.tag == b"DATA":
+            data = np.frombuffer(p, dtype=np.uint8, offset=_PAGES.size + 8 * n)
+        return PageRecord(slot, idx, data)
+
+    @staticmethod
+    def end_pass(rec: Record) -> tuple[int, int, int]:
+        """A ``PASS`` record: (number, pages, bytes)."""
+        if len(rec.payload) != _PASS.size:
+            raise MigrationError("a PASS record has the wrong length")
+        number, pages, nbytes = _PASS.unpack(rec.payload)
+        return int(number), int(pages), int(nbytes)
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected stream sockets (for a migration between two threads)."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
