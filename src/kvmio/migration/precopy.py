@@ -32,6 +32,7 @@ import numpy.typing as npt
 from kvmio._abi import PAGE_SIZE
 from kvmio.devices import IoBus
 from kvmio.errors import KvmError, KvmStateError, MigrationError, SnapshotError
+from kvmio.limit import DirtyLimit
 from kvmio.memory import AnonymousMemory, Memory, MemoryRegion
 from kvmio.migration.stream import MAX_PAGES_PER_RECORD, Connection, StreamReader, StreamWriter
 from kvmio.runner import VcpuRunner
@@ -43,11 +44,17 @@ from kvmio.tracker import DirtyTracker
 from kvmio.vcpu import Vcpu
 from kvmio.vm import Vm
 
-__all__ = ["DEFAULT_DOWNTIME", "MigrationReport", "PassReport", "ReceivedVm", "receive_vm",
+__all__ = ["AUTO_FRACTION", "AUTO_SHRINK", "DEFAULT_DOWNTIME", "MigrationReport", "PassReport",
+           "ReceivedVm", "receive_vm",
            "send_vm"]
 
 #: The default downtime limit (seconds): the longest the guest may stand still at switch-over.
 DEFAULT_DOWNTIME = 0.3
+#: Auto-converge steps in when the guest dirtied at least this share of what a pass sent,
+#: while it was sent.
+AUTO_SHRINK = 0.9
+#: Auto-converge's first limit: this share of the measured bandwidth, for all vCPUs together.
+AUTO_FRACTION = 0.5
 
 Pages = npt.NDArray[np.uint64]
 
@@ -83,6 +90,8 @@ class MigrationReport:
     bandwidth: float = 0.0
     #: Why the slots sent whole were (ring overruns, slots without a dirty log).
     whole_reasons: list[str] = field(default_factory=list)
+    #: Auto-converge's steps: the pass after which each vCPU's limit was set, and the limit.
+    throttle: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def pages_sent(self) -> int:
@@ -139,6 +148,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
             devices: IoBus | None = None, guest: Mapping[str, Any] | None = None,
             downtime: float = DEFAULT_DOWNTIME, max_passes: int = 30,
             timeout: float | None = None, answer_timeout: float = 60.0,
+            auto_converge: bool = False,
             on_pass: Callable[[PassReport], None] | None = None) -> MigrationReport:
     """Migrate ``vm`` (its ``vcpus``, default all) to the destination at the other end of
     ``conn`` (see the module).
@@ -154,9 +164,20 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
     that has not switched over is abandoned (:class:`MigrationError`, the source runs on);
     ``answer_timeout``: seconds the destination has to answer after the state was sent (set
     on ``conn`` if it has ``settimeout``).  ``on_pass(report)`` is called after each pass.
+
+    ``auto_converge`` (needs ``tracker`` and ``runner``): when the guest dirtied at least
+    :data:`AUTO_SHRINK` of what a pass sent while it was sent, every vCPU gets a dirty-rate limit
+    (:class:`~kvmio.limit.DirtyLimit`), first :data:`AUTO_FRACTION` of the measured bandwidth
+    shared among the vCPUs, then half of the previous limit at each pass that still does not
+    shrink; the limit is lifted when the migration ends (on the source's side: it stays
+    paused after a success, and runs unthrottled after a failure).
     """
     if not downtime > 0:
         raise MigrationError("downtime must be positive")
+    if auto_converge and (tracker is None or runner is None):
+        raise MigrationError("auto-converge needs the VM's running DirtyTracker (tracker=) and "
+                             "the runner of its vCPUs (runner=): the dirty-rate limit paces "
+                             "the runner and measures with the tracker")
     targets = _vcpus(vm, vcpus)
     t0 = time.monotonic()
     report = MigrationReport()
@@ -165,6 +186,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
     w = StreamWriter(conn)
     sender = _Sender(w, regions)
     paused = False
+    limit: DirtyLimit | None = None
     try:
         log = ChangeLog(vm, tracker=tracker)
     except SnapshotError as e:
@@ -218,6 +240,22 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                         f"the migration did not converge within {timeout:g} s ({number - 1} "
                         f"passes; {size >> 20} MiB dirty, {report.estimated_downtime:.2f} s "
                         f"to send at {bandwidth / 2**20:.1f} MiB/s, limit {downtime:g} s)")
+                if auto_converge and size >= AUTO_SHRINK * last.bytes:
+                    # The guest dirtied (about) as much while the last pass was sent as that
+                    # pass sent: passes do not shrink.  Slow it down.
+                    assert tracker is not None
+                    if limit is None:
+                        try:
+                            limit = DirtyLimit(tracker, runner)
+                        except KvmStateError as e:
+                            raise MigrationError(f"auto-converge cannot pace the vCPUs: "
+                                                 f"{e.message}") from e
+                        rate = AUTO_FRACTION * bandwidth / len(targets)
+                    else:
+                        rate = report.throttle[-1]["bytes_per_second"] / 2
+                    rate = max(rate, float(PAGE_SIZE))
+                    limit.set(rate)
+                    report.throttle.append({"pass": number - 1, "bytes_per_second": rate})
                 last = run_pass(number, changes, final=False)
                 if last.seconds > 0 and last.bytes > 64 * PAGE_SIZE:
                     bandwidth = last.bytes / last.seconds
@@ -260,6 +298,8 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                                  ioctl=e.ioctl) from e
         raise
     finally:
+        if limit is not None:
+            limit.close()  # the source's vCPUs run unthrottled again (if they run at all)
         log.close()
     report.total_seconds = time.monotonic() - t0
     report.bytes_sent = w.sent
