@@ -126,7 +126,7 @@ def test_the_source_runs_on_when_the_destination_goes_away(kvm: Kvm) -> None:
         wait_until(lambda: w.writes(0) > 1000, what="writes")
         # (The source learns while sending, or, its last bytes in the socket buffer, when
         # the answer does not come.)
-        with pytest.raises(MigrationError, match="connection failed|stream ended"):
+        with pytest.raises(MigrationError, match=r"connection failed|stream ended"):
             w.migrate(src_conn, runner=r)
         assert not r.paused and r.running
         n = w.writes(0)
