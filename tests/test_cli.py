@@ -57,7 +57,8 @@ def test_info(kvm: Kvm) -> None:
                                      ["bench"], ["bench", "ring-vs-bitmap"], ["bench", "reset"],
                                      ["snapshot"],
                                      ["snapshot", "take"], ["snapshot", "inspect"],
-                                     ["snapshot", "merge"], ["restore"]])
+                                     ["snapshot", "merge"], ["restore"], ["migrate"],
+                                     ["migrate", "listen"], ["migrate", "send"]])
 def test_help(command: list[str]) -> None:
     r = CliRunner().invoke(main, [*command, "--help"])
     assert r.exit_code == 0, r.output
@@ -307,7 +308,7 @@ def _no_kvm(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(ctx: object) -> None:
         raise AssertionError("the command started although its arguments are bad")
 
-    for mod in ("info", "demo", "run", "dirtyrate", "bench"):
+    for mod in ("info", "demo", "run", "dirtyrate", "bench", "migrate"):
         monkeypatch.setattr(f"kvmio.cli.{mod}.open_kvm", refuse, raising=False)
 
 

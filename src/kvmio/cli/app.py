@@ -12,6 +12,7 @@ from kvmio.cli.demo import demo
 from kvmio.cli.dirtyrate import dirtyrate
 from kvmio.cli.errors import check_utf8_args, error_boundary, sigint_once
 from kvmio.cli.info import info
+from kvmio.cli.migrate import migrate
 from kvmio.cli.run import run_command
 from kvmio.cli.snapshot import restore_command, snapshot
 
@@ -47,5 +48,5 @@ def main(ctx: click.Context, device: str) -> None:
     ctx.obj = {"device": device}
 
 
-for _command in (info, demo, run_command, dirtyrate, bench, snapshot, restore_command):
+for _command in (info, demo, run_command, dirtyrate, bench, snapshot, restore_command, migrate):
     main.add_command(_command)

@@ -71,6 +71,12 @@ class PassReport:
     seconds: float
     whole_slots: tuple[int, ...] = ()
     final: bool = False
+    #: Bytes the pass had to send when it started (the dirty pages found, at 4 KiB each).
+    remaining: int = 0
+    #: The downtime expected had the switch-over come instead of this pass (seconds).
+    estimated_downtime: float = 0.0
+    #: The bandwidth measured so far (bytes per second).
+    bandwidth: float = 0.0
 
 
 @dataclass
@@ -196,7 +202,8 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
         w.preamble()
         w.config(layout, dict(guest or {}))
 
-        def run_pass(number: int, changes: Changes | None, final: bool) -> PassReport:
+        def run_pass(number: int, changes: Changes | None, final: bool,
+                     remaining: int = 0) -> PassReport:
             start, sent0 = time.monotonic(), w.sent
             pages0, zero0 = sender.pages, sender.zero
             whole: set[int] = set(regions) if changes is None else set(changes.whole)
@@ -209,8 +216,11 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                 if slot in regions and (final or changes is None or
                                         regions[slot].log_dirty):
                     sender.whole(slot)  # untracked slots: in pass 0 and the final pass only
+            seconds = time.monotonic() - start
             p = PassReport(number, sender.pages - pages0, sender.zero - zero0, w.sent - sent0,
-                           time.monotonic() - start, tuple(sorted(whole)), final)
+                           seconds, tuple(sorted(whole)), final, remaining,
+                           report.estimated_downtime,
+                           (w.sent - sent0) / seconds if seconds > 0 else 0.0)
             w.end_pass(number, p.pages, p.bytes)
             report.passes.append(p)
             if on_pass is not None:
@@ -256,7 +266,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                     rate = max(rate, float(PAGE_SIZE))
                     limit.set(rate)
                     report.throttle.append({"pass": number - 1, "bytes_per_second": rate})
-                last = run_pass(number, changes, final=False)
+                last = run_pass(number, changes, final=False, remaining=size)
                 if last.seconds > 0 and last.bytes > 64 * PAGE_SIZE:
                     bandwidth = last.bytes / last.seconds
                 number += 1
@@ -276,7 +286,8 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                 have = final.pages.get(slot)
                 final.pages[slot] = pages if have is None else np.union1d(have, pages)
             final.whole |= pending.whole
-        run_pass(number, final, final=True)
+        final_size = sum(len(p) for s, p in final.pages.items() if s not in final.whole)
+        run_pass(number, final, final=True, remaining=final_size * PAGE_SIZE)
         state = capture(vm, targets, devices=devices)
         w.record(b"STAT", state.to_bytes())
         w.record(b"DONE")

@@ -1,0 +1,189 @@
+"""``kvmio migrate listen|send``: live migration of the built-in workload between two processes
+(or hosts) over TCP (:mod:`kvmio.migration`).
+
+``listen ADDR`` accepts one migration on ``HOST:PORT`` (port 0: any free port; the address is
+printed), builds the VM from the stream, runs the guest on for ``--run`` seconds and reports
+how far it got; the listener then closes.  ``send ADDR`` boots the workload, lets it dirty
+memory for ``--after`` seconds, and migrates it while it runs, with a progress line per pass
+(pages, bandwidth, remaining dirty bytes, downtime estimate) and a report at the end
+(``--json`` for all of it).
+
+Errors (a connection refused or cut, a stream that is not a migration, a migration that did
+not converge within ``--timeout``) are one ``Error:`` line and exit status 1: the source's
+guest ran on until it stopped, and a destination never runs a half-received VM.  Ctrl-C stops
+either side and exits with 130.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Literal
+
+import click
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kvmio.cli.common import console, open_kvm, write_json
+from kvmio.cli.params import FiniteFloatRange, OutputFile, RingEntries, Size, format_size
+from kvmio.guests.workload import Workload
+from kvmio.migration import DEFAULT_DOWNTIME, MigrationError, PassReport
+from kvmio.tracker import DirtyTracker
+
+__all__ = ["migrate", "parse_address"]
+
+#: The most guest memory the built-in workload is offered.
+WORKLOAD_MEMORY = Size(min=1 << 20, max=512 << 30, what="memory size")
+#: The longest wait for a connection, an answer, or a stalled stream (seconds).
+MAX_WAIT = 86400.0
+
+
+def parse_address(ctx: click.Context, text: str, *, listening: bool) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6) as ``(host, port)``; port 0 only to listen."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise click.BadParameter(f"{text!r} is not HOST:PORT", ctx, param_hint="'ADDR'")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise click.BadParameter(f"port {port_text!r} is not a number", ctx,
+                                 param_hint="'ADDR'") from None
+    if not (0 if listening else 1) <= port <= 65535:
+        raise click.BadParameter(f"port {port} is out of range", ctx, param_hint="'ADDR'")
+    return host, port
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+@click.group()
+def migrate() -> None:
+    """Live migration of the built-in workload over TCP."""
+
+
+@migrate.command("listen")
+@click.argument("address", metavar="ADDR")
+@click.option("--run", "run_seconds", default=2.0, show_default=True,
+              type=FiniteFloatRange(0, MAX_WAIT),
+              help="Seconds to run the guest on after it arrived.")
+@click.option("--accept-timeout", default=600.0, show_default=True,
+              type=FiniteFloatRange(0.1, MAX_WAIT),
+              help="Seconds to wait for the source to connect.")
+@click.option("--stall-timeout", default=60.0, show_default=True,
+              type=FiniteFloatRange(0.1, MAX_WAIT),
+              help="Seconds the stream may stall before the migration fails.")
+@click.option("--json", "json_path", type=OutputFile(), default=None,
+              help="Write what arrived and how the guest went on as JSON.")
+@click.pass_context
+def listen(ctx: click.Context, address: str, run_seconds: float, accept_timeout: float,
+           stall_timeout: float, json_path: str | None) -> None:
+    """Accept one migration on ADDR (HOST:PORT), run the guest on, report."""
+    host, port = parse_address(ctx, address, listening=True)
+    with open_kvm(ctx) as kvm:
+        try:
+            srv = socket.create_server((host, port))
+        except OSError as e:
+            raise MigrationError(f"cannot listen on {address}: {e.strerror}",
+                                 errno=e.errno) from e
+        with srv:
+            bound = srv.getsockname()
+            click.echo(f"listening on {bound[0]}:{bound[1]}")  # (stdout: for scripts)
+            srv.settimeout(0.25)  # accept in slices: Ctrl-C is seen between them
+            deadline = time.monotonic() + accept_timeout
+            while True:
+                try:
+                    conn, peer = srv.accept()
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise MigrationError(
+                            f"no source connected within {accept_timeout:g} s") from None
+        with conn:  # the listener is closed: one migration only
+            conn.settimeout(stall_timeout)
+            t0 = time.monotonic()
+            w = Workload.from_migration(kvm, conn)
+            received = time.monotonic() - t0
+        with w:
+            before = [w.writes(i) for i in range(len(w.vcpus))]
+            click.echo(f"kvmio: received {len(w.vcpus)} vCPU(s), {format_size(w.mem.size)} "
+                       f"from {peer[0]} in {received:.2f} s; running it on", err=True)
+            if run_seconds > 0:
+                with w.runner() as r:
+                    r.wait(run_seconds)
+            after = [w.writes(i) for i in range(len(w.vcpus))]
+            click.echo(f"kvmio: the guest went on: writes {before} -> {after}", err=True)
+    if json_path:
+        write_json(json_path, {"peer": peer[0], "received_seconds": received,
+                               "vcpus": len(before), "writes_on_arrival": before,
+                               "writes_after_run": after, "ran_seconds": run_seconds})
+
+
+@migrate.command("send")
+@click.argument("address", metavar="ADDR")
+@click.option("--mem", default="256M", show_default=True, metavar="SIZE",
+              type=WORKLOAD_MEMORY, help="Guest memory of the workload.")
+@click.option("--vcpus", default=1, show_default=True, type=click.IntRange(1, 16))
+@click.option("--mode", type=click.Choice(["ring", "bitmap"]), default="ring",
+              show_default=True, help="How the source finds dirty pages.")
+@click.option("--ring", "ring_entries", default=4096, show_default=True, type=RingEntries(),
+              help="Ring entries per vCPU (ring mode).")
+@click.option("--after", default=1.0, show_default=True, type=FiniteFloatRange(0, MAX_WAIT),
+              help="Seconds the guest dirties memory before the migration starts.")
+@click.option("--downtime", default=DEFAULT_DOWNTIME, show_default=True,
+              type=FiniteFloatRange(0.001, 60.0), help="Downtime limit (seconds).")
+@click.option("--timeout", default=None, type=FiniteFloatRange(0.1, MAX_WAIT),
+              help="Give up (the guest runs on) if not switched over after this long.")
+@click.option("--auto-converge", is_flag=True,
+              help="Slow the guest down (a dirty-rate limit) when passes stop shrinking.")
+@click.option("--json", "json_path", type=OutputFile(), default=None,
+              help="Write the migration report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@click.pass_context
+def send(ctx: click.Context, address: str, mem: int, vcpus: int,
+         mode: Literal["ring", "bitmap"], ring_entries: int, after: float, downtime: float,
+         timeout: float | None, auto_converge: bool, json_path: str | None,
+         quiet: bool) -> None:
+    """Boot the workload and migrate it, live, to ADDR (HOST:PORT)."""
+    host, port = parse_address(ctx, address, listening=False)
+    ring = mode == "ring"
+    with open_kvm(ctx) as kvm, \
+            Workload(kvm, mem_size=mem, vcpus=vcpus, order="sequential", value="count",
+                     shared=False, ring_entries=ring_entries if ring else None) as w, \
+            DirtyTracker(w.vm, mode) as tracker, \
+            w.runner(on_ring_full=tracker.on_ring_full if ring else None) as runner:
+        runner.wait(after)  # the guest dirties memory meanwhile
+        try:
+            conn = socket.create_connection((host, port), timeout=60)
+        except OSError as e:
+            raise MigrationError(f"cannot connect to {address}: {e.strerror or e}",
+                                 errno=e.errno) from e
+        with conn, Progress(TextColumn("{task.description}"), BarColumn(),
+                            TimeElapsedColumn(), console=console, disable=quiet) as progress:
+            task = progress.add_task("pass 0: every populated page", total=None)
+
+            def on_pass(p: PassReport) -> None:
+                what = "final pass (paused)" if p.final else f"pass {p.number}"
+                progress.update(task, description=(
+                    f"{what}: {p.pages:,} pages, {_mib(p.bytes)} at {_mib(p.bandwidth)}/s; "
+                    f"{_mib(p.remaining)} were dirty, downtime estimate "
+                    f"{p.estimated_downtime * 1e3:.0f} ms"))
+                if not quiet:
+                    progress.console.print(f"  {what}: {p.pages:,} pages ({p.zero_pages:,} zero), "
+                                           f"{_mib(p.bytes)} in {p.seconds:.2f} s")
+
+            report = w.migrate(conn, runner=runner, tracker=tracker, downtime=downtime,
+                               timeout=timeout, max_passes=1000 if timeout else 30,
+                               auto_converge=auto_converge, on_pass=on_pass)
+        writes = [w.writes(i) for i in range(vcpus)]
+    console.print(
+        f"migrated in {report.total_seconds:.2f} s: {len(report.passes)} passes, "
+        f"{report.pages_sent:,} pages, {_mib(report.bytes_sent)}; downtime "
+        f"{report.downtime * 1e3:.0f} ms (estimated {report.estimated_downtime * 1e3:.0f} ms)"
+        + (f"; throttled {len(report.throttle)} time(s)" if report.throttle else ""))
+    if json_path:
+        data: dict[str, Any] = report.to_json()
+        data["writes_at_switch_over"] = writes
+        write_json(json_path, data)
+        console.print(f"wrote {json_path}")

@@ -1,0 +1,113 @@
+"""``kvmio migrate listen|send`` as real processes over loopback TCP: a workload migrated
+between two processes goes on at the destination where the source stopped; bad addresses,
+a refused connection, a stream that is not a migration, and Ctrl-C on a waiting listener."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kvmio import Kvm
+from kvmio.cli import main
+from test_cli import KVMIO, _assert_interrupted, _interrupt
+
+
+def _listen(args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``kvmio migrate listen 127.0.0.1:0 args``; return it and the port it says."""
+    p = subprocess.Popen([KVMIO, "migrate", "listen", "127.0.0.1:0", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    out = b""
+    end = time.monotonic() + 60
+    try:
+        while b"\n" not in out:
+            assert time.monotonic() < end and p.poll() is None, out
+            if sel.select(1):
+                out += os.read(p.stdout.fileno(), 4096)
+    finally:
+        sel.close()
+    line = out.decode().splitlines()[0]
+    assert line.startswith("listening on 127.0.0.1:"), line
+    return p, int(line.rsplit(":", 1)[1])
+
+
+def test_a_workload_migrates_between_two_processes(kvm: Kvm, tmp_path: Path) -> None:
+    lj, sj = tmp_path / "listen.json", tmp_path / "send.json"
+    dest, port = _listen(["--run", "0.5", "--json", str(lj)])
+    with dest:
+        src = subprocess.run([KVMIO, "migrate", "send", f"127.0.0.1:{port}", "--mem", "64M",
+                              "--vcpus", "2", "--after", "0.3", "--json", str(sj), "--quiet"],
+                             capture_output=True, timeout=120)
+        assert src.returncode == 0, src.stderr
+        _, err = dest.communicate(timeout=120)
+        assert dest.returncode == 0, err
+    assert b"migrated in" in src.stdout
+    sent = json.loads(sj.read_text())
+    got = json.loads(lj.read_text())
+    assert sent["passes"][-1]["final"] and not sent["passes"][0]["final"]
+    assert sent["downtime"] > 0 and sent["pages_sent"] > 0
+    # The destination went on from where the source stopped (by the guest's own counters).
+    assert got["writes_on_arrival"] == sent["writes_at_switch_over"]
+    assert all(b > a for a, b in zip(got["writes_on_arrival"], got["writes_after_run"],
+                                     strict=True))
+    assert b"the guest went on" in err
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["send", "nowhere"], "is not HOST:PORT"),
+    (["send", "localhost:http"], "port 'http' is not a number"),
+    (["send", "localhost:0"], "port 0 is out of range"),
+    (["listen", "localhost:70000"], "port 70000 is out of range"),
+    (["send", "localhost:1", "--downtime", "0"], "--downtime"),
+    (["send", "localhost:1", "--mem", "lots"], "--mem"),
+])
+def test_bad_arguments_are_usage_errors(monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                       match: str) -> None:
+    def refuse(ctx: object) -> None:
+        raise AssertionError("the command started although its arguments are bad")
+
+    monkeypatch.setattr("kvmio.cli.migrate.open_kvm", refuse)
+    r = CliRunner().invoke(main, ["migrate", *args])
+    assert r.exit_code == 2, r.output
+    assert match in r.output
+
+
+def test_a_refused_connection_is_one_error_line(kvm: Kvm) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([KVMIO, "migrate", "send", f"127.0.0.1:{port}", "--mem", "16M",
+                        "--after", "0", "--quiet"], capture_output=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines() == [
+        f"Error: cannot connect to 127.0.0.1:{port}: Connection refused "
+        "[errno 111: ECONNREFUSED]"], r.stderr
+
+
+def test_a_listener_refuses_a_stream_that_is_not_a_migration(kvm: Kvm) -> None:
+    dest, port = _listen([])
+    with dest:
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            c.shutdown(socket.SHUT_WR)
+            answer = c.recv(4096)
+        _, err = dest.communicate(timeout=60)
+    assert dest.returncode == 1
+    assert b"FAIL" in answer  # the source is told why
+    assert err.decode().splitlines()[-1] == \
+        "Error: not a kvmio migration stream (bad preamble)", err
+
+
+def test_ctrl_c_stops_a_waiting_listener(kvm: Kvm) -> None:
+    code, _, err = _interrupt(["migrate", "listen", "127.0.0.1:0"], b"listening on")
+    _assert_interrupted(code, err)
