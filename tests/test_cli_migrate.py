@@ -111,3 +111,63 @@ def test_a_listener_refuses_a_stream_that_is_not_a_migration(kvm: Kvm) -> None:
 def test_ctrl_c_stops_a_waiting_listener(kvm: Kvm) -> None:
     code, _, err = _interrupt(["migrate", "listen", "127.0.0.1:0"], b"listening on")
     _assert_interrupted(code, err)
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> dict[str, Path]:
+    """A throwaway CA, a certificate for 127.0.0.1 from it, and another CA."""
+    import trustme
+
+    authority, other = trustme.CA(), trustme.CA()
+    cert = authority.issue_cert("127.0.0.1", "localhost")
+    out = {"ca": tmp_path / "ca.pem", "other": tmp_path / "other.pem",
+           "cert": tmp_path / "cert.pem", "key": tmp_path / "key.pem"}
+    authority.cert_pem.write_to_path(str(out["ca"]))
+    other.cert_pem.write_to_path(str(out["other"]))
+    cert.private_key_pem.write_to_path(str(out["key"]))
+    cert.cert_chain_pems[0].write_to_path(str(out["cert"]))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(out["cert"]), append=True)
+    return out
+
+
+def test_a_migration_over_tls_verifies_the_destination(kvm: Kvm, ca: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    sj = tmp_path / "send.json"
+    dest, port = _listen(["--run", "0.2", "--tls-cert", str(ca["cert"]), "--tls-key",
+                          str(ca["key"])])
+    with dest:
+        src = subprocess.run([KVMIO, "migrate", "send", f"127.0.0.1:{port}", "--mem", "32M",
+                              "--after", "0.2", "--tls-ca", str(ca["ca"]), "--json", str(sj),
+                              "--quiet"], capture_output=True, timeout=120)
+        assert src.returncode == 0, src.stderr
+        _, err = dest.communicate(timeout=120)
+        assert dest.returncode == 0, err
+    assert json.loads(sj.read_text())["passes"][-1]["final"]
+    assert b"the guest went on" in err
+
+
+def test_a_destination_whose_certificate_does_not_verify_gets_nothing(
+        kvm: Kvm, ca: dict[str, Path]) -> None:
+    dest, port = _listen(["--tls-cert", str(ca["cert"]), "--tls-key", str(ca["key"])])
+    with dest:
+        src = subprocess.run([KVMIO, "migrate", "send", f"127.0.0.1:{port}", "--mem", "16M",
+                              "--after", "0", "--tls-ca", str(ca["other"]), "--quiet"],
+                             capture_output=True, timeout=120)
+        _, err = dest.communicate(timeout=120)
+    assert src.returncode == 1
+    assert b"TLS failed: the certificate did not verify" in src.stderr, src.stderr
+    assert dest.returncode == 1 and b"TLS failed" in err, err
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["send", "10.1.2.3:4444"], "beyond loopback: give --tls-ca"),
+    (["listen", "0.0.0.0:0"], "beyond loopback: give --tls-cert/--tls-key"),
+    (["send", "localhost:4444", "--tls-name", "x"], "needs --tls-ca"),
+])
+def test_beyond_loopback_tls_is_required(monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                         match: str) -> None:
+    monkeypatch.setattr("kvmio.cli.migrate.open_kvm", lambda ctx: pytest.fail("started"))
+    r = CliRunner().invoke(main, ["migrate", *args])
+    assert r.exit_code == 2, r.output
+    assert match in r.output

@@ -8,15 +8,22 @@ memory for ``--after`` seconds, and migrates it while it runs, with a progress l
 (pages, bandwidth, remaining dirty bytes, downtime estimate) and a report at the end
 (``--json`` for all of it).
 
-Errors (a connection refused or cut, a stream that is not a migration, a migration that did
-not converge within ``--timeout``) are one ``Error:`` line and exit status 1: the source's
-guest ran on until it stopped, and a destination never runs a half-received VM.  Ctrl-C stops
+Beyond loopback the migration goes over TLS (Python's ssl module, certificates verified):
+``listen --tls-cert --tls-key``, ``send --tls-ca [--tls-name]``; ``--plaintext`` on either
+side accepts the risk of sending guest memory unencrypted.
+
+Errors (a connection refused or cut, a certificate that does not verify, a stream that is not
+a migration, a migration that did not converge within ``--timeout``) are one ``Error:`` line
+and exit status 1: the source's guest ran on until it stopped, and a destination never runs
+a half-received VM.  Ctrl-C stops
 either side and exits with 130.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+import ssl
 import time
 from typing import Any, Literal
 
@@ -54,6 +61,33 @@ def parse_address(ctx: click.Context, text: str, *, listening: bool) -> tuple[st
     return host, port
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_tls(ctx: click.Context, host: str, tls: bool, plaintext: bool, option: str) -> None:
+    """Beyond loopback a migration goes over TLS, unless ``--plaintext`` says otherwise."""
+    if tls and plaintext:
+        raise click.BadParameter(f"--plaintext contradicts {option}", ctx,
+                                 param_hint="'--plaintext'")
+    if not tls and not plaintext and not _loopback(host):
+        raise click.BadParameter(
+            f"{host} is beyond loopback: give {option} (TLS with certificate verification), "
+            "or --plaintext to send guest memory unencrypted", ctx, param_hint="'ADDR'")
+
+
+def _tls_error(e: ssl.SSLError | ssl.CertificateError) -> MigrationError:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return MigrationError(f"TLS failed: the certificate did not verify "
+                              f"({e.verify_message or e})")
+    return MigrationError(f"TLS failed: {e}")
+
+
 def _mib(n: float) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
@@ -76,11 +110,30 @@ def migrate() -> None:
               help="Seconds the stream may stall before the migration fails.")
 @click.option("--json", "json_path", type=OutputFile(), default=None,
               help="Write what arrived and how the guest went on as JSON.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TLS: this listener's certificate chain (PEM), with --tls-key.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TLS: the private key of --tls-cert (PEM).")
+@click.option("--plaintext", is_flag=True,
+              help="Accept an unencrypted migration on an address beyond loopback.")
 @click.pass_context
 def listen(ctx: click.Context, address: str, run_seconds: float, accept_timeout: float,
-           stall_timeout: float, json_path: str | None) -> None:
+           stall_timeout: float, json_path: str | None, tls_cert: str | None,
+           tls_key: str | None, plaintext: bool) -> None:
     """Accept one migration on ADDR (HOST:PORT), run the guest on, report."""
     host, port = parse_address(ctx, address, listening=True)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.BadParameter("--tls-cert and --tls-key go together", ctx,
+                                 param_hint="'--tls-key'")
+    _check_tls(ctx, host, tls_cert is not None, plaintext, "--tls-cert/--tls-key")
+    server_tls = None
+    if tls_cert is not None:
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            server_tls.load_cert_chain(tls_cert, tls_key)
+        except (ssl.SSLError, OSError) as e:
+            raise click.BadParameter(f"cannot load the certificate and key: {e}", ctx,
+                                     param_hint="'--tls-cert'") from None
     with open_kvm(ctx) as kvm:
         try:
             srv = socket.create_server((host, port))
@@ -100,8 +153,16 @@ def listen(ctx: click.Context, address: str, run_seconds: float, accept_timeout:
                     if time.monotonic() > deadline:
                         raise MigrationError(
                             f"no source connected within {accept_timeout:g} s") from None
+        conn.settimeout(stall_timeout)
+        if server_tls is not None:
+            try:
+                conn = server_tls.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, ssl.CertificateError, OSError) as e:
+                conn.close()
+                if isinstance(e, ssl.SSLError | ssl.CertificateError):
+                    raise _tls_error(e) from e
+                raise MigrationError(f"TLS failed: {e}") from e
         with conn:  # the listener is closed: one migration only
-            conn.settimeout(stall_timeout)
             t0 = time.monotonic()
             w = Workload.from_migration(kvm, conn)
             received = time.monotonic() - t0
@@ -139,14 +200,30 @@ def listen(ctx: click.Context, address: str, run_seconds: float, accept_timeout:
               help="Slow the guest down (a dirty-rate limit) when passes stop shrinking.")
 @click.option("--json", "json_path", type=OutputFile(), default=None,
               help="Write the migration report as JSON.")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TLS: verify the destination's certificate against these CA certificates "
+                   "(PEM), and its name against ADDR's host (or --tls-name).")
+@click.option("--tls-name", default=None, help="TLS: the name the certificate must have.")
+@click.option("--plaintext", is_flag=True,
+              help="Send unencrypted to an address beyond loopback.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.pass_context
 def send(ctx: click.Context, address: str, mem: int, vcpus: int,
          mode: Literal["ring", "bitmap"], ring_entries: int, after: float, downtime: float,
          timeout: float | None, auto_converge: bool, json_path: str | None,
-         quiet: bool) -> None:
+         tls_ca: str | None, tls_name: str | None, plaintext: bool, quiet: bool) -> None:
     """Boot the workload and migrate it, live, to ADDR (HOST:PORT)."""
     host, port = parse_address(ctx, address, listening=False)
+    _check_tls(ctx, host, tls_ca is not None, plaintext, "--tls-ca")
+    client_tls = None
+    if tls_ca is not None:
+        try:
+            client_tls = ssl.create_default_context(cafile=tls_ca)
+        except (ssl.SSLError, OSError) as e:
+            raise click.BadParameter(f"cannot load the CA certificates: {e}", ctx,
+                                     param_hint="'--tls-ca'") from None
+    elif tls_name is not None:
+        raise click.BadParameter("needs --tls-ca", ctx, param_hint="'--tls-name'")
     ring = mode == "ring"
     with open_kvm(ctx) as kvm, \
             Workload(kvm, mem_size=mem, vcpus=vcpus, order="sequential", value="count",
@@ -159,6 +236,12 @@ def send(ctx: click.Context, address: str, mem: int, vcpus: int,
         except OSError as e:
             raise MigrationError(f"cannot connect to {address}: {e.strerror or e}",
                                  errno=e.errno) from e
+        if client_tls is not None:
+            try:
+                conn = client_tls.wrap_socket(conn, server_hostname=tls_name or host)
+            except (ssl.SSLError, ssl.CertificateError) as e:
+                conn.close()
+                raise _tls_error(e) from e
         with conn, Progress(TextColumn("{task.description}"), BarColumn(),
                             TimeElapsedColumn(), console=console, disable=quiet) as progress:
             task = progress.add_task("pass 0: every populated page", total=None)
