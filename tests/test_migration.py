@@ -7,6 +7,7 @@ every corrupted or truncated stream is refused (property-based) and leaves no VM
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -324,3 +325,90 @@ def test_a_stopped_vm_migrates_in_one_full_and_one_final_pass(kvm: Kvm) -> None:
             assert [p.final for p in report.passes] == [False, True]
             assert _differing_pages(w, d) == {0: 0, 1: 0}
             assert d.writes(0) == 3000
+
+
+class CuttingProxy:
+    """Forwards a migration between a source's and a destination's socket pair, and cuts the
+    connection (both ways) after ``cut`` bytes from the source."""
+
+    def __init__(self, cut: int):
+        self.source, self._from_source = socket_pair()
+        self._to_dest, self.dest = socket_pair()
+        self.cut = cut
+        self.forwarded = 0
+        self._threads = [threading.Thread(target=self._down, daemon=True),
+                         threading.Thread(target=self._up, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _hang_up(self) -> None:
+        for s in (self._from_source, self._to_dest):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _down(self) -> None:
+        try:
+            while True:
+                b = self._from_source.recv(1 << 16)
+                if not b:
+                    break
+                left = self.cut - self.forwarded
+                if len(b) >= left:
+                    self._to_dest.sendall(b[:left])
+                    self.forwarded += left
+                    self._hang_up()
+                    return
+                self._to_dest.sendall(b)
+                self.forwarded += len(b)
+        except OSError:
+            pass
+        self._hang_up()
+
+    def _up(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                b = self._to_dest.recv(1 << 16)
+                if not b:
+                    break
+                self._from_source.sendall(b)
+
+    def close(self) -> None:
+        self._hang_up()
+        for t in self._threads:
+            t.join(10)
+        for s in (self.source, self._from_source, self._to_dest, self.dest):
+            s.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cut=st.one_of(st.integers(0, 8 << 20), st.just(1 << 40)))  # (1 TiB: never cut)
+def test_a_connection_cut_anywhere_leaves_the_source_running_and_no_half_vm(
+        kvm: Kvm, cut: int) -> None:
+    """Property: wherever the connection is cut (the stream is ~8-10 MiB here), either the
+    migration completes page-exact, or the source raises and runs on and the destination
+    raises and holds no VM."""
+    proxy = CuttingProxy(cut)
+    dest = Destination(kvm, proxy.dest)
+    dest.start()
+    try:
+        with Workload(kvm, mem_size=8 << 20, order="sequential", value="count",
+                      ring_entries=4096) as w, w.runner() as r:
+            wait_until(lambda: w.writes(0) > 300, what="writes")
+            try:
+                w.migrate(proxy.source, runner=r, answer_timeout=30)
+            except MigrationError:
+                assert not r.paused and r.running  # the source runs on
+                n = w.writes(0)
+                wait_until(lambda: w.writes(0) > n, what="the source to go on")
+                dest.join(30)
+                assert isinstance(dest.error, MigrationError), repr(dest.error)
+                assert dest.w is None
+                return
+            dest.join(30)
+            assert dest.error is None and dest.w is not None
+            with dest.w as d:
+                assert _differing_pages(w, d) == {0: 0, 1: 0}
+                assert proxy.forwarded <= cut
+    finally:
+        proxy.close()

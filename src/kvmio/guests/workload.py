@@ -289,13 +289,14 @@ class Workload(Closing):
     def migrate(self, conn: Connection, *, runner: VcpuRunner | None = None,
                 tracker: DirtyTracker | None = None, downtime: float = DEFAULT_DOWNTIME,
                 max_passes: int = 30, timeout: float | None = None,
-                auto_converge: bool = False,
+                answer_timeout: float = 60.0, auto_converge: bool = False,
                 on_pass: Callable[[PassReport], None] | None = None) -> MigrationReport:
         """Migrate this workload to a destination (:meth:`from_migration`) at the other end
         of ``conn``, live while ``runner`` runs it (see :func:`kvmio.migration.send_vm`)."""
         return send_vm(conn, self.vm, self.vcpus, runner=runner, tracker=tracker,
                        guest=self._snapshot_guest(), downtime=downtime, max_passes=max_passes,
-                       timeout=timeout, auto_converge=auto_converge, on_pass=on_pass)
+                       timeout=timeout, answer_timeout=answer_timeout,
+                       auto_converge=auto_converge, on_pass=on_pass)
 
     @classmethod
     def from_migration(cls, kvm: Kvm, conn: Connection, *,
