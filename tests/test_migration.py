@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmio import Kvm, MigrationError
+from kvmio.guests.multiboot import KernelRunner, MultibootMachine, StopReason
 from kvmio.guests.workload import Workload
 from kvmio.migration import PassReport, receive_vm, send_vm, socket_pair
 from kvmio.migration.stream import MAGIC
 from kvmio.tracker import DirtyTracker
+from test_snapshot_files import EXIT_CODE, MEM, ticker, ticker_output  # noqa: F401 (fixtures)
 
 from guests import burst, wait_until
 
@@ -438,3 +441,45 @@ def test_a_ring_overrun_during_migration_loses_nothing(kvm: Kvm) -> None:
             assert any(1 in p.whole_slots for p in report.passes[1:])  # sent whole again
             assert _differing_pages(w, d) == {0: 0, 1: 0}
             assert int((d.mem.page_words()[:8192] == 0xAA).sum()) > 0  # the burst wrote
+
+
+# -- a Multiboot kernel, live ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_a_running_kernel_migrates_and_its_output_goes_on_as_if_never_moved(
+        kvm: Kvm, ticker: Path, ticker_output: bytes) -> None:  # noqa: F811 (fixtures)
+    """The ticker kernel (deterministic output; in-kernel irqchip and PIT; serial and debug
+    console devices) migrates while it runs: the output before the switch-over, then the
+    destination's, is exactly the output of a run that was never moved."""
+    src_conn, dst_conn = socket_pair()
+    got: dict[str, Any] = {}
+
+    def receive() -> None:
+        try:
+            got["m"] = MultibootMachine.from_migration(kvm, dst_conn)
+        except BaseException as e:
+            got["e"] = e
+
+    th = threading.Thread(target=receive, daemon=True)
+    th.start()
+    before = bytearray()
+    with src_conn, dst_conn, MultibootMachine(kvm, ticker, mem=MEM) as m:
+        with KernelRunner(m, on_output=before.extend) as r:
+            wait_until(lambda: before.count(b"\n") >= 3, what="the kernel's first lines")
+            report = m.migrate(src_conn, runner=r, on_output=before.extend)
+            assert r.paused and r.result is None  # stopped mid-run, not finished
+        th.join(60)
+        assert "e" not in got, repr(got.get("e"))
+        with got["m"] as d:
+            assert report.passes[-1].final
+            r2 = d.run(timeout=60)
+            assert (r2.reason, r2.exit_code) == (StopReason.DEBUG_EXIT, EXIT_CODE), r2.detail
+            assert bytes(before) + r2.output == ticker_output
+
+
+def test_a_workload_stream_is_not_a_kernel(kvm: Kvm) -> None:
+    conn = Replay(_stream(kvm))
+    with pytest.raises(MigrationError, match="not a Multiboot kernel"):
+        MultibootMachine.from_migration(kvm, conn)
+    assert conn.sent.startswith(b"FAIL")

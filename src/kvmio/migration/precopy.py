@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +32,7 @@ import numpy.typing as npt
 from kvmio._abi import PAGE_SIZE
 from kvmio.devices import IoBus
 from kvmio.errors import KvmError, KvmStateError, MigrationError, SnapshotError
+from kvmio.exits import VcpuExit
 from kvmio.limit import DirtyLimit
 from kvmio.memory import AnonymousMemory, Memory, MemoryRegion
 from kvmio.migration.stream import MAX_PAGES_PER_RECORD, Connection, StreamReader, StreamWriter
@@ -45,6 +46,7 @@ from kvmio.vcpu import Vcpu
 from kvmio.vm import Vm
 
 __all__ = ["AUTO_FRACTION", "AUTO_SHRINK", "DEFAULT_DOWNTIME", "MigrationReport", "PassReport",
+           "Pausable",
            "ReceivedVm", "receive_vm",
            "send_vm"]
 
@@ -57,6 +59,20 @@ AUTO_SHRINK = 0.9
 AUTO_FRACTION = 0.5
 
 Pages = npt.NDArray[np.uint64]
+
+
+class Pausable(Protocol):
+    """What runs the vCPUs during a migration: a :class:`~kvmio.runner.VcpuRunner`, or e.g.
+    :class:`kvmio.guests.multiboot.KernelRunner`.  ``pause()`` returns with every vCPU outside
+    KVM_RUN, its last exit handled; ``resume()`` lets them go on."""
+
+    def pause(self, timeout: float | None = None) -> None:
+        """Stop every vCPU outside KVM_RUN."""
+        ...
+
+    def resume(self) -> None:
+        """Let the vCPUs run again."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -150,8 +166,10 @@ def _vcpus(vm: Vm, vcpus: Iterable[Vcpu] | None) -> list[Vcpu]:
 
 
 def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
-            runner: VcpuRunner | None = None, tracker: DirtyTracker | None = None,
+            runner: VcpuRunner | Pausable | None = None,
+            tracker: DirtyTracker | None = None,
             devices: IoBus | None = None, guest: Mapping[str, Any] | None = None,
+            on_exit: Callable[[VcpuExit], None] | None = None,
             downtime: float = DEFAULT_DOWNTIME, max_passes: int = 30,
             timeout: float | None = None, answer_timeout: float = 60.0,
             auto_converge: bool = False,
@@ -164,7 +182,9 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
     after a failure); without one the vCPUs must be stopped.  ``tracker``: a running
     :class:`~kvmio.tracker.DirtyTracker` of the VM whose passes supply the dirty pages (else
     the migration takes the dirty log itself).  ``devices``: the port devices, whose state
-    goes with the machine state.  ``guest``: metadata for the destination (JSON-able).
+    goes with the machine state; ``on_exit``: where exits met while a vCPU's pending exit is
+    finished at the switch-over go (e.g. the devices; default: discarded).  ``guest``:
+    metadata for the destination (JSON-able).
     ``downtime``: the switch-over's limit in seconds; ``max_passes`` live passes at most,
     after which the switch-over happens anyway; ``timeout``: seconds after which a migration
     that has not switched over is abandoned (:class:`MigrationError`, the source runs on);
@@ -180,7 +200,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
     """
     if not downtime > 0:
         raise MigrationError("downtime must be positive")
-    if auto_converge and (tracker is None or runner is None):
+    if auto_converge and (tracker is None or not isinstance(runner, VcpuRunner)):
         raise MigrationError("auto-converge needs the VM's running DirtyTracker (tracker=) and "
                              "the runner of its vCPUs (runner=): the dirty-rate limit paces "
                              "the runner and measures with the tracker")
@@ -255,6 +275,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                     # pass sent: passes do not shrink.  Slow it down.
                     assert tracker is not None
                     if limit is None:
+                        assert isinstance(runner, VcpuRunner)
                         try:
                             limit = DirtyLimit(tracker, runner)
                         except KvmStateError as e:
@@ -279,7 +300,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
         for v in targets:
             if v.running:
                 raise KvmStateError(f"vCPU {v.id} is running; pass its runner")
-        finish_pending_exits(targets)  # may write guest memory: before the final collection
+        finish_pending_exits(targets, on_exit=on_exit)  # may write memory: before the last pass
         final = log.collect(final=True)
         if pending is not None:
             for slot, pages in pending.pages.items():
@@ -337,12 +358,14 @@ class ReceivedVm:
         self.vm.close()
 
 
-def receive_vm(kvm: Kvm, conn: Connection, *, devices: IoBus | None = None,
+def receive_vm(kvm: Kvm, conn: Connection, *,
+               devices: IoBus | Callable[[dict[str, Any]], IoBus | None] | None = None,
                dirty_ring: int | object | None = AS_SAVED,
                on_bytes: Callable[[int], None] | None = None) -> ReceivedVm:
     """Build a VM from the migration stream on ``conn`` and answer the source (see the
     module).  ``devices``: where the port devices' state goes (required if the source sent
-    any); ``dirty_ring``: the new VM's ring (default: as the source had it).  Raises
+    any), or a function of the guest's metadata that says so once it arrived.
+    ``dirty_ring``: the new VM's ring (default: as the source had it).  Raises
     :class:`MigrationError` (and answers ``FAIL`` when it can) for anything wrong; the VM it
     was building is closed then."""
     t0 = time.monotonic()
@@ -351,6 +374,8 @@ def receive_vm(kvm: Kvm, conn: Connection, *, devices: IoBus | None = None,
     try:
         r.preamble()
         guest = r.config(r.record((b"CONF",)))
+        if callable(devices):
+            devices = devices(guest)
         layout = r.layout
         assert layout is not None
         memories: dict[int, Memory] = {s.slot: AnonymousMemory(s.size, noreserve=True)

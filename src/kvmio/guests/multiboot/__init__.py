@@ -85,6 +85,7 @@ from kvmio.guests.multiboot.header import (
 )
 from kvmio.guests.multiboot.image import KernelImage, LoadSegment, parse_kernel
 from kvmio.guests.multiboot.machine import (
+    KernelRunner,
     MultibootMachine,
     MultibootResult,
     StopReason,
@@ -96,6 +97,7 @@ __all__ = [
     "DEFAULT_MEMORY",
     "HEADER_MAGIC",
     "KernelImage",
+    "KernelRunner",
     "LoadSegment",
     "MemoryMapEntry",
     "MultibootHeader",

@@ -33,6 +33,7 @@ from kvmio.errors import (
     KvmInvalidArgumentError,
     KvmStateError,
     KvmUnsupportedError,
+    MigrationError,
     SnapshotError,
 )
 from kvmio.exits import (
@@ -60,6 +61,14 @@ from kvmio.guests.multiboot.bootinfo import (
 )
 from kvmio.guests.multiboot.header import BOOTLOADER_MAGIC
 from kvmio.guests.multiboot.image import KernelImage, parse_kernel, read_kernel_file
+from kvmio.migration.precopy import (
+    DEFAULT_DOWNTIME,
+    MigrationReport,
+    PassReport,
+    receive_vm,
+    send_vm,
+)
+from kvmio.migration.stream import Connection
 from kvmio.runner import Throttle, check_throttle, run_until_handled
 from kvmio.snapshot.checkpoint import Checkpoint
 from kvmio.snapshot.files import (
@@ -382,6 +391,55 @@ class MultibootMachine(Closing):
                                 "of RAM at 0, one vCPU)")
         self.image = None
 
+    # -- migration ------------------------------------------------------------------------------
+
+    def migrate(self, conn: Connection, *, runner: KernelRunner | None = None,
+                tracker: DirtyTracker | None = None, downtime: float = DEFAULT_DOWNTIME,
+                max_passes: int = 30, timeout: float | None = None,
+                answer_timeout: float = 60.0, on_output: Callable[[bytes], None] | None = None,
+                on_pass: Callable[[PassReport], None] | None = None) -> MigrationReport:
+        """Migrate the machine (RAM, vCPU, irqchip, PIT and the port devices) to a destination
+        (:meth:`from_migration`) at the other end of ``conn``: live while ``runner`` (a
+        started :class:`KernelRunner` of this machine) runs the kernel, else between two
+        :meth:`run` calls (see :func:`kvmio.migration.send_vm`).  Output the kernel makes
+        while its last exit is finished goes to ``on_output``.  After a success the machine
+        stays stopped; after a failure the runner goes on."""
+        if runner is not None and runner.machine is not self:
+            raise KvmStateError("the runner runs another machine")
+        return send_vm(conn, self.vm, [self.vcpu], runner=runner, tracker=tracker,
+                       devices=self.bus, guest=self._snapshot_guest(),
+                       on_exit=self._exit_handler(on_output), downtime=downtime,
+                       max_passes=max_passes, timeout=timeout, answer_timeout=answer_timeout,
+                       on_pass=on_pass)
+
+    @classmethod
+    def from_migration(cls, kvm: Kvm, conn: Connection, *,
+                       ring_entries: int | None = AS_SAVED) -> MultibootMachine:
+        """The machine a source's :meth:`migrate` sends on ``conn``: :meth:`run` goes on where
+        the kernel was, with its devices as they were.  Raises
+        :class:`~kvmio.errors.MigrationError`."""
+        self = cls.__new__(cls)
+        self._devices()
+
+        def devices(guest: dict[str, Any]) -> IoBus:
+            if guest.get("kind") != SNAPSHOT_KIND:
+                raise MigrationError(f"the migrated guest is not a Multiboot kernel (its kind "
+                                     f"is {guest.get('kind')!r})")
+            return self.bus
+
+        got = receive_vm(kvm, conn, devices=devices, dirty_ring=ring_entries)
+        try:
+            self._from_guest(got.guest, got.vm)
+        except SnapshotError as e:
+            got.close()
+            raise MigrationError(f"the migrated VM is not a Multiboot machine: "
+                                 f"{e.message}") from e
+        self.vm = got.vm
+        self.ram = self.vm.regions[0]
+        self.vcpu = got.vcpus[0]
+        self.restored_from = None
+        return self
+
     def close(self) -> None:
         """Close the VM (idempotent)."""
         self.vm.close()
@@ -608,6 +666,126 @@ class MultibootMachine(Closing):
         if out:
             emit(source, bytes(out))
         return stop
+
+
+class KernelRunner:
+    """Runs a :class:`MultibootMachine`'s kernel in a thread, in slices of
+    :meth:`~MultibootMachine.run`, so that it can be paused and resumed from another thread
+    (what a live migration needs:
+    :meth:`MultibootMachine.migrate`).  Output goes to ``on_output``; when the kernel stops
+    for good (an exit, a halt, a fault), :attr:`result` holds why and the thread ends.  Use it
+    as a context manager, or :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, machine: MultibootMachine, *,
+                 on_output: Callable[[bytes], None] | None = None,
+                 on_ring_full: Callable[[Vcpu], None] | None = None, slice_: float = 0.25):
+        self.machine = machine
+        self._on_output = on_output
+        self._on_ring_full = on_ring_full
+        self._slice = slice_
+        self._cond = threading.Condition()
+        self._pause = False
+        self._stop = False
+        self._parked = False
+        self._thread: threading.Thread | None = None
+        #: The result of the run that ended the kernel, once it ended.
+        self.result: MultibootResult | None = None
+        #: The error that ended the thread, if one did.
+        self.error: BaseException | None = None
+
+    def start(self) -> KernelRunner:
+        """Start running the kernel."""
+        if self._thread is not None:
+            raise KvmStateError("this runner was started already")
+        self._thread = threading.Thread(target=self._loop, name="kvmio-kernel", daemon=True)
+        self._thread.start()
+        return self
+
+    def __enter__(self) -> KernelRunner:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._pause and not self._stop:
+                        self._parked = True
+                        self._cond.notify_all()
+                        self._cond.wait()
+                    self._parked = False
+                    if self._stop:
+                        return
+                try:
+                    r = self.machine.run(timeout=self._slice, on_output=self._on_output,
+                                         on_ring_full=self._on_ring_full,
+                                         on_interrupted=self._check_pause)
+                except _Paused:
+                    continue  # the run ended at the kick: park (or stop) above
+                if r.reason is not StopReason.TIMEOUT:
+                    self.result = r
+                    return
+        except BaseException as e:
+            self.error = e
+        finally:
+            with self._cond:
+                self._parked = True
+                self._cond.notify_all()
+
+    def _check_pause(self) -> None:
+        if self._pause or self._stop:
+            raise _Paused
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is alive (the kernel has not stopped for good)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def paused(self) -> bool:
+        """Whether the kernel is held outside KVM_RUN (or ended)."""
+        with self._cond:
+            return self._parked
+
+    def pause(self, timeout: float | None = None) -> None:
+        """Return once the kernel's vCPU is outside KVM_RUN (its last exit handled)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._pause = True
+            while not self._parked:
+                if deadline is not None and time.monotonic() > deadline:
+                    self._pause = False
+                    self._cond.notify_all()
+                    raise KvmStateError(f"the kernel did not pause within {timeout:g} s")
+                with contextlib.suppress(KvmError):
+                    self.machine.vcpu.kick()
+                self._cond.wait(0.05)
+
+    def resume(self) -> None:
+        """Let the kernel run on."""
+        with self._cond:
+            self._pause = False
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Stop the kernel's thread and join it (idempotent); re-raise its error."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        t = self._thread
+        while t is not None and t.is_alive():
+            with contextlib.suppress(KvmError):
+                self.machine.vcpu.kick()
+            t.join(0.05)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+class _Paused(Exception):
+    """Ends a run slice early because the runner is pausing or stopping."""
 
 
 def _stop_for(event: DeviceEvent) -> _Stop:
