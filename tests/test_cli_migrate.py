@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from kvmio import Kvm
 from kvmio.cli import main
 from test_cli import KVMIO, _assert_interrupted, _interrupt
+from test_snapshot_files import EXIT_CODE, MEM, ticker, ticker_output  # noqa: F401 (fixtures)
 
 
 def _listen(args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
@@ -171,3 +172,18 @@ def test_beyond_loopback_tls_is_required(monkeypatch: pytest.MonkeyPatch, args: 
     r = CliRunner().invoke(main, ["migrate", *args])
     assert r.exit_code == 2, r.output
     assert match in r.output
+
+
+def test_a_kernel_migrates_between_two_processes_and_its_output_goes_on(
+        kvm: Kvm, ticker: Path, ticker_output: bytes) -> None:  # noqa: F811 (fixtures)
+    dest, port = _listen(["--guest", "kernel"])
+    with dest:
+        src = subprocess.run([KVMIO, "migrate", "send", f"127.0.0.1:{port}", "--kernel",
+                              str(ticker), "--mem", str(MEM >> 20), "--after", "0.3"],
+                             capture_output=True, timeout=120)
+        assert src.returncode == 0, src.stderr
+        rest, err = dest.communicate(timeout=120)
+    assert dest.returncode == EXIT_CODE, err  # the kernel's own exit, as kvmio run gives it
+    assert b"migrated in" in src.stderr
+    assert src.stdout + rest == ticker_output
+    assert src.stdout  # it ran (and printed) before it moved

@@ -31,7 +31,10 @@ import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvmio.cli.common import console, open_kvm, write_json
+from kvmio.cli.errors import deferred_interrupt, kick_on_interrupt
 from kvmio.cli.params import FiniteFloatRange, OutputFile, RingEntries, Size, format_size
+from kvmio.cli.run import MULTIBOOT_MEMORY
+from kvmio.guests.multiboot import KernelRunner, MultibootMachine
 from kvmio.guests.workload import Workload
 from kvmio.migration import DEFAULT_DOWNTIME, MigrationError, PassReport
 from kvmio.tracker import DirtyTracker
@@ -88,6 +91,51 @@ def _tls_error(e: ssl.SSLError | ssl.CertificateError) -> MigrationError:
     return MigrationError(f"TLS failed: {e}")
 
 
+def _stream(data: bytes) -> None:
+    click.echo(data, nl=False)  # bytes go to the binary stream, flushed
+
+
+def _connect(host: str, port: int, address: str, client_tls: ssl.SSLContext | None,
+             tls_name: str | None) -> socket.socket:
+    try:
+        conn = socket.create_connection((host, port), timeout=60)
+    except OSError as e:
+        raise MigrationError(f"cannot connect to {address}: {e.strerror or e}",
+                             errno=e.errno) from e
+    if client_tls is not None:
+        try:
+            conn = client_tls.wrap_socket(conn, server_hostname=tls_name or host)
+        except (ssl.SSLError, ssl.CertificateError) as e:
+            conn.close()
+            raise _tls_error(e) from e
+    return conn
+
+
+def _send_kernel(ctx: click.Context, kernel: str, cmdline: str, mem: int, ring: int | None,
+                 host: str, port: int, address: str, client_tls: ssl.SSLContext | None,
+                 tls_name: str | None, after: float, downtime: float, timeout: float | None,
+                 json_path: str | None) -> None:
+    """``send --kernel``: boot it, run it ``after`` seconds, migrate it while it runs."""
+    with open_kvm(ctx) as kvm, \
+            MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, ring_entries=ring) as m, \
+            KernelRunner(m, on_output=_stream) as runner:
+        end = time.monotonic() + after
+        while runner.running and time.monotonic() < end:
+            time.sleep(0.05)
+        if not runner.running:
+            runner.stop()
+            raise MigrationError("the kernel stopped before the migration began: "
+                                 + (runner.result.summary() if runner.result else "?"))
+        with _connect(host, port, address, client_tls, tls_name) as conn:
+            report = m.migrate(conn, runner=runner, downtime=downtime, timeout=timeout,
+                               max_passes=1000 if timeout else 30, on_output=_stream)
+    click.echo(f"kvmio: migrated in {report.total_seconds:.2f} s: {len(report.passes)} "
+               f"passes, {report.pages_sent:,} pages; downtime {report.downtime * 1e3:.0f} ms "
+               f"(estimated {report.estimated_downtime * 1e3:.0f} ms)", err=True)
+    if json_path:
+        write_json(json_path, report.to_json())
+
+
 def _mib(n: float) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
@@ -99,9 +147,9 @@ def migrate() -> None:
 
 @migrate.command("listen")
 @click.argument("address", metavar="ADDR")
-@click.option("--run", "run_seconds", default=2.0, show_default=True,
-              type=FiniteFloatRange(0, MAX_WAIT),
-              help="Seconds to run the guest on after it arrived.")
+@click.option("--run", "run_seconds", default=None, type=FiniteFloatRange(0, MAX_WAIT),
+              help="Seconds to run the guest on after it arrived (workload default: 2; a "
+                   "kernel: until it stops).")
 @click.option("--accept-timeout", default=600.0, show_default=True,
               type=FiniteFloatRange(0.1, MAX_WAIT),
               help="Seconds to wait for the source to connect.")
@@ -116,10 +164,14 @@ def migrate() -> None:
               help="TLS: the private key of --tls-cert (PEM).")
 @click.option("--plaintext", is_flag=True,
               help="Accept an unencrypted migration on an address beyond loopback.")
+@click.option("--guest", type=click.Choice(["workload", "kernel"]), default="workload",
+              show_default=True,
+              help="What arrives: the built-in workload, or a Multiboot kernel (whose output "
+                   "then goes on on stdout until it stops, or --run seconds if given).")
 @click.pass_context
-def listen(ctx: click.Context, address: str, run_seconds: float, accept_timeout: float,
-           stall_timeout: float, json_path: str | None, tls_cert: str | None,
-           tls_key: str | None, plaintext: bool) -> None:
+def listen(ctx: click.Context, address: str, run_seconds: float | None,
+           accept_timeout: float, stall_timeout: float, json_path: str | None,
+           tls_cert: str | None, tls_key: str | None, plaintext: bool, guest: str) -> None:
     """Accept one migration on ADDR (HOST:PORT), run the guest on, report."""
     host, port = parse_address(ctx, address, listening=True)
     if (tls_cert is None) != (tls_key is None):
@@ -164,8 +216,28 @@ def listen(ctx: click.Context, address: str, run_seconds: float, accept_timeout:
                 raise MigrationError(f"TLS failed: {e}") from e
         with conn:  # the listener is closed: one migration only
             t0 = time.monotonic()
-            w = Workload.from_migration(kvm, conn)
+            if guest == "kernel":
+                m = MultibootMachine.from_migration(kvm, conn)
+            else:
+                w = Workload.from_migration(kvm, conn)
             received = time.monotonic() - t0
+        if guest == "kernel":
+            with m:
+                click.echo(f"kvmio: received the kernel from {peer[0]} in {received:.2f} s; "
+                           "running it on", err=True)
+                with kick_on_interrupt(m.vcpu.kick), \
+                        deferred_interrupt(_stream) as interrupt:
+                    result = m.run(timeout=run_seconds, on_output=_stream,
+                                   on_interrupted=interrupt.check)
+                click.echo(f"kvmio: {result.summary()}", err=True)
+            if json_path:
+                write_json(json_path, {"peer": peer[0], "received_seconds": received,
+                                       "guest": "kernel", "stop": result.reason.value,
+                                       "exit_code": result.exit_code})
+            if result.exit_code is not None:
+                ctx.exit(result.exit_code)
+            return
+        run_seconds = 2.0 if run_seconds is None else run_seconds
         with w:
             before = [w.writes(i) for i in range(len(w.vcpus))]
             click.echo(f"kvmio: received {len(w.vcpus)} vCPU(s), {format_size(w.mem.size)} "
@@ -206,14 +278,28 @@ def listen(ctx: click.Context, address: str, run_seconds: float, accept_timeout:
 @click.option("--tls-name", default=None, help="TLS: the name the certificate must have.")
 @click.option("--plaintext", is_flag=True,
               help="Send unencrypted to an address beyond loopback.")
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Migrate this Multiboot kernel instead of the workload (its output goes "
+                   "to stdout; the destination listens with --guest kernel).")
+@click.option("--append", "cmdline", default="", metavar="CMDLINE",
+              help="Kernel command line (with --kernel).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.pass_context
 def send(ctx: click.Context, address: str, mem: int, vcpus: int,
          mode: Literal["ring", "bitmap"], ring_entries: int, after: float, downtime: float,
          timeout: float | None, auto_converge: bool, json_path: str | None,
-         tls_ca: str | None, tls_name: str | None, plaintext: bool, quiet: bool) -> None:
-    """Boot the workload and migrate it, live, to ADDR (HOST:PORT)."""
+         tls_ca: str | None, tls_name: str | None, plaintext: bool, kernel: str | None,
+         cmdline: str, quiet: bool) -> None:
+    """Boot the workload (or a kernel) and migrate it, live, to ADDR (HOST:PORT)."""
     host, port = parse_address(ctx, address, listening=False)
+    if kernel is not None:
+        if not MULTIBOOT_MEMORY.min <= mem <= MULTIBOOT_MEMORY.max:
+            raise click.BadParameter(f"{format_size(mem)} is out of range for a kernel: it "
+                                     f"must be {MULTIBOOT_MEMORY.describe()}", ctx,
+                                     param_hint="'--mem'")
+        if vcpus != 1 or auto_converge:
+            raise click.BadParameter("a kernel has one vCPU and no auto-converge", ctx,
+                                     param_hint="'--kernel'")
     _check_tls(ctx, host, tls_ca is not None, plaintext, "--tls-ca")
     client_tls = None
     if tls_ca is not None:
@@ -225,23 +311,17 @@ def send(ctx: click.Context, address: str, mem: int, vcpus: int,
     elif tls_name is not None:
         raise click.BadParameter("needs --tls-ca", ctx, param_hint="'--tls-name'")
     ring = mode == "ring"
+    if kernel is not None:
+        _send_kernel(ctx, kernel, cmdline, mem, ring_entries if ring else None, host, port,
+                     address, client_tls, tls_name, after, downtime, timeout, json_path)
+        return
     with open_kvm(ctx) as kvm, \
             Workload(kvm, mem_size=mem, vcpus=vcpus, order="sequential", value="count",
                      shared=False, ring_entries=ring_entries if ring else None) as w, \
             DirtyTracker(w.vm, mode) as tracker, \
             w.runner(on_ring_full=tracker.on_ring_full if ring else None) as runner:
         runner.wait(after)  # the guest dirties memory meanwhile
-        try:
-            conn = socket.create_connection((host, port), timeout=60)
-        except OSError as e:
-            raise MigrationError(f"cannot connect to {address}: {e.strerror or e}",
-                                 errno=e.errno) from e
-        if client_tls is not None:
-            try:
-                conn = client_tls.wrap_socket(conn, server_hostname=tls_name or host)
-            except (ssl.SSLError, ssl.CertificateError) as e:
-                conn.close()
-                raise _tls_error(e) from e
+        conn = _connect(host, port, address, client_tls, tls_name)
         with conn, Progress(TextColumn("{task.description}"), BarColumn(),
                             TimeElapsedColumn(), console=console, disable=quiet) as progress:
             task = progress.add_task("pass 0: every populated page", total=None)
