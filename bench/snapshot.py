@@ -38,17 +38,14 @@ import xxhash
 
 from kvmio import DirtyRingFull, IoOut, Kvm, Vcpu, Vm
 from kvmio.guests.modes import setup_long_mode
+from kvmio.resetbench import CODE_AT, LIST_AT, WRITER
 from kvmio.snapshot import MachineState
 from kvmio.snapshot.files import Snapshotter, restore_snapshot
 
 PAGE = 4096
 GIB = 1 << 30
-#: The write-list guest of bench/reset.py: stores each (gpa, value) pair of the list at rsi,
-#: 57 instructions per write, then ``out 0xE9``.
-WRITER = bytes.fromhex("488b0e4883c6084885c9741c488b06488b56084889104883c610bb18000000"
-                       "ffcb75fc48ffc9ebdfe6e9f4")
-CODE_AT = 0x10000
-LIST_AT = 0x20000
+# The write-list guest of the reset benchmark (kvmio.resetbench has its source): stores each
+# (gpa, value) pair of the list at rsi, 57 instructions per write, then ``out 0xE9``.
 LOW_SIZE = 2 << 20
 HIGH_BASE = 4 << 30
 DIRTY = 1_000

@@ -40,32 +40,16 @@ from kvmio import (
 )
 from kvmio.guests.modes import setup_long_mode
 from kvmio.guests.programs import program
+
+# The write-list guest (its source is in kvmio.resetbench): stores each (gpa, value) pair of
+# the list at rsi, 57 instructions per write, then ``out 0xE9``.
+from kvmio.resetbench import CODE_AT, LIST_AT, WRITER
 from kvmio.snapshot.memory import MemoryCheckpoint, ResetStats
 from kvmio.tracker import DirtyTracker
 
 pytestmark = pytest.mark.kvm
 
 PAGE = 4096
-#: The writer (long mode, position independent), from this source:
-#:     mov rcx, [rsi]          ; number of pairs
-#:     add rsi, 8
-#: 1:  test rcx, rcx
-#:     jz 3f
-#:     mov rax, [rsi]          ; gpa
-#:     mov rdx, [rsi + 8]      ; value
-#:     mov [rax], rdx
-#:     add rsi, 16
-#:     mov ebx, 24             ; delay: 57 instructions per write
-#: 2:  dec ebx
-#:     jnz 2b
-#:     dec rcx
-#:     jmp 1b
-#: 3:  out 0xe9, al
-#:     hlt
-WRITER = bytes.fromhex("488b0e4883c6084885c9741c488b06488b56084889104883c610bb18000000"
-                       "ffcb75fc48ffc9ebdfe6e9f4")
-CODE_AT = 0x10000
-LIST_AT = 0x20000
 BURST_AT = 0x30000
 LOW_SIZE = 2 << 20
 #: Pages of the low slot the guest may write: past the page tables (0x100000 + 14 pages).
