@@ -52,6 +52,10 @@ __all__ = ["AUTO_FRACTION", "AUTO_SHRINK", "DEFAULT_DOWNTIME", "MigrationReport"
 
 #: The default downtime limit (seconds): the longest the guest may stand still at switch-over.
 DEFAULT_DOWNTIME = 0.3
+#: The part of the downtime that does not depend on the pages left (seconds): pausing the
+#: vCPUs, reading and restoring the machine state, the destination's answer (measured here:
+#: 5-10 ms for an idle guest).
+SWITCH_OVER_COST = 0.006
 #: Auto-converge steps in when the guest dirtied at least this share of what a pass sent,
 #: while it was sent.
 AUTO_SHRINK = 0.9
@@ -125,6 +129,18 @@ class MigrationReport:
         d = asdict(self)
         d["pages_sent"] = self.pages_sent
         return d
+
+
+def _paused_rate(nbytes: int, wall: float, cpu: float) -> float:
+    """Bytes per second a pass will go at with the vCPUs paused: at its CPU cost, unless the
+    wall time says the link was the limit (it took more than twice its CPU time with the
+    CPU-bound part taken out: then the wall time's rate)."""
+    if nbytes <= 0:
+        return float("inf")
+    cpu = max(cpu, 1e-6)
+    if wall > 2 * cpu + 0.05:  # mostly waiting: the link (or the host) is the limit
+        return nbytes / wall
+    return nbytes / cpu
 
 
 class _Sender:
@@ -222,9 +238,11 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
         w.preamble()
         w.config(layout, dict(guest or {}))
 
+        cpu = [0.0]  # the last pass's CPU time in this thread
+
         def run_pass(number: int, changes: Changes | None, final: bool,
                      remaining: int = 0) -> PassReport:
-            start, sent0 = time.monotonic(), w.sent
+            start, sent0, cpu0 = time.monotonic(), w.sent, time.thread_time()
             pages0, zero0 = sender.pages, sender.zero
             whole: set[int] = set(regions) if changes is None else set(changes.whole)
             if changes is not None:
@@ -237,6 +255,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                                         regions[slot].log_dirty):
                     sender.whole(slot)  # untracked slots: in pass 0 and the final pass only
             seconds = time.monotonic() - start
+            cpu[0] = time.thread_time() - cpu0
             p = PassReport(number, sender.pages - pages0, sender.zero - zero0, w.sent - sent0,
                            seconds, tuple(sorted(whole)), final, remaining,
                            report.estimated_downtime,
@@ -252,6 +271,10 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                                              f"{timeout:g} s (still copying while the guest ran)")
         last = run_pass(0, None, final=False)
         bandwidth = last.bytes / max(last.seconds, 1e-6)
+        # The final pass runs with the vCPUs paused: this thread then has a CPU to itself, so
+        # the pass costs about its CPU time, unless the link is slower than that.  The live
+        # passes' wall time also counts the waits for a CPU the running guest took.
+        send_rate = _paused_rate(last.bytes, last.seconds, cpu[0])
         pending: Changes | None = None
         if runner is not None:
             number = 1
@@ -261,7 +284,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                            if s not in changes.whole) * PAGE_SIZE
                 size += sum(regions[s].memory.populated_pages().size * PAGE_SIZE
                             for s in changes.whole if s in regions and regions[s].log_dirty)
-                report.estimated_downtime = size / bandwidth
+                report.estimated_downtime = SWITCH_OVER_COST + size / send_rate
                 if report.estimated_downtime <= downtime or number > max_passes:
                     pending = changes
                     break
@@ -290,6 +313,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                 last = run_pass(number, changes, final=False, remaining=size)
                 if last.seconds > 0 and last.bytes > 64 * PAGE_SIZE:
                     bandwidth = last.bytes / last.seconds
+                    send_rate = _paused_rate(last.bytes, last.seconds, cpu[0])
                 number += 1
             sender.deadline = None  # the final pass is the downtime: it is not cut short
             t_pause = time.monotonic()
