@@ -9,6 +9,7 @@ import os
 import selectors
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -187,3 +188,27 @@ def test_a_kernel_migrates_between_two_processes_and_its_output_goes_on(
     assert b"migrated in" in src.stderr
     assert src.stdout + rest == ticker_output
     assert src.stdout  # it ran (and printed) before it moved
+
+
+def test_ctrl_c_stops_a_sending_source(kvm: Kvm) -> None:
+    """A destination that accepts and never reads: the source blocks in its first pass;
+    Ctrl-C ends it (the guest resumed, every thread joined), exit 130."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        held: list[socket.socket] = []
+
+        def accept_and_hold() -> None:
+            conn, _ = srv.accept()
+            held.append(conn)
+
+        th = threading.Thread(target=accept_and_hold, daemon=True)
+        th.start()
+        try:
+            code, out, err = _interrupt(["migrate", "send", f"127.0.0.1:{port}", "--mem",
+                                         "256M", "--after", "0.5"], b"migrating to")
+        finally:
+            th.join(10)
+            for c in held:
+                c.close()
+    _assert_interrupted(code, err)
+    assert b"migrated in" not in out

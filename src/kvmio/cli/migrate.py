@@ -322,6 +322,8 @@ def send(ctx: click.Context, address: str, mem: int, vcpus: int,
             w.runner(on_ring_full=tracker.on_ring_full if ring else None) as runner:
         runner.wait(after)  # the guest dirties memory meanwhile
         conn = _connect(host, port, address, client_tls, tls_name)
+        console.print(f"migrating to {address} ({_mib(mem)} guest, {vcpus} vCPU"
+                      f"{'s' if vcpus > 1 else ''}, {mode} mode)")
         with conn, Progress(TextColumn("{task.description}"), BarColumn(),
                             TimeElapsedColumn(), console=console, disable=quiet) as progress:
             task = progress.add_task("pass 0: every populated page", total=None)
