@@ -221,17 +221,18 @@ def test_a_pass_turns_an_underestimate_into_debt() -> None:
         acc.on_pass(t, 800.0)
     assert acc.speed() is not None and abs(acc.speed() - 20_000) < 1  # type: ignore[operator]
     acc.set_limit(t, 1000.0)
-    t += 0.1  # the budget fills: 100 pages (the bucket)
+    bucket = 1000.0 * BURST
+    t += 1.0  # the budget fills: the bucket
     wait, slice_ = acc.admit(t)
     assert wait == 0 and slice_ is not None
-    assert abs(slice_ - 100 / 20_000) < 1e-9  # sized for 100 pages at the learnt speed
+    assert abs(slice_ - bucket / 20_000) < 1e-9  # sized for the bucket at the learnt speed
     t += slice_
     acc.ran(t)
-    # The guest ran ten times faster than learnt: the pass finds 1,000 pages, not 100.
-    acc.on_pass(t, 1000.0)
+    # The guest ran ten times faster than learnt: the pass finds ten buckets' worth.
+    acc.on_pass(t, 10 * bucket)
     wait, _ = acc.admit(t)
-    # 900 pages of debt, plus a quantum of budget (20 pages at 1,000 pages/s), at 1,000/s.
-    assert abs(wait - (900 + 20) / 1000) < 0.01, wait
+    # Nine buckets of debt, plus a quantum of budget (20 pages at 1,000 pages/s), at 1,000/s.
+    assert abs(wait - (9 * bucket + 20) / 1000) < 0.01, wait
 
 
 def test_debt_is_capped_so_a_guest_is_never_frozen_long() -> None:

@@ -57,7 +57,7 @@ MAX_SLICE = 0.05
 #: runs again (fewer, longer waits than one per page).
 QUANTUM = 0.02
 #: The most unused budget a vCPU keeps, in seconds of its limit (its largest burst).
-BURST = 0.1
+BURST = 0.05
 #: The most debt a vCPU carries, in seconds of its limit: a guest that dirtied far more than
 #: its speed estimate said (it sped up within one pass interval) is not frozen for longer
 #: (what it dirtied beyond is forgiven, and counted in ``LimitStatus.forgiven``).
