@@ -154,9 +154,8 @@ class _Account:
 
     def stop_waiting(self, now: float) -> None:
         """Count the wait in progress, if any, as throttled time (up to what it was told)."""
-        if self.waiting_since is not None:
-            self.throttled += max(0.0, min(now, self.wait_until) - self.waiting_since)
-            self.waiting_since = None
+        self.throttled = self.throttled_until(now)
+        self.waiting_since = None
 
     def throttled_until(self, now: float) -> float:
         """Throttled seconds so far, the wait in progress included (up to what it was told:
