@@ -6,10 +6,12 @@ losslessly once the guest writes at a lossless density again."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
-from kvmio import DirtyRingOverrunError, Hlt, Kvm
+from kvmio import DirtyRingFull, DirtyRingOverrunError, Hlt, Kvm
 from kvmio.guests.workload import MEM_SLOT, Workload
 from kvmio.tracker import DirtyRanges, DirtyTracker
 
@@ -233,3 +235,53 @@ def test_closing_a_vcpu_whose_ring_is_held_by_the_tracker_does_not_deadlock(kvm:
                 r.stop(raise_errors=False)  # its thread met the closed vCPU
                 assert tracker.error is None, repr(tracker.error)
                 assert tracker.running
+
+
+
+
+def test_a_vcpu_closing_while_its_ring_is_repaired_waits_for_the_repair(
+        kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a collection the tracker recovers an overrun ring whose hole became visible.
+    Another thread closing the vCPU at that moment must wait for the repair to end, not
+    unmap the ring under it (that was a tracker error, KvmClosedError).  The burst guest
+    overruns by construction (run on until a batch shows the hole), and the close is started
+    at the repair itself, so the race happens every time; whether the close waited is
+    checked by the ring's state when the repair runs."""
+    from kvmio.dirty.ring import DirtyRing
+
+    with Workload(kvm, mem_size=64 << 20, ring_entries=4096, max_writes=100) as w:
+        assert isinstance(w.run_vcpu(0), Hlt)
+        burst(w)
+        v = w.vcpus[0]
+        overrun_ring(v)  # completely full: the hole is not visible yet
+        tracker = DirtyTracker(w.vm, "ring", interval=NO_WORKER)
+        with tracker:
+            assert tracker.take().wholly_dirty
+            original = DirtyRing.recover_from_overrun
+            closer: list[threading.Thread] = []
+            seen: list[bool] = []
+
+            def recover(r: DirtyRing) -> object:
+                if closer:
+                    return original(r)
+                t = threading.Thread(target=v.close)
+                t.start()
+                closer.append(t)
+                t.join(1.0)  # a close that does not wait ends well within this
+                seen.append(r.closed)
+                return original(r)
+
+            monkeypatch.setattr(DirtyRing, "recover_from_overrun", recover)
+            for _ in range(100):  # a batch that a host interrupt cut short shows no hole
+                assert isinstance(v.run(), DirtyRingFull)  # pushes past the hole
+                got = tracker.take()
+                if closer:
+                    break
+            monkeypatch.undo()
+            assert seen == [False], "the vCPU closed under the repair"
+            assert got.wholly_dirty  # the overrun is still reported
+            closer[0].join(30)
+            assert not closer[0].is_alive() and v.closed  # and then it closed
+            assert tracker.error is None, repr(tracker.error)
+            tracker.take()  # the tracker goes on
+            assert tracker.running

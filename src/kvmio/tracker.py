@@ -554,19 +554,24 @@ class DirtyTracker:
             return got
 
     def _repair_rings(self, now: float) -> None:
-        """After a collection: recover the overrun rings whose vCPUs are outside KVM_RUN."""
-        for ring in list(self._rings.values()):
-            if ring.closed:  # its vCPU closed: the ring set reported what it held
-                continue
-            if ring.shortfall or ring.hole_pending:
-                # Out of step or stopped at a hole: entries past it are not harvested until
-                # repaired, so every tracked slot stays wholly dirty meanwhile.
-                self._note_overrun(now, ring.vcpu_id, "", record=False)
-                with contextlib.suppress(KvmStateError):  # its vCPU is inside KVM_RUN
-                    if ring.shortfall:
-                        self._take_repaired(ring.resync())
-                    if ring.hole_pending:
-                        self._recover(ring)
+        """After a collection: recover the overrun rings whose vCPUs are outside KVM_RUN.
+        Under the ring set's lock, as the collection: a vCPU closing meanwhile (which needs
+        that lock to unmap its ring) waits for the repair, and is not unmapped under it."""
+        rs = self.vm.ring_set
+        assert rs is not None
+        with rs.lock:
+            for ring in list(self._rings.values()):
+                if ring.closed:  # its vCPU closed: the ring set reported what it held
+                    continue
+                if ring.shortfall or ring.hole_pending:
+                    # Out of step or stopped at a hole: entries past it are not harvested
+                    # until repaired, so every tracked slot stays wholly dirty meanwhile.
+                    self._note_overrun(now, ring.vcpu_id, "", record=False)
+                    with contextlib.suppress(KvmStateError):  # its vCPU is inside KVM_RUN
+                        if ring.shortfall:
+                            self._take_repaired(ring.resync())
+                        if ring.hole_pending:
+                            self._recover(ring)
 
     def _note_overrun(self, now: float, vcpu_id: int, why: str, record: bool = True) -> None:
         """A ring overran (non-strict mode): its lost entries could name any tracked page, so
