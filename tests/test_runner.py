@@ -52,6 +52,27 @@ def test_pause_holds_every_vcpu_outside_run_and_resume_continues(kvm: Kvm) -> No
         assert r.errors == {}
 
 
+def test_threads_are_each_vcpus_own_and_report_its_cpu_time(kvm: Kvm) -> None:
+    import threading
+    import time
+
+    with Workload(kvm, mem_size=16 << 20, vcpus=2, shared=False) as w:
+        r = w.runner()
+        assert r.threads == {}  # not started
+        with r:
+            th = r.threads
+            assert sorted(th) == [0, 1]
+            assert th[0] is not th[1] and all(t.is_alive() for t in th.values())
+            wait_until(lambda: w.vcpus[0].running_thread is not None, what="vCPU 0 to run")
+            assert w.vcpus[0].running_thread == th[0].ident  # the thread that runs vCPU 0
+            clock = time.pthread_getcpuclockid(th[1].ident or 0)
+            a = time.clock_gettime(clock)
+            wait_until(lambda: time.clock_gettime(clock) > a + 0.05,
+                       what="vCPU 1's thread to use CPU time")
+            assert threading.current_thread() not in th.values()
+        assert not any(t.is_alive() for t in th.values())
+
+
 def test_ring_full_is_served_for_a_ring_owned_by_a_harvester(kvm: Kvm) -> None:
     """The runner drains the ring of a vCPU whose ring was handed to a harvester; the owner's
     next harvest returns every entry (Vcpu.run_until_exit used to refuse such rings)."""

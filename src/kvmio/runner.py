@@ -323,6 +323,13 @@ class VcpuRunner:
         return [st.vcpu for st in self._states.values()]
 
     @property
+    def threads(self) -> dict[int, threading.Thread]:
+        """The thread of each vCPU, by vCPU id (empty before :meth:`start`): e.g. to pin it to
+        a CPU (its ``native_id``) or read its CPU time (``time.pthread_getcpuclockid`` of its
+        ``ident``)."""
+        return {vid: st.thread for vid, st in self._states.items() if st.thread is not None}
+
+    @property
     def running(self) -> bool:
         """Whether any vCPU thread is still alive."""
         return any(st.thread is not None and st.thread.is_alive()
