@@ -21,6 +21,8 @@ from kvmio.cli import main
 from test_cli import KVMIO, _assert_interrupted, _interrupt
 from test_snapshot_files import EXIT_CODE, MEM, ticker, ticker_output  # noqa: F401 (fixtures)
 
+from guests import wait_until
+
 
 def _listen(args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``kvmio migrate listen 127.0.0.1:0 args``; return it and the port it says."""
@@ -219,3 +221,47 @@ def test_ctrl_c_stops_a_sending_source(kvm: Kvm) -> None:
                 c.close()
     _assert_interrupted(code, err)
     assert b"migrated in" not in out
+
+
+@pytest.mark.parametrize("when", ["first pass", "final pass"])
+def test_a_killed_destination_leaves_the_source_running_with_nothing_lost(
+        kvm: Kvm, when: str) -> None:
+    """``kvmio migrate listen`` killed (SIGKILL) mid-migration, while the guest runs or once
+    it is paused for the switch-over: the source raises MigrationError, runs on, and its
+    dirty log is its own again; the guest's pages are as it wrote them."""
+    import signal
+
+    from kvmio import MigrationError, MigrationInDoubtError
+    from kvmio.guests.workload import Workload
+    from kvmio.migration import PassReport, socket_pair
+    from test_migration import Destination, _differing_pages
+
+    dest, port = _listen([])
+    with dest, Workload(kvm, mem_size=64 << 20, order="sequential", value="count",
+                        ring_entries=4096) as w, w.runner() as r:
+        wait_until(lambda: w.writes(0) > 1000, what="writes")
+
+        def on_pass(p: PassReport) -> None:
+            if (p.number == 0) if when == "first pass" else p.final:
+                dest.send_signal(signal.SIGKILL)
+                dest.wait(30)
+
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn, \
+                pytest.raises(MigrationError) as got:
+            w.migrate(conn, runner=r, on_pass=on_pass, max_passes=50)
+        assert not isinstance(got.value, MigrationInDoubtError)
+        assert dest.returncode == -signal.SIGKILL
+        assert not r.paused and r.running  # the source runs on
+        n = w.writes(0)
+        wait_until(lambda: w.writes(0) > n + 1000, what="the source to go on")
+        # Nothing lost: the same running guest migrates again, to a new destination, and
+        # arrives page-exact (the failed attempt left the dirty log whole and free).
+        a, b = socket_pair()
+        again = Destination(kvm, b)
+        again.start()
+        with a, b:
+            w.migrate(a, runner=r, max_passes=50)
+            again.join(60)
+        assert again.error is None and again.w is not None, repr(again.error)
+        with again.w as d:
+            assert _differing_pages(w, d) == {0: 0, 1: 0}

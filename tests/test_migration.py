@@ -7,7 +7,6 @@ every corrupted or truncated stream is refused (property-based) and leaves no VM
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import struct
 import threading
@@ -20,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmio import Kvm, MigrationError
+from kvmio import Kvm, MigrationError, MigrationInDoubtError
 from kvmio.guests.multiboot import KernelRunner, MultibootMachine, StopReason
 from kvmio.guests.workload import Workload
 from kvmio.migration import PassReport, receive_vm, send_vm, socket_pair
@@ -28,6 +27,7 @@ from kvmio.migration.stream import MAGIC
 from kvmio.tracker import DirtyTracker
 from test_snapshot_files import EXIT_CODE, MEM, ticker, ticker_output  # noqa: F401 (fixtures)
 
+from faultproxy import FaultProxy
 from guests import burst, wait_until
 
 MARKER_AT = (1 << 30) + 5 * 4096 + 123  # in the tracked slot, not page aligned
@@ -180,21 +180,23 @@ def test_a_migration_that_cannot_converge_times_out_and_the_source_runs_on(kvm: 
 # -- the stream, recorded once and damaged ------------------------------------------------
 
 
+def _empty_record(tag: bytes) -> bytes:
+    from kvmio.migration.stream import _HASH, _HEADER, _hash
+    header = _HEADER.pack(tag, 0)
+    return header + _HASH.pack(_hash(header, b""))
+
+
 class Recorder:
-    """A source's connection that keeps what is sent and answers OKAY."""
+    """A source's connection that keeps what is sent and answers OKAY, then RUNS."""
 
     def __init__(self) -> None:
         self.data = bytearray()
-        self._answer = b""
+        self._answer = _empty_record(b"OKAY") + _empty_record(b"RUNS")
 
     def sendall(self, data: Any) -> None:
         self.data += bytes(data)
 
     def recv_into(self, buf: Any, n: int = 0) -> int:
-        if not self._answer:
-            from kvmio.migration.stream import _HASH, _HEADER, _hash
-            header = _HEADER.pack(b"OKAY", 0)
-            self._answer = header + _HASH.pack(_hash(header, b""))
         k = min(len(buf), n or len(buf), len(self._answer))
         buf[:k] = self._answer[:k]
         self._answer = self._answer[k:]
@@ -239,7 +241,7 @@ def test_the_recorded_stream_is_received(kvm: Kvm) -> None:
     got = receive_vm(kvm, conn)
     with got.vm:
         assert got.passes == 2 and got.guest["kind"] == "workload"  # full, then final
-        assert conn.sent.startswith(b"OKAY")
+        assert bytes(conn.sent) == _empty_record(b"OKAY") + _empty_record(b"RUNS")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -247,8 +249,10 @@ def test_the_recorded_stream_is_received(kvm: Kvm) -> None:
 @given(data=st.data())
 def test_every_damaged_stream_is_refused(kvm: Kvm, data: st.DataObject) -> None:
     stream = _stream(kvm)
+    live = len(stream) - len(_empty_record(b"LIVE"))  # where the last record, LIVE, starts
+    assert stream[live:] == _empty_record(b"LIVE")
     if data.draw(st.booleans(), label="truncate"):
-        cut = data.draw(st.integers(0, len(stream) - 1), label="cut")
+        at = cut = data.draw(st.integers(0, len(stream) - 1), label="cut")
         damaged = stream[:cut]
     else:
         at = data.draw(st.integers(0, len(stream) - 1), label="at")
@@ -259,7 +263,10 @@ def test_every_damaged_stream_is_refused(kvm: Kvm, data: st.DataObject) -> None:
     conn = Replay(damaged)
     with pytest.raises(MigrationError):
         receive_vm(kvm, conn)
-    assert not conn.sent.startswith(b"OKAY")
+    if at < live:  # refused before the VM was restored
+        assert not conn.sent.startswith(b"OKAY")
+    else:  # restored and waiting for LIVE, which is damaged: refused, never confirmed running
+        assert conn.sent.startswith(b"OKAY") and b"RUNS" not in conn.sent
 
 
 def test_a_record_naming_pages_outside_its_slot_is_refused_before_memory(kvm: Kvm) -> None:
@@ -308,8 +315,8 @@ def test_auto_converge_slows_a_write_heavy_guest_until_it_converges(kvm: Kvm) ->
             assert report.throttle[0]["pass"] == 0  # right after the full pass
             assert r.throttle is None  # the limit was lifted with the migration
             assert _differing_pages(w, d) == {0: 0, 1: 0}
-            live = [p.pages for p in passes if not p.final][1:]
-            assert live[-1] < live[0]  # the passes shrank
+            after_full = [p.pages for p in passes][1:]  # live passes, then the final one
+            assert after_full[-1] < after_full[0]  # the passes shrank
             assert report.estimated_downtime <= 0.3
 
 
@@ -330,89 +337,111 @@ def test_a_stopped_vm_migrates_in_one_full_and_one_final_pass(kvm: Kvm) -> None:
             assert d.writes(0) == 3000
 
 
-class CuttingProxy:
-    """Forwards a migration between a source's and a destination's socket pair, and cuts the
-    connection (both ways) after ``cut`` bytes from the source."""
-
-    def __init__(self, cut: int):
-        self.source, self._from_source = socket_pair()
-        self._to_dest, self.dest = socket_pair()
-        self.cut = cut
-        self.forwarded = 0
-        self._threads = [threading.Thread(target=self._down, daemon=True),
-                         threading.Thread(target=self._up, daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _hang_up(self) -> None:
-        for s in (self._from_source, self._to_dest):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def _down(self) -> None:
-        try:
-            while True:
-                b = self._from_source.recv(1 << 16)
-                if not b:
-                    break
-                left = self.cut - self.forwarded
-                if len(b) >= left:
-                    self._to_dest.sendall(b[:left])
-                    self.forwarded += left
-                    self._hang_up()
-                    return
-                self._to_dest.sendall(b)
-                self.forwarded += len(b)
-        except OSError:
-            pass
-        self._hang_up()
-
-    def _up(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                b = self._to_dest.recv(1 << 16)
-                if not b:
-                    break
-                self._from_source.sendall(b)
-
-    def close(self) -> None:
-        self._hang_up()
-        for t in self._threads:
-            t.join(10)
-        for s in (self.source, self._from_source, self._to_dest, self.dest):
-            s.close()
-
-
-@settings(max_examples=12, deadline=None, suppress_health_check=[
+@settings(max_examples=16, deadline=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(cut=st.one_of(st.integers(0, 8 << 20), st.just(1 << 40)))  # (1 TiB: never cut)
-def test_a_connection_cut_anywhere_leaves_the_source_running_and_no_half_vm(
-        kvm: Kvm, cut: int) -> None:
-    """Property: wherever the connection is cut (the stream is ~8-10 MiB here), either the
-    migration completes page-exact, or the source raises and runs on and the destination
-    raises and holds no VM."""
-    proxy = CuttingProxy(cut)
+@given(cut=st.one_of(
+    st.tuples(st.just("down"), st.integers(0, 8 << 20)),
+    st.tuples(st.just("up"), st.integers(0, 40)),  # the answers: OKAY, RUNS (16 bytes each)
+    st.just(("never", 0))))
+def test_a_connection_cut_anywhere_leaves_exactly_one_copy_and_no_half_vm(
+        kvm: Kvm, cut: tuple[str, int]) -> None:
+    """Property: wherever the connection is cut, in either direction (the stream is ~8-10
+    MiB here; the answers 32 bytes), never do both copies run: the migration completes
+    page-exact (the source stays paused), or the source raises MigrationError and runs on
+    while the destination raises and holds no VM, or, cut in the last round trip, the source
+    raises MigrationInDoubtError and stays paused (the destination may hold the VM)."""
+    way, at = cut
+    proxy = FaultProxy(cut_down=at if way == "down" else None,
+                       cut_up=at if way == "up" else None)
     dest = Destination(kvm, proxy.dest)
     dest.start()
     try:
         with Workload(kvm, mem_size=8 << 20, order="sequential", value="count",
                       ring_entries=4096) as w, w.runner() as r:
             wait_until(lambda: w.writes(0) > 300, what="writes")
+            outcome: BaseException | None = None
             try:
                 w.migrate(proxy.source, runner=r, answer_timeout=30)
-            except MigrationError:
+            except MigrationError as e:
+                outcome = e
+            dest.join(30)
+            assert not dest.is_alive()
+            if isinstance(outcome, MigrationInDoubtError):
+                assert r.paused  # never resumed: the destination may run the guest
+                assert way == "up" and at >= 16  # only once OKAY came back whole
+            elif outcome is not None:
                 assert not r.paused and r.running  # the source runs on
                 n = w.writes(0)
                 wait_until(lambda: w.writes(0) > n, what="the source to go on")
-                dest.join(30)
                 assert isinstance(dest.error, MigrationError), repr(dest.error)
                 assert dest.w is None
                 return
+            else:
+                assert r.paused and dest.error is None and dest.w is not None
+                assert proxy.forwarded <= at or way != "down"
+            if dest.w is not None:
+                with dest.w as d:
+                    assert _differing_pages(w, d) == {0: 0, 1: 0}
+    finally:
+        proxy.close()
+
+
+def test_a_cut_after_live_leaves_the_source_paused_and_in_doubt(kvm: Kvm) -> None:
+    """The destination got LIVE and runs the VM, but its RUNS never reaches the source (cut
+    halfway): the source cannot tell this from a destination that never got LIVE, so it
+    raises MigrationInDoubtError and stays paused; it is not resumed behind the caller's
+    back (two copies would then run)."""
+    proxy = FaultProxy(cut_up=16 + 8)  # OKAY whole, then half of RUNS
+    dest = Destination(kvm, proxy.dest)
+    dest.start()
+    try:
+        with Workload(kvm, mem_size=8 << 20, order="sequential", value="count",
+                      ring_entries=4096) as w, w.runner() as r:
+            wait_until(lambda: w.writes(0) > 300, what="writes")
+            with pytest.raises(MigrationInDoubtError, match="stays paused"):
+                w.migrate(proxy.source, runner=r, answer_timeout=30)
+            assert r.paused
+            n = w.writes(0)
+            time.sleep(0.2)
+            assert w.writes(0) == n  # still paused
             dest.join(30)
-            assert dest.error is None and dest.w is not None
+            assert dest.error is None and dest.w is not None  # the one copy that runs
             with dest.w as d:
                 assert _differing_pages(w, d) == {0: 0, 1: 0}
-                assert proxy.forwarded <= cut
+            r.resume()  # the caller's decision (here: the test's)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_migration_over_a_slow_stalling_link_completes_page_exact(kvm: Kvm) -> None:
+    """Through 20 ms of latency, a 16 MiB/s cap, a 1 s stall while the guest runs and a
+    0.4 s stall at the switch-over: the migration converges, arrives page-exact, measures
+    the capped bandwidth, and its downtime counts the stall (it is measured, not assumed)."""
+    rate = 16 << 20
+    proxy = FaultProxy(delay=0.02, rate=rate)
+    dest = Destination(kvm, proxy.dest)
+    dest.start()
+    try:
+        with Workload(kvm, mem_size=32 << 20, order="sequential", value="count", pace=500,
+                      ring_entries=4096) as w, w.runner() as r:
+            wait_until(lambda: w.writes(0) > 300, what="writes")
+
+            def on_pass(p: PassReport) -> None:
+                if p.number == 0:
+                    proxy.stall(1.0)
+                elif p.final:
+                    proxy.stall(0.4)
+
+            report = w.migrate(proxy.source, runner=r, on_pass=on_pass, max_passes=50)
+            dest.join(30)
+            assert dest.error is None and dest.w is not None, repr(dest.error)
+            with dest.w as d:
+                assert _differing_pages(w, d) == {0: 0, 1: 0}
+            assert proxy.stalls == 2
+            assert report.downtime >= 0.4
+            assert report.bandwidth < 1.5 * rate  # the cap, not the socket buffers
+            assert report.passes[0].bandwidth < 1.5 * rate
     finally:
         proxy.close()
 

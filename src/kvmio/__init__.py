@@ -19,6 +19,7 @@ from kvmio.errors import (
     KvmUnavailableError,
     KvmUnsupportedError,
     MigrationError,
+    MigrationInDoubtError,
     SnapshotError,
 )
 from kvmio.exits import (
@@ -90,6 +91,7 @@ __all__ = [
     "Memory",
     "MemoryRegion",
     "MigrationError",
+    "MigrationInDoubtError",
     "MmioRead",
     "MmioWrite",
     "PageSet",

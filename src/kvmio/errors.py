@@ -101,6 +101,13 @@ class MigrationError(KvmError):
     runs a VM it did not receive whole."""
 
 
+class MigrationInDoubtError(MigrationError):
+    """The source let the destination run the VM (it sent the go-ahead) but never heard that
+    it does: the connection failed in the last round trip.  The destination may or may not
+    run it, so the source is *not* resumed (two copies of one guest must never run): it stays
+    paused, whole.  Resume it only once you know the destination does not run the VM."""
+
+
 def from_errno(err: int, ioctl: str, what: str | None = None) -> KvmError:
     """The exception for a failed call that returned ``-err``."""
     msg = what or os.strerror(err)

@@ -15,16 +15,20 @@ side accepts the risk of sending guest memory unencrypted.
 Errors (a connection refused or cut, a certificate that does not verify, a stream that is not
 a migration, a migration that did not converge within ``--timeout``) are one ``Error:`` line
 and exit status 1: the source's guest ran on until it stopped, and a destination never runs
-a half-received VM.  Ctrl-C stops
-either side and exits with 130.
+a half-received VM.  One error differs: a connection cut in the hand-over's last round trip
+(the destination was told to run the guest but did not confirm it) leaves the source's copy
+paused, never resumed, and says so; the command then ends, and that copy with it.  Ctrl-C
+stops either side and exits with 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import click
@@ -34,6 +38,7 @@ from kvmio.cli.common import console, open_kvm, write_json
 from kvmio.cli.errors import deferred_interrupt, kick_on_interrupt
 from kvmio.cli.params import FiniteFloatRange, OutputFile, RingEntries, Size, format_size
 from kvmio.cli.run import MULTIBOOT_MEMORY
+from kvmio.errors import MigrationInDoubtError
 from kvmio.guests.multiboot import KernelRunner, MultibootMachine
 from kvmio.guests.workload import Workload
 from kvmio.migration import DEFAULT_DOWNTIME, MigrationError, PassReport
@@ -126,7 +131,7 @@ def _send_kernel(ctx: click.Context, kernel: str, cmdline: str, mem: int, ring: 
             runner.stop()
             raise MigrationError("the kernel stopped before the migration began: "
                                  + (runner.result.summary() if runner.result else "?"))
-        with _connect(host, port, address, client_tls, tls_name) as conn:
+        with _connect(host, port, address, client_tls, tls_name) as conn, _in_doubt():
             report = m.migrate(conn, runner=runner, downtime=downtime, timeout=timeout,
                                max_passes=1000 if timeout else 30, on_output=_stream)
     click.echo(f"kvmio: migrated in {report.total_seconds:.2f} s: {len(report.passes)} "
@@ -134,6 +139,18 @@ def _send_kernel(ctx: click.Context, kernel: str, cmdline: str, mem: int, ring: 
                f"(estimated {report.estimated_downtime * 1e3:.0f} ms)", err=True)
     if json_path:
         write_json(json_path, report.to_json())
+
+
+@contextlib.contextmanager
+def _in_doubt() -> Iterator[None]:
+    """A migration in doubt (the destination may be running the guest) ends this command, and
+    the source's paused copy with it: say so."""
+    try:
+        yield
+    except MigrationInDoubtError as e:
+        raise MigrationInDoubtError(f"{e.message}.  This command ends here and discards the "
+                                    "source's paused copy: check whether the destination "
+                                    "runs the guest", errno=e.errno) from e
 
 
 def _mib(n: float) -> str:
@@ -338,9 +355,10 @@ def send(ctx: click.Context, address: str, mem: int, vcpus: int,
                     progress.console.print(f"  {what}: {p.pages:,} pages ({p.zero_pages:,} zero), "
                                            f"{_mib(p.bytes)} in {p.seconds:.2f} s")
 
-            report = w.migrate(conn, runner=runner, tracker=tracker, downtime=downtime,
-                               timeout=timeout, max_passes=1000 if timeout else 30,
-                               auto_converge=auto_converge, on_pass=on_pass)
+            with _in_doubt():
+                report = w.migrate(conn, runner=runner, tracker=tracker, downtime=downtime,
+                                   timeout=timeout, max_passes=1000 if timeout else 30,
+                                   auto_converge=auto_converge, on_pass=on_pass)
         writes = [w.writes(i) for i in range(vcpus)]
     console.print(
         f"migrated in {report.total_seconds:.2f} s: {len(report.passes)} passes, "

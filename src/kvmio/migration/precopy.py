@@ -9,8 +9,16 @@ vCPUs, collects the final changes, sends them, the slots no dirty log covers (wh
 machine state, and waits for the destination's answer.  A slot the log cannot vouch for (a
 ring overrun) is sent whole: nothing it could have hidden is missed.
 
-If anything fails before the destination answers ``OKAY`` (the connection, the destination, a
-timeout), the source's vCPUs are resumed and :class:`~kvmio.errors.MigrationError` is raised.
+The hand-over is a three-way exchange, so that one copy of the guest runs, never two: the
+destination answers ``OKAY`` once it restored the VM, the source then sends ``LIVE`` (from
+here on it never resumes its own copy), and the destination answers ``RUNS`` and hands the VM
+over.  If anything fails before ``LIVE`` is sent (the connection, the destination, a
+timeout), the source's vCPUs are resumed and :class:`~kvmio.errors.MigrationError` is raised;
+the destination, which has not seen ``LIVE``, closes the VM.  If the connection fails after
+``LIVE`` was sent and before ``RUNS`` came back, the source cannot know whether the
+destination runs the VM: it stays paused and raises
+:class:`~kvmio.errors.MigrationInDoubtError`.
+
 The destination builds the VM from the stream's layout, writes pages only after checking them
 (:class:`~kvmio.migration.stream.StreamReader`), restores the state after ``DONE``, and
 answers; on any error it closes the VM it was building: it never hands over a half-received
@@ -31,7 +39,13 @@ import numpy.typing as npt
 
 from kvmio._abi import PAGE_SIZE
 from kvmio.devices import IoBus
-from kvmio.errors import KvmError, KvmStateError, MigrationError, SnapshotError
+from kvmio.errors import (
+    KvmError,
+    KvmStateError,
+    MigrationError,
+    MigrationInDoubtError,
+    SnapshotError,
+)
 from kvmio.exits import VcpuExit
 from kvmio.limit import DirtyLimit
 from kvmio.memory import AnonymousMemory, Memory, MemoryRegion
@@ -227,7 +241,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
     regions = dict(vm.regions)
     w = StreamWriter(conn)
     sender = _Sender(w, regions)
-    paused = False
+    paused = handed_over = False
     limit: DirtyLimit | None = None
     try:
         log = ChangeLog(vm, tracker=tracker)
@@ -344,11 +358,24 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
         if answer.tag == b"FAIL":
             raise MigrationError("the destination refused the VM: "
                                  + answer.payload.decode("utf-8", "replace"))
+        w.record(b"LIVE")  # if this fails, the destination never got it: it does not run
+        handed_over = True
+        try:
+            reader.record((b"RUNS",))
+        except MigrationError as e:
+            raise MigrationInDoubtError(
+                f"the destination was told to run the VM but did not confirm it ({e.message}): "
+                "it may be running it, so the source stays paused; resume it only once you "
+                "know the destination does not run the VM", errno=e.errno) from e
         report.downtime = time.monotonic() - t_pause
         report.bandwidth = bandwidth
     except BaseException as e:
-        if paused and runner is not None:
+        if paused and runner is not None and not handed_over:
             runner.resume()  # the source runs on: nothing was handed over
+        if handed_over and isinstance(e, Exception) and not isinstance(e, MigrationInDoubtError):
+            raise MigrationInDoubtError(
+                f"the migration was interrupted after the destination was told to run the VM "
+                f"({e}): the source stays paused", errno=getattr(e, "errno", None)) from e
         if isinstance(e, KvmError) and not isinstance(e, MigrationError):
             raise MigrationError(f"the migration failed: {e.message}", errno=e.errno,
                                  ioctl=e.ioctl) from e
@@ -454,6 +481,9 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
             raise MigrationError(f"the machine state does not fit the VM: {e.message}",
                                  errno=e.errno, ioctl=e.ioctl) from e
         StreamWriter(conn).record(b"OKAY")
+        r.record((b"LIVE",))  # the source let go of its copy: this one may run
+        with contextlib.suppress(MigrationError):  # if lost, the source stays paused
+            StreamWriter(conn).record(b"RUNS")
     except BaseException as e:
         if vm is not None:
             vm.close()

@@ -9,7 +9,10 @@ Layout (all integers little-endian)::
 Records, in order: ``CONF`` (JSON: the machine layout, the guest's metadata), then for each
 pass any number of ``ZERO`` and ``DATA`` records and one ``PASS``, then ``STAT`` (the machine
 state's own serialized form) and ``DONE``.  The destination answers ``OKAY`` (it built and
-restored the VM) or ``FAIL`` (UTF-8 reason).
+restored the VM, and waits) or ``FAIL`` (UTF-8 reason).  After ``OKAY`` the source sends
+``LIVE`` (the destination may run the VM now; the source will not) and the destination
+answers ``RUNS``.  Until ``LIVE`` arrives the destination never runs the VM; once the source
+sent it, the source never resumes its own copy.
 
 - ``ZERO``: slot u32, count u32, then ``count`` page indices u64 (strictly increasing): pages
   that hold zeros;
@@ -43,7 +46,7 @@ __all__ = ["MAGIC", "MAX_PAGES_PER_RECORD", "VERSION", "Connection", "PageRecord
            "StreamReader", "StreamWriter", "socket_pair"]
 
 MAGIC = b"KVMIO-MIGRATE\n"
-VERSION = 1
+VERSION = 2
 #: Pages in one ZERO or DATA record at most.
 MAX_PAGES_PER_RECORD = 256
 _HEADER = struct.Struct("<4sI")
@@ -60,6 +63,8 @@ _LIMITS = {
     b"DONE": 0,
     b"OKAY": 0,
     b"FAIL": 4096,
+    b"LIVE": 0,
+    b"RUNS": 0,
 }
 
 
