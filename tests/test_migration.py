@@ -7,6 +7,7 @@ every corrupted or truncated stream is refused (property-based) and leaves no VM
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -93,6 +94,9 @@ def test_a_running_workload_arrives_page_exact_and_goes_on(kvm: Kvm, mode: str) 
             assert len(passes) >= 2
             assert report.pages_sent == sum(p.pages for p in passes) > 0
             assert 0 < report.downtime < report.total_seconds
+            parts = report.downtime_parts
+            assert list(parts) == ["pause", "final_pass", "state", "answer", "hand_over"]
+            assert sum(parts.values()) == pytest.approx(report.downtime)
             assert report.bytes_sent > report.pages_sent * 8
             before = [d.writes(i) for i in range(2)]
             with d.runner():
@@ -512,3 +516,31 @@ def test_a_workload_stream_is_not_a_kernel(kvm: Kvm) -> None:
     with pytest.raises(MigrationError, match="not a Multiboot kernel"):
         MultibootMachine.from_migration(kvm, conn)
     assert conn.sent.startswith(b"FAIL")
+
+
+def test_a_tcp_connection_sends_records_without_delay_and_its_backlog_is_counted() -> None:
+    """On TCP the stream turns Nagle's algorithm off (the hand-over's small records would
+    wait for delayed acknowledgements in the guest's downtime), and the switch-over's
+    estimate counts what the connection still holds unsent: here a peer that does not read
+    leaves bytes queued, by construction (its receive buffer is full)."""
+    from kvmio.migration.precopy import _unsent
+    from kvmio.migration.stream import StreamWriter
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with socket.create_connection(srv.getsockname()) as conn, srv.accept()[0] as peer:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            StreamWriter(conn)
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert _unsent(conn) == 0
+            conn.setblocking(False)
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                while sent < 64 << 20:
+                    sent += conn.send(b"x" * 65536)
+            assert 0 < _unsent(conn) <= sent
+            assert peer.recv(1) == b"x"
+    a, b = socket_pair()
+    with a, b:
+        a.sendall(b"x" * 1000)
+        assert _unsent(a) == 0  # a socket pair drains at memory speed: not counted

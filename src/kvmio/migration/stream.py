@@ -27,6 +27,7 @@ index lies within it.  Anything else is a :class:`~kvmio.errors.MigrationError`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -105,15 +106,27 @@ def _hash(header: bytes, payload: bytes | bytearray | memoryview) -> int:
     return h.intdigest()
 
 
+#: Records smaller than this go to the connection in one piece (one segment, not three).
+_COALESCE = 64 << 10
+
+
 class StreamWriter:
-    """Writes records to ``conn`` (counting the bytes sent)."""
+    """Writes records to ``conn`` (counting the bytes sent).  On a TCP connection it turns
+    Nagle's algorithm off (TCP_NODELAY): the hand-over's small records would otherwise each
+    wait for the peer's delayed acknowledgement (up to 40 ms), in the guest's downtime; small
+    records are written in one piece, so that costs no tiny segments."""
 
     def __init__(self, conn: Connection):
         self._conn = conn
         #: Bytes written so far.
         self.sent = 0
+        if getattr(conn, "family", None) in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError, AttributeError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
 
     def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        if len(parts) > 1 and sum(len(p) for p in parts) < _COALESCE:
+            parts = (b"".join(parts),)
         try:
             for p in parts:
                 self._conn.sendall(p)
