@@ -32,24 +32,43 @@ class _Pipe:
         self.threads = [threading.Thread(target=self._read, daemon=True),
                         threading.Thread(target=self._write, daemon=True)]
 
+    def _put(self, item: tuple[float, bytes] | None) -> bool:
+        """Queue ``item`` unless the proxy closed (the writer may have stopped taking)."""
+        while not self.proxy.closed.is_set():
+            try:
+                self._q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def _read(self) -> None:
         with contextlib.suppress(OSError):
             while True:
                 b = self.src.recv(_CHUNK)
-                if not b:
+                if not b or not self._put((time.monotonic() + self.proxy.delay, b)):
                     break
-                self._q.put((time.monotonic() + self.proxy.delay, b))
-        self._q.put(None)
+        self._put(None)
+
+    def _take(self) -> tuple[float, bytes] | None:
+        """The next chunk; None at the end of the stream or once the proxy closed."""
+        while True:
+            try:
+                return self._q.get(timeout=0.05)
+            except queue.Empty:
+                if self.proxy.closed.is_set():
+                    return None
 
     def _write(self) -> None:
         try:
-            while (item := self._q.get()) is not None:
+            while (item := self._take()) is not None:
                 due, b = item
                 while len(b):
-                    self.proxy.wait_while_stalled()
                     now = time.monotonic()
                     if now < due:
                         time.sleep(due - now)
+                    if not self.proxy.wait_while_stalled():
+                        return
                     part = b[:self.proxy.burst]
                     if self.cut is not None and self.forwarded + len(part) >= self.cut:
                         self.dst.sendall(part[:self.cut - self.forwarded])
@@ -64,7 +83,9 @@ class _Pipe:
                     break
         except OSError:
             pass
-        self.proxy.hang_up()
+        finally:
+            self.proxy.hang_up()
+            self.proxy.closed.set()  # the reader stops queueing (nobody takes any more)
 
 
 class FaultProxy:
@@ -82,6 +103,8 @@ class FaultProxy:
         self._to_dest, self.dest = socket_pair()
         self._stalled_until = 0.0
         self.stalls = 0
+        #: Set once the proxy stopped forwarding (a cut, a hang-up, close()).
+        self.closed = threading.Event()
         self._down = _Pipe(self, self._from_source, self._to_dest, cut_down)
         self._up = _Pipe(self, self._to_dest, self._from_source, cut_up)
         for t in (*self._down.threads, *self._up.threads):
@@ -102,9 +125,12 @@ class FaultProxy:
         self._stalled_until = max(self._stalled_until, time.monotonic() + seconds)
         self.stalls += 1
 
-    def wait_while_stalled(self) -> None:
+    def wait_while_stalled(self) -> bool:
+        """Wait out a stall; False if the proxy closed meanwhile."""
         while (left := self._stalled_until - time.monotonic()) > 0:
-            time.sleep(left)
+            if self.closed.wait(left):
+                return False
+        return not self.closed.is_set()
 
     def hang_up(self) -> None:
         for s in (self._from_source, self._to_dest):
@@ -112,6 +138,7 @@ class FaultProxy:
                 s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        self.closed.set()
         self.hang_up()
         for t in (*self._down.threads, *self._up.threads):
             t.join(10)

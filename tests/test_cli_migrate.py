@@ -265,3 +265,18 @@ def test_a_killed_destination_leaves_the_source_running_with_nothing_lost(
         assert again.error is None and again.w is not None, repr(again.error)
         with again.w as d:
             assert _differing_pages(w, d) == {0: 0, 1: 0}
+
+
+def test_send_compress_sends_compressed_pages(kvm: Kvm, tmp_path: Path) -> None:
+    sj = tmp_path / "send.json"
+    dest, port = _listen(["--run", "0.2"])
+    with dest:
+        src = subprocess.run([KVMIO, "migrate", "send", f"127.0.0.1:{port}", "--mem", "32M",
+                              "--after", "0.3", "--compress", "--json", str(sj), "--quiet"],
+                             capture_output=True, timeout=120)
+        assert src.returncode == 0, src.stderr
+        _, err = dest.communicate(timeout=120)
+        assert dest.returncode == 0, err
+    sent = json.loads(sj.read_text())
+    assert 0 < sent["compressed_to"] < sent["compressed_bytes"]
+    assert sent["bytes_sent"] < sent["pages_sent"] * 4096

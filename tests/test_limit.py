@@ -13,6 +13,7 @@ same run (the assertion message says which limit was held).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
@@ -73,10 +74,12 @@ class Sampler:
         assert self._runner is not None and self._limit is not None
         out = []
         for vid, th in sorted(self._runner.threads.items()):
-            try:
-                cpu = time.clock_gettime(time.pthread_getcpuclockid(th.ident or 0))
-            except OSError:  # the thread ended
-                cpu = 0.0
+            cpu = 0.0
+            # Only a live thread's clock (an ended one's pthread id is gone); the sampler
+            # stops before the runner does.
+            if th.ident is not None and th.is_alive():
+                with contextlib.suppress(OSError):
+                    cpu = time.clock_gettime(time.pthread_getcpuclockid(th.ident))
             out.append(cpu + self._limit.status(vid).throttled)
         return out
 
@@ -126,6 +129,13 @@ def _natural(w: Workload, seconds: float = 1.0) -> list[float]:
     return [(y - x) * PAGE / dt for x, y in zip(a, b, strict=True)]
 
 
+def _in_band(rate: float, limit: float, starved: float) -> bool:
+    """Within the band, or short of it by no more than the share of the window a busy host
+    kept the vCPU from a CPU (see :func:`_check_held`)."""
+    tol = _tolerance(limit)
+    return rate - limit <= tol and limit - rate <= tol + starved * limit
+
+
 def _check_held(s: Sampler, vcpu: int, limit: float, t_set: float, hold: float) -> None:
     """Every 1 s rate from 2 s after the limit was set until ``hold`` seconds after that is
     within the band.  A limit is an upper bound the vCPU is paced to: a window in which a busy
@@ -135,8 +145,7 @@ def _check_held(s: Sampler, vcpu: int, limit: float, t_set: float, hold: float) 
     assert len(rates) >= hold / 0.5, "too few samples"
     tol = _tolerance(limit)
     bad = [(round(t - t_set, 2), round(r / MiB, 2), round(s.starved(vcpu, t), 3))
-           for t, r in rates
-           if r - limit > tol or limit - r > tol + s.starved(vcpu, t) * limit]
+           for t, r in rates if not _in_band(r, limit, s.starved(vcpu, t))]
     assert not bad, (f"vCPU {vcpu} limited to {limit / MiB:g} MiB/s left the band "
                      f"(+-{tol / MiB:.2f} MiB/s) at (seconds after set, MiB/s, share starved "
                      f"of a CPU): {bad[:10]}")
@@ -168,9 +177,11 @@ def test_two_vcpus_hold_their_own_limits_then_cancel_restores_the_natural_rate(
         for vid, limit in enumerate(limits):
             _check_held(s, vid, limit, t_set, 10.0)
             st = lim.status(vid)
+            starved = s.starved(vid, time.monotonic())
             assert st.limit == limit
-            assert abs(st.rate - limit) <= _tolerance(limit), st
-            assert abs(t.rate().vcpu_pages_per_second[vid] * PAGE - limit) <= _tolerance(limit)
+            assert _in_band(st.rate, limit, starved), (st, starved)
+            tracked = t.rate().vcpu_pages_per_second[vid] * PAGE
+            assert _in_band(tracked, limit, starved), (tracked, starved)
             assert st.throttled > 5.0  # it spent most of the time waiting for its budget
         lim.cancel()
         assert lim.limits == {}
@@ -219,7 +230,7 @@ def test_bitmap_mode_holds_the_vms_limit(kvm: Kvm) -> None:
         lim.set(limit)  # every vCPU
         time.sleep(7.2)
         _check_held(s, 0, limit, t_set, 5.0)
-        assert abs(lim.rate() - limit) <= _tolerance(limit)
+        assert _in_band(lim.rate(), limit, s.starved(0, time.monotonic())), lim.rate()
         assert not r.errors
 
 

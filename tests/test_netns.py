@@ -86,14 +86,19 @@ def _listen_in(link: Link, args: list[str]) -> tuple[subprocess.Popen[bytes], in
     assert p.stdout is not None
     out = b""
     end = time.monotonic() + 60
-    with selectors.DefaultSelector() as sel:
-        sel.register(p.stdout, selectors.EVENT_READ)
-        while b"\n" not in out:
-            assert time.monotonic() < end and p.poll() is None, (out, p.stderr)
-            if sel.select(1):
-                out += os.read(p.stdout.fileno(), 4096)
-    line = out.decode().splitlines()[0]
-    assert line.startswith(f"listening on {link.dest_ip}:"), line
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(p.stdout, selectors.EVENT_READ)
+            while b"\n" not in out:
+                assert time.monotonic() < end and p.poll() is None, out
+                if sel.select(1):
+                    out += os.read(p.stdout.fileno(), 4096)
+        line = out.decode().splitlines()[0]
+        assert line.startswith(f"listening on {link.dest_ip}:"), line
+    except BaseException:
+        p.kill()
+        p.communicate()
+        raise
     return p, int(line.rsplit(":", 1)[1])
 
 
@@ -118,9 +123,9 @@ def test_a_workload_migrates_to_another_namespace_over_a_capped_tls_link(
     with dest:
         src = subprocess.run([KVMIO, "migrate", "send", f"{link.dest_ip}:{port}", "--mem",
                               "32M", "--after", "0.5", "--auto-converge", "--tls-ca", str(ca),
-                              "--json", str(sj), "--quiet"], capture_output=True, timeout=240)
+                              "--json", str(sj), "--quiet"], capture_output=True, timeout=180)
         assert src.returncode == 0, src.stderr
-        _, err = dest.communicate(timeout=120)
+        _, err = dest.communicate(timeout=60)
         assert dest.returncode == 0, err
     sent, got = json.loads(sj.read_text()), json.loads(lj.read_text())
     assert got["writes_on_arrival"] == sent["writes_at_switch_over"]

@@ -63,9 +63,12 @@ def test_threads_are_each_vcpus_own_and_report_its_cpu_time(kvm: Kvm) -> None:
             th = r.threads
             assert sorted(th) == [0, 1]
             assert th[0] is not th[1] and all(t.is_alive() for t in th.values())
-            wait_until(lambda: w.vcpus[0].running_thread is not None, what="vCPU 0 to run")
-            assert w.vcpus[0].running_thread == th[0].ident  # the thread that runs vCPU 0
-            clock = time.pthread_getcpuclockid(th[1].ident or 0)
+            # The thread that runs vCPU 0 (it is in KVM_RUN most of the time).
+            wait_until(lambda: w.vcpus[0].running_thread == th[0].ident,
+                       what="vCPU 0 to run in its thread")
+            ident = th[1].ident
+            assert ident is not None  # started
+            clock = time.pthread_getcpuclockid(ident)
             a = time.clock_gettime(clock)
             wait_until(lambda: time.clock_gettime(clock) > a + 0.05,
                        what="vCPU 1's thread to use CPU time")

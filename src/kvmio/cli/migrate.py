@@ -119,7 +119,7 @@ def _connect(host: str, port: int, address: str, client_tls: ssl.SSLContext | No
 def _send_kernel(ctx: click.Context, kernel: str, cmdline: str, mem: int, ring: int | None,
                  host: str, port: int, address: str, client_tls: ssl.SSLContext | None,
                  tls_name: str | None, after: float, downtime: float, timeout: float | None,
-                 json_path: str | None) -> None:
+                 json_path: str | None, compress: bool) -> None:
     """``send --kernel``: boot it, run it ``after`` seconds, migrate it while it runs."""
     with open_kvm(ctx) as kvm, \
             MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, ring_entries=ring) as m, \
@@ -133,7 +133,8 @@ def _send_kernel(ctx: click.Context, kernel: str, cmdline: str, mem: int, ring: 
                                  + (runner.result.summary() if runner.result else "?"))
         with _connect(host, port, address, client_tls, tls_name) as conn, _in_doubt():
             report = m.migrate(conn, runner=runner, downtime=downtime, timeout=timeout,
-                               max_passes=1000 if timeout else 30, on_output=_stream)
+                               max_passes=1000 if timeout else 30, on_output=_stream,
+                               compress=compress)
     click.echo(f"kvmio: migrated in {report.total_seconds:.2f} s: {len(report.passes)} "
                f"passes, {report.pages_sent:,} pages; downtime {report.downtime * 1e3:.0f} ms "
                f"(estimated {report.estimated_downtime * 1e3:.0f} ms)", err=True)
@@ -287,6 +288,9 @@ def listen(ctx: click.Context, address: str, run_seconds: float | None,
               help="Give up (the guest runs on) if not switched over after this long.")
 @click.option("--auto-converge", is_flag=True,
               help="Slow the guest down (a dirty-rate limit) when passes stop shrinking.")
+@click.option("--compress", is_flag=True,
+              help="Send page data zstd-compressed where that saves an eighth or more (pays "
+                   "on slow links).")
 @click.option("--json", "json_path", type=OutputFile(), default=None,
               help="Write the migration report as JSON.")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -304,7 +308,7 @@ def listen(ctx: click.Context, address: str, run_seconds: float | None,
 @click.pass_context
 def send(ctx: click.Context, address: str, mem: int, vcpus: int,
          mode: Literal["ring", "bitmap"], ring_entries: int, after: float, downtime: float,
-         timeout: float | None, auto_converge: bool, json_path: str | None,
+         timeout: float | None, auto_converge: bool, compress: bool, json_path: str | None,
          tls_ca: str | None, tls_name: str | None, plaintext: bool, kernel: str | None,
          cmdline: str, quiet: bool) -> None:
     """Boot the workload (or a kernel) and migrate it, live, to ADDR (HOST:PORT)."""
@@ -330,7 +334,8 @@ def send(ctx: click.Context, address: str, mem: int, vcpus: int,
     ring = mode == "ring"
     if kernel is not None:
         _send_kernel(ctx, kernel, cmdline, mem, ring_entries if ring else None, host, port,
-                     address, client_tls, tls_name, after, downtime, timeout, json_path)
+                     address, client_tls, tls_name, after, downtime, timeout, json_path,
+                     compress)
         return
     with open_kvm(ctx) as kvm, \
             Workload(kvm, mem_size=mem, vcpus=vcpus, order="sequential", value="count",
@@ -358,7 +363,8 @@ def send(ctx: click.Context, address: str, mem: int, vcpus: int,
             with _in_doubt():
                 report = w.migrate(conn, runner=runner, tracker=tracker, downtime=downtime,
                                    timeout=timeout, max_passes=1000 if timeout else 30,
-                                   auto_converge=auto_converge, on_pass=on_pass)
+                                   auto_converge=auto_converge, compress=compress,
+                                   on_pass=on_pass)
         writes = [w.writes(i) for i in range(vcpus)]
     console.print(
         f"migrated in {report.total_seconds:.2f} s: {len(report.passes)} passes, "

@@ -34,6 +34,7 @@ from kvmio.migration.precopy import (
     DEFAULT_DOWNTIME,
     MigrationReport,
     PassReport,
+    ReceivedVm,
     receive_vm,
     send_vm,
 )
@@ -290,28 +291,28 @@ class Workload(Closing):
                 tracker: DirtyTracker | None = None, downtime: float = DEFAULT_DOWNTIME,
                 max_passes: int = 30, timeout: float | None = None,
                 answer_timeout: float = 60.0, auto_converge: bool = False,
+                compress: bool = False,
                 on_pass: Callable[[PassReport], None] | None = None) -> MigrationReport:
         """Migrate this workload to a destination (:meth:`from_migration`) at the other end
         of ``conn``, live while ``runner`` runs it (see :func:`kvmio.migration.send_vm`)."""
         return send_vm(conn, self.vm, self.vcpus, runner=runner, tracker=tracker,
                        guest=self._snapshot_guest(), downtime=downtime, max_passes=max_passes,
                        timeout=timeout, answer_timeout=answer_timeout,
-                       auto_converge=auto_converge, on_pass=on_pass)
+                       auto_converge=auto_converge, compress=compress, on_pass=on_pass)
 
     @classmethod
     def from_migration(cls, kvm: Kvm, conn: Connection, *,
                        ring_entries: int | None = AS_SAVED) -> Workload:
         """The workload a source's :meth:`migrate` sends on ``conn`` (its vCPUs go on where
         the source's stopped).  Raises :class:`~kvmio.errors.MigrationError`."""
-        got = receive_vm(kvm, conn, dirty_ring=ring_entries)
-        try:
-            return cls._adopt(kvm, got.vm, got.vcpus, got.guest)
-        except SnapshotError as e:
-            got.close()
-            raise MigrationError(f"the migrated VM is not a workload: {e.message}") from e
-        except BaseException:
-            got.close()
-            raise
+        def adopt(got: ReceivedVm) -> Workload:  # before the hand-over: it may refuse
+            try:
+                return cls._adopt(kvm, got.vm, got.vcpus, got.guest)
+            except SnapshotError as e:
+                raise MigrationError(f"the migrated VM is not a workload: {e.message}") from e
+
+        w: Workload = receive_vm(kvm, conn, dirty_ring=ring_entries, accept=adopt).accepted
+        return w
 
     def _from_guest(self, g: Mapping[str, Any]) -> None:
         if g.get("kind") != SNAPSHOT_KIND:

@@ -11,12 +11,13 @@ This package sits above the snapshot layer (machine state, layouts, the change l
 dirty-rate limit, and below the guests.
 """
 
-from kvmio.errors import MigrationError
+from kvmio.errors import MigrationError, MigrationInDoubtError
 from kvmio.migration.precopy import (
     DEFAULT_DOWNTIME,
     MigrationReport,
     PassReport,
     ReceivedVm,
+    forget_hand_over,
     receive_vm,
     send_vm,
 )
@@ -25,11 +26,13 @@ from kvmio.migration.stream import StreamReader, StreamWriter, socket_pair
 __all__ = [
     "DEFAULT_DOWNTIME",
     "MigrationError",
+    "MigrationInDoubtError",
     "MigrationReport",
     "PassReport",
     "ReceivedVm",
     "StreamReader",
     "StreamWriter",
+    "forget_hand_over",
     "receive_vm",
     "send_vm",
     "socket_pair",

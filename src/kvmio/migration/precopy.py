@@ -32,6 +32,7 @@ import fcntl
 import socket
 import termios
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -61,10 +62,18 @@ from kvmio.tracker import DirtyTracker
 from kvmio.vcpu import Vcpu
 from kvmio.vm import Vm
 
-__all__ = ["AUTO_FRACTION", "AUTO_SHRINK", "DEFAULT_DOWNTIME", "MigrationReport", "PassReport",
-           "Pausable",
-           "ReceivedVm", "receive_vm",
-           "send_vm"]
+__all__ = [
+    "AUTO_FRACTION",
+    "AUTO_SHRINK",
+    "DEFAULT_DOWNTIME",
+    "MigrationReport",
+    "PassReport",
+    "Pausable",
+    "ReceivedVm",
+    "forget_hand_over",
+    "receive_vm",
+    "send_vm",
+]
 
 #: The default downtime limit (seconds): the longest the guest may stand still at switch-over.
 DEFAULT_DOWNTIME = 0.3
@@ -122,7 +131,7 @@ class MigrationReport:
     passes: list[PassReport] = field(default_factory=list)
     #: Seconds from the start to the destination's answer.
     total_seconds: float = 0.0
-    #: Seconds the guest stood still: from the pause to the destination's answer.
+    #: Seconds the guest stood still: from the pause to the destination's ``RUNS``.
     downtime: float = 0.0
     #: The downtime the switch-over expected (bytes left / bandwidth).
     estimated_downtime: float = 0.0
@@ -140,6 +149,9 @@ class MigrationReport:
     #: the destination said ``OKAY``: the connection's backlog drained, the VM restored),
     #: ``hand_over`` (``LIVE`` to ``RUNS``).
     downtime_parts: dict[str, float] = field(default_factory=dict)
+    #: With ``compress``: the page bytes that went compressed, and what they took on the wire.
+    compressed_bytes: int = 0
+    compressed_to: int = 0
 
     @property
     def pages_sent(self) -> int:
@@ -151,6 +163,17 @@ class MigrationReport:
         d = asdict(self)
         d["pages_sent"] = self.pages_sent
         return d
+
+
+#: VMs handed over to a destination (or maybe: in doubt): :func:`send_vm` refuses them.
+_HANDED_OVER: weakref.WeakSet[Vm] = weakref.WeakSet()
+
+
+def forget_hand_over(vm: Vm) -> None:
+    """Let :func:`send_vm` migrate ``vm`` again after it was handed over or ended in doubt
+    (:class:`~kvmio.errors.MigrationInDoubtError`): call it only once you know that no
+    destination runs the guest (two copies of one guest must never run)."""
+    _HANDED_OVER.discard(vm)
 
 
 def _paused_rate(nbytes: int, wall: float, cpu: float) -> float:
@@ -224,14 +247,17 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
             on_exit: Callable[[VcpuExit], None] | None = None,
             downtime: float = DEFAULT_DOWNTIME, max_passes: int = 30,
             timeout: float | None = None, answer_timeout: float = 60.0,
-            auto_converge: bool = False,
+            auto_converge: bool = False, compress: bool = False,
             on_pass: Callable[[PassReport], None] | None = None) -> MigrationReport:
     """Migrate ``vm`` (its ``vcpus``, default all) to the destination at the other end of
     ``conn`` (see the module).
 
     ``runner``: the :class:`~kvmio.runner.VcpuRunner` running the vCPUs (passes are copied
-    while it runs; it is paused for the switch-over and stays paused after a success, resumed
-    after a failure); without one the vCPUs must be stopped.  ``tracker``: a running
+    while it runs; it is paused for the switch-over and stays paused after a success or a
+    :class:`~kvmio.errors.MigrationInDoubtError`, resumed after any other failure); without
+    one, or with one paused already (then it is left as it is), the vCPUs must be stopped.
+    A VM handed over (a success, or in doubt) is refused afterwards (see
+    :func:`forget_hand_over`).  ``tracker``: a running
     :class:`~kvmio.tracker.DirtyTracker` of the VM whose passes supply the dirty pages (else
     the migration takes the dirty log itself).  ``devices``: the port devices, whose state
     goes with the machine state; ``on_exit``: where exits met while a vCPU's pending exit is
@@ -242,6 +268,9 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
     that has not switched over is abandoned (:class:`MigrationError`, the source runs on);
     ``answer_timeout``: seconds the destination has to answer after the state was sent (set
     on ``conn`` if it has ``settimeout``).  ``on_pass(report)`` is called after each pass.
+    ``compress``: send page data as zstd frames where that saves at least an eighth (needs the
+    ``zstandard`` package, on both sides); it pays on a slow link, and costs on a fast one
+    (see the README's measurements).
 
     ``auto_converge`` (needs ``tracker`` and ``runner``): when the guest dirtied at least
     :data:`AUTO_SHRINK` of what a pass sent while it was sent, every vCPU gets a dirty-rate limit
@@ -252,6 +281,13 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
     """
     if not downtime > 0:
         raise MigrationError("downtime must be positive")
+    if vm in _HANDED_OVER:
+        raise MigrationError("this VM was handed over to a destination (or may have been: "
+                             "the migration ended in doubt); it is not migrated again.  If "
+                             "you know that no destination runs it, call "
+                             "kvmio.migration.forget_hand_over(vm) first")
+    if runner is not None and getattr(runner, "paused", False):
+        runner = None  # paused by the caller: a stopped VM, and the caller's to resume
     if auto_converge and (tracker is None or not isinstance(runner, VcpuRunner)):
         raise MigrationError("auto-converge needs the VM's running DirtyTracker (tracker=) and "
                              "the runner of its vCPUs (runner=): the dirty-rate limit paces "
@@ -261,7 +297,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
     report = MigrationReport()
     layout = machine_layout(vm, targets)
     regions = dict(vm.regions)
-    w = StreamWriter(conn)
+    w = StreamWriter(conn, compress=compress)
     sender = _Sender(w, regions)
     paused = handed_over = False
     limit: DirtyLimit | None = None
@@ -394,19 +430,39 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
             raise MigrationError("the destination refused the VM: "
                                  + answer.payload.decode("utf-8", "replace"))
         lap("answer")
-        w.record(b"LIVE")  # if this fails, the destination never got it: it does not run
+        # From before the write: an interrupt (Ctrl-C) right after it must not resume the
+        # source.  A write that failed never delivered a whole, checksummed LIVE.
         handed_over = True
         try:
-            reader.record((b"RUNS",))
+            w.record(b"LIVE")
+        except MigrationError:
+            handed_over = False
+            raise
+        _HANDED_OVER.add(vm)
+        try:
+            final_answer = reader.record((b"RUNS", b"FAIL"))
         except MigrationError as e:
             raise MigrationInDoubtError(
                 f"the destination was told to run the VM but did not confirm it ({e.message}): "
                 "it may be running it, so the source stays paused; resume it only once you "
                 "know the destination does not run the VM", errno=e.errno) from e
+        if final_answer.tag == b"FAIL":  # it did not run it, for sure: the source goes on
+            handed_over = False
+            _HANDED_OVER.discard(vm)
+            raise MigrationError("the destination refused the VM at the hand-over: "
+                                 + final_answer.payload.decode("utf-8", "replace"))
         lap("hand_over")
         report.downtime = mark[0] - t_pause
+        report.compressed_bytes, report.compressed_to = w.compressed_in, w.compressed_out
         report.bandwidth = bandwidth
     except BaseException as e:
+        if not handed_over:
+            # The destination never got LIVE: tell it at once (it would wait for LIVE until
+            # its connection timed out, holding the VM), and the source runs on.
+            shutdown = getattr(conn, "shutdown", None)
+            if shutdown is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    shutdown(socket.SHUT_RDWR)
         if paused and runner is not None and not handed_over:
             runner.resume()  # the source runs on: nothing was handed over
         if handed_over and isinstance(e, Exception) and not isinstance(e, MigrationInDoubtError):
@@ -440,6 +496,8 @@ class ReceivedVm:
     pages: int
     bytes: int
     seconds: float
+    #: What ``receive_vm``'s ``accept`` made of it (e.g. a guest object around the VM).
+    accepted: Any = None
 
     def close(self) -> None:
         """Close the VM."""
@@ -449,9 +507,16 @@ class ReceivedVm:
 def receive_vm(kvm: Kvm, conn: Connection, *,
                devices: IoBus | Callable[[dict[str, Any]], IoBus | None] | None = None,
                dirty_ring: int | object | None = AS_SAVED,
-               on_bytes: Callable[[int], None] | None = None) -> ReceivedVm:
+               on_bytes: Callable[[int], None] | None = None,
+               accept: Callable[[ReceivedVm], Any] | None = None) -> ReceivedVm:
     """Build a VM from the migration stream on ``conn`` and answer the source (see the
-    module).  ``devices``: where the port devices' state goes (required if the source sent
+    module): ``OKAY`` once the VM is restored and accepted, then it waits for the source's
+    ``LIVE`` (give ``conn`` a timeout: a source that vanished without closing would be
+    waited for as long as the connection allows), answers ``RUNS`` and returns; only then may
+    the VM run.  ``accept(received)``: a last check of what arrived (e.g. that it is the
+    guest the caller expects), before ``OKAY``: raise :class:`MigrationError` to refuse it
+    (the source is told and runs on); its result is kept in ``ReceivedVm.accepted``.
+    ``devices``: where the port devices' state goes (required if the source sent
     any), or a function of the guest's metadata that says so once it arrived.
     ``dirty_ring``: the new VM's ring (default: as the source had it).  Raises
     :class:`MigrationError` (and answers ``FAIL`` when it can) for anything wrong; the VM it
@@ -480,10 +545,10 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
                    for slot, reg in regions.items()}
         passes = pages = 0
         state: MachineState | None = None
-        expect: tuple[bytes, ...] = (b"ZERO", b"DATA", b"PASS")
+        expect: tuple[bytes, ...] = (b"ZERO", b"DATA", b"ZDAT", b"PASS")
         while True:
             rec = r.record(expect)
-            if rec.tag in (b"DATA", b"ZERO"):
+            if rec.tag in (b"DATA", b"ZDAT", b"ZERO"):
                 pr = r.pages(rec)  # checked against the layout before it touches memory
                 ix = pr.pages.astype(np.intp)
                 if pr.data is not None:
@@ -495,13 +560,13 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
                         views[pr.slot][had] = 0
                         written[pr.slot][had] = False
                 pages += len(ix)
-                expect = (b"ZERO", b"DATA", b"PASS")
+                expect = (b"ZERO", b"DATA", b"ZDAT", b"PASS")
             elif rec.tag == b"PASS":
                 number, _, _ = r.end_pass(rec)
                 if number != passes:
                     raise MigrationError(f"pass {number} ended where pass {passes} was due")
                 passes += 1
-                expect = (b"ZERO", b"DATA", b"PASS", b"STAT")  # the state follows the last
+                expect = (b"ZERO", b"DATA", b"ZDAT", b"PASS", b"STAT")  # the state follows the last
             elif rec.tag == b"STAT":
                 try:
                     state = MachineState.from_bytes(rec.payload)
@@ -517,6 +582,10 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
         except SnapshotError as e:
             raise MigrationError(f"the machine state does not fit the VM: {e.message}",
                                  errno=e.errno, ioctl=e.ioctl) from e
+        got = ReceivedVm(vm, vcpus, state, guest, passes, pages, r.received,
+                         time.monotonic() - t0)
+        if accept is not None:
+            got.accepted = accept(got)  # may refuse: nothing may fail after RUNS
         StreamWriter(conn).record(b"OKAY")
         r.record((b"LIVE",))  # the source let go of its copy: this one may run
         with contextlib.suppress(MigrationError):  # if lost, the source stays paused
@@ -537,5 +606,5 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
             raise MigrationError(f"the VM could not be received: {e.message}", errno=e.errno,
                                  ioctl=e.ioctl) from e
         raise
-    return ReceivedVm(vm, vcpus, state, guest, passes, pages, r.received,
-                      time.monotonic() - t0)
+    got.bytes, got.seconds = r.received, time.monotonic() - t0
+    return got

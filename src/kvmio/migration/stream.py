@@ -17,6 +17,9 @@ sent it, the source never resumes its own copy.
 - ``ZERO``: slot u32, count u32, then ``count`` page indices u64 (strictly increasing): pages
   that hold zeros;
 - ``DATA``: slot u32, count u32, the page indices, then ``count`` pages of data;
+- ``ZDAT``: a DATA record whose pages are one zstd frame (written instead of DATA only by a
+  writer with ``compress=True``, and only when it is at least an eighth smaller); the reader
+  decompresses it into exactly ``count`` pages, never more;
 - ``PASS``: pass number u32, pages u64, bytes u64 (what the pass sent).
 
 :class:`StreamReader` checks every record before anything reaches guest memory: its tag, its
@@ -59,6 +62,7 @@ _LIMITS = {
     b"CONF": 1 << 20,
     b"ZERO": _PAGES.size + 8 * MAX_PAGES_PER_RECORD,
     b"DATA": _PAGES.size + (8 + PAGE_SIZE) * MAX_PAGES_PER_RECORD,
+    b"ZDAT": _PAGES.size + (8 + PAGE_SIZE) * MAX_PAGES_PER_RECORD,
     b"PASS": _PASS.size,
     b"STAT": 64 << 20,
     b"DONE": 0,
@@ -110,16 +114,32 @@ def _hash(header: bytes, payload: bytes | bytearray | memoryview) -> int:
 _COALESCE = 64 << 10
 
 
+def _zstd() -> Any:
+    try:
+        import zstandard
+    except ImportError:
+        raise MigrationError("compressed page records need the zstandard package (pip "
+                             "install 'kvmio[compress]')") from None
+    return zstandard
+
+
 class StreamWriter:
     """Writes records to ``conn`` (counting the bytes sent).  On a TCP connection it turns
     Nagle's algorithm off (TCP_NODELAY): the hand-over's small records would otherwise each
     wait for the peer's delayed acknowledgement (up to 40 ms), in the guest's downtime; small
-    records are written in one piece, so that costs no tiny segments."""
+    records are written in one piece, so that costs no tiny segments.
 
-    def __init__(self, conn: Connection):
+    ``compress``: page data goes as zstd frames (level 1) where that makes a record at least
+    an eighth smaller (``ZDAT`` records; needs the ``zstandard`` package)."""
+
+    def __init__(self, conn: Connection, *, compress: bool = False):
         self._conn = conn
         #: Bytes written so far.
         self.sent = 0
+        #: Page bytes that went compressed, and what they took on the wire.
+        self.compressed_in = self.compressed_out = 0
+        self._zc = _zstd().ZstdCompressor(level=1) if compress else None
+        self._skip = self._backoff = 0
         if getattr(conn, "family", None) in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError, AttributeError):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
@@ -170,8 +190,22 @@ class StreamWriter:
         else:
             if data.nbytes != n * PAGE_SIZE:
                 raise MigrationError("page data does not match its page count")
-            self.record(b"DATA", _PAGES.pack(slot, n), idx.data,
-                        np.ascontiguousarray(data).data)
+            raw = np.ascontiguousarray(data).data
+            if self._zc is not None and self._skip == 0:
+                z = self._zc.compress(raw)
+                if len(z) <= data.nbytes - data.nbytes // 8:
+                    self.record(b"ZDAT", _PAGES.pack(slot, n), idx.data, z)
+                    self.compressed_in += data.nbytes
+                    self.compressed_out += len(z)
+                    self._backoff = 0
+                    return
+                # Incompressible (random or encrypted pages, say): skip the next 1, 2, 4, ...
+                # up to 32 records before trying again, so that such memory costs little.
+                self._backoff = min(max(1, 2 * self._backoff), 32)
+                self._skip = self._backoff
+            elif self._skip:
+                self._skip -= 1
+            self.record(b"DATA", _PAGES.pack(slot, n), idx.data, raw)
 
     def end_pass(self, number: int, pages: int, nbytes: int) -> None:
         """The ``PASS`` record closing pass ``number``."""
@@ -189,6 +223,7 @@ class StreamReader:
         self.received = 0
         self.layout: MachineLayout | None = None
         self._slot_pages: dict[int, int] = {}
+        self._zd: Any = None
 
     def _read(self, n: int, what: str) -> bytearray:
         buf = bytearray(n)
@@ -259,14 +294,19 @@ class StreamReader:
         return guest
 
     def pages(self, rec: Record) -> PageRecord:
-        """A ZERO or DATA record, checked against the layout: the slot exists, the count
-        matches the length, the indices increase strictly and lie within the slot."""
+        """A ZERO, DATA or ZDAT record, checked against the layout: the slot exists, the count
+        matches the length (for ZDAT: the frame decompresses to exactly that many pages), the
+        indices increase strictly and lie within the slot."""
         p = rec.payload
         if len(p) < _PAGES.size:
             raise MigrationError(f"a {rec.tag.decode()} record is too short")
         slot, n = _PAGES.unpack_from(p)
         per = 8 + (PAGE_SIZE if rec.tag == b"DATA" else 0)
-        if not 1 <= n <= MAX_PAGES_PER_RECORD or len(p) != _PAGES.size + per * n:
+        if rec.tag == b"ZDAT":
+            ok = 1 <= n <= MAX_PAGES_PER_RECORD and len(p) > _PAGES.size + 8 * n
+        else:
+            ok = 1 <= n <= MAX_PAGES_PER_RECORD and len(p) == _PAGES.size + per * n
+        if not ok:
             raise MigrationError(f"a {rec.tag.decode()} record's count ({n}) does not match "
                                  f"its length ({len(p)})")
         size = self._slot_pages.get(slot)
@@ -280,7 +320,32 @@ class StreamReader:
         data = None
         if rec.tag == b"DATA":
             data = np.frombuffer(p, dtype=np.uint8, offset=_PAGES.size + 8 * n)
+        elif rec.tag == b"ZDAT":
+            data = self._decompress(memoryview(p)[_PAGES.size + 8 * n:], n * PAGE_SIZE)
         return PageRecord(slot, idx, data)
+
+    def _decompress(self, frame: memoryview, size: int) -> npt.NDArray[np.uint8]:
+        """Exactly ``size`` bytes from one zstd frame (never more: the output is bounded)."""
+        zstandard = _zstd()
+        if self._zd is None:
+            self._zd = zstandard.ZstdDecompressor()
+        try:
+            # The frame must say its size, and say the record's: the decoder then stops at
+            # that (a frame that decodes past its stated size is corrupt to it), so a small
+            # frame cannot blow up into gigabytes.  One frame, and nothing after it.
+            data = bytes(frame)
+            if zstandard.get_frame_parameters(data).content_size != size:
+                raise MigrationError(f"a ZDAT record's frame does not hold its "
+                                     f"{size // PAGE_SIZE} pages")
+            obj = self._zd.decompressobj()
+            out = obj.decompress(data)
+            ok = obj.eof and not obj.unused_data and len(out) == size
+        except zstandard.ZstdError as e:
+            raise MigrationError(f"a ZDAT record does not decompress ({e})") from None
+        if not ok:
+            raise MigrationError(f"a ZDAT record does not decompress to its {size // PAGE_SIZE} "
+                                 "pages")
+        return np.frombuffer(out, dtype=np.uint8)
 
     @staticmethod
     def end_pass(rec: Record) -> tuple[int, int, int]:

@@ -65,6 +65,7 @@ from kvmio.migration.precopy import (
     DEFAULT_DOWNTIME,
     MigrationReport,
     PassReport,
+    ReceivedVm,
     receive_vm,
     send_vm,
 )
@@ -397,20 +398,22 @@ class MultibootMachine(Closing):
                 tracker: DirtyTracker | None = None, downtime: float = DEFAULT_DOWNTIME,
                 max_passes: int = 30, timeout: float | None = None,
                 answer_timeout: float = 60.0, on_output: Callable[[bytes], None] | None = None,
+                compress: bool = False,
                 on_pass: Callable[[PassReport], None] | None = None) -> MigrationReport:
         """Migrate the machine (RAM, vCPU, irqchip, PIT and the port devices) to a destination
         (:meth:`from_migration`) at the other end of ``conn``: live while ``runner`` (a
         started :class:`KernelRunner` of this machine) runs the kernel, else between two
         :meth:`run` calls (see :func:`kvmio.migration.send_vm`).  Output the kernel makes
         while its last exit is finished goes to ``on_output``.  After a success the machine
-        stays stopped; after a failure the runner goes on."""
+        stays stopped; after a failure the runner goes on (except after a
+        :class:`~kvmio.errors.MigrationInDoubtError`: then it stays paused)."""
         if runner is not None and runner.machine is not self:
             raise KvmStateError("the runner runs another machine")
         return send_vm(conn, self.vm, [self.vcpu], runner=runner, tracker=tracker,
                        devices=self.bus, guest=self._snapshot_guest(),
                        on_exit=self._exit_handler(on_output), downtime=downtime,
                        max_passes=max_passes, timeout=timeout, answer_timeout=answer_timeout,
-                       on_pass=on_pass)
+                       compress=compress, on_pass=on_pass)
 
     @classmethod
     def from_migration(cls, kvm: Kvm, conn: Connection, *,
@@ -427,13 +430,14 @@ class MultibootMachine(Closing):
                                      f"is {guest.get('kind')!r})")
             return self.bus
 
-        got = receive_vm(kvm, conn, devices=devices, dirty_ring=ring_entries)
-        try:
-            self._from_guest(got.guest, got.vm)
-        except SnapshotError as e:
-            got.close()
-            raise MigrationError(f"the migrated VM is not a Multiboot machine: "
-                                 f"{e.message}") from e
+        def accept(got: ReceivedVm) -> None:  # before the hand-over: it may refuse
+            try:
+                self._from_guest(got.guest, got.vm)
+            except SnapshotError as e:
+                raise MigrationError(f"the migrated VM is not a Multiboot machine: "
+                                     f"{e.message}") from e
+
+        got = receive_vm(kvm, conn, devices=devices, dirty_ring=ring_entries, accept=accept)
         self.vm = got.vm
         self.ram = self.vm.regions[0]
         self.vcpu = got.vcpus[0]
