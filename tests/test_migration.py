@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from kvmio.guests.multiboot import KernelRunner, MultibootMachine, StopReason
 from kvmio.guests.workload import MEM_BASE, Workload
 from kvmio.migration import PassReport, receive_vm, send_vm, socket_pair
 from kvmio.migration.stream import MAGIC
+from kvmio.runner import VcpuRunner
 from kvmio.tracker import DirtyTracker
 from test_snapshot_files import EXIT_CODE, MEM, ticker, ticker_output  # noqa: F401 (fixtures)
 
@@ -50,6 +52,18 @@ class Destination(threading.Thread):
             self.w = Workload.from_migration(self.kvm, self.conn)
         except BaseException as e:
             self.error = e
+
+
+@contextlib.contextmanager
+def _migrating(kvm: Kvm, wrap: Any = None, **workload: Any
+               ) -> Iterator[tuple[socket.socket, Destination, Workload, VcpuRunner]]:
+    """A socket pair, a destination receiving on one end (through ``wrap(conn)`` if given),
+    and a running workload (``Workload(kvm, **workload)``) to migrate on the other."""
+    src_conn, dst_conn = socket_pair()
+    dest = Destination(kvm, dst_conn if wrap is None else wrap(dst_conn))
+    dest.start()
+    with src_conn, dst_conn, Workload(kvm, **workload) as w, w.runner() as r:
+        yield src_conn, dest, w, r
 
 
 def _differing_pages(a: Workload, b: Workload) -> dict[int, int]:
@@ -166,12 +180,8 @@ class Throttled:
 
 
 def test_a_migration_that_cannot_converge_times_out_and_the_source_runs_on(kvm: Kvm) -> None:
-    src_conn, dst_conn = socket_pair()
-    dest = Destination(kvm, dst_conn)
-    dest.start()
-    with src_conn, dst_conn, \
-            Workload(kvm, mem_size=256 << 20, order="sequential", value="count",
-                     ring_entries=4096) as w, w.runner() as r:
+    with _migrating(kvm, mem_size=256 << 20, order="sequential", value="count",
+                    ring_entries=4096) as (src_conn, dest, w, r):
         wait_until(lambda: w.writes(0) > 1000, what="writes")
         with pytest.raises(MigrationError, match="did not converge within 1 s"):
             # A link of 2 MiB/s for a guest that dirties tens of MiB/s: the pages dirtied
@@ -565,12 +575,8 @@ def test_a_tcp_connection_sends_records_without_delay_and_its_backlog_is_counted
 
 
 def test_a_compressed_migration_arrives_page_exact_and_says_what_it_saved(kvm: Kvm) -> None:
-    src_conn, dst_conn = socket_pair()
-    dest = Destination(kvm, dst_conn)
-    dest.start()
-    with src_conn, dst_conn, \
-            Workload(kvm, mem_size=64 << 20, order="sequential", value="count",
-                     ring_entries=4096) as w, w.runner() as r:
+    with _migrating(kvm, mem_size=64 << 20, order="sequential", value="count",
+                    ring_entries=4096) as (src_conn, dest, w, r):
         wait_until(lambda: w.writes(0) > 3000, what="writes")
         # 1 MiB of random bytes at the end of the guest's memory (past what it writes in
         # this test): not compressible, so it goes as DATA records.
@@ -600,7 +606,7 @@ def _bad_frame(name: str) -> bytes:
 
     c = zstandard.ZstdCompressor(level=1)
     good = c.compress(b"\x01" * 8192)
-    return {
+    makers: dict[str, Callable[[], bytes]] = {
         "bomb": lambda: c.compress(bytes(64 << 20)),  # 2 KiB that would become 64 MiB
         "short": lambda: c.compress(b"\x01" * 4096),
         "no size": lambda: zstandard.ZstdCompressor(write_content_size=False).compress(
@@ -609,7 +615,8 @@ def _bad_frame(name: str) -> bytes:
         "two frames": lambda: good + good,
         "garbage": lambda: b"\x28\xb5\x2f\xfd" + bytes(20),
         "empty": lambda: b"",
-    }[name]()
+    }
+    return makers[name]()
 
 
 @pytest.mark.parametrize("bad", ["bomb", "short", "no size", "trailing", "two frames",
@@ -636,12 +643,8 @@ def test_a_destination_that_refuses_what_arrived_does_so_before_the_hand_over(
     """A kernel's stream sent to a workload destination: the destination's last check
     (``accept``) refuses it before OKAY, so the source is told and runs on, and the
     destination holds nothing; no copy is lost (it was a RUNS then a close)."""
-    src_conn, dst_conn = socket_pair()
-    dest = Destination(kvm, dst_conn)
-    dest.start()
-    with src_conn, dst_conn, \
-            Workload(kvm, mem_size=8 << 20, order="sequential", ring_entries=4096) as w, \
-            w.runner() as r:
+    with _migrating(kvm, mem_size=8 << 20, order="sequential",
+                    ring_entries=4096) as (src_conn, dest, w, r):
         wait_until(lambda: w.writes(0) > 300, what="writes")
         with pytest.raises(MigrationError, match=r"refused the VM: .*not a workload"):
             send_vm(src_conn, w.vm, w.vcpus, runner=r, guest={"kind": "multiboot"})
@@ -709,12 +712,8 @@ class _CorruptLive:
 def test_a_hand_over_the_destination_refuses_resumes_the_source(kvm: Kvm) -> None:
     """The destination cannot read LIVE (damaged): it closes the VM and answers FAIL, which
     is certain, so the source runs on (a plain MigrationError, not in doubt)."""
-    src_conn, dst_conn = socket_pair()
-    dest = Destination(kvm, _CorruptLive(dst_conn))  # type: ignore[arg-type]
-    dest.start()
-    with src_conn, dst_conn, \
-            Workload(kvm, mem_size=8 << 20, order="sequential", ring_entries=4096) as w, \
-            w.runner() as r:
+    with _migrating(kvm, _CorruptLive, mem_size=8 << 20, order="sequential",
+                    ring_entries=4096) as (src_conn, dest, w, r):
         wait_until(lambda: w.writes(0) > 300, what="writes")
         with pytest.raises(MigrationError, match="at the hand-over") as got:
             w.migrate(src_conn, runner=r)
