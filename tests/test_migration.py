@@ -408,11 +408,17 @@ def test_a_connection_cut_anywhere_leaves_exactly_one_copy_and_no_half_vm(
         proxy.close()
 
 
-def test_a_cut_after_live_leaves_the_source_paused_and_in_doubt(kvm: Kvm) -> None:
+def test_a_cut_after_live_leaves_the_source_paused_in_doubt_and_not_migrated_again(
+        kvm: Kvm) -> None:
     """The destination got LIVE and runs the VM, but its RUNS never reaches the source (cut
     halfway): the source cannot tell this from a destination that never got LIVE, so it
     raises MigrationInDoubtError and stays paused; it is not resumed behind the caller's
-    back (two copies would then run)."""
+    back (two copies would then run).  A second migration of it (a caller's retry) is
+    refused, so that it cannot resume the source while the first destination runs the
+    guest; forget_hand_over() lets a caller who knows better retry, and a runner paused by
+    the caller is left paused by a failing migration."""
+    from kvmio.migration import forget_hand_over
+
     proxy = FaultProxy(cut_up=16 + 8)  # OKAY whole, then half of RUNS
     dest = Destination(kvm, proxy.dest)
     dest.start()
@@ -430,6 +436,16 @@ def test_a_cut_after_live_leaves_the_source_paused_and_in_doubt(kvm: Kvm) -> Non
             assert dest.error is None and dest.w is not None  # the one copy that runs
             with dest.w as d:
                 assert _differing_pages(w, d) == {0: 0, 1: 0}
+            a, b = socket_pair()
+            with a, b:
+                with pytest.raises(MigrationError, match="handed over"):
+                    w.migrate(a, runner=r)
+                assert r.paused
+                forget_hand_over(w.vm)  # (here: the test closed the first copy)
+                b.close()  # a destination that is gone
+                with pytest.raises(MigrationError):
+                    w.migrate(a, runner=r)
+                assert r.paused  # paused by the caller (the first attempt): left so
             r.resume()  # the caller's decision (here: the test's)
     finally:
         proxy.close()
@@ -651,39 +667,6 @@ def test_a_destination_that_refuses_what_arrived_does_so_before_the_hand_over(
         assert not r.paused and r.running
         dest.join(30)
         assert isinstance(dest.error, MigrationError) and dest.w is None
-
-
-def test_a_vm_handed_over_or_in_doubt_is_not_migrated_again(kvm: Kvm) -> None:
-    """After an in-doubt hand-over the source stays paused, and a second migration of it
-    (a caller's retry) is refused, so that it cannot resume the source while the first
-    destination runs the guest; forget_hand_over() lets the caller who knows better retry.
-    A runner paused by the caller is left paused by a failing migration."""
-    from kvmio.migration import forget_hand_over
-
-    proxy = FaultProxy(cut_up=16 + 8)  # OKAY whole, then half of RUNS
-    dest = Destination(kvm, proxy.dest)
-    dest.start()
-    try:
-        with Workload(kvm, mem_size=8 << 20, order="sequential", value="count",
-                      ring_entries=4096) as w, w.runner() as r:
-            wait_until(lambda: w.writes(0) > 300, what="writes")
-            with pytest.raises(MigrationInDoubtError):
-                w.migrate(proxy.source, runner=r, answer_timeout=30)
-            a, b = socket_pair()
-            with a, b:
-                with pytest.raises(MigrationError, match="handed over"):
-                    w.migrate(a, runner=r)
-                assert r.paused
-                forget_hand_over(w.vm)  # (here: the test knows the first copy is closed)
-                dest.join(30)
-                if dest.w is not None:
-                    dest.w.close()
-                b.close()  # a destination that is gone
-                with pytest.raises(MigrationError):
-                    w.migrate(a, runner=r)
-                assert r.paused  # paused by the caller (the first attempt): left so
-    finally:
-        proxy.close()
 
 
 class _CorruptLive:
