@@ -280,3 +280,31 @@ def test_send_compress_sends_compressed_pages(kvm: Kvm, tmp_path: Path) -> None:
     sent = json.loads(sj.read_text())
     assert 0 < sent["compressed_to"] < sent["compressed_bytes"]
     assert sent["bytes_sent"] < sent["pages_sent"] * 4096
+
+
+def test_a_kernel_that_overruns_the_ring_migrates_and_runs_on(kvm: Kvm, tmp_path: Path) -> None:
+    """The benchmark's dense writer overruns a 4096-entry ring on this host by construction
+    (a whole emulation batch past the soft limit).  Both sides run the kernel under a dirty
+    tracker, which survives overruns (the slot is sent whole), so the source migrates it and
+    the destination runs it on until --run ends it; neither side dies on the overrun."""
+    from test_bench_migkernel import _bench
+
+    kernel = _bench().build_kernel(tmp_path)
+    lj, sj = tmp_path / "listen.json", tmp_path / "send.json"
+    dest, port = _listen(["--guest", "kernel", "--run", "1.0", "--accept-timeout", "120",
+                          "--json", str(lj)])
+    try:
+        src = subprocess.run([KVMIO, "migrate", "send", f"127.0.0.1:{port}", "--kernel",
+                              str(kernel), "--append", "load=dense pages=8192", "--mem", "64",
+                              "--after", "0.5", "--json", str(sj)],
+                             capture_output=True, timeout=120)
+        assert src.returncode == 0, src.stderr
+        _, err = dest.communicate(timeout=120)
+    finally:  # a source that failed before it connected leaves the listener waiting
+        dest.kill()
+        dest.wait()
+    assert dest.returncode == 0, err
+    got = json.loads(lj.read_text())
+    assert got["stop"] == "timeout", got  # it ran on for --run, and was stopped there
+    sent = json.loads(sj.read_text())
+    assert sent["whole_reasons"], "the dense writer did not overrun the ring"

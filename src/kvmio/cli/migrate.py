@@ -41,7 +41,7 @@ from kvmio.cli.run import MULTIBOOT_MEMORY
 from kvmio.errors import MigrationInDoubtError
 from kvmio.guests.multiboot import KernelRunner, MultibootMachine
 from kvmio.guests.workload import Workload
-from kvmio.migration import DEFAULT_DOWNTIME, MigrationError, PassReport
+from kvmio.migration import DEFAULT_DOWNTIME, MigrationError, MigrationReport, PassReport
 from kvmio.tracker import DirtyTracker
 
 __all__ = ["migrate", "parse_address"]
@@ -121,25 +121,44 @@ def _send_kernel(ctx: click.Context, kernel: str, cmdline: str, mem: int, ring: 
                  tls_name: str | None, after: float, downtime: float, timeout: float | None,
                  json_path: str | None, compress: bool) -> None:
     """``send --kernel``: boot it, run it ``after`` seconds, migrate it while it runs."""
+    # Dirty logging starts with the migration's tracker, which harvests the ring from then on
+    # (ring-full exits included), so an overrun (a kernel's ``rep stos`` can overrun a ring on
+    # a host that emulates it) is survived: the slot is sent whole.  Before it nothing is
+    # logged, so the ring has nothing to fill.
     with open_kvm(ctx) as kvm, \
-            MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, ring_entries=ring) as m, \
-            KernelRunner(m, on_output=_stream) as runner:
-        end = time.monotonic() + after
-        while runner.running and time.monotonic() < end:
-            time.sleep(0.05)
-        if not runner.running:
-            runner.stop()
-            raise MigrationError("the kernel stopped before the migration began: "
-                                 + (runner.result.summary() if runner.result else "?"))
-        with _connect(host, port, address, client_tls, tls_name) as conn, _in_doubt():
-            report = m.migrate(conn, runner=runner, downtime=downtime, timeout=timeout,
-                               max_passes=1000 if timeout else 30, on_output=_stream,
-                               compress=compress)
+            MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, ring_entries=ring,
+                             log_dirty=False) as m:
+        tracker = DirtyTracker(m.vm, "bitmap" if ring is None else "ring",
+                               log_slots=[m.ram.slot])
+        with KernelRunner(m, on_output=_stream, on_ring_full=None if ring is None
+                          else tracker.on_ring_full) as runner:
+            report = _migrate_kernel(m, runner, tracker, host, port, address, client_tls,
+                                     tls_name, after, downtime, timeout, compress)
     click.echo(f"kvmio: migrated in {report.total_seconds:.2f} s: {len(report.passes)} "
                f"passes, {report.pages_sent:,} pages; downtime {report.downtime * 1e3:.0f} ms "
                f"(estimated {report.estimated_downtime * 1e3:.0f} ms)", err=True)
     if json_path:
         write_json(json_path, report.to_json())
+
+
+def _migrate_kernel(m: MultibootMachine, runner: KernelRunner, tracker: DirtyTracker,
+                    host: str, port: int, address: str, client_tls: ssl.SSLContext | None,
+                    tls_name: str | None, after: float, downtime: float,
+                    timeout: float | None, compress: bool) -> MigrationReport:
+    """Let the kernel run ``after`` seconds, then migrate it under ``tracker``."""
+    end = time.monotonic() + after
+    while runner.running and time.monotonic() < end:
+        time.sleep(0.05)
+    if not runner.running:
+        runner.stop()
+        if runner.error is not None:
+            raise runner.error
+        raise MigrationError("the kernel stopped before the migration began: "
+                             + (runner.result.summary() if runner.result else "?"))
+    with _connect(host, port, address, client_tls, tls_name) as conn, _in_doubt(), tracker:
+        return m.migrate(conn, runner=runner, tracker=tracker, downtime=downtime,
+                         timeout=timeout, max_passes=1000 if timeout else 30,
+                         on_output=_stream, compress=compress)
 
 
 @contextlib.contextmanager
@@ -235,7 +254,9 @@ def listen(ctx: click.Context, address: str, run_seconds: float | None,
         with conn:  # the listener is closed: one migration only
             t0 = time.monotonic()
             if guest == "kernel":
-                m = MultibootMachine.from_migration(kvm, conn)
+                # It runs here and is not migrated on: no dirty ring, which nothing would
+                # harvest (a kernel's ``rep stos`` could overrun it).
+                m = MultibootMachine.from_migration(kvm, conn, ring_entries=None)
             else:
                 w = Workload.from_migration(kvm, conn)
             received = time.monotonic() - t0
