@@ -21,9 +21,12 @@ a second process (``MultibootMachine.from_migration``) that runs the guest on an
 area.  A migration that has not completed after ``--timeout`` seconds is cancelled and
 reported as such (neither side has auto-converge on here).
 
-Reported per row: completed, total time, downtime, the estimate at switch-over (QEMU's last
+Reported per row: completed, total time, downtime (each engine's own figure: QEMU's ends when
+the source sent its last bytes, kvmio's when the destination answered that it runs the
+guest), blackout (the like-for-like: QEMU's from the source's STOP event to the destination's
+RESUME event; kvmio's is its downtime, an upper bound), the estimate at switch-over (QEMU's last
 ``expected-downtime``), passes, bytes sent, pages that break the pattern (goal: 0 for kvmio);
-and the ratios the goals are about: kvmio's total time and downtime against QEMU's bitmap
+and the ratios the goals are about: kvmio's total time, downtime and blackout against QEMU's bitmap
 mode and QEMU's ring mode.
 
 Needs root (``/dev/kvm``), gcc, ``qemu-system-x86_64`` and the ``bench`` extra
@@ -149,6 +152,26 @@ def _qemu_passes(q: Any) -> int:
     return int(out.split(":")[1].split()[0], 16)
 
 
+def _event_time(q: Any, name: str) -> float | None:
+    """The host time (s) of the last ``name`` event ``q`` received, if any."""
+    q.cmd("query-status")  # lets the events that arrived be read
+    got = [e for e in q.get_events() if e.get("event") == name]
+    if not got:
+        return None
+    ts = got[-1]["timestamp"]
+    return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+
+
+def _qemu_blackout(qs: Any, qd: Any) -> float | None:
+    """How long the guest really ran nowhere: from the source's STOP event to the
+    destination's RESUME event (both stamped with the host's clock).  QEMU's own
+    ``downtime`` ends when the source has sent the last bytes, before the destination has
+    loaded them and resumed the guest; kvmio's ends when the destination said it runs the
+    guest.  This is the like-for-like figure."""
+    stop, resume = _event_time(qs, "STOP"), _event_time(qd, "RESUME")
+    return None if stop is None or resume is None else resume - stop
+
+
 def qemu_one(kernel: Path, mode: str, load: str, warmup: float, timeout: float,
              work: Path) -> dict[str, Any]:
     pages = int(LOADS[load]["pages"])
@@ -195,6 +218,7 @@ def qemu_one(kernel: Path, mode: str, load: str, warmup: float, timeout: float,
                     "total": info.get("total-time", 0) / 1000, "status": info["status"]}
         ram = info.get("ram", {})
         time.sleep(0.3)  # the destination runs on
+        blackout = _qemu_blackout(qs, qd)
         qd.cmd("stop")
         dump = work / "area.bin"
         qd.cmd("pmemsave", val=AREA, size=pages * 4096, filename=str(dump))
@@ -202,6 +226,7 @@ def qemu_one(kernel: Path, mode: str, load: str, warmup: float, timeout: float,
         dump.unlink()
         return {"engine": "qemu", "mode": mode, "load": load, "completed": True,
                 "total": info["total-time"] / 1000, "downtime": info["downtime"] / 1000,
+                "blackout": blackout,
                 "estimated": expected, "passes": ram.get("dirty-sync-count"),
                 "sent_mib": ram.get("transferred", 0) / MiB, "broken_pages": broken_pages(words),
                 "guest_passes": int(words.max())}
@@ -298,6 +323,9 @@ def kvmio_one(kernel: Path, mode: str, load: str, warmup: float,
             raise RuntimeError(f"the kvmio destination failed: {got['error']}")
         return {"engine": "kvmio", "mode": mode, "load": load, "completed": True,
                 "total": report.total_seconds, "downtime": report.downtime,
+                # Pause to the destination's RUNS, received: the guest ran nowhere for at
+                # most this long (its like-for-like with QEMU's STOP-to-RESUME blackout).
+                "blackout": report.downtime,
                 "estimated": report.estimated_downtime, "passes": len(report.passes),
                 "sent_mib": report.bytes_sent / MiB,
                 "downtime_parts": {k: round(v * 1e3, 1) for k, v in report.downtime_parts.items()},
@@ -335,9 +363,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         kernel = build_kernel(work)
-        print("| engine | mode | load | completed | total (s) | downtime (ms) | estimated (ms) "
-              "| passes | sent (MiB) | pages lost |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| engine | mode | load | completed | total (s) | downtime (ms) | blackout (ms) "
+              "| estimated (ms) | passes | sent (MiB) | pages lost |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for load in loads:
             for mode in ("bitmap", "ring"):
                 for engine in ("qemu", "kvmio"):
@@ -349,21 +377,22 @@ def main() -> None:
                     print(f"| {engine} | {mode} | {load} | {'yes' if row['completed'] else 'no'}"
                           f" | {_fmt(row.get('total'), '.2f')}"
                           f" | {_fmt(row.get('downtime') and row['downtime'] * 1e3, '.0f')}"
+                          f" | {_fmt(row.get('blackout') and row['blackout'] * 1e3, '.0f')}"
                           f" | {_fmt(row.get('estimated') and row['estimated'] * 1e3, '.0f')}"
                           f" | {_fmt(row.get('passes'), 'd')}"
                           f" | {_fmt(row.get('sent_mib'), '.0f')}"
                           f" | {_fmt(row.get('broken_pages'), 'd')} |", flush=True)
     print()
-    print("| load | mode | kvmio / QEMU bitmap: total | downtime | kvmio / QEMU ring: total "
-          "| downtime |")
-    print("|---|---|---|---|---|---|")
+    print("| load | mode | kvmio / QEMU bitmap: total | downtime | blackout "
+          "| kvmio / QEMU ring: total | downtime | blackout |")
+    print("|---|---|---|---|---|---|---|---|")
     for load in loads:
         by = {(r["engine"], r["mode"]): r for r in rows if r["load"] == load}
         for mode in ("bitmap", "ring"):
             k = by[("kvmio", mode)]
             cells = []
             for ref in (by[("qemu", "bitmap")], by[("qemu", "ring")]):
-                for key in ("total", "downtime"):
+                for key in ("total", "downtime", "blackout"):
                     ok = k.get("completed") and ref.get("completed") and ref.get(key)
                     cells.append(f"{k[key] / ref[key]:.2f}" if ok else "-")
             print(f"| {load} | {mode} | " + " | ".join(cells) + " |")

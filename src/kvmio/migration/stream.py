@@ -8,8 +8,12 @@ Layout (all integers little-endian)::
 
 Records, in order: ``CONF`` (JSON: the machine layout, the guest's metadata), then for each
 pass any number of ``ZERO`` and ``DATA`` records and one ``PASS``, then ``STAT`` (the machine
-state's own serialized form) and ``DONE``.  The destination answers ``OKAY`` (it built and
-restored the VM, and waits) or ``FAIL`` (UTF-8 reason).  After ``OKAY`` the source sends
+state's own serialized form) and ``DONE``.  After a ``PASS`` the source may send ``SYNC``,
+which the destination answers with ``SYNC`` once it has stored everything before it: the
+source does so before it pauses the guest, so that the stream is empty when the downtime
+begins (what the link and the destination still held would otherwise be sent in it).  The
+destination answers ``OKAY`` (it built and restored the VM, and waits) or ``FAIL`` (UTF-8
+reason).  After ``OKAY`` the source sends
 ``LIVE`` (the destination may run the VM now; the source will not) and the destination
 answers ``RUNS``.  Until ``LIVE`` arrives the destination never runs the VM; once the source
 sent it, the source never resumes its own copy.
@@ -50,7 +54,7 @@ __all__ = ["MAGIC", "MAX_PAGES_PER_RECORD", "VERSION", "Connection", "PageRecord
            "StreamReader", "StreamWriter", "socket_pair"]
 
 MAGIC = b"KVMIO-MIGRATE\n"
-VERSION = 2
+VERSION = 3
 #: Pages in one ZERO or DATA record at most.
 MAX_PAGES_PER_RECORD = 256
 _HEADER = struct.Struct("<4sI")
@@ -70,6 +74,7 @@ _LIMITS = {
     b"FAIL": 4096,
     b"LIVE": 0,
     b"RUNS": 0,
+    b"SYNC": 0,
 }
 
 
