@@ -19,6 +19,7 @@ import math
 import random
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -195,18 +196,27 @@ def test_two_vcpus_hold_their_own_limits_then_cancel_restores_the_natural_rate(
             assert first and second, "no sample after the cancel"
             assert first[0][1] > 0.75 * second[0][1], (first[0], second[0])
             assert first[0][1] > 4 * limits[vid]
+            # ... and near the rate it had before any limit (measured under the same load; a
+            # cancel that left a limit of a fraction of it in place would fail here).
+            assert first[0][1] > 0.6 * natural[vid], (first[0], natural[vid])
         assert not r.errors
 
 
 @pytest.mark.timeout(120)
 def test_high_limits_hold_on_two_vcpus(kvm: Kvm) -> None:
-    """Ring mode: 16 MiB/s and 64 MiB/s (or half the natural rate, if the machine is too busy
-    for 64 MiB/s to be a limit)."""
+    """Ring mode: 16 MiB/s and 64 MiB/s.  64 MiB/s is a limit only on a vCPU faster than it:
+    where the machine is too busy for 1.25x that, half the natural rate is held instead, and
+    the run says so (a warning)."""
     with _workload(kvm, 2, ring=True) as w, DirtyTracker(w.vm, "ring") as t, \
             w.runner(on_ring_full=t.on_ring_full) as r, DirtyLimit(t, r) as lim, \
             Sampler(w, runner=r, limit=lim) as s:
         natural = _natural(w)
-        limits = [16 * MiB, min(64 * MiB, 0.5 * natural[1])]
+        limits = [16 * MiB, 64 * MiB]
+        if natural[1] < 1.25 * limits[1]:
+            limits[1] = 0.5 * natural[1]
+            warnings.warn(f"vCPU 1 runs at {natural[1] / MiB:.0f} MiB/s here, too slow for a "
+                          f"64 MiB/s limit: holding {limits[1] / MiB:.0f} MiB/s instead",
+                          stacklevel=1)
         assert natural[0] > 1.5 * limits[0], f"natural rates {natural} too low to limit"
         t_set = time.monotonic()
         for vid, limit in enumerate(limits):
@@ -268,10 +278,14 @@ def test_no_page_is_lost_while_throttled(kvm: Kvm, mode: str) -> None:
                     DirtyLimit(t, r) as lim:
                 lim.set(8 * MiB)
                 lim.set(2 * MiB, vcpu=1)
+                # A new limit lets the vCPUs run free until their speed is learnt: the writes
+                # counted are those made once both were paced.
+                wait_until(lambda: (lim.status(0).throttled > 0
+                                    and lim.status(1).throttled > 0) or bool(r.errors),
+                           what="both vCPUs to be throttled")
                 target = w.total_writes() + rng.randint(300, 1500)
                 wait_until(lambda: w.total_writes() >= target or bool(r.errors),  # noqa: B023
                            what="writes while throttled")
-                assert lim.status(0).throttled > 0 or lim.status(1).throttled > 0
             assert not r.errors, r.errors
             ranges = t.take()
             reported = np.zeros(w.mem.num_pages, dtype=bool)
