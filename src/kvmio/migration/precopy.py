@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import socket
+import struct
 import termios
 import time
 import weakref
@@ -217,10 +218,14 @@ def _merged(a: Changes, b: Changes) -> Changes:
     return Changes(pages, a.whole | b.whole, a.why + b.why)
 
 
-def _sync(w: StreamWriter, conn: Connection, timeout: float) -> None:
+_SYNC = struct.Struct("<QQ")
+
+
+def _sync(w: StreamWriter, conn: Connection, timeout: float) -> float:
     """Send ``SYNC`` and wait (at most ``timeout`` seconds) for the destination's ``SYNC``:
     everything sent before it has been stored.  A ``FAIL`` answer is the destination's
-    refusal."""
+    refusal.  Returns the rate (bytes/s of its CPU time) at which the destination stored the
+    last whole pass (inf if it could not tell)."""
     w.record(b"SYNC")
     gettimeout = getattr(conn, "gettimeout", None)
     settimeout = getattr(conn, "settimeout", None)
@@ -236,6 +241,10 @@ def _sync(w: StreamWriter, conn: Connection, timeout: float) -> None:
     if answer.tag == b"FAIL":
         raise MigrationError("the destination refused the VM: "
                              + answer.payload.decode("utf-8", "replace"))
+    if len(answer.payload) != _SYNC.size:
+        raise MigrationError("the destination's SYNC has the wrong length")
+    nbytes, cpu_ns = _SYNC.unpack(answer.payload)
+    return nbytes / (cpu_ns / 1e9) if nbytes and cpu_ns else float("inf")
 
 
 class _Sender:
@@ -417,10 +426,17 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                     # downtime's to wait for (over loopback the destination's backlog alone
                     # was 5-8 ms of a 10 ms downtime).  What the guest dirties meanwhile goes
                     # with the final pass.
-                    _sync(w, conn, answer_timeout)
+                    # With the vCPUs paused, both sides have a CPU: the final pass goes at
+                    # the slower side's rate, this thread's or the destination's.  (Not
+                    # after pass 0, which the destination stored into pages it touched for
+                    # the first time, a page fault each: the final pass rewrites pages.)
+                    stored_rate = _sync(w, conn, answer_timeout)
+                    if last.number == 0:
+                        stored_rate = float("inf")
                     pending = _merged(changes, log.collect(final=False))
-                    report.estimated_downtime = (SWITCH_OVER_COST
-                                                 + dirty_bytes(pending) / send_rate)
+                    report.estimated_downtime = (
+                        SWITCH_OVER_COST
+                        + dirty_bytes(pending) / max(min(send_rate, stored_rate), 1.0))
                     break
                 if timeout is not None and time.monotonic() - t0 > timeout:
                     raise MigrationError(
@@ -598,18 +614,26 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
             raise MigrationError(e.message, errno=e.errno, ioctl=e.ioctl) from e
         regions = vm.regions
         views = {slot: reg.array(np.uint8).view(_PAGE) for slot, reg in regions.items()}
+        into = {slot: reg.array(np.uint8).data for slot, reg in regions.items()}
         zero_page = np.zeros(1, _PAGE)[0]
         written = {slot: np.zeros(reg.num_pages, dtype=np.bool_)
                    for slot, reg in regions.items()}
         passes = pages = 0
+        # (bytes received, thread CPU ns) at the start of this pass, and for the last whole one
+        pass_start = (r.received, time.thread_time_ns())
+        last_pass = (0, 0)
         state: MachineState | None = None
         expect: tuple[bytes, ...] = (b"ZERO", b"DATA", b"ZDAT", b"PASS")
         while True:
-            rec = r.record(expect)
+            # DATA goes straight into guest memory (its indices checked first): the VM does
+            # not run unless the whole stream checks out.
+            rec = r.record(expect, into=into)
             if rec.tag in (b"DATA", b"ZDAT", b"ZERO"):
                 pr = r.pages(rec)  # checked against the layout before it touches memory
                 ix = pr.pages.astype(np.intp)
-                if pr.data is not None:
+                if rec.stored:
+                    written[pr.slot][ix] = True
+                elif pr.data is not None:
                     views[pr.slot][ix] = pr.data.view(_PAGE)
                     written[pr.slot][ix] = True
                 else:
@@ -624,10 +648,13 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
                 if number != passes:
                     raise MigrationError(f"pass {number} ended where pass {passes} was due")
                 passes += 1
+                now_cpu = time.thread_time_ns()
+                last_pass = (r.received - pass_start[0], now_cpu - pass_start[1])
+                pass_start = (r.received, now_cpu)
                 # The state follows the last pass; a SYNC may follow any.
                 expect = (b"ZERO", b"DATA", b"ZDAT", b"PASS", b"STAT", b"SYNC")
-            elif rec.tag == b"SYNC":  # all before it is stored: say so
-                StreamWriter(conn).record(b"SYNC")
+            elif rec.tag == b"SYNC":  # all before it is stored: say so, and how fast
+                StreamWriter(conn).record(b"SYNC", _SYNC.pack(*last_pass))
                 expect = (b"ZERO", b"DATA", b"ZDAT", b"PASS", b"STAT")
             elif rec.tag == b"STAT":
                 try:

@@ -12,6 +12,9 @@ state's own serialized form) and ``DONE``.  After a ``PASS`` the source may send
 which the destination answers with ``SYNC`` once it has stored everything before it: the
 source does so before it pauses the guest, so that the stream is empty when the downtime
 begins (what the link and the destination still held would otherwise be sent in it).  The
+answer's payload: the bytes of the last whole pass received, u64, and the CPU time the
+destination took to store them, u64 nanoseconds (the source's estimate of the final pass
+needs the slower side's rate).  The
 destination answers ``OKAY`` (it built and restored the VM, and waits) or ``FAIL`` (UTF-8
 reason).  After ``OKAY`` the source sends
 ``LIVE`` (the destination may run the VM now; the source will not) and the destination
@@ -38,7 +41,7 @@ import contextlib
 import json
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -74,7 +77,7 @@ _LIMITS = {
     b"FAIL": 4096,
     b"LIVE": 0,
     b"RUNS": 0,
-    b"SYNC": 0,
+    b"SYNC": 16,
 }
 
 
@@ -92,10 +95,13 @@ class Connection(Protocol):
 
 @dataclass(frozen=True)
 class Record:
-    """One record as read: its tag and checked payload."""
+    """One record as read: its tag and checked payload.  ``stored``: a DATA record whose pages
+    went straight into the memory given to :meth:`StreamReader.record` (its payload then
+    holds the slot, the count and the indices only)."""
 
     tag: bytes
     payload: bytes
+    stored: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,7 +238,11 @@ class StreamReader:
 
     def _read(self, n: int, what: str) -> bytearray:
         buf = bytearray(n)
-        view = memoryview(buf)
+        self._read_into(memoryview(buf), what)
+        return buf
+
+    def _read_into(self, view: memoryview, what: str) -> None:
+        n = len(view)
         got = 0
         while got < n:
             try:
@@ -249,7 +259,6 @@ class StreamReader:
             self.received += k
             if self._on_bytes is not None:
                 self._on_bytes(k)
-        return buf
 
     def preamble(self) -> None:
         """Check the stream's first bytes."""
@@ -261,8 +270,17 @@ class StreamReader:
             raise MigrationError(f"migration stream version {version}; this kvmio speaks "
                                  f"version {VERSION}")
 
-    def record(self, expect: tuple[bytes, ...] | None = None) -> Record:
-        """The next record, checked; ``expect``: the tags allowed here."""
+    def record(self, expect: tuple[bytes, ...] | None = None, *,
+               into: Mapping[int, memoryview] | None = None) -> Record:
+        """The next record, checked; ``expect``: the tags allowed here.
+
+        ``into``: writable memory per slot (bytes, page 0 first).  A DATA record's pages are
+        then received straight into it, at their pages' offsets (no bounce buffer: on a
+        host where a first touch costs a page fault, a copy through one costs both), and the
+        record comes back ``stored``.  Its slot, count and indices are checked before a byte
+        of page data is read; its checksum only after, so on a mismatch (an error) the pages
+        named hold the corrupted data: memory given here belongs to a VM that does not run
+        until the whole stream has been checked."""
         header = bytes(self._read(_HEADER.size, "a record header"))
         tag, n = _HEADER.unpack(header)
         if tag not in _LIMITS:
@@ -270,15 +288,65 @@ class StreamReader:
         if n > _LIMITS[tag]:
             raise MigrationError(f"record {tag!r} claims {n} bytes, more than it may hold "
                                  f"({_LIMITS[tag]}): corrupted stream")
+        if into is not None and tag == b"DATA":
+            self._check_expected(tag, expect)
+            return self._stored(header, n, into)
         payload = bytes(self._read(n, f"a {tag.decode()} record"))
         (h,) = _HASH.unpack(self._read(_HASH.size, "a record checksum"))
         if h != _hash(header, payload):
             raise MigrationError(f"record {tag!r}: checksum mismatch (corrupted stream)")
+        self._check_expected(tag, expect)
+        return Record(tag, payload)
+
+    @staticmethod
+    def _check_expected(tag: bytes, expect: tuple[bytes, ...] | None) -> None:
         if expect is not None and tag not in expect:
             due = "/".join(t.decode() for t in expect)
             raise MigrationError(f"record {tag.decode()} where {due} was due (a stream out "
                                  "of order)")
-        return Record(tag, payload)
+
+    def _stored(self, header: bytes, length: int, into: Mapping[int, memoryview]) -> Record:
+        """The rest of a DATA record of ``length`` bytes, its pages into ``into``."""
+        if length < _PAGES.size:
+            raise MigrationError("a DATA record is too short")
+        head = self._read(_PAGES.size, "a DATA record")
+        slot, n = _PAGES.unpack(head)
+        if not (1 <= n <= MAX_PAGES_PER_RECORD and length == _PAGES.size + (8 + PAGE_SIZE) * n):
+            raise MigrationError(f"a DATA record's count ({n}) does not match its length "
+                                 f"({length})")
+        raw = self._read(8 * n, "a DATA record")
+        idx = self._indices(b"DATA", slot, np.frombuffer(raw, dtype="<u8").astype(np.uint64))
+        memory = into.get(slot)
+        if memory is None or len(memory) < self._slot_pages[slot] * PAGE_SIZE:
+            raise MigrationError(f"no memory was given for slot {slot}")
+        h = xxhash.xxh3_64()
+        h.update(header)
+        h.update(head)
+        h.update(raw)
+        # Contiguous runs of pages: one receive each, checked above to lie within the slot.
+        cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+        for run in np.split(idx, cuts):
+            first, count = int(run[0]), len(run)
+            view = memory[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+            self._read_into(view, "a DATA record")
+            h.update(view)
+        (got,) = _HASH.unpack(self._read(_HASH.size, "a record checksum"))
+        if got != h.intdigest():
+            raise MigrationError("record b'DATA': checksum mismatch (corrupted stream)")
+        return Record(b"DATA", bytes(head) + bytes(raw), stored=True)
+
+    def _indices(self, tag: bytes, slot: int, idx: npt.NDArray[np.uint64]
+                 ) -> npt.NDArray[np.uint64]:
+        """``idx``, checked: ``slot`` exists, and the indices increase strictly within it."""
+        size = self._slot_pages.get(slot)
+        if size is None:
+            raise MigrationError(f"a {tag.decode()} record names slot {slot}, which the "
+                                 "stream's machine does not have")
+        n = len(idx)
+        if int(idx[-1]) >= size or (n > 1 and not bool(np.all(idx[1:] > idx[:-1]))):
+            raise MigrationError(f"a {tag.decode()} record names pages outside slot {slot} "
+                                 f"({size} pages) or out of order")
+        return idx
 
     def config(self, rec: Record) -> dict[str, Any]:
         """The ``CONF`` record's guest metadata, after checking its layout (kept in
@@ -306,7 +374,7 @@ class StreamReader:
         if len(p) < _PAGES.size:
             raise MigrationError(f"a {rec.tag.decode()} record is too short")
         slot, n = _PAGES.unpack_from(p)
-        per = 8 + (PAGE_SIZE if rec.tag == b"DATA" else 0)
+        per = 8 + (PAGE_SIZE if rec.tag == b"DATA" and not rec.stored else 0)
         if rec.tag == b"ZDAT":
             ok = 1 <= n <= MAX_PAGES_PER_RECORD and len(p) > _PAGES.size + 8 * n
         else:
@@ -314,16 +382,10 @@ class StreamReader:
         if not ok:
             raise MigrationError(f"a {rec.tag.decode()} record's count ({n}) does not match "
                                  f"its length ({len(p)})")
-        size = self._slot_pages.get(slot)
-        if size is None:
-            raise MigrationError(f"a {rec.tag.decode()} record names slot {slot}, which the "
-                                 "stream's machine does not have")
-        idx = np.frombuffer(p, dtype="<u8", count=n, offset=_PAGES.size).astype(np.uint64)
-        if int(idx[-1]) >= size or (n > 1 and not bool(np.all(idx[1:] > idx[:-1]))):
-            raise MigrationError(f"a {rec.tag.decode()} record names pages outside slot {slot} "
-                                 f"({size} pages) or out of order")
+        idx = self._indices(rec.tag, slot, np.frombuffer(p, dtype="<u8", count=n,
+                                                         offset=_PAGES.size).astype(np.uint64))
         data = None
-        if rec.tag == b"DATA":
+        if rec.tag == b"DATA" and not rec.stored:
             data = np.frombuffer(p, dtype=np.uint8, offset=_PAGES.size + 8 * n)
         elif rec.tag == b"ZDAT":
             data = self._decompress(memoryview(p)[_PAGES.size + 8 * n:], n * PAGE_SIZE)
