@@ -32,7 +32,7 @@ mode and QEMU's ring mode.
 Needs root (``/dev/kvm``), gcc, ``qemu-system-x86_64`` and the ``bench`` extra
 (``pip install -e .[bench]``); ``scripts/dev bench-qemu`` installs them.
 
-Usage: python bench/qemu_migration.py [--loads idle,...] [--timeout S] [--json FILE]
+Usage: python bench/qemu_migration.py [--loads idle,...] [--repeat N] [--timeout S] [--json FILE]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import multiprocessing
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -343,6 +344,24 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for repeated runs: the medians of the times and sizes, the most pages lost,
+    completed only if every run completed; the runs themselves under ``runs``."""
+    row = dict(runs[0])
+    row["completed"] = all(r["completed"] for r in runs)
+    for key in ("total", "downtime", "blackout", "estimated", "passes", "sent_mib"):
+        got = [r[key] for r in runs if r.get(key) is not None]
+        if got:
+            row[key] = statistics.median(got)
+            if key == "passes":
+                row[key] = round(row[key])
+    lost = [r["broken_pages"] for r in runs if r.get("broken_pages") is not None]
+    if lost:
+        row["broken_pages"] = max(lost)
+    row["runs"] = runs
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--loads", default=",".join(LOADS),
@@ -351,6 +370,8 @@ def main() -> None:
                     help="seconds the guest runs before the migration starts")
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds before a migration that has not completed is cancelled")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per row: the table gives the medians (pages lost: the most)")
     ap.add_argument("--json", help="write the rows as JSON")
     a = ap.parse_args()
     loads = [s.strip() for s in a.loads.split(",")]
@@ -369,10 +390,13 @@ def main() -> None:
         for load in loads:
             for mode in ("bitmap", "ring"):
                 for engine in ("qemu", "kvmio"):
-                    if engine == "qemu":
-                        row = qemu_one(kernel, mode, load, a.warmup, a.timeout, work)
-                    else:
-                        row = kvmio_one(kernel, mode, load, a.warmup, a.timeout)
+                    runs = []
+                    for _ in range(a.repeat):
+                        if engine == "qemu":
+                            runs.append(qemu_one(kernel, mode, load, a.warmup, a.timeout, work))
+                        else:
+                            runs.append(kvmio_one(kernel, mode, load, a.warmup, a.timeout))
+                    row = _median_row(runs)
                     rows.append(row)
                     print(f"| {engine} | {mode} | {load} | {'yes' if row['completed'] else 'no'}"
                           f" | {_fmt(row.get('total'), '.2f')}"
