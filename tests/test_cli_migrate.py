@@ -284,9 +284,9 @@ def test_send_compress_sends_compressed_pages(kvm: Kvm, tmp_path: Path) -> None:
 
 def test_a_kernel_that_overruns_the_ring_migrates_and_runs_on(kvm: Kvm, tmp_path: Path) -> None:
     """The benchmark's dense writer overruns a 4096-entry ring on this host by construction
-    (a whole emulation batch past the soft limit).  Both sides run the kernel under a dirty
-    tracker, which survives overruns (the slot is sent whole), so the source migrates it and
-    the destination runs it on until --run ends it; neither side dies on the overrun."""
+    (an emulated ``rep stos`` pushes a whole batch past the soft limit).  The source runs the
+    kernel under the migration's dirty tracker, which survives overruns (the slot is sent
+    whole); the destination runs it on, without a ring, until --run ends it."""
     from test_bench_migkernel import _bench
 
     kernel = _bench().build_kernel(tmp_path)

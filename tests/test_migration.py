@@ -367,6 +367,96 @@ def test_a_record_naming_pages_outside_its_slot_is_refused_before_memory(kvm: Kv
     assert conn.sent.startswith(b"FAIL")
 
 
+def _record_ends(stream: bytes) -> list[tuple[bytes, int]]:
+    """Each record's tag and the offset just past it, in a recorded stream."""
+    at, out = len(MAGIC) + 2, []
+    while at < len(stream):
+        tag, n = struct.unpack_from("<4sI", stream, at)
+        at += 8 + n + 8
+        out.append((tag, at))
+    return out
+
+
+def test_a_sync_is_answered_with_the_last_pass_and_a_sync_with_a_payload_refused(
+        kvm: Kvm) -> None:
+    """After a PASS the source may send SYNC: the destination answers SYNC (the last whole
+    pass's bytes as received, and the CPU time it took) and the stream goes on.  A SYNC that
+    carries a payload is not one a source sends: refused."""
+    from kvmio.migration.stream import _HASH, _HEADER, _hash
+
+    stream = _stream(kvm)
+    ends = _record_ends(stream)
+    first_pass = next(i for i, (tag, _) in enumerate(ends) if tag == b"PASS")
+    cut = ends[first_pass][1]
+    conn = Replay(stream[:cut] + _empty_record(b"SYNC") + stream[cut:])
+    got = receive_vm(kvm, conn)
+    with got.vm:
+        assert got.passes == 2
+        answer = bytes(conn.sent)
+        assert answer.endswith(_empty_record(b"OKAY") + _empty_record(b"RUNS"))
+        sync = answer[:-32]
+        assert sync[:8] == _HEADER.pack(b"SYNC", 16)
+        nbytes, cpu_ns = struct.unpack("<QQ", sync[8:24])
+        assert nbytes == cut - ends[0][1]  # pass 0: from the end of CONF to its PASS record
+        assert cpu_ns > 0
+    payload = b"\0" * 16
+    header = _HEADER.pack(b"SYNC", 16)
+    bad = header + payload + _HASH.pack(_hash(header, payload))
+    conn = Replay(stream[:cut] + bad + stream[cut:])
+    with pytest.raises(MigrationError, match="SYNC record is not empty"):
+        receive_vm(kvm, conn)
+    assert conn.sent.startswith(b"FAIL")
+
+
+class SyncHook:
+    """A source's connection that calls ``hook()`` once, just before the first SYNC record is
+    sent (while the guest still runs), and counts the SYNC records."""
+
+    def __init__(self, conn: socket.socket, hook: Callable[[], None]):
+        self.conn, self.hook, self.syncs = conn, hook, 0
+
+    def sendall(self, data: Any) -> None:
+        if bytes(memoryview(data).cast("B")[:4]) == b"SYNC":
+            self.syncs += 1
+            if self.syncs == 1:
+                self.hook()
+        self.conn.sendall(data)
+
+    def recv_into(self, buf: Any, n: int = 0) -> int:
+        return self.conn.recv_into(buf, n)
+
+    def gettimeout(self) -> float | None:
+        return self.conn.gettimeout()
+
+    def settimeout(self, t: float | None) -> None:
+        self.conn.settimeout(t)
+
+    def shutdown(self, how: int) -> None:
+        self.conn.shutdown(how)
+
+
+def test_pages_dirtied_while_the_destination_catches_up_go_live_when_they_do_not_fit(
+        kvm: Kvm) -> None:
+    """The estimate is made again after the SYNC, with what was dirtied while the source
+    waited: 128 MiB the host writes then do not fit a 20 ms limit, so they go in one more
+    live pass (and a second SYNC), not in the downtime."""
+    rng = np.random.default_rng(3)
+    with _migrating(kvm, mem_size=256 << 20, max_writes=100) as (src_conn, dest, w, r):
+        wait_until(lambda: w.writes(0) >= 100, what="writes")  # then the guest halts
+        conn = SyncHook(src_conn, lambda: w.vm.write_memory(MEM_BASE + (64 << 20),
+                                                           rng.bytes(128 << 20)))
+        report = w.migrate(conn, runner=r, downtime=0.02)
+        dest.join(60)
+        assert dest.error is None, repr(dest.error)
+        assert conn.syncs == 2
+        assert [p.final for p in report.passes] == [False, False, True]
+        assert report.passes[1].pages >= 32768  # the host's write, sent live
+        assert report.passes[2].pages < 32768
+        assert dest.w is not None
+        with dest.w as d:
+            assert _differing_pages(w, d) == {0: 0, 1: 0}
+
+
 @pytest.mark.timeout(120)
 def test_auto_converge_slows_a_write_heavy_guest_until_it_converges(kvm: Kvm) -> None:
     """Over a 16 MiB/s link, a guest rewriting 16 MiB at tens of MiB/s dirties each pass
@@ -431,7 +521,9 @@ def test_live_passes_go_on_while_they_halve_within_the_downtime_limit(kvm: Kvm) 
             if p.number == 0:  # 32 MiB / 8 GB/s (faster than this host sends) > 4 ms
                 w.vm.write_memory(MEM_BASE + (32 << 20), rng.bytes(32 << 20))
 
-        report = w.migrate(src_conn, runner=r, on_pass=on_pass)
+        # A 1 s limit: the rewrite fits it at any speed over 32 MiB/s, so without the policy
+        # it would go in the downtime.
+        report = w.migrate(src_conn, runner=r, on_pass=on_pass, downtime=1.0)
         dest.join(60)
         assert dest.error is None, repr(dest.error)
         assert [p.final for p in report.passes] == [False, False, True]

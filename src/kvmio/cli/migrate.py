@@ -150,9 +150,7 @@ def _migrate_kernel(m: MultibootMachine, runner: KernelRunner, tracker: DirtyTra
     while runner.running and time.monotonic() < end:
         time.sleep(0.05)
     if not runner.running:
-        runner.stop()
-        if runner.error is not None:
-            raise runner.error
+        runner.stop()  # re-raises what ended the runner's thread, if anything did
         raise MigrationError("the kernel stopped before the migration began: "
                              + (runner.result.summary() if runner.result else "?"))
     with _connect(host, port, address, client_tls, tls_name) as conn, _in_doubt(), tracker:

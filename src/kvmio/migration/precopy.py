@@ -215,7 +215,7 @@ def _merged(a: Changes, b: Changes) -> Changes:
     for slot, p in b.pages.items():
         have = pages.get(slot)
         pages[slot] = p if have is None else np.union1d(have, p)
-    return Changes(pages, a.whole | b.whole, a.why + b.why)
+    return Changes(pages, a.whole | b.whole, a.why + [w for w in b.why if w not in a.why])
 
 
 _SYNC = struct.Struct("<QQ")
@@ -225,7 +225,7 @@ def _sync(w: StreamWriter, conn: Connection, timeout: float) -> float:
     """Send ``SYNC`` and wait (at most ``timeout`` seconds) for the destination's ``SYNC``:
     everything sent before it has been stored.  A ``FAIL`` answer is the destination's
     refusal.  Returns the rate (bytes/s of its CPU time) at which the destination stored the
-    last whole pass (inf if it could not tell)."""
+    last whole pass (inf if it could not tell, or the pass was too small to tell by)."""
     w.record(b"SYNC")
     gettimeout = getattr(conn, "gettimeout", None)
     settimeout = getattr(conn, "settimeout", None)
@@ -234,6 +234,11 @@ def _sync(w: StreamWriter, conn: Connection, timeout: float) -> float:
         settimeout(timeout)
     try:
         answer = StreamReader(conn).record((b"SYNC", b"FAIL"))
+    except MigrationError as e:
+        if isinstance(e.__cause__, TimeoutError):
+            raise MigrationError(f"the destination did not say within {timeout:.1f} s that "
+                                 "it stored what was sent") from e
+        raise
     finally:
         if settimeout is not None:
             with contextlib.suppress(OSError):
@@ -244,7 +249,9 @@ def _sync(w: StreamWriter, conn: Connection, timeout: float) -> float:
     if len(answer.payload) != _SYNC.size:
         raise MigrationError("the destination's SYNC has the wrong length")
     nbytes, cpu_ns = _SYNC.unpack(answer.payload)
-    return nbytes / (cpu_ns / 1e9) if nbytes and cpu_ns else float("inf")
+    if nbytes <= 64 * PAGE_SIZE or not cpu_ns:  # too little to time
+        return float("inf")
+    return float(nbytes / (cpu_ns / 1e9))
 
 
 class _Sender:
@@ -407,8 +414,11 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                                   for s in changes.whole
                                   if s in regions and regions[s].log_dirty)
 
+            carried: Changes | None = None  # pages a SYNC's wait left over the limit
             while True:
                 changes = log.collect(final=False)
+                if carried is not None:
+                    changes, carried = _merged(carried, changes), None
                 size = dirty_bytes(changes)
                 unsent = _unsent(conn)  # the link's backlog goes first
                 report.estimated_downtime = (SWITCH_OVER_COST + size / send_rate
@@ -416,28 +426,38 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                 # Within the limit, another live pass still pays while passes keep halving
                 # (the guest dirties much less than the link carries): it takes about the
                 # final pass's time, with the guest running, and leaves the downtime a
-                # fraction of it (a 512 MiB working set at 160 MiB/s: 80 ms -> 30 ms).
-                shrinking = (size > 0 and size * 2 <= last.bytes
+                # fraction of it (a 512 MiB working set at 160 MiB/s: 80 ms -> 30 ms).  Not
+                # when the timeout would end it: a migration within the limit switches over.
+                late = timeout is not None and \
+                    time.monotonic() + size / max(bandwidth, 1.0) > t0 + timeout
+                shrinking = (size > 0 and size * 2 <= last.bytes and not late
                              and size / send_rate > SWITCH_OVER_COST)
                 if (report.estimated_downtime <= downtime and not shrinking) \
                         or number > max_passes:
                     # Wait, with the guest running, until the destination has stored all
                     # that was sent: what the link and its buffers still held would be the
                     # downtime's to wait for (over loopback the destination's backlog alone
-                    # was 5-8 ms of a 10 ms downtime).  What the guest dirties meanwhile goes
-                    # with the final pass.
-                    # With the vCPUs paused, both sides have a CPU: the final pass goes at
-                    # the slower side's rate, this thread's or the destination's.  (Not
-                    # after pass 0, which the destination stored into pages it touched for
-                    # the first time, a page fault each: the final pass rewrites pages.)
-                    stored_rate = _sync(w, conn, answer_timeout)
+                    # was 5-8 ms of a 10 ms downtime).
+                    wait = answer_timeout if timeout is None else min(
+                        answer_timeout, max(t0 + timeout - time.monotonic(), 0.0) + 1.0)
+                    stored_rate = _sync(w, conn, wait)
+                    # What the guest dirtied meanwhile goes too.  With the vCPUs paused,
+                    # both sides have a CPU: the final pass goes at the slower side's rate,
+                    # this thread's or the destination's.  (Not after pass 0, which the
+                    # destination stored into pages it touched for the first time, a page
+                    # fault each: the final pass rewrites pages.)
                     if last.number == 0:
                         stored_rate = float("inf")
                     pending = _merged(changes, log.collect(final=False))
                     report.estimated_downtime = (
                         SWITCH_OVER_COST
                         + dirty_bytes(pending) / max(min(send_rate, stored_rate), 1.0))
-                    break
+                    if report.estimated_downtime <= downtime or number > max_passes:
+                        break
+                    # The guest dirtied too much while the destination caught up: those pages
+                    # go in one more live pass.
+                    changes, pending = pending, None
+                    size = dirty_bytes(changes)
                 if timeout is not None and time.monotonic() - t0 > timeout:
                     raise MigrationError(
                         f"the migration did not converge within {timeout:g} s ({number - 1} "
@@ -654,6 +674,8 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
                 # The state follows the last pass; a SYNC may follow any.
                 expect = (b"ZERO", b"DATA", b"ZDAT", b"PASS", b"STAT", b"SYNC")
             elif rec.tag == b"SYNC":  # all before it is stored: say so, and how fast
+                if rec.payload:
+                    raise MigrationError("the source's SYNC record is not empty")
                 StreamWriter(conn).record(b"SYNC", _SYNC.pack(*last_pass))
                 expect = (b"ZERO", b"DATA", b"ZDAT", b"PASS", b"STAT")
             elif rec.tag == b"STAT":

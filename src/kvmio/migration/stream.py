@@ -317,8 +317,11 @@ class StreamReader:
         raw = self._read(8 * n, "a DATA record")
         idx = self._indices(b"DATA", slot, np.frombuffer(raw, dtype="<u8").astype(np.uint64))
         memory = into.get(slot)
-        if memory is None or len(memory) < self._slot_pages[slot] * PAGE_SIZE:
-            raise MigrationError(f"no memory was given for slot {slot}")
+        if memory is not None:
+            memory = memory.cast("B")
+        if memory is None or memory.readonly or \
+                len(memory) < self._slot_pages[slot] * PAGE_SIZE:
+            raise MigrationError(f"no writable memory of slot {slot}'s size was given")
         h = xxhash.xxh3_64()
         h.update(header)
         h.update(head)
