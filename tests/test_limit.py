@@ -19,7 +19,7 @@ import math
 import random
 import threading
 import time
-import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -203,10 +203,12 @@ def test_two_vcpus_hold_their_own_limits_then_cancel_restores_the_natural_rate(
 
 
 @pytest.mark.timeout(120)
-def test_high_limits_hold_on_two_vcpus(kvm: Kvm) -> None:
+def test_high_limits_hold_on_two_vcpus(kvm: Kvm,
+                                      record_property: Callable[[str, object], None]) -> None:
     """Ring mode: 16 MiB/s and 64 MiB/s.  64 MiB/s is a limit only on a vCPU faster than it:
-    where the machine is too busy for 1.25x that, half the natural rate is held instead, and
-    the run says so (a warning)."""
+    where the machine is too busy for 1.25x that (two CPU hogs beside the suite bring a vCPU
+    here to about 66 MiB/s), half the natural rate is held instead; the limit held is
+    recorded (``limit_held``, in the JUnit XML) and named by any failure."""
     with _workload(kvm, 2, ring=True) as w, DirtyTracker(w.vm, "ring") as t, \
             w.runner(on_ring_full=t.on_ring_full) as r, DirtyLimit(t, r) as lim, \
             Sampler(w, runner=r, limit=lim) as s:
@@ -214,9 +216,8 @@ def test_high_limits_hold_on_two_vcpus(kvm: Kvm) -> None:
         limits = [16 * MiB, 64 * MiB]
         if natural[1] < 1.25 * limits[1]:
             limits[1] = 0.5 * natural[1]
-            warnings.warn(f"vCPU 1 runs at {natural[1] / MiB:.0f} MiB/s here, too slow for a "
-                          f"64 MiB/s limit: holding {limits[1] / MiB:.0f} MiB/s instead",
-                          stacklevel=1)
+        record_property("limit_held", f"{limits[1] / MiB:.1f} MiB/s "
+                                      f"(natural {natural[1] / MiB:.1f} MiB/s)")
         assert natural[0] > 1.5 * limits[0], f"natural rates {natural} too low to limit"
         t_set = time.monotonic()
         for vid, limit in enumerate(limits):
