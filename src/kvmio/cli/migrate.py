@@ -121,24 +121,24 @@ def _send_kernel(ctx: click.Context, kernel: str, cmdline: str, mem: int, ring: 
                  tls_name: str | None, after: float, downtime: float, timeout: float | None,
                  json_path: str | None, compress: bool) -> None:
     """``send --kernel``: boot it, run it ``after`` seconds, migrate it while it runs."""
-    # Dirty logging starts with the migration's tracker, which harvests the ring from then on
-    # (ring-full exits included), so an overrun (a kernel's ``rep stos`` can overrun a ring on
-    # a host that emulates it) is survived: the slot is sent whole.  Before it nothing is
-    # logged, so the ring has nothing to fill.
+    # Dirty logging starts with the kernel, under a tracker that harvests the ring from then
+    # on (ring-full exits included), so an overrun (a kernel's ``rep stos`` can overrun a ring
+    # on a host that emulates it) is survived: the slot is sent whole.
     with open_kvm(ctx) as kvm, \
             MultibootMachine(kvm, kernel, mem=mem, cmdline=cmdline, ring_entries=ring,
-                             log_dirty=False) as m:
-        tracker = DirtyTracker(m.vm, "bitmap" if ring is None else "ring",
-                               log_slots=[m.ram.slot])
+                             log_dirty=False) as m, \
+            DirtyTracker(m.vm, "bitmap" if ring is None else "ring",
+                         log_slots=[m.ram.slot]) as tracker:
         with KernelRunner(m, on_output=_stream, on_ring_full=None if ring is None
                           else tracker.on_ring_full) as runner:
             report = _migrate_kernel(m, runner, tracker, host, port, address, client_tls,
                                      tls_name, after, downtime, timeout, compress)
+        overruns = len(tracker.overrun_events)
     click.echo(f"kvmio: migrated in {report.total_seconds:.2f} s: {len(report.passes)} "
                f"passes, {report.pages_sent:,} pages; downtime {report.downtime * 1e3:.0f} ms "
                f"(estimated {report.estimated_downtime * 1e3:.0f} ms)", err=True)
     if json_path:
-        write_json(json_path, report.to_json())
+        write_json(json_path, {**report.to_json(), "ring_overruns": overruns})
 
 
 def _migrate_kernel(m: MultibootMachine, runner: KernelRunner, tracker: DirtyTracker,
@@ -153,7 +153,7 @@ def _migrate_kernel(m: MultibootMachine, runner: KernelRunner, tracker: DirtyTra
         runner.stop()  # re-raises what ended the runner's thread, if anything did
         raise MigrationError("the kernel stopped before the migration began: "
                              + (runner.result.summary() if runner.result else "?"))
-    with _connect(host, port, address, client_tls, tls_name) as conn, _in_doubt(), tracker:
+    with _connect(host, port, address, client_tls, tls_name) as conn, _in_doubt():
         return m.migrate(conn, runner=runner, tracker=tracker, downtime=downtime,
                          timeout=timeout, max_passes=1000 if timeout else 30,
                          on_output=_stream, compress=compress)
@@ -311,7 +311,8 @@ def listen(ctx: click.Context, address: str, run_seconds: float | None,
               help="Send page data zstd-compressed where that saves an eighth or more (pays "
                    "on slow links).")
 @click.option("--json", "json_path", type=OutputFile(), default=None,
-              help="Write the migration report as JSON.")
+              help="Write the migration report as JSON (with --kernel, also ring_overruns: "
+                   "the ring overruns the tracker survived since the kernel started).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TLS: verify the destination's certificate against these CA certificates "
                    "(PEM), and its name against ADDR's host (or --tls-name).")
