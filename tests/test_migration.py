@@ -732,6 +732,37 @@ def test_a_running_kernel_migrates_and_its_output_goes_on_as_if_never_moved(
             assert bytes(before) + r2.output == ticker_output
 
 
+@pytest.mark.parametrize("as_saved", [True, False])
+def test_a_received_kernel_takes_the_ring_and_logging_asked_for(
+        kvm: Kvm, ticker: Path, as_saved: bool) -> None:  # noqa: F811 (fixture)
+    """By default the destination's machine has the source's dirty ring and logging; a
+    destination that only runs the kernel asks for neither (nothing would harvest them)."""
+    src_conn, dst_conn = socket_pair()
+    got: dict[str, Any] = {}
+
+    def receive() -> None:
+        try:
+            got["m"] = (MultibootMachine.from_migration(kvm, dst_conn) if as_saved else
+                        MultibootMachine.from_migration(kvm, dst_conn, ring_entries=None,
+                                                        log_dirty=False))
+        except BaseException as e:
+            got["e"] = e
+
+    th = threading.Thread(target=receive, daemon=True)
+    th.start()
+    with src_conn, dst_conn, MultibootMachine(kvm, ticker, mem=MEM, ring_entries=4096) as m:
+        assert m.ram.log_dirty and m.vm.dirty_ring is not None
+        assert m.vm.dirty_ring.entries == 4096
+        m.run(timeout=0.2)
+        m.migrate(src_conn)
+        th.join(60)
+        assert "e" not in got, repr(got.get("e"))
+        with got["m"] as d:
+            assert d.ram.log_dirty is as_saved
+            ring = d.vm.dirty_ring
+            assert (ring.entries if ring is not None else None) == (4096 if as_saved else None)
+
+
 def test_a_workload_stream_is_not_a_kernel(kvm: Kvm) -> None:
     conn = Replay(_stream(kvm))
     with pytest.raises(MigrationError, match="not a Multiboot kernel"):

@@ -253,8 +253,9 @@ def listen(ctx: click.Context, address: str, run_seconds: float | None,
             t0 = time.monotonic()
             if guest == "kernel":
                 # It runs here and is not migrated on: no dirty ring, which nothing would
-                # harvest (a kernel's ``rep stos`` could overrun it).
-                m = MultibootMachine.from_migration(kvm, conn, ring_entries=None)
+                # harvest (a kernel's ``rep stos`` could overrun it), and no dirty logging.
+                m = MultibootMachine.from_migration(kvm, conn, ring_entries=None,
+                                                    log_dirty=False)
             else:
                 w = Workload.from_migration(kvm, conn)
             received = time.monotonic() - t0

@@ -602,7 +602,7 @@ class ReceivedVm:
 
 def receive_vm(kvm: Kvm, conn: Connection, *,
                devices: IoBus | Callable[[dict[str, Any]], IoBus | None] | None = None,
-               dirty_ring: int | object | None = AS_SAVED,
+               dirty_ring: int | object | None = AS_SAVED, log_dirty: bool | None = None,
                on_bytes: Callable[[int], None] | None = None,
                accept: Callable[[ReceivedVm], Any] | None = None) -> ReceivedVm:
     """Build a VM from the migration stream on ``conn`` and answer the source (see the
@@ -614,7 +614,8 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
     (the source is told and runs on); its result is kept in ``ReceivedVm.accepted``.
     ``devices``: where the port devices' state goes (required if the source sent
     any), or a function of the guest's metadata that says so once it arrived.
-    ``dirty_ring``: the new VM's ring (default: as the source had it).  Raises
+    ``dirty_ring``: the new VM's ring (default: as the source had it); ``log_dirty``: whether
+    its slots are dirty-logged (default: as the source's were).  Raises
     :class:`MigrationError` (and answers ``FAIL`` when it can) for anything wrong; the VM it
     was building is closed then."""
     t0 = time.monotonic()
@@ -631,7 +632,7 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
                                        for s in layout.slots}
         try:
             vm, vcpus = build_vm(kvm, layout, memories, dirty_ring=dirty_ring,
-                                 what="the migration stream")
+                                 log_dirty=log_dirty, what="the migration stream")
         except SnapshotError as e:
             raise MigrationError(e.message, errno=e.errno, ioctl=e.ioctl) from e
         regions = vm.regions

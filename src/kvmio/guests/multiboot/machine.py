@@ -417,10 +417,12 @@ class MultibootMachine(Closing):
 
     @classmethod
     def from_migration(cls, kvm: Kvm, conn: Connection, *,
-                       ring_entries: int | None = AS_SAVED) -> MultibootMachine:
+                       ring_entries: int | None = AS_SAVED,
+                       log_dirty: bool | None = None) -> MultibootMachine:
         """The machine a source's :meth:`migrate` sends on ``conn``: :meth:`run` goes on where
-        the kernel was, with its devices as they were.  Raises
-        :class:`~kvmio.errors.MigrationError`."""
+        the kernel was, with its devices as they were.  ``ring_entries`` and ``log_dirty``:
+        its dirty ring and whether RAM is dirty-logged (default: as the source had them).
+        Raises :class:`~kvmio.errors.MigrationError`."""
         self = cls.__new__(cls)
         self._devices()
 
@@ -437,7 +439,8 @@ class MultibootMachine(Closing):
                 raise MigrationError(f"the migrated VM is not a Multiboot machine: "
                                      f"{e.message}") from e
 
-        got = receive_vm(kvm, conn, devices=devices, dirty_ring=ring_entries, accept=accept)
+        got = receive_vm(kvm, conn, devices=devices, dirty_ring=ring_entries,
+                         log_dirty=log_dirty, accept=accept)
         self.vm = got.vm
         self.ram = self.vm.regions[0]
         self.vcpu = got.vcpus[0]
