@@ -160,17 +160,13 @@ def test_the_source_runs_on_when_the_destination_goes_away(kvm: Kvm) -> None:
     th.join()
 
 
-class Answers:
-    """The destination's end of a connection, noting in ``events`` each answer it sends."""
+class Wrapped:
+    """A connection passed through to ``conn``; subclasses change how it sends."""
 
-    def __init__(self, conn: socket.socket, events: list[Any]):
-        self.conn, self.events = conn, events
-        self.payloads: list[bytes] = []
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
 
     def sendall(self, data: Any) -> None:
-        raw = bytes(memoryview(data).cast("B"))
-        self.events.append(("answer", raw[:4]))
-        self.payloads.append(raw[8:-8])
         self.conn.sendall(data)
 
     def recv_into(self, buf: Any, n: int = 0) -> int:
@@ -178,6 +174,21 @@ class Answers:
 
     def shutdown(self, how: int) -> None:
         self.conn.shutdown(how)
+
+
+class Answers(Wrapped):
+    """The destination's end of a connection, noting in ``events`` each answer it sends."""
+
+    def __init__(self, conn: socket.socket, events: list[Any]):
+        super().__init__(conn)
+        self.events = events
+        self.payloads: list[bytes] = []
+
+    def sendall(self, data: Any) -> None:
+        raw = bytes(memoryview(data).cast("B"))
+        self.events.append(("answer", raw[:4]))
+        self.payloads.append(raw[8:-8])
+        self.conn.sendall(data)
 
 
 def test_the_destination_has_stored_every_live_pass_before_the_guest_pauses(
@@ -219,11 +230,12 @@ def test_the_destination_has_stored_every_live_pass_before_the_guest_pauses(
             assert _differing_pages(w, d) == {0: 0, 1: 0}
 
 
-class Throttled:
+class Throttled(Wrapped):
     """A connection that sends at most ``rate`` bytes per second (a slow link)."""
 
     def __init__(self, conn: socket.socket, rate: float):
-        self.conn, self.rate = conn, rate
+        super().__init__(conn)
+        self.rate = rate
 
     def sendall(self, data: Any) -> None:
         view = memoryview(data).cast("B")
@@ -231,12 +243,6 @@ class Throttled:
             part = view[at:at + (1 << 14)]
             self.conn.sendall(part)
             time.sleep(len(part) / self.rate)
-
-    def recv_into(self, buf: Any, n: int = 0) -> int:
-        return self.conn.recv_into(buf, n)
-
-    def shutdown(self, how: int) -> None:
-        self.conn.shutdown(how)
 
 
 def test_a_migration_that_cannot_converge_times_out_and_the_source_runs_on(kvm: Kvm) -> None:
@@ -408,12 +414,14 @@ def test_a_sync_is_answered_with_the_last_pass_and_a_sync_with_a_payload_refused
     assert conn.sent.startswith(b"FAIL")
 
 
-class SyncHook:
+class SyncHook(Wrapped):
     """A source's connection that calls ``hook()`` once, just before the first SYNC record is
-    sent (while the guest still runs), and counts the SYNC records."""
+    sent (while the guest still runs), and counts the SYNC records; it passes timeouts on,
+    as the SYNC wait sets one."""
 
     def __init__(self, conn: socket.socket, hook: Callable[[], None]):
-        self.conn, self.hook, self.syncs = conn, hook, 0
+        super().__init__(conn)
+        self.hook, self.syncs = hook, 0
 
     def sendall(self, data: Any) -> None:
         if bytes(memoryview(data).cast("B")[:4]) == b"SYNC":
@@ -422,17 +430,11 @@ class SyncHook:
                 self.hook()
         self.conn.sendall(data)
 
-    def recv_into(self, buf: Any, n: int = 0) -> int:
-        return self.conn.recv_into(buf, n)
-
     def gettimeout(self) -> float | None:
         return self.conn.gettimeout()
 
     def settimeout(self, t: float | None) -> None:
         self.conn.settimeout(t)
-
-    def shutdown(self, how: int) -> None:
-        self.conn.shutdown(how)
 
 
 def test_pages_dirtied_while_the_destination_catches_up_go_live_when_they_do_not_fit(

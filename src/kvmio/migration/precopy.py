@@ -408,11 +408,10 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
         if runner is not None:
             number = 1
             def dirty_bytes(changes: Changes) -> int:
-                size = sum(len(p) for s, p in changes.pages.items()
-                           if s not in changes.whole) * PAGE_SIZE
-                return size + sum(regions[s].memory.populated_pages().size * PAGE_SIZE
-                                  for s in changes.whole
-                                  if s in regions and regions[s].log_dirty)
+                return (changes.count + sum(regions[s].memory.populated_pages().size
+                                            for s in changes.whole
+                                            if s in regions and regions[s].log_dirty)
+                        ) * PAGE_SIZE
 
             carried: Changes | None = None  # pages a SYNC's wait left over the limit
             while True:
@@ -510,8 +509,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
         if pending is not None:
             final = _merged(pending, final)
         lap("collect")
-        final_size = sum(len(p) for s, p in final.pages.items() if s not in final.whole)
-        run_pass(number, final, final=True, remaining=final_size * PAGE_SIZE)
+        run_pass(number, final, final=True, remaining=final.count * PAGE_SIZE)
         lap("final_pass")
         state = capture(vm, targets, devices=devices)
         w.record(b"STAT", state.to_bytes())

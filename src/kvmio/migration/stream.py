@@ -14,12 +14,11 @@ source does so before it pauses the guest, so that the stream is empty when the 
 begins (what the link and the destination still held would otherwise be sent in it).  The
 answer's payload: the bytes of the last whole pass received, u64, and the CPU time the
 destination took to store them, u64 nanoseconds (the source's estimate of the final pass
-needs the slower side's rate).  The
-destination answers ``OKAY`` (it built and restored the VM, and waits) or ``FAIL`` (UTF-8
-reason).  After ``OKAY`` the source sends
-``LIVE`` (the destination may run the VM now; the source will not) and the destination
-answers ``RUNS``.  Until ``LIVE`` arrives the destination never runs the VM; once the source
-sent it, the source never resumes its own copy.
+counts the destination's time per byte beside its own).  After ``DONE`` the destination
+answers ``OKAY`` (it built and restored the VM, and waits) or ``FAIL`` (UTF-8 reason).
+After ``OKAY`` the source sends ``LIVE`` (the destination may run the VM now; the source
+will not) and the destination answers ``RUNS``.  Until ``LIVE`` arrives the destination
+never runs the VM; once the source sent it, the source never resumes its own copy.
 
 - ``ZERO``: slot u32, count u32, then ``count`` page indices u64 (strictly increasing): pages
   that hold zeros;
