@@ -414,6 +414,40 @@ def test_a_sync_is_answered_with_the_last_pass_and_a_sync_with_a_payload_refused
     assert conn.sent.startswith(b"FAIL")
 
 
+def test_data_received_into_memory_needs_writable_memory_of_the_slots_size(kvm: Kvm) -> None:
+    """StreamReader.record(into=...): a DATA record goes straight into the memory given for
+    its slot, once its indices are checked; memory that is read-only, too small or missing is
+    refused with MigrationError before a byte of page data is read."""
+    from kvmio.migration.stream import StreamReader, StreamWriter
+
+    stream = _stream(kvm)
+    conf_end = _record_ends(stream)[0][1]
+    rec = Recorder()
+    page = np.arange(4096, dtype=np.uint8)
+    StreamWriter(rec).pages(0, np.array([3], dtype=np.uint64), page)
+    record = bytes(rec.data)
+
+    def reader() -> StreamReader:
+        r = StreamReader(Replay(stream[:conf_end] + record))
+        r.preamble()
+        r.config(r.record((b"CONF",)))
+        return r
+
+    layout = reader().layout
+    assert layout is not None
+    size = next(sl.size for sl in layout.slots if sl.slot == 0)
+
+    memory = bytearray(size)
+    got = reader().record((b"DATA",), into={0: memoryview(memory)})
+    assert got.stored and bytes(memory[3 * 4096:4 * 4096]) == page.tobytes()
+    assert not any(memory[:3 * 4096]) and not any(memory[4 * 4096:])
+    for bad in ({0: memoryview(bytes(size))}, {0: memoryview(bytearray(size - 4096))}, {}):
+        r = reader()
+        with pytest.raises(MigrationError, match="no writable memory"):
+            r.record((b"DATA",), into=bad)
+        assert r.received == conf_end + 8 + 8 + 8  # header, slot and count, one index
+
+
 class SyncHook(Wrapped):
     """A source's connection that calls ``hook()`` once, just before the first SYNC record is
     sent (while the guest still runs), and counts the SYNC records; it passes timeouts on,
