@@ -27,19 +27,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmio import (
+    DirtyPages,
     DirtyRingFull,
     FileMemory,
     IoOut,
     Kvm,
+    KvmClosedError,
     KvmInvalidArgumentError,
     KvmStateError,
     MemfdMemory,
     SnapshotError,
     Vcpu,
     Vm,
+    _abi,
 )
 from kvmio.guests.modes import setup_long_mode
 from kvmio.guests.programs import program
+from kvmio.memory import HostWriteRecord
 
 # The write-list guest (its source is in kvmio.resetbench): stores each (gpa, value) pair of
 # the list at rsi, 57 instructions per write, then ``out 0xE9``.
@@ -324,9 +328,14 @@ def test_an_overrun_is_detected_and_the_reset_stays_exact(kvm: Kvm) -> None:
             assert cp.differences().count == 0
 
 
-def test_an_interrupted_reset_makes_the_next_one_full(kvm: Kvm,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    m = machine(kvm, "ring")
+@pytest.mark.parametrize("mode, where", [
+    ("ring", "fused"),  # after the native call that collected and copied (a clean ring)
+    ("ring", "general"),  # page by page, after a collection (a host write on the way)
+    ("bitmap", "general"),
+])
+def test_an_interrupted_reset_makes_the_next_one_full(kvm: Kvm, monkeypatch: pytest.MonkeyPatch,
+                                                      mode: str, where: str) -> None:
+    m = machine(kvm, mode)
     with m.vm:
         fill(m, 3)
         with MemoryCheckpoint.take(m.vm) as cp:
@@ -334,19 +343,29 @@ def test_an_interrupted_reset_makes_the_next_one_full(kvm: Kvm,
                                                          *range(0x100, 0x110)})
             digest = memory_hash(m.vm)
             m.run_writes([(0x150000, 9)])
-            restore = MemoryCheckpoint._restore
+            target = (_abi.PageRestore, "counts") if where == "fused" else \
+                (MemoryCheckpoint, "_restore")
+            if mode == "ring" and where == "general":
+                # An extra list out of order makes the native call restore nothing: the
+                # reset then copies the collected pages itself.
+                monkeypatch.setattr(HostWriteRecord, "take",
+                                    lambda self: np.array([2, 1], dtype=np.uint64))
 
-            def fail(self: MemoryCheckpoint, *args: object) -> int:
+            def fail(self: object, *args: object) -> int:
                 raise KeyboardInterrupt  # a Ctrl-C half-way through
 
-            monkeypatch.setattr(MemoryCheckpoint, "_restore", fail)
+            monkeypatch.setattr(*target, fail)
             with pytest.raises(KeyboardInterrupt):
                 cp.reset()
-            monkeypatch.setattr(MemoryCheckpoint, "_restore", restore)
+            monkeypatch.undo()
             stats = cp.reset()  # the dirty pages were collected by the failed reset
-            assert stats.path == "full" and stats.pages >= 1, stats
+            assert stats.path == "full", stats
+            # The fused call had copied them back before the interrupt; else they differ.
+            assert (stats.pages == 0) if where == "fused" else (stats.pages >= 1), stats
             assert_restored(m, before, digest)
-            assert cp.reset().path == "ring"
+            m.run_writes([(0x150000, 9)])
+            assert cp.reset().path == mode
+            assert_restored(m, before, digest)
 
 
 # -- sources of the dirty log -----------------------------------------------------------------
@@ -454,6 +473,140 @@ def test_a_reset_with_nothing_dirty_restores_nothing_and_is_cheap(kvm: Kvm, mode
                 times.append(stats.ns)
             # Generous (a busy 2-core host): an empty reset is tens of microseconds here.
             assert statistics.median(times) < 2_000_000, times
+
+
+# -- the fused reset (ring mode: collection and copies in one native call) ---------------------
+
+
+class Spy:
+    """Records what Vm.collect_and_restore returned and how often MemoryCheckpoint._restore
+    (the page-by-page path) ran."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.results: list[object] = []
+        self.restores = 0
+        fused, restore = Vm.collect_and_restore, MemoryCheckpoint._restore
+
+        def spy_fused(vm: Vm, *args: object, **kw: object) -> object:
+            got = fused(vm, *args, **kw)  # type: ignore[arg-type]
+            self.results.append(got)
+            return got
+
+        def spy_restore(cp: MemoryCheckpoint, *args: object) -> int:
+            self.restores += 1
+            return restore(cp, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Vm, "collect_and_restore", spy_fused)
+        monkeypatch.setattr(MemoryCheckpoint, "_restore", spy_restore)
+
+
+def test_a_clean_ring_reset_is_one_native_call(kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = machine(kvm, "ring")
+    with m.vm:
+        fill(m, 5)
+        spy = Spy(monkeypatch)
+        writes = [(0x150000, 1), (0x150008, 2), (HIGH_BASE + 0x3000, 3),  # stored pages
+                  (HIGH_BASE + 0x9000, 4), (HIGH_BASE + 0x123000, 5)]  # not populated then
+        with MemoryCheckpoint.take(m.vm) as cp:
+            before = snapshot_pages(m, set(m.touched) | {g // PAGE for g, _ in writes}
+                                    | {0x151, LIST_AT // PAGE, *range(0x100, 0x110)})
+            digest = memory_hash(m.vm)
+            for k in range(3):
+                spy.results.clear()
+                m.run_writes(writes)
+                m.host_write(0x150010, b"host")  # a page the guest wrote too: counted once
+                m.host_write(0x151000 + k, b"x")
+                stats = cp.reset()
+                assert spy.results == [None], spy.results  # restored by the native call
+                assert spy.restores == 0
+                assert stats.path == "ring" and stats.full_slots == frozenset(), stats
+                guest = {g // PAGE for g, _ in writes}
+                host = {0x150, 0x151} | pages_of(LIST_AT, 8 + 16 * len(writes))
+                assert stats.host == len(host)
+                # The guest's CPU also dirties page-table pages (accessed and dirty bits).
+                assert len(guest) <= stats.dirty <= len(guest) + 8, stats
+                assert len(guest | host) <= stats.pages <= stats.dirty + stats.host, stats
+                assert_restored(m, before, digest)
+            # Nothing written: the native call restores nothing, and says so.
+            stats = cp.reset()
+            assert spy.results[-1] is None and (stats.pages, stats.dirty, stats.host) == (0, 0, 0)
+
+
+def test_a_fused_reset_zero_fills_short_and_discards_long_runs_it_has_no_copy_of(
+        kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = machine(kvm, "ring")
+    with m.vm:
+        fill(m, 6)
+        spy = Spy(monkeypatch)
+        region = m.vm.regions[1]
+        with MemoryCheckpoint.take(m.vm) as cp:
+            digest = memory_hash(m.vm)
+            for first, count in ((100_000, 40), (200_000, 600)):  # below and above 512 pages
+                m.host_write(HIGH_BASE + first * PAGE, b"\xff" * (count * PAGE))
+                stats = cp.reset()
+                assert spy.results[-1] is None and stats.pages == count, stats
+                populated = set(region.memory.populated_pages().tolist())
+                run = set(range(first, first + count))
+                if count < 512:
+                    assert run <= populated  # zero-filled in place: cheaper than a discard
+                else:
+                    assert not run & populated  # discarded: the memory is given back
+                assert not region.page_words()[first:first + count].any()
+                assert memory_hash(m.vm) == digest
+
+
+def test_collect_and_restore_is_all_or_nothing(kvm: Kvm) -> None:
+    m = machine(kvm, "ring")
+    with m.vm:
+        fill(m, 7)
+        ring = m.vcpu.take_dirty_ring()
+        rings = [ring]
+        m.vm.collect_and_restore(_abi.PageRestore([]), rings=rings)  # start from a clean log
+        regions = m.vm.regions
+        low = np.zeros(0, dtype=np.uint64)
+        none = np.zeros((0, PAGE), dtype=np.uint8)
+        # A table without slot 0 while the guest writes both slots; then a table of both
+        # slots without room for the pages it has no copy of.
+        for table, capacity in ((_abi.PageRestore([(1, none, low, 0)]), 1 << 20),
+                                (_abi.PageRestore([(0, none, low, 0), (1, none, low, 0)]), 0)):
+            m.run_writes([(0x160000, 11), (HIGH_BASE + 0x5000, 12)])
+            mems = [regions[s].memory.mapping for s in sorted(regions)][-table.slots:]
+            table.bind(mems, [low] * table.slots, capacity)
+            try:
+                got = m.vm.collect_and_restore(table, rings=rings)
+            finally:
+                table.unbind()
+            assert isinstance(got, DirtyPages) and not table.done
+            assert {0x160} <= set(got.pages[0].tolist())
+            assert {5} <= set(got.pages[1].tolist())
+            # Nothing was written: the guest's values are still there.
+            assert m.vm.read_memory(0x160000, 8) == struct.pack("<Q", 11)
+            assert m.vm.read_memory(HIGH_BASE + 0x5000, 8) == struct.pack("<Q", 12)
+            table.close()
+        ring.release()
+
+
+def test_collect_and_restore_refuses_bad_input(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        with pytest.raises(KvmInvalidArgumentError, match="restore"):
+            vm.collect_and_restore("table")  # type: ignore[arg-type]
+        with pytest.raises(KvmStateError, match="dirty ring"):
+            vm.collect_and_restore(_abi.PageRestore([]))
+    index = np.array([1, 2], dtype=np.uint64)
+    with pytest.raises(KvmInvalidArgumentError, match="does not match"):
+        _abi.PageRestore([(0, np.zeros((1, PAGE), dtype=np.uint8), index, 0)])
+    with pytest.raises(KvmInvalidArgumentError, match="does not match"):
+        _abi.PageRestore([(0, np.zeros((2, PAGE), dtype=np.uint8), index.astype(np.int64), 0)])
+    table = _abi.PageRestore([(0, np.zeros((2, PAGE), dtype=np.uint8), index, 0)])
+    with pytest.raises(KvmInvalidArgumentError, match="one memory"):
+        table.bind([], [], 0)
+    mem = _abi.Mapping(4 * PAGE)
+    with pytest.raises(KvmInvalidArgumentError, match="uint64"):
+        table.bind([mem], [np.array([1], dtype=np.int64)], 0)
+    mem.close()
+    with pytest.raises(KvmClosedError):
+        table.bind([mem], [np.zeros(0, dtype=np.uint64)], 0)
+    table.close()
 
 
 # -- refusals ---------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from kvmio._closing import Closing
 from kvmio._native import ffi, lib
 from kvmio.errors import KvmClosedError, KvmError, KvmInvalidArgumentError, from_errno
 
-__all__ = ["ARCH", "IS_X86", "PAGE_SIZE", "FdOwner", "IoctlBatch", "Mapping", "ffi", "ioctl",
-           "lib", "pagemap_scan"]
+__all__ = ["ARCH", "IS_X86", "PAGE_SIZE", "FdOwner", "IoctlBatch", "Mapping", "PageRestore",
+           "ffi", "ioctl", "lib", "pagemap_scan"]
 
 PAGE_SIZE: int = mmap.PAGESIZE
 ARCH: str = platform.machine().lower()
@@ -432,6 +432,130 @@ def restore_pages(dst: Mapping, store: npt.NDArray[Any], index: npt.NDArray[np.u
         raise KvmInvalidArgumentError("a page to restore lies beyond the memory, or the pages "
                                       "are not sorted and distinct")
     return missing[:n]
+
+
+class PageRestore:
+    """A checkpoint's stored pages bound once for the fused reset (collection and page restore
+    in one native call: :meth:`kvmio.Vm.collect_and_restore`).
+
+    ``slots`` lists, per memory slot, ``(raw slot, store, index, zero_below)``: the slot id
+    its ring entries carry, its stored pages (contiguous, 4096 bytes each) and their sorted
+    page indices, and below how many pages without a stored copy the call zero-fills them
+    (0: never; they are then listed in :meth:`missing`).  Guest memory and the host-written
+    pages are bound for one call (:meth:`bind` ... :meth:`unbind`); after a call,
+    :attr:`done` says whether it restored, and :meth:`counts` and :meth:`missing` what.
+    """
+
+    def __init__(self, slots: list[tuple[int, npt.NDArray[Any], npt.NDArray[np.uint64], int]]):
+        self._n = len(slots)
+        self._table = ffi.new("struct kvmio_restore_slot[]", max(1, self._n))
+        self._pins: list[CData] = []  # the stores and indices, for the object's lifetime
+        self._bound: list[CData] = []  # guest memory and host pages, for one call
+        self._done = ffi.new("int32_t *")
+        self._missing = np.zeros(0, dtype=np.uint64)
+        self._missing_ptr: CData = ffi.NULL
+        for k, (raw, store, index, zero_below) in enumerate(slots):
+            if (index.dtype != np.uint64 or not index.flags.c_contiguous
+                    or not store.flags.c_contiguous or store.nbytes != len(index) * PAGE_SIZE):
+                raise KvmInvalidArgumentError("the page store does not match its index")
+            t = self._table[k]
+            t.raw_slot = raw
+            t.zero_below = zero_below
+            t.nindex = len(index)
+            # Safety: the pins hold buffer exports of the checkpoint's own arrays (never
+            # resized) until close(); the C call reads `store` only at positions below
+            # `nindex` (its merge walk), and `index` only below `nindex`.
+            if len(index):
+                st = ffi.from_buffer("uint8_t[]", store)
+                ix = ffi.from_buffer("uint64_t[]", index)
+                self._pins += [st, ix]
+                t.store, t.index = st, ix
+
+    @property
+    def slots(self) -> int:
+        """How many slots the table has."""
+        return self._n
+
+    def bind(self, memory: list[Mapping], extra: list[npt.NDArray[np.uint64]],
+             capacity: int) -> None:
+        """Bind, for one call, each slot's guest memory and host-written pages (sorted,
+        distinct page indices: the C call checks them and restores nothing otherwise), with
+        room for ``capacity`` pages without a stored copy (the call restores nothing if more
+        pages are collected).  Call :meth:`unbind` after the call, always."""
+        if len(memory) != self._n or len(extra) != self._n:
+            raise KvmInvalidArgumentError("one memory and one page list per slot")
+        if len(self._missing) < capacity:
+            self._missing = np.zeros(max(capacity, 2 * len(self._missing)), dtype=np.uint64)
+            self._missing_ptr = ffi.cast("uint64_t *", self._missing.ctypes.data)
+        self._done[0] = 0
+        try:
+            for k in range(self._n):
+                t = self._table[k]
+                # Safety: from_buffer exports the mapping (a close() meanwhile cannot unmap
+                # it) until unbind(); the C call writes it only at pages below dst_pages,
+                # every one checked before any write.  The host pages are exported alike and
+                # only read (below nextra).
+                d = ffi.from_buffer("uint8_t[]", memory[k].mm, require_writable=True)
+                self._bound.append(d)
+                t.dst, t.dst_pages = d, memory[k].size // PAGE_SIZE
+                e = extra[k]
+                if e.dtype != np.uint64:
+                    raise KvmInvalidArgumentError("page indices must be uint64 arrays")
+                if len(e):
+                    e = np.ascontiguousarray(e)
+                    x = ffi.from_buffer("uint64_t[]", e)
+                    self._bound.append(x)
+                    t.extra, t.nextra = x, len(e)
+                else:
+                    t.extra, t.nextra = ffi.NULL, 0
+        except BaseException:
+            self.unbind()
+            raise
+
+    def unbind(self) -> None:
+        """Release what :meth:`bind` exported (idempotent)."""
+        bound, self._bound = self._bound, []
+        for b in bound:
+            ffi.release(b)
+        for k in range(self._n):
+            t = self._table[k]
+            t.dst, t.dst_pages, t.extra, t.nextra = ffi.NULL, 0, ffi.NULL, 0
+
+    def args(self) -> tuple[CData, int, CData, int, CData]:
+        """The native call's last arguments: table, slots, missing buffer, its capacity,
+        the done flag.  Safety: the missing buffer is this object's own array (kept until it
+        is replaced by a larger one in bind(), never during a call); the C call writes at
+        most its length."""
+        return self._table, self._n, self._missing_ptr, len(self._missing), self._done
+
+    @property
+    def done(self) -> bool:
+        """Whether the last call restored the pages (else it wrote nothing)."""
+        return bool(self._done[0])
+
+    def counts(self, k: int) -> tuple[int, int, int]:
+        """``(restored, logged, missing)`` of slot ``k`` in the last call that restored:
+        distinct pages restored (logged and host-written), distinct pages the rings named,
+        and how many of the restored are in :meth:`missing`."""
+        t = self._table[k]
+        return int(t.restored), int(t.logged), int(t.nmissing)
+
+    def missing(self, k: int) -> npt.NDArray[np.uint64]:
+        """The pages of slot ``k`` the last call neither copied nor zero-filled (none stored;
+        sorted, distinct; a copy)."""
+        t = self._table[k]
+        at, n = int(t.missing_at), int(t.nmissing)
+        return self._missing[at:at + n].copy()
+
+    def close(self) -> None:
+        """Release the pins of the stores (idempotent); the table is unusable afterwards."""
+        self.unbind()
+        pins, self._pins = self._pins, []
+        for p in pins:
+            ffi.release(p)
+        for k in range(self._n):
+            t = self._table[k]
+            t.store, t.index, t.nindex = ffi.NULL, ffi.NULL, 0
 
 
 def new(ctype: str, init: Any = None) -> CData:

@@ -153,6 +153,7 @@ class _Lib:
     kvmio_ring_sweep: Callable[..., int]
     kvmio_rings_collect: Callable[..., int]
     kvmio_rings_collect_reset: Callable[..., int]
+    kvmio_rings_collect_restore: Callable[..., int]
     kvmio_run_bounded: Callable[..., int]
     kvmio_run_fail_entry: Callable[..., Any]
     kvmio_run_hw: Callable[..., Any]

@@ -53,6 +53,26 @@ struct kvmio_collect_out {
 };
 """
 
+# One memory slot of a checkpoint's fused reset, kvmio_rings_collect_restore (declared and
+# compiled alike).
+RESTORE_SLOT = """
+struct kvmio_restore_slot {
+    uint8_t *dst;
+    const uint8_t *store;
+    const uint64_t *index;
+    const uint64_t *extra;
+    uint64_t dst_pages;
+    uint64_t nindex;
+    uint64_t nextra;
+    uint64_t missing_at;
+    uint64_t nmissing;
+    uint64_t restored;
+    uint64_t logged;
+    uint32_t raw_slot;
+    uint32_t zero_below;
+};
+"""
+
 # Declarations every architecture shares.
 CDEF_COMMON = """
 #define KVM_API_VERSION ...
@@ -277,6 +297,13 @@ void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, 
 int64_t kvmio_restore_pages(uint8_t *dst, uint64_t dst_pages, const uint8_t *store,
                             const uint64_t *index, uint64_t nindex, const uint64_t *pages,
                             uint64_t npages, int zero, uint64_t *missing);
+""" + RESTORE_SLOT + """
+int32_t kvmio_rings_collect_restore(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                                    uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
+                                    uint32_t *groups, int vm_fd, unsigned long reset_request,
+                                    struct kvmio_collect_out *out,
+                                    struct kvmio_restore_slot *table, uint32_t ntable,
+                                    uint64_t *missing, uint64_t missing_cap, int32_t *restored);
 """
 
 # x86_64-only structures and ioctls.
@@ -801,7 +828,7 @@ uint32_t kvmio_ring_harvest(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t 
  * ring pointer is mapped.  Returns the total; *signals is the OR of every ring's stop bits
  * beyond KVMIO_RING_STOP_EMPTY (a hole, a limit, a lapped ring), 0 when all were simply
  * caught up. */
-""" + RING_CTL + COLLECT_OUT + r"""
+""" + RING_CTL + COLLECT_OUT + RESTORE_SLOT + r"""
 
 static uint32_t kvmio_rings_harvest(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
                                     uint64_t *offsets, int *signals)
@@ -1183,6 +1210,103 @@ int64_t kvmio_restore_pages(uint8_t *dst, uint64_t dst_pages, const uint8_t *sto
             missing[m++] = p;
     }
     return (int64_t)m;
+}
+
+/* Whether `n` page indices are strictly increasing and below `limit`. */
+static int kvmio_pages_ok(const uint64_t *pages, uint64_t n, uint64_t limit)
+{
+    for (uint64_t k = 0; k < n; k++)
+        if (pages[k] >= limit || (k && pages[k] <= pages[k - 1]))
+            return 0;
+    return 1;
+}
+
+/* A checkpoint's fused reset: kvmio_rings_collect_reset (same arguments, same result, same
+ * accounting for the caller), then, only if that collection was clean (a result >= 0; with
+ * slots == NULL a probe that found nothing), the pages restored in the same call: for each
+ * slot of `table`, every page of its group (the ring entries' distinct pages) and of its
+ * `extra` list (pages the host wrote; sorted, distinct) gets its stored copy back (a merge
+ * walk of both lists against the sorted `index` of `store`).  A page the checkpoint holds
+ * none of is zero-filled if the slot has fewer than `zero_below` such pages, else listed in
+ * `missing` (from `missing_at`, `nmissing` items) for the caller, with nothing written.
+ * `restored` / `logged` count the distinct pages of both lists / of the group.
+ * Everything is checked before anything is written: a group whose slot is not in the table,
+ * a page at or beyond `dst_pages`, an `extra` list out of order, or more pages than
+ * `missing_cap` leave guest memory untouched and *restored = 0 (the caller restores the
+ * collected pages itself); else *restored = 1. */
+int32_t kvmio_rings_collect_restore(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
+                                    uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
+                                    uint32_t *groups, int vm_fd, unsigned long reset_request,
+                                    struct kvmio_collect_out *out,
+                                    struct kvmio_restore_slot *table, uint32_t ntable,
+                                    uint64_t *missing, uint64_t missing_cap, int32_t *restored)
+{
+    const uint32_t *gslot = groups, *gstart = groups + KVMIO_DEDUP_MAX_GROUPS;
+    const uint32_t *glen = groups + 2 * KVMIO_DEDUP_MAX_GROUPS;
+    int32_t r = kvmio_rings_collect_reset(ctl, count, slots, offsets, pages, scratch, groups,
+                                          vm_fd, reset_request, out);
+    uint64_t total = 0, at = 0;
+
+    *restored = 0;
+    if (r < 0)
+        return r;
+    /* Every group must belong to a slot of the table, in range (the dedup sorted it). */
+    for (int32_t g = 0; g < r; g++) {
+        uint32_t k = 0;
+        while (k < ntable && table[k].raw_slot != gslot[g])
+            k++;
+        if (k == ntable || (glen[g] && pages[gstart[g] + glen[g] - 1] >= table[k].dst_pages))
+            return r;
+        total += glen[g];
+    }
+    for (uint32_t k = 0; k < ntable; k++) {
+        if (!kvmio_pages_ok(table[k].extra, table[k].nextra, table[k].dst_pages))
+            return r;
+        total += table[k].nextra;
+    }
+    if (total > missing_cap)
+        return r;
+    for (uint32_t k = 0; k < ntable; k++) {
+        struct kvmio_restore_slot *t = &table[k];
+        const uint64_t *logged = NULL;
+        uint64_t nlogged = 0, a = 0, b = 0, q = 0, done = 0, m = 0;
+        for (int32_t g = 0; g < r; g++)
+            if (gslot[g] == t->raw_slot) {
+                logged = pages + gstart[g];
+                nlogged = glen[g];
+                break;
+            }
+        t->missing_at = at;
+        while (a < nlogged || b < t->nextra) {
+            uint64_t p;
+            if (b == t->nextra || (a < nlogged && logged[a] < t->extra[b]))
+                p = logged[a++];
+            else if (a == nlogged || t->extra[b] < logged[a])
+                p = t->extra[b++];
+            else {
+                p = logged[a++];
+                b++;
+            }
+            while (q < t->nindex && t->index[q] < p)
+                q++;
+            if (q < t->nindex && t->index[q] == p)
+                memcpy(t->dst + p * 4096, t->store + q * 4096, 4096);
+            else
+                missing[at + m++] = p;
+            done++;
+        }
+        if (m && m < t->zero_below) {
+            for (uint64_t i = 0; i < m; i++)
+                memset(t->dst + missing[at + i] * 4096, 0, 4096);
+            m = 0;
+        }
+        t->nmissing = m;
+        t->restored = done;
+        t->logged = nlogged;
+        at += m;
+    }
+    *restored = 1;
+    return r;
 }
 
 void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,

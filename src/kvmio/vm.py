@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmio import _abi, _check
-from kvmio._abi import IS_X86, PAGE_SIZE, FdOwner, IoctlBatch, Mapping, ffi, lib
+from kvmio._abi import IS_X86, PAGE_SIZE, FdOwner, IoctlBatch, Mapping, PageRestore, ffi, lib
 from kvmio.caps import Cap
 from kvmio.dirty.pages import PageSet, bitmap_to_pages
 from kvmio.dirty.ring import GFN_SIZE, DirtyEntries, DirtyRing, OverrunPolicy
@@ -953,7 +953,33 @@ class Vm(FdOwner):
         """
         if self._ring_set is None:
             return self._collect_bitmaps(claim)
+        got = self._collect_rings(final, rings, on_overrun, None)
+        assert got is not None
+        return got
+
+    def collect_and_restore(self, restore: PageRestore, *,
+                            rings: Iterable[DirtyRing] | None = None) -> DirtyPages | None:
+        """A checkpoint's reset in one native call where it can be: the same collection as
+        ``collect_dirty_pages(final=True, rings=rings, on_overrun="report")`` (ring mode
+        only), which, when it is the clean common case, also copies back in the same call
+        the stored page of every page collected and of every host-written page bound to
+        ``restore`` (see :class:`kvmio._abi.PageRestore`, bound by the caller).
+
+        Returns ``None`` when it did (``restore`` says what), else the
+        :class:`DirtyPages` collected, with nothing restored: all or nothing, the caller
+        restores them itself.  Raises as :meth:`collect_dirty_pages` does, and
+        :class:`KvmStateError` without a dirty ring."""
+        _check.instance("restore", restore, PageRestore)
+        if self._ring_set is None:
+            raise KvmStateError("collect_and_restore needs the dirty ring")
+        return self._collect_rings(True, rings, "report", restore)
+
+    def _collect_rings(self, final: bool, rings: Iterable[DirtyRing] | None,
+                       on_overrun: OverrunPolicy, restore: PageRestore | None
+                       ) -> DirtyPages | None:
+        """collect_dirty_pages() in ring mode; ``None`` when ``restore`` restored it all."""
         ring_set = self._ring_set
+        assert ring_set is not None
         if rings is not None:
             rings = list(rings)
         with ring_set.lock:
@@ -965,9 +991,9 @@ class Vm(FdOwner):
                 fd = self._fd
                 if fd is None or self._fd_closing:
                     raise KvmClosedError("this Vm is closed")
-                quick = ring_set.collect_quick(fd, on_overrun, rings)
+                quick = ring_set.collect_quick(fd, on_overrun, rings, restore)
                 if isinstance(quick, QuickHarvest):
-                    return self._quick_pages(quick)
+                    return None if quick.restored else self._quick_pages(quick)
                 if quick is not None:
                     return self._harvest_pages(quick, False)
             self._check_open()

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kvmio._abi import Mapping, ffi, lib
+from kvmio._abi import Mapping, PageRestore, ffi, lib
 from kvmio.dirty.ring import (
     _MAX_GROUPS,
     _NO_ENTRIES,
@@ -77,13 +77,16 @@ class QuickHarvest:
     next collection).
     """
 
-    __slots__ = ("_offsets", "_slots", "counts", "entries", "groups", "time")
+    __slots__ = ("_offsets", "_slots", "counts", "entries", "groups", "restored", "time")
 
     def __init__(self, groups: Sequence[tuple[int, npt.NDArray[np.uint64], int]], entries: int,
                  counts: Sequence[tuple[int, int]], t: float,
                  slots: npt.NDArray[np.uint32] | None = None,
-                 offsets: npt.NDArray[np.uint64] | None = None):
+                 offsets: npt.NDArray[np.uint64] | None = None, *, restored: bool = False):
         self.groups = groups
+        #: Whether the call also restored the pages (``collect_quick(restore=)``); the groups
+        #: are then empty.
+        self.restored = restored
         self.entries = entries
         self.counts = counts
         self.time = t
@@ -411,7 +414,8 @@ class RingSet:
                     and all(r.quiet for r in self._ctl_rings))
 
     def collect_quick(self, reset_fd: int, on_overrun: OverrunPolicy = "raise",
-                      rings: list[DirtyRing] | None = None) -> QuickHarvest | Harvest | None:
+                      rings: list[DirtyRing] | None = None, restore: PageRestore | None = None
+                      ) -> QuickHarvest | Harvest | None:
         """The whole harvest -> reset -> dedup of every open ring in one native call, when
         the set is :meth:`quiet` and ``rings`` is every open ring (its owner's list; default:
         every open ring, none of them owned by a harvester) (else ``None``, and nothing was
@@ -420,7 +424,11 @@ class RingSet:
         -1: through the ``reset_ioctl`` the set was built with).  A clean result is a
         :class:`QuickHarvest`; anything else (a ring signalled, a reset failed or did not
         match, too many slots) is accounted for exactly as :meth:`harvest_and_reset` does,
-        which raises or returns a :class:`Harvest`."""
+        which raises or returns a :class:`Harvest`.
+
+        With ``restore`` (bound, see :class:`kvmio._abi.PageRestore`), a clean collection
+        also restores the pages in the same call, if every check passes
+        (:attr:`QuickHarvest.restored`; ``restore.done``): its groups are then not built."""
         with self.lock:
             # quiet(), inline: this runs right after KVM_RUN, where every call costs.
             live = self._ctl_rings
@@ -436,23 +444,39 @@ class RingSet:
                 return None
             out = self._out
             # First a probe, without buffers (an idle VM's collection is just that).
-            # Safety: NULL buffers make the call read the rings only (mapped: see below).
-            r = lib.kvmio_rings_collect_reset(self._ctl, len(live), ffi.NULL, ffi.NULL,
-                                              ffi.NULL, ffi.NULL, self._group_cells, reset_fd,
-                                              lib.KVM_RESET_DIRTY_RINGS, out)
+            # Safety: NULL buffers make the call read the rings only (mapped: see below);
+            # a bound `restore` holds exports of everything its table points to (see
+            # PageRestore.bind), and the call writes guest memory only at checked pages.
+            if restore is None:
+                r = lib.kvmio_rings_collect_reset(self._ctl, len(live), ffi.NULL, ffi.NULL,
+                                                  ffi.NULL, ffi.NULL, self._group_cells,
+                                                  reset_fd, lib.KVM_RESET_DIRTY_RINGS, out)
+            else:
+                r = lib.kvmio_rings_collect_restore(self._ctl, len(live), ffi.NULL, ffi.NULL,
+                                                    ffi.NULL, ffi.NULL, self._group_cells,
+                                                    reset_fd, lib.KVM_RESET_DIRTY_RINGS, out,
+                                                    *restore.args())
             if r == 0:
-                return QuickHarvest((), 0, (), out.harvested_at)
+                return QuickHarvest((), 0, (), out.harvested_at,
+                                    restored=restore is not None and restore.done)
             assert self._pool is not None and self._page_pool is not None
             slots, offsets, ps, po = self._pool.get_raw()
             pages, scratch, pp, pt = self._page_pool.get_raw()
             # Safety: as in _harvest_native (the same arrays, control array and rings); the
             # group cells hold 4 * KVMIO_DEDUP_MAX_GROUPS; reset_fd is the caller's open fd.
-            r = lib.kvmio_rings_collect_reset(self._ctl, len(live), ps, po, pp, pt,
-                                              self._group_cells, reset_fd,
-                                              lib.KVM_RESET_DIRTY_RINGS, out)
+            if restore is None:
+                r = lib.kvmio_rings_collect_reset(self._ctl, len(live), ps, po, pp, pt,
+                                                  self._group_cells, reset_fd,
+                                                  lib.KVM_RESET_DIRTY_RINGS, out)
+            else:
+                r = lib.kvmio_rings_collect_restore(self._ctl, len(live), ps, po, pp, pt,
+                                                    self._group_cells, reset_fd,
+                                                    lib.KVM_RESET_DIRTY_RINGS, out,
+                                                    *restore.args())
             del scratch
+            restored = restore is not None and restore.done
             if r == 0:
-                return QuickHarvest((), 0, (), out.harvested_at)
+                return QuickHarvest((), 0, (), out.harvested_at, restored=restored)
             if r > 0:
                 total = int(out.total)
                 counts = []
@@ -462,8 +486,9 @@ class RingSet:
                     if n:
                         ring.count_harvested(n)
                         counts.append((ring.vcpu_id, n))
-                return QuickHarvest(self._groups(r, total, pages), total, tuple(counts),
-                                    out.harvested_at, slots, offsets)
+                return QuickHarvest(() if restored else self._groups(r, total, pages), total,
+                                    tuple(counts), out.harvested_at, slots, offsets,
+                                    restored=restored)
             return self._finish_quick(int(r), live, on_overrun, slots, offsets, pages)
 
     def _finish_quick(self, code: int, live: list[DirtyRing], on_overrun: OverrunPolicy,

@@ -78,7 +78,7 @@ from kvmio.errors import (
 )
 from kvmio.memory import FileMemory, HostWriteRecord, MemoryRegion, runs_to_pages
 from kvmio.tracker import DirtyTracker
-from kvmio.vm import DirtyLogClaim, Vm
+from kvmio.vm import DirtyLogClaim, DirtyPages, Vm
 
 __all__ = ["MemoryCheckpoint", "ResetPath", "ResetStats"]
 
@@ -192,6 +192,7 @@ class MemoryCheckpoint:
         self._slots: dict[int, _Slot] = {}
         self._regions: dict[int, MemoryRegion] = {}  # as at the checkpoint
         self._records: list[HostWriteRecord] = []
+        self._table: _abi.PageRestore | None = None  # the fused reset's, made at first use
         self._trusted = False  # whether the next reset may trust the log and the records
         self._log_clean = False  # whether the last collection left the log trustworthy
         self._closed = False
@@ -359,6 +360,9 @@ class MemoryCheckpoint:
             self._closed = True
             self._finalizer()
             self._slots = {}
+            if self._table is not None:
+                self._table.close()
+                self._table = None
 
     def __enter__(self) -> MemoryCheckpoint:
         return self
@@ -391,15 +395,27 @@ class MemoryCheckpoint:
             self._check_slots()
             trusted, self._trusted = self._trusted, False  # until this reset completes
             t1 = time.perf_counter_ns()
-            dirty, whole, reason = self._collect()
+            hosts: list[Pages] | None = None
+            if trusted and self._tracker is None and self._vm.ring_set is not None:
+                # Collection and copies in one native call, where the collection is clean.
+                hosts = [s.record.take() for s in self._slots.values()]
+                fused = self._fused(hosts)
+                if isinstance(fused, ResetStats):
+                    self._trusted = True
+                    fused.ns = time.perf_counter_ns() - t0
+                    fused.collect_ns = fused.ns - (t1 - t0)
+                    return fused
+                dirty, whole, reason = fused
+            else:
+                dirty, whole, reason = self._collect()
             t2 = time.perf_counter_ns()
             if not trusted:
                 whole = set(self._slots)
                 reason = reason or ("the log cannot be trusted since the checkpoint or an "
                                     "earlier reset (an overrun, or an interrupted reset)")
             restored = dirty_pages = host_pages = 0
-            for slot, s in self._slots.items():
-                host = s.record.take()
+            for k, (slot, s) in enumerate(self._slots.items()):
+                host = s.record.take() if hosts is None else hosts[k]
                 host_pages += len(host)
                 if slot in whole:
                     restored += self._restore_whole(s)
@@ -501,6 +517,49 @@ class MemoryCheckpoint:
             got = vm.collect_dirty_pages(final=True, rings=rings, on_overrun="report")
         except DirtyRingError as e:
             return self._after_overrun(rings, str(e))
+        return self._judge(rings, got)
+
+    def _fused(self, hosts: list[Pages]
+               ) -> ResetStats | tuple[Mapping[int, Pages], set[int], str | None]:
+        """Ring mode, log trusted: collect and restore in one native call
+        (:meth:`kvmio.Vm.collect_and_restore`) with ``hosts`` (the host-written pages, one
+        list per slot in slot order).  Returns what it restored, or, where the collection
+        was not the clean common case (nothing restored then), what :meth:`_collect` returns
+        (sets ``_log_clean`` as it does)."""
+        self._log_clean = False
+        table = self._table
+        if table is None:
+            table = self._table = _abi.PageRestore(
+                [(slot, s.data, s.index, _DISCARD_RUN if s.zero else 0)
+                 for slot, s in self._slots.items()])
+        rings = self._adopt_rings()
+        slots = list(self._slots.values())
+        ring_set = self._vm.ring_set
+        assert ring_set is not None
+        capacity = ring_set.entries * len(rings) + sum(len(h) for h in hosts)
+        table.bind([s.region.memory.mapping for s in slots], hosts, capacity)
+        try:
+            got = self._vm.collect_and_restore(table, rings=rings)
+        except DirtyRingError as e:
+            return self._after_overrun(rings, str(e))
+        finally:
+            table.unbind()
+        if got is not None:
+            return self._judge(rings, got)
+        restored = dirty = host = 0
+        for k, s in enumerate(slots):
+            n, logged, missing = table.counts(k)
+            restored += n
+            dirty += logged
+            host += len(hosts[k])
+            if missing:
+                self._unpopulate(s, s.view(), table.missing(k))
+        self._log_clean = True
+        return ResetStats(restored, "ring", 0, 0, dirty, host)
+
+    def _judge(self, rings: list[DirtyRing], got: DirtyPages
+               ) -> tuple[Mapping[int, Pages], set[int], str | None]:
+        """What a ring collection means for the reset (see :meth:`_collect`)."""
         if got.overruns:
             return self._after_overrun(rings, "; ".join(
                 f"vCPU {vid}: {why}" for vid, why in sorted(got.overruns.items())))
