@@ -489,6 +489,19 @@ def test_vcpu_state_in_one_call(kvm: Kvm) -> None:
         ex = vcpu.run()  # probe64 from its start: EFER's low half on port 0x10, LMA set
         assert isinstance(ex, IoOut) and ex.port == 0x10
         assert int.from_bytes(ex.data, "little") & (1 << 10)
+        # One batch serves any vCPU, in turn (the native call's fd array is kept between
+        # calls to the same fds, and remade for others): each gets the batch's registers.
+        other = vm.create_vcpu(1)
+        regs_only = Vcpu.prepare_state([("regs", raw["regs"])])
+        for target in (other, vcpu, other, vcpu):
+            for v in (vcpu, other):
+                r = v.get_regs()
+                r.rax = 0x5678
+                v.set_regs(r)
+            target.set_state(regs_only)
+            assert target.get_state(["regs"])["regs"] == raw["regs"]
+            bystander = vcpu if target is other else other
+            assert bystander.get_regs().rax == 0x5678
         # Lengths are checked when the batch is built, and the XSAVE size when it is used.
         with pytest.raises(KvmInvalidArgumentError, match="144 bytes, not 143"):
             Vcpu.prepare_state([("regs", raw["regs"][:-1])])

@@ -100,6 +100,7 @@ class IoctlBatch:
             self._pointers[k] = ffi.cast("void *", arg)
             self._expect[k] = expect
         self._ends = ffi.new("uint32_t[]", [len(entries)])
+        self._last: tuple[tuple[int, ...], tuple[int, ...], CData, CData] | None = None
 
     @classmethod
     def chain(cls, batches: list[IoctlBatch]) -> IoctlBatch:
@@ -140,18 +141,24 @@ class IoctlBatch:
         ``fds`` (one fd for a plain batch).  Returns ``(index, result)``: the index of the
         first call that failed (``len(self)`` when none did) and its result (-errno, or a
         count other than the expected one; 0 when none failed)."""
-        fd_list = [fds] if isinstance(fds, int) else list(fds)
+        fd_list = (fds,) if isinstance(fds, int) else tuple(fds)
         if len(fd_list) != len(self.parts):
             raise ValueError(f"{len(self.parts)} fds needed, {len(fd_list)} given")
+        # The fd array and the skip mask of the last call are kept (a reset writes the same
+        # batch to the same fds again and again); each is read-only once made, so a call from
+        # another thread at the same time at worst makes its own.
+        last = self._last
+        if last is None or last[0] != fd_list or last[1] != skip:
+            mask = ffi.NULL
+            if skip:
+                mask = ffi.new("uint8_t[]", len(self.names))
+                for k in skip:
+                    mask[k] = 1
+            last = self._last = (fd_list, skip, ffi.new("int[]", fd_list), mask)
         result = ffi.new("int32_t *")
-        mask = ffi.NULL
-        if skip:
-            mask = ffi.new("uint8_t[]", len(self.names))
-            for k in skip:
-                mask[k] = 1
-        done = lib.kvmio_ioctl_batch(ffi.new("int[]", fd_list), self._ends, len(fd_list),
-                                     self._requests, self._pointers, self._expect, mask,
-                                     len(self.names), result)
+        done = lib.kvmio_ioctl_batch(last[2], self._ends, len(fd_list), self._requests,
+                                     self._pointers, self._expect, last[3], len(self.names),
+                                     result)
         return int(done), int(result[0])
 
 

@@ -447,18 +447,13 @@ class RingSet:
             # Safety: NULL buffers make the call read the rings only (mapped: see below);
             # a bound `restore` holds exports of everything its table points to (see
             # PageRestore.bind), and the call writes guest memory only at checked pages.
+            # (A reset with pages to restore skips it: it expects a harvest.)
             if restore is None:
                 r = lib.kvmio_rings_collect_reset(self._ctl, len(live), ffi.NULL, ffi.NULL,
                                                   ffi.NULL, ffi.NULL, self._group_cells,
                                                   reset_fd, lib.KVM_RESET_DIRTY_RINGS, out)
-            else:
-                r = lib.kvmio_rings_collect_restore(self._ctl, len(live), ffi.NULL, ffi.NULL,
-                                                    ffi.NULL, ffi.NULL, self._group_cells,
-                                                    reset_fd, lib.KVM_RESET_DIRTY_RINGS, out,
-                                                    *restore.args())
-            if r == 0:
-                return QuickHarvest((), 0, (), out.harvested_at,
-                                    restored=restore is not None and restore.done)
+                if r == 0:
+                    return QuickHarvest((), 0, (), out.harvested_at)
             assert self._pool is not None and self._page_pool is not None
             slots, offsets, ps, po = self._pool.get_raw()
             pages, scratch, pp, pt = self._page_pool.get_raw()
