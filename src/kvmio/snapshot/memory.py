@@ -26,6 +26,12 @@ the log, pass it as ``tracker=``: the checkpoint then takes its pages with
 ``tracker.take(final=True)``, and must be the tracker's only taker (a take by anyone else
 would hide pages from the next reset).
 
+**One native call where it can be.**  In ring mode, with the log trusted, a reset hands the
+stored pages and the host-written pages to :meth:`kvmio.Vm.collect_and_restore`, which
+collects the rings and copies every page back in the same call, all or nothing; a collection
+that is not the clean common case comes back with nothing copied, and the page-by-page path
+below restores it.
+
 **Doubt means a full reset, never a wrong one.**  A ring overrun (reported by the collection,
 or any :class:`~kvmio.errors.DirtyRingError`), a slot a tracker reports wholly dirty, or a
 previous reset that did not finish (an exception, Ctrl-C) makes the reset compare every page
@@ -122,7 +128,9 @@ class ResetStats:
     path: ResetPath
     #: Wall-clock nanoseconds of the whole reset.
     ns: int
-    #: Of which collecting the dirty log (harvest and reset of the rings, or the bitmaps).
+    #: Of which collecting the dirty log (harvest and reset of the rings, or the bitmaps);
+    #: in ring mode with a clean log, the one native call that collects and copies the pages
+    #: back (:meth:`kvmio.Vm.collect_and_restore`).
     collect_ns: int = 0
     #: Distinct pages the dirty log reported (guest writes).
     dirty: int = 0
