@@ -521,6 +521,34 @@ def test_vcpu_state_in_one_call(kvm: Kvm) -> None:
         assert vcpu.get_msrs([0x174]) == {0x174: 7}
 
 
+def test_encode_cpuid_round_trips_and_names_a_bad_field(kvm: Kvm) -> None:
+    import numpy as np
+
+    from kvmio.vcpu import decode_cpuid, encode_cpuid
+    from kvmio.x86 import CpuidEntry
+
+    cpuid = kvm.get_supported_cpuid()
+    raw = encode_cpuid(cpuid)
+    assert decode_cpuid(raw) == list(cpuid)
+    assert int.from_bytes(raw[:4], "little") == len(cpuid)
+    # The header and every entry's padding are zero: decode skips them, so read them here.
+    entry = 40  # sizeof(struct kvm_cpuid_entry2)
+    assert len(raw) == 8 + entry * len(cpuid) and raw[4:8] == bytes(4)
+    assert all(raw[8 + k * entry + 28:8 + (k + 1) * entry] == bytes(12)
+               for k in range(len(cpuid)))
+    e = cpuid[0]
+    numpy_ints = CpuidEntry(*(np.uint32(v) for v in (e.function, e.index, e.flags, e.eax,
+                                                     e.ebx, e.ecx, e.edx)))
+    assert encode_cpuid([numpy_ints, *cpuid[1:]]) == raw
+    for bad, message in ((True, "eax must be an int, not bool"), (-1, "eax must be a u32"),
+                         (1 << 32, "eax must be a u32"), (1.0, "eax must be an int, not float")):
+        wrong = CpuidEntry(e.function, e.index, e.flags, bad, e.ebx, e.ecx, e.edx)
+        with pytest.raises(KvmInvalidArgumentError, match=message):
+            encode_cpuid([*cpuid[:3], wrong])
+    with pytest.raises(KvmInvalidArgumentError, match="CPUID entry"):
+        encode_cpuid([e, "not an entry"])  # type: ignore[list-item]
+
+
 def test_cpuid_cannot_change_after_the_first_run(kvm: Kvm) -> None:
     import errno
 

@@ -831,7 +831,9 @@ class _Reader:
         if n * _PAIR.size != len(self.data) - self.pos:
             raise SnapshotError(f"the {self.what} counts {n} entries but holds "
                                 f"{len(self.data) - self.pos} bytes")
-        return [(int(k), int(v)) for k, v in (self.unpack(_PAIR) for _ in range(n))]
+        out = list(_PAIR.iter_unpack(self.data[self.pos:]))  # the length is checked above
+        self.pos = len(self.data)
+        return out
 
 
 def _one(records: dict[int, list[bytes]], tag: int, what: str, *,
@@ -866,7 +868,7 @@ def _decode_vcpu(raw: bytes) -> tuple[int, VcpuState]:
     if n * _CPUID_ENTRY.size != len(cr.data) - cr.pos:
         raise SnapshotError(f"{what}'s cpuid counts {n} entries but holds "
                             f"{len(cr.data) - cr.pos} bytes")
-    cpuid = tuple(CpuidEntry(*cr.unpack(_CPUID_ENTRY)) for _ in range(n))
+    cpuid = tuple(CpuidEntry(*e) for e in _CPUID_ENTRY.iter_unpack(cr.data[cr.pos:]))
     if recs:
         raise SnapshotError(f"{what} has records of unknown kinds {sorted(recs)}")
     for label, items in (("XCR", xcrs), ("MSR", msrs)):
