@@ -189,6 +189,39 @@ def test_host_write_records_are_thread_safe(kvm: Kvm) -> None:
         assert set(np.concatenate(taken).tolist()) == set(range(pages))
 
 
+def test_populate_faults_pages_in_without_changing_them(tmp_path: Path) -> None:
+    big = AnonymousMemory(8 << 30, noreserve=True)
+    try:
+        a = np.frombuffer(big.mapping.mm, dtype=np.uint8)
+        a[5 * 4096 + 1] = 42  # data of its own before the populate
+        assert big.populate(3, 4) is True
+        assert big.populated_pages().tolist() == [3, 4, 5, 6]
+        assert a[5 * 4096 + 1] == 42 and not a[3 * 4096:5 * 4096].any()
+        assert big.populate(0, 0) is True and big.populated_pages().tolist() == [3, 4, 5, 6]
+        del a
+        with pytest.raises(KvmInvalidArgumentError, match="outside"):
+            big.populate(big.size // 4096 - 1, 2)
+        with pytest.raises(KvmInvalidArgumentError, match="first_page"):
+            big.populate(-1, 1)
+        with pytest.raises(KvmInvalidArgumentError, match="num_pages"):
+            big.populate(0, "2")  # type: ignore[arg-type]
+    finally:
+        big.close()
+    with pytest.raises(KvmClosedError):
+        big.populate(0, 1)
+    f = tmp_path / "image"
+    f.write_bytes(b"\x07" * SIZE)
+    private = FileMemory(f)
+    try:  # a private file mapping: populated as private copies of the file's bytes
+        assert private.populate(1, 2) is True
+        assert private.populated_pages().tolist() == [1, 2]
+        p = np.frombuffer(private.mapping.mm, dtype=np.uint8)
+        assert int(p[4096:3 * 4096].min()) == 7
+        del p
+    finally:
+        private.close()
+
+
 def test_populated_pages_of_each_backend(kvm: Kvm, tmp_path: Path) -> None:
     big = AnonymousMemory(8 << 30, noreserve=True)
     try:

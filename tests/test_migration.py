@@ -948,3 +948,82 @@ def test_a_hand_over_the_destination_refuses_resumes_the_source(kvm: Kvm) -> Non
         assert not r.paused and r.running
         dest.join(30)
         assert isinstance(dest.error, MigrationError) and dest.w is None
+
+
+# -- the destination's prefault helper ------------------------------------------------------
+
+
+def _sparse_vm(kvm: Kvm, run: range, islands: range) -> Any:
+    """A stopped VM whose large sparse slot holds data in one stretch and in lone pages."""
+    vm = kvm.create_vm()
+    vm.add_memory_region(0, 1 << 20, log_dirty=True)
+    vm.add_memory_region(1 << 30, 1 << 30, log_dirty=True, noreserve=True)
+    vcpu = vm.create_vcpu()
+    vcpu.set_cpuid2(kvm.get_supported_cpuid())
+    for p in [*run, *islands]:
+        vm.write_memory((1 << 30) + p * 4096 + 8, (p + 1).to_bytes(8, "little"))
+    return vm
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_the_destination_faults_in_no_more_than_the_stream_sends(kvm: Kvm,
+                                                                 prefault: bool) -> None:
+    run, islands = range(1000, 4000), range(20000, 200000, 4000)
+    sent = len(run) + len(islands)
+    with _sparse_vm(kvm, run, islands) as vm:
+        src, dst = socket_pair()
+        got: dict[str, Any] = {}
+        t = threading.Thread(
+            target=lambda: got.update(r=receive_vm(kvm, dst, prefault=prefault)))
+        t.start()
+        with src, dst:
+            send_vm(src, vm)
+            t.join(60)
+        received = got["r"]
+        with received.vm:
+            memory = received.vm.regions[1].memory
+            populated = memory.populated_pages()
+            # Every page holds what the source's did, and nothing else was written.
+            words = received.vm.regions[1].array(np.uint64).reshape(-1, 512)
+            assert set(populated.tolist()) >= {*run, *islands}
+            for p in populated.tolist():
+                want = p + 1 if (p in run or p in islands) else 0
+                assert int(words[p][1]) == want and not words[p][2:].any()
+            del words
+            extra = len(populated) - sent
+            if prefault:
+                # Ahead by at most the stretch the stream had sent in a row: the stretch's
+                # length after it, one page after each lone page.
+                assert 0 <= extra <= len(run) + len(islands), extra
+                assert received.prefaulted <= len(run) + sent
+            else:
+                assert extra == 0 and received.prefaulted == 0
+
+
+def test_the_prefault_helper_keeps_within_the_stretch_it_was_shown() -> None:
+    from kvmio.memory import AnonymousMemory
+    from kvmio.migration.precopy import PREFAULT_WINDOW, _Prefaulter
+
+    mem = AnonymousMemory(1 << 30, noreserve=True)
+    helper = _Prefaulter({7: mem})
+    try:
+        # A stretch of 300 pages in two records: populated up to 300 pages past its end.
+        helper.saw(7, np.arange(100, 356, dtype=np.uint64))
+        helper.saw(7, np.arange(356, 400, dtype=np.uint64))
+        wait_until(lambda: helper.pages >= 300, what="the helper to populate the window")
+        # A lone page far away starts a new stretch: one page after it.
+        helper.saw(7, np.array([100_000], dtype=np.uint64))
+        wait_until(lambda: helper.pages >= 301, what="the helper to follow the stream")
+        # A stretch longer than the window: the window after it, no more.
+        helper.saw(7, np.arange(150_000, 150_000 + 2 * PREFAULT_WINDOW, dtype=np.uint64))
+        end = 150_000 + 3 * PREFAULT_WINDOW
+        wait_until(lambda: helper.pages >= 301 + PREFAULT_WINDOW, what="the window")
+    finally:
+        done = helper.stop()
+    try:
+        populated = set(mem.populated_pages().tolist())
+        assert populated == {*range(400, 700), 100_001,
+                             *range(150_000 + 2 * PREFAULT_WINDOW, end)}
+        assert done == len(populated)
+    finally:
+        mem.close()

@@ -383,6 +383,22 @@ class Mapping:
         """The mapping's start as a pointer of C type ``ctype``."""
         return ffi.cast(ctype, self.ptr)
 
+    def populate(self, offset: int, length: int) -> int:
+        """Fault ``length`` bytes from ``offset`` in, writable, without changing them
+        (``MADV_POPULATE_WRITE``), with the GIL released; 0, or the ``errno`` the kernel
+        gave (EINVAL: a kernel older than 5.14).  The caller checks the range."""
+        # Safety: the export pins the mapping for the call (a close() meanwhile waits for
+        # it); the range lies inside it (checked here too).
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise KvmInvalidArgumentError(f"bytes {offset}+{length} lie outside this "
+                                          f"{self._what} of {self.size}")
+        buf = ffi.from_buffer("uint8_t[]", self.mm)
+        try:
+            r = lib.kvmio_populate(buf + offset, length)
+        finally:
+            ffi.release(buf)
+        return -int(r)
+
     @property
     def closed(self) -> bool:
         """Whether ``close()`` was called."""

@@ -143,6 +143,7 @@ class _Lib:
     kvmio_irqchip_data_offset: Callable[..., int]
     kvmio_irqchip_data_size: Callable[..., int]
     kvmio_kick_signal: Callable[..., int]
+    kvmio_populate: Callable[..., int]
     kvmio_restore_pages: Callable[..., int]
     kvmio_ring_count_dirty: Callable[..., int]
     kvmio_ring_fill: Callable[..., None]

@@ -243,6 +243,7 @@ size_t kvmio_run_union_offset(void);
 
 int kvmio_ioctl(int fd, unsigned long request, void *arg);
 int kvmio_ioctl_val(int fd, unsigned long request, unsigned long arg);
+int kvmio_populate(uint8_t *addr, size_t length);
 int kvmio_kick_signal(void);
 int kvmio_install_kick_handler(void);
 int kvmio_run_bounded(int fd, unsigned long request, struct kvm_run *run, int64_t ns,
@@ -574,6 +575,16 @@ int kvmio_ioctl_val(int fd, unsigned long request, unsigned long arg)
 {
     int r = ioctl(fd, request, arg);
     return r < 0 ? -errno : r;
+}
+
+/* Fault `length` bytes of a mapping in, writable, without writing them
+ * (MADV_POPULATE_WRITE, Linux 5.14): 0, or -errno (-EINVAL on an older kernel). */
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+int kvmio_populate(uint8_t *addr, size_t length)
+{
+    return madvise(addr, length, MADV_POPULATE_WRITE) < 0 ? -errno : 0;
 }
 
 /* The kick signal: a real-time signal Python leaves alone, with a handler that does nothing and

@@ -195,6 +195,17 @@ class Memory:
         self.mapping.mm.madvise(mmap.MADV_DONTNEED, first_page * PAGE_SIZE,
                                 num_pages * PAGE_SIZE)
 
+    def populate(self, first_page: int, num_pages: int) -> bool:
+        """Fault ``num_pages`` pages from ``first_page`` in ahead of use, writable, without
+        changing what they hold (``MADV_POPULATE_WRITE``), so that later writes take no page
+        fault; the GIL is released meanwhile, so another thread can do it ahead of a writer.
+        Returns ``False`` if the kernel could not (older than 5.14, or out of memory): it is
+        only a hint."""
+        self._check_pages(first_page, num_pages)
+        if not num_pages:
+            return True
+        return not self.mapping.populate(first_page * PAGE_SIZE, num_pages * PAGE_SIZE)
+
     def _check_pages(self, first_page: int, num_pages: int) -> None:
         first_page = integer("first_page", first_page)
         num_pages = integer("num_pages", num_pages)
