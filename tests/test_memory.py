@@ -194,7 +194,10 @@ def test_populate_faults_pages_in_without_changing_them(tmp_path: Path) -> None:
     try:
         a = np.frombuffer(big.mapping.mm, dtype=np.uint8)
         a[5 * 4096 + 1] = 42  # data of its own before the populate
-        assert big.populate(3, 4) is True
+        if not big.populate(3, 4):  # only a hint: a kernel before 5.14 cannot
+            release = tuple(int(x) for x in os.uname().release.split(".")[:2])
+            assert release < (5, 14), f"populate failed on Linux {os.uname().release}"
+            return
         assert big.populated_pages().tolist() == [3, 4, 5, 6]
         assert a[5 * 4096 + 1] == 42 and not a[3 * 4096:5 * 4096].any()
         assert big.populate(0, 0) is True and big.populated_pages().tolist() == [3, 4, 5, 6]

@@ -561,28 +561,40 @@ def test_collect_and_restore_is_all_or_nothing(kvm: Kvm) -> None:
         fill(m, 7)
         ring = m.vcpu.take_dirty_ring()
         rings = [ring]
-        m.vm.collect_and_restore(_abi.PageRestore([]), rings=rings)  # start from a clean log
         regions = m.vm.regions
-        low = np.zeros(0, dtype=np.uint64)
-        none = np.zeros((0, PAGE), dtype=np.uint8)
-        # A table without slot 0 while the guest writes both slots; then a table of both
-        # slots without room for the pages it has no copy of.
-        for table, capacity in ((_abi.PageRestore([(1, none, low, 0)]), 1 << 20),
-                                (_abi.PageRestore([(0, none, low, 0), (1, none, low, 0)]), 0)):
+        mems = [regions[s].memory.mapping for s in sorted(regions)]
+        none = np.zeros(0, dtype=np.uint64)
+        # Each slot's table entry stores page 0x160 (slot 0) / 5 (slot 1) as 0xAB bytes, and
+        # zero-fills what it has no copy of: a restore would change the guest's values.
+        stored = np.full((1, PAGE), 0xAB, dtype=np.uint8)
+        entries = {0: (0, stored, np.array([0x160], dtype=np.uint64), 1 << 20),
+                   1: (1, stored, np.array([5], dtype=np.uint64), 1 << 20)}
+
+        def attempt(slots: list[int], capacity: int) -> tuple[DirtyPages | None, bool]:
             m.run_writes([(0x160000, 11), (HIGH_BASE + 0x5000, 12)])
-            mems = [regions[s].memory.mapping for s in sorted(regions)][-table.slots:]
-            table.bind(mems, [low] * table.slots, capacity)
+            table = _abi.PageRestore([entries[s] for s in slots])
+            table.bind([mems[s] for s in slots], [none] * len(slots), capacity)
             try:
-                got = m.vm.collect_and_restore(table, rings=rings)
+                return m.vm.collect_and_restore(table, rings=rings), table.done
             finally:
                 table.unbind()
-            assert isinstance(got, DirtyPages) and not table.done
+                table.close()
+
+        m.vm.collect_and_restore(_abi.PageRestore([]), rings=rings)  # start from a clean log
+        # A table without slot 0 while the guest writes both slots; then a table of both
+        # slots without room for the pages it has no copy of: nothing written.
+        for slots, capacity in (([1], 1 << 20), ([0, 1], 0)):
+            got, done = attempt(slots, capacity)
+            assert isinstance(got, DirtyPages) and not done
             assert {0x160} <= set(got.pages[0].tolist())
             assert {5} <= set(got.pages[1].tolist())
-            # Nothing was written: the guest's values are still there.
             assert m.vm.read_memory(0x160000, 8) == struct.pack("<Q", 11)
             assert m.vm.read_memory(HIGH_BASE + 0x5000, 8) == struct.pack("<Q", 12)
-            table.close()
+        # The control: the same writes with a table of both slots and room: all restored.
+        got, done = attempt([0, 1], 1 << 20)
+        assert got is None and done
+        assert m.vm.read_memory(0x160000, 8) == b"\xab" * 8
+        assert m.vm.read_memory(HIGH_BASE + 0x5000, 8) == b"\xab" * 8
         ring.release()
 
 
@@ -597,6 +609,10 @@ def test_collect_and_restore_refuses_bad_input(kvm: Kvm) -> None:
         _abi.PageRestore([(0, np.zeros((1, PAGE), dtype=np.uint8), index, 0)])
     with pytest.raises(KvmInvalidArgumentError, match="does not match"):
         _abi.PageRestore([(0, np.zeros((2, PAGE), dtype=np.uint8), index.astype(np.int64), 0)])
+    with pytest.raises(KvmInvalidArgumentError, match="strictly increasing"):
+        _abi.PageRestore([(0, np.zeros((2, PAGE), dtype=np.uint8), index[::-1].copy(), 0)])
+    with pytest.raises(KvmInvalidArgumentError, match="named twice"):
+        _abi.PageRestore([(0, np.zeros((2, PAGE), dtype=np.uint8), index, 0)] * 2)
     table = _abi.PageRestore([(0, np.zeros((2, PAGE), dtype=np.uint8), index, 0)])
     with pytest.raises(KvmInvalidArgumentError, match="one memory"):
         table.bind([], [], 0)

@@ -1006,24 +1006,52 @@ def test_the_prefault_helper_keeps_within_the_stretch_it_was_shown() -> None:
 
     mem = AnonymousMemory(1 << 30, noreserve=True)
     helper = _Prefaulter({7: mem})
+
+    def shown(first: int, count: int, data: bool = True, step: int = 1) -> None:
+        helper.saw(7, np.arange(first, first + count * step, step, dtype=np.uint64), data)
+
     try:
-        # A stretch of 300 pages in two records: populated up to 300 pages past its end.
-        helper.saw(7, np.arange(100, 356, dtype=np.uint64))
-        helper.saw(7, np.arange(356, 400, dtype=np.uint64))
+        # A stretch of 300 data pages: populated up to 300 pages past its end.
+        shown(100, 300)
         wait_until(lambda: helper.pages >= 300, what="the helper to populate the window")
-        # A lone page far away starts a new stretch: one page after it.
-        helper.saw(7, np.array([100_000], dtype=np.uint64))
+        # Zero pages far away start a new stretch with no data: nothing ahead of them.
+        shown(50_000, 200, data=False)
+        # A lone data page after them, in the same stretch: one page ahead.
+        shown(50_300, 1)
         wait_until(lambda: helper.pages >= 301, what="the helper to follow the stream")
         # A stretch longer than the window: the window after it, no more.
-        helper.saw(7, np.arange(150_000, 150_000 + 2 * PREFAULT_WINDOW, dtype=np.uint64))
-        end = 150_000 + 3 * PREFAULT_WINDOW
+        shown(150_000, 2 * PREFAULT_WINDOW)
         wait_until(lambda: helper.pages >= 301 + PREFAULT_WINDOW, what="the window")
     finally:
         done = helper.stop()
     try:
         populated = set(mem.populated_pages().tolist())
-        assert populated == {*range(400, 700), 100_001,
-                             *range(150_000 + 2 * PREFAULT_WINDOW, end)}
+        end = 150_000 + 2 * PREFAULT_WINDOW
+        assert populated == {*range(400, 700), 50_301, *range(end, end + PREFAULT_WINDOW)}
         assert done == len(populated)
+    finally:
+        mem.close()
+
+
+def test_a_hostile_stream_cannot_make_the_prefault_helper_fill_memory() -> None:
+    from kvmio.memory import AnonymousMemory
+    from kvmio.migration.precopy import PREFAULT_WINDOW, _Prefaulter
+
+    mem = AnonymousMemory(64 << 30, noreserve=True)
+    helper = _Prefaulter({1: mem})
+    try:
+        # Records that each name a few pages spread over their whole span, data and zero,
+        # on and on: the stretch goes on, but its data pages are few.
+        data = 0
+        for k in range(2000):
+            pages = np.arange(k * 256, (k + 1) * 256, 100, dtype=np.uint64)
+            helper.saw(1, pages, data=bool(k % 2))
+            data += len(pages) if k % 2 else 0
+        wait_until(lambda: helper.pages >= data, what="the helper to catch up")
+    finally:
+        done = helper.stop()
+    try:
+        assert data <= done <= data + PREFAULT_WINDOW, (done, data)
+        assert len(mem.populated_pages()) == done
     finally:
         mem.close()

@@ -142,6 +142,7 @@ class IoctlBatch:
         first call that failed (``len(self)`` when none did) and its result (-errno, or a
         count other than the expected one; 0 when none failed)."""
         fd_list = (fds,) if isinstance(fds, int) else tuple(fds)
+        skip = tuple(skip)  # compared with the last call's: a list changed in place would not
         if len(fd_list) != len(self.parts):
             raise ValueError(f"{len(self.parts)} fds needed, {len(fd_list)} given")
         # The fd array and the skip mask of the last call are kept (a reset writes the same
@@ -477,10 +478,14 @@ class PageRestore:
         self._done = ffi.new("int32_t *")
         self._missing = np.zeros(0, dtype=np.uint64)
         self._missing_ptr: CData = ffi.NULL
+        if len({raw for raw, _, _, _ in slots}) != len(slots):
+            raise KvmInvalidArgumentError("a slot is named twice")
         for k, (raw, store, index, zero_below) in enumerate(slots):
             if (index.dtype != np.uint64 or not index.flags.c_contiguous
                     or not store.flags.c_contiguous or store.nbytes != len(index) * PAGE_SIZE):
                 raise KvmInvalidArgumentError("the page store does not match its index")
+            if len(index) > 1 and not bool(np.all(index[1:] > index[:-1])):
+                raise KvmInvalidArgumentError("the page index is not strictly increasing")
             t = self._table[k]
             t.raw_slot = raw
             t.zero_below = zero_below

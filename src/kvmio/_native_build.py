@@ -578,13 +578,13 @@ int kvmio_ioctl_val(int fd, unsigned long request, unsigned long arg)
 }
 
 /* Fault `length` bytes of a mapping in, writable, without writing them
- * (MADV_POPULATE_WRITE, Linux 5.14): 0, or -errno (-EINVAL on an older kernel). */
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
+ * (MADV_POPULATE_WRITE, Linux 5.14; its uapi value, asm-generic/mman-common.h, named here so
+ * that the build does not depend on the C library's headers knowing it): 0, or -errno
+ * (-EINVAL on an older kernel). */
+#define KVMIO_MADV_POPULATE_WRITE 23
 int kvmio_populate(uint8_t *addr, size_t length)
 {
-    return madvise(addr, length, MADV_POPULATE_WRITE) < 0 ? -errno : 0;
+    return madvise(addr, length, KVMIO_MADV_POPULATE_WRITE) < 0 ? -errno : 0;
 }
 
 /* The kick signal: a real-time signal Python leaves alone, with a handler that does nothing and

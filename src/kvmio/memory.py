@@ -202,6 +202,8 @@ class Memory:
         Returns ``False`` if the kernel could not (older than 5.14, or out of memory): it is
         only a hint."""
         self._check_pages(first_page, num_pages)
+        if self.closed:
+            raise KvmClosedError("this memory is closed")
         if not num_pages:
             return True
         return not self.mapping.populate(first_page * PAGE_SIZE, num_pages * PAGE_SIZE)

@@ -88,8 +88,9 @@ SWITCH_OVER_COST = 0.004
 AUTO_SHRINK = 0.9
 #: Auto-converge's first limit: this share of the measured bandwidth, for all vCPUs together.
 AUTO_FRACTION = 0.5
-#: How far ahead of the first pass's records the destination faults guest memory in, at most
-#: (pages: 32 MiB; see :class:`_Prefaulter`).
+#: How far ahead of the first pass's records the destination faults guest memory in, at most,
+#: and how many pages beyond the data received it may fault in all (32 MiB; see
+#: :class:`_Prefaulter`).
 PREFAULT_WINDOW = 8192
 _PREFAULT_STEP = 512  # pages per populate call (2 MiB)
 
@@ -589,32 +590,39 @@ class _Prefaulter:
     the fault costs several times the copy: the receiving thread spent most of pass 0
     faulting.  The pass arrives in ascending page order, slot by slot, so this thread
     populates (:meth:`kvmio.Memory.populate`, which releases the GIL) the pages just past the
-    last one received, on another CPU.  It goes ahead by at most the stretch of pages the
-    stream has sent in a row (and :data:`PREFAULT_WINDOW`): the memory it fills beyond what
-    the stream writes is at most what the stream sent, whatever the source does.  Only
-    a hint: pages it has not reached are faulted by the writes, as without it."""
+    stream's position, on another CPU: as far ahead as the data pages of the current stretch
+    (records that follow each other within a record's span), at most
+    :data:`PREFAULT_WINDOW`.  Whatever the source sends, the pages it populates in all are at
+    most the data pages received so far plus :data:`PREFAULT_WINDOW`: a source cannot make the
+    destination fill more memory than it sent.  Only a hint: pages it has not reached are
+    faulted by the writes, as without it."""
 
     def __init__(self, memories: Mapping[int, Memory]):
         self._memories = dict(memories)
         self._cond = threading.Condition()
         self._slot: int | None = None
-        self._last = -1  # the last page received in the current stretch
-        self._run = 0  # pages the current stretch spans
+        self._end = -1  # the highest page the stream named in the current stretch
+        self._run = 0  # data pages in the current stretch
+        self._data = 0  # data pages received in all
         self._stopped = False
         #: Pages populated so far.
         self.pages = 0
         self._thread = threading.Thread(target=self._work, name="kvmio-prefault", daemon=True)
         self._thread.start()
 
-    def saw(self, slot: int, pages: Pages) -> None:
-        """The receiver stored (or noted as zero) ``pages`` (sorted) of ``slot``."""
-        first, last = int(pages[0]), int(pages[-1])
+    def saw(self, slot: int, pages: Pages, data: bool) -> None:
+        """The receiver stored (``data``) or noted as zero ``pages`` (sorted) of ``slot``."""
+        first, last, n = int(pages[0]), int(pages[-1]), len(pages) if data else 0
         with self._cond:
-            if slot == self._slot and self._last < first <= self._last + MAX_PAGES_PER_RECORD:
-                self._run += last - self._last
+            if slot == self._slot and self._end < first <= self._end + MAX_PAGES_PER_RECORD:
+                self._run += n
+                self._end = last
+            elif slot == self._slot and first <= self._end:  # within the stretch (a block's
+                self._run += n  # zero pages go first, then its data)
+                self._end = max(self._end, last)
             else:
-                self._slot, self._run = slot, last - first + 1
-            self._last = last
+                self._slot, self._run, self._end = slot, n, last
+            self._data += n
             self._cond.notify()
 
     def stop(self) -> int:
@@ -635,9 +643,10 @@ class _Prefaulter:
                             return
                         if self._slot is not None:
                             slot, memory = self._slot, self._memories[self._slot]
-                            start = max(done.get(slot, 0), self._last + 1)
+                            start = max(done.get(slot, 0), self._end + 1)
                             end = min(memory.num_pages,
-                                      self._last + 1 + min(self._run, PREFAULT_WINDOW))
+                                      self._end + 1 + min(self._run, PREFAULT_WINDOW),
+                                      start + self._data + PREFAULT_WINDOW - self.pages)
                             if start < end:
                                 break
                         self._cond.wait()
@@ -724,9 +733,11 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
         last_pass = (0, 0)
         state: MachineState | None = None
         expect: tuple[bytes, ...] = (b"ZERO", b"DATA", b"ZDAT", b"PASS")
-        helper = _Prefaulter(memories) if prefault else None
+        helper: _Prefaulter | None = None
         prefaulted = 0
         try:
+            if prefault:
+                helper = _Prefaulter(memories)
             while True:
                 # DATA goes straight into guest memory (its indices checked first): the VM does
                 # not run unless the whole stream checks out.
@@ -734,7 +745,7 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
                 if rec.tag in (b"DATA", b"ZDAT", b"ZERO"):
                     pr = r.pages(rec)  # checked against the layout before it touches memory
                     if helper is not None and len(pr.pages):
-                        helper.saw(pr.slot, pr.pages)
+                        helper.saw(pr.slot, pr.pages, rec.tag != b"ZERO")
                     ix = pr.pages.astype(np.intp)
                     if rec.stored:
                         written[pr.slot][ix] = True

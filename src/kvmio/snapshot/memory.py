@@ -411,7 +411,6 @@ class MemoryCheckpoint:
                 if isinstance(fused, ResetStats):
                     self._trusted = True
                     fused.ns = time.perf_counter_ns() - t0
-                    fused.collect_ns = fused.ns - (t1 - t0)
                     return fused
                 dirty, whole, reason = fused
             else:
@@ -546,12 +545,14 @@ class MemoryCheckpoint:
         assert ring_set is not None
         capacity = ring_set.entries * len(rings) + sum(len(h) for h in hosts)
         table.bind([s.region.memory.mapping for s in slots], hosts, capacity)
+        t0 = time.perf_counter_ns()
         try:
             got = self._vm.collect_and_restore(table, rings=rings)
         except DirtyRingError as e:
             return self._after_overrun(rings, str(e))
         finally:
             table.unbind()
+        call_ns = time.perf_counter_ns() - t0
         if got is not None:
             return self._judge(rings, got)
         restored = dirty = host = 0
@@ -563,7 +564,7 @@ class MemoryCheckpoint:
             if missing:
                 self._unpopulate(s, s.view(), table.missing(k))
         self._log_clean = True
-        return ResetStats(restored, "ring", 0, 0, dirty, host)
+        return ResetStats(restored, "ring", 0, call_ns, dirty, host)
 
     def _judge(self, rings: list[DirtyRing], got: DirtyPages
                ) -> tuple[Mapping[int, Pages], set[int], str | None]:
