@@ -5,8 +5,8 @@ The guest and its write list are ``bench/reset.py``'s (:class:`kvmio.resetbench.
 a long-mode guest that writes one value into each of ``N`` chosen pages, then ``out``).  Per
 row: the p50 of the whole reset (wall time), of its parts (finishing the exit, memory,
 state), and two references from the same run: a full copy of the checkpoint's pages (the
-reset without dirty tracking) and, in ring mode, the same reset with the fused native call
-(collection and page copies in one call) switched off, so that the pages are copied by the
+reset without dirty tracking) and the same reset with the fused native call (collection
+and page copies in one call) switched off, so that the pages are copied by the
 page-by-page path after the collection, interleaved with the measured resets.  The loop row
 runs the guest and resets it ``--repeat`` times and reports resets per second with the
 guest's time excluded (and against the page-by-page path's), and whole iterations per
@@ -32,7 +32,7 @@ from kvmio.snapshot import Checkpoint
 @contextlib.contextmanager
 def page_by_page(ck: Checkpoint) -> Iterator[None]:
     """The checkpoint's memory reset without the fused native call (collection, then the
-    page-by-page restore), for the paired reference of ring mode.  (Patches the instance's
+    page-by-page restore), for the paired reference.  (Patches the instance's
     private method: a benchmark-only switch.)"""
     memory: Any = ck.memory
     memory._fused = lambda hosts: memory._collect()
@@ -67,10 +67,9 @@ def main() -> None:
                             for _ in range(args.repeat):
                                 b.dirty(pages)
                                 reps.append(ck.reset())
-                                if mode == "ring":  # the same reset without the fused call
-                                    b.dirty(pages)
-                                    with page_by_page(ck):
-                                        unfused.append(ck.reset().ns)
+                                b.dirty(pages)  # the same reset without the fused call
+                                with page_by_page(ck):
+                                    unfused.append(ck.reset().ns)
                             ref = []
                             for _ in range(max(3, args.repeat // 3)):
                                 b.dirty(pages)
@@ -97,10 +96,9 @@ def main() -> None:
                             t1 = time.perf_counter_ns()
                             resets.append(ck.reset().ns)
                             runs.append(t1 - t0)
-                            if mode == "ring":
-                                b.dirty(pages)
-                                with page_by_page(ck):
-                                    plain.append(ck.reset().ns)
+                            b.dirty(pages)
+                            with page_by_page(ck):
+                                plain.append(ck.reset().ns)
                         rate = len(resets) / (sum(resets) / 1e9)
                         paired = f"{rate / (len(plain) / (sum(plain) / 1e9)):.2f}x the rate" \
                             if plain else "-"

@@ -33,6 +33,7 @@ from kvmio import (
     IoOut,
     Kvm,
     KvmClosedError,
+    KvmError,
     KvmInvalidArgumentError,
     KvmStateError,
     MemfdMemory,
@@ -106,9 +107,12 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 
 def machine(kvm: Kvm, mode: str, *, ring_entries: int = 4096, high: bool = True) -> Machine:
+    """``mode``: "ring", "bitmap", or "bitmap-manual" (manual dirty-log protect)."""
     vm = kvm.create_vm()
     if mode == "ring":
         vm.enable_dirty_ring(ring_entries)
+    elif mode == "bitmap-manual":
+        vm.enable_manual_dirty_log_protect()
     vm.add_memory_region(0, LOW_SIZE, log_dirty=True)
     if high:
         vm.add_memory_region(HIGH_BASE, HIGH_SIZE, log_dirty=True, noreserve=True)
@@ -329,8 +333,9 @@ def test_an_overrun_is_detected_and_the_reset_stays_exact(kvm: Kvm) -> None:
 
 
 @pytest.mark.parametrize("mode, where", [
-    ("ring", "fused"),  # after the native call that collected and copied (a clean ring)
+    ("ring", "fused"),  # after the native call that collected and copied (a clean log)
     ("ring", "general"),  # page by page, after a collection (a host write on the way)
+    ("bitmap", "fused"),
     ("bitmap", "general"),
 ])
 def test_an_interrupted_reset_makes_the_next_one_full(kvm: Kvm, monkeypatch: pytest.MonkeyPatch,
@@ -345,7 +350,7 @@ def test_an_interrupted_reset_makes_the_next_one_full(kvm: Kvm, monkeypatch: pyt
             m.run_writes([(0x150000, 9)])
             target = (_abi.PageRestore, "counts") if where == "fused" else \
                 (MemoryCheckpoint, "_restore")
-            if mode == "ring" and where == "general":
+            if where == "general":
                 # An extra list out of order makes the native call restore nothing: the
                 # reset then copies the collected pages itself.
                 monkeypatch.setattr(HostWriteRecord, "take",
@@ -500,8 +505,10 @@ class Spy:
         monkeypatch.setattr(MemoryCheckpoint, "_restore", spy_restore)
 
 
-def test_a_clean_ring_reset_is_one_native_call(kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
-    m = machine(kvm, "ring")
+@pytest.mark.parametrize("variant", ["ring", "bitmap", "bitmap-manual"])
+def test_a_clean_reset_is_one_native_call(kvm: Kvm, monkeypatch: pytest.MonkeyPatch,
+                                          variant: str) -> None:
+    m = machine(kvm, variant)
     with m.vm:
         fill(m, 5)
         spy = Spy(monkeypatch)
@@ -519,7 +526,8 @@ def test_a_clean_ring_reset_is_one_native_call(kvm: Kvm, monkeypatch: pytest.Mon
                 stats = cp.reset()
                 assert spy.results == [None], spy.results  # restored by the native call
                 assert spy.restores == 0
-                assert stats.path == "ring" and stats.full_slots == frozenset(), stats
+                assert stats.path == variant.split("-")[0], stats
+                assert stats.full_slots == frozenset(), stats
                 guest = {g // PAGE for g, _ in writes}
                 host = {0x150, 0x151} | pages_of(LIST_AT, 8 + 16 * len(writes))
                 assert stats.host == len(host)
@@ -532,9 +540,10 @@ def test_a_clean_ring_reset_is_one_native_call(kvm: Kvm, monkeypatch: pytest.Mon
             assert spy.results[-1] is None and (stats.pages, stats.dirty, stats.host) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("variant", ["ring", "bitmap"])
 def test_a_fused_reset_zero_fills_short_and_discards_long_runs_it_has_no_copy_of(
-        kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
-    m = machine(kvm, "ring")
+        kvm: Kvm, monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
+    m = machine(kvm, variant)
     with m.vm:
         fill(m, 6)
         spy = Spy(monkeypatch)
@@ -598,12 +607,66 @@ def test_collect_and_restore_is_all_or_nothing(kvm: Kvm) -> None:
         ring.release()
 
 
+def test_a_bitmap_collect_and_restore_falls_back_or_keeps_what_it_took(
+        kvm: Kvm, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = machine(kvm, "bitmap")
+    with m.vm:
+        fill(m, 8)
+        regions = m.vm.regions
+        mems = [regions[s].memory.mapping for s in sorted(regions)]
+        none = np.zeros(0, dtype=np.uint64)
+        stored = np.zeros((0, PAGE), dtype=np.uint8)
+        m.vm.collect_dirty_pages()  # start from a clean log
+        # A table whose bitmaps do not match the VM's logged slots: collect_dirty_pages.
+        table = _abi.PageRestore([(0, stored, none, 0), (1, stored, none, 0)], [512, 0])
+        m.run_writes([(0x160000, 11), (HIGH_BASE + 0x5000, 12)])
+        table.bind(mems, [none, none], 1 << 20)
+        try:
+            got = m.vm.collect_and_restore(table)
+        finally:
+            table.unbind()
+            table.close()
+        assert isinstance(got, DirtyPages)
+        assert {0x160} <= set(got.pages[0].tolist()) and {5} <= set(got.pages[1].tolist())
+        assert m.vm.read_memory(0x160000, 8) == struct.pack("<Q", 11)
+        # A call that fails part-way (a fake failure after the real one, with nothing
+        # restored): the bitmaps it took are kept for the next collection, and it raises.
+        sizes = [regions[s].num_pages for s in sorted(regions)]
+        table = _abi.PageRestore([(0, stored, none, 0), (1, stored, none, 0)], sizes)
+        real = _abi.PageRestore.collect_bitmaps
+
+        def fails_at_the_second(self: _abi.PageRestore, fd: int, manual: bool
+                                ) -> tuple[int, int]:
+            real(self, fd, manual)
+            self._done[0] = 0
+            return 1, 5  # slot 0 taken, then EIO
+
+        monkeypatch.setattr(_abi.PageRestore, "collect_bitmaps", fails_at_the_second)
+        m.run_writes([(0x161000, 13), (HIGH_BASE + 0x6000, 14)])
+        table.bind(mems, [none, none], 0)  # no room: the real call restores nothing
+        try:
+            with pytest.raises(KvmError) as ei:
+                m.vm.collect_and_restore(table)
+        finally:
+            table.unbind()
+            table.close()
+        assert ei.value.errno == 5
+        monkeypatch.undo()
+        assert {0x161} <= set(m.vm.collect_dirty_pages().pages[0].tolist())
+
+
 def test_collect_and_restore_refuses_bad_input(kvm: Kvm) -> None:
     with kvm.create_vm() as vm:
         with pytest.raises(KvmInvalidArgumentError, match="restore"):
             vm.collect_and_restore("table")  # type: ignore[arg-type]
-        with pytest.raises(KvmStateError, match="dirty ring"):
-            vm.collect_and_restore(_abi.PageRestore([]))
+        # Bitmap mode, no slot: nothing to collect or restore, and it says it restored.
+        assert vm.collect_and_restore(_abi.PageRestore([])) is None
+        claim = vm.claim_dirty_log("a test")
+        with pytest.raises(KvmStateError, match="claimed"):
+            vm.collect_and_restore(_abi.PageRestore([]))  # a second consumer
+        assert vm.collect_and_restore(_abi.PageRestore([]), claim=claim) is None
+        with pytest.raises(KvmInvalidArgumentError, match="one bitmap size per slot"):
+            _abi.PageRestore([], [1])
     index = np.array([1, 2], dtype=np.uint64)
     with pytest.raises(KvmInvalidArgumentError, match="does not match"):
         _abi.PageRestore([(0, np.zeros((1, PAGE), dtype=np.uint8), index, 0)])

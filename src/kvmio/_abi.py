@@ -470,7 +470,8 @@ class PageRestore:
     :attr:`done` says whether it restored, and :meth:`counts` and :meth:`missing` what.
     """
 
-    def __init__(self, slots: list[tuple[int, npt.NDArray[Any], npt.NDArray[np.uint64], int]]):
+    def __init__(self, slots: list[tuple[int, npt.NDArray[Any], npt.NDArray[np.uint64], int]],
+                 bitmaps: list[int] | None = None):
         self._n = len(slots)
         self._table = ffi.new("struct kvmio_restore_slot[]", max(1, self._n))
         self._pins: list[CData] = []  # the stores and indices, for the object's lifetime
@@ -498,6 +499,21 @@ class PageRestore:
                 ix = ffi.from_buffer("uint64_t[]", index)
                 self._pins += [st, ix]
                 t.store, t.index = st, ix
+        #: Per slot, its dirty bitmap (bitmap mode; ``None`` for a slot without one).
+        self._bitmaps: list[npt.NDArray[np.uint64] | None] = [None] * self._n
+        if bitmaps is not None:
+            if len(bitmaps) != self._n:
+                raise KvmInvalidArgumentError("one bitmap size per slot")
+            for k, pages in enumerate(bitmaps):
+                if pages <= 0:
+                    continue
+                words = np.zeros((pages + 63) // 64, dtype=np.uint64)
+                # Safety: pinned until close(); the kernel writes (and the C call reads) at
+                # most ceil(bitmap_pages / 64) words, its size.
+                bm = ffi.from_buffer("uint64_t[]", words, require_writable=True)
+                self._pins.append(bm)
+                self._bitmaps[k] = words
+                self._table[k].bitmap, self._table[k].bitmap_pages = bm, pages
 
     @property
     def slots(self) -> int:
@@ -561,6 +577,34 @@ class PageRestore:
         """Whether the last call restored the pages (else it wrote nothing)."""
         return bool(self._done[0])
 
+    def bitmap_slots(self) -> list[tuple[int, int, int]]:
+        """``(table entry, raw slot, pages)`` of every slot with a dirty bitmap, in table
+        order."""
+        return [(k, int(self._table[k].raw_slot), int(self._table[k].bitmap_pages))
+                for k in range(self._n) if self._bitmaps[k] is not None]
+
+    def collect_bitmaps(self, fd: int, manual: bool) -> tuple[int, int]:
+        """Bitmap mode, bound: KVM_GET_DIRTY_LOG (and KVM_CLEAR_DIRTY_LOG under ``manual``
+        protect) of every slot with a bitmap, on the VM's ``fd`` (open for the call), then the
+        restore as for the rings, all or nothing (:attr:`done`).  Returns ``(fetched, errno)``:
+        the table entries whose bitmaps were taken (their bits: :meth:`bitmap`; cleared in the
+        kernel) and the errno of the call that failed (0: none did)."""
+        fetched = ffi.new("uint32_t *")
+        # Safety: everything the table points to is pinned (stores, bitmaps until close(),
+        # memory and host pages until unbind()); the kernel writes each bitmap within its size.
+        r = lib.kvmio_bitmaps_collect_restore(fd, lib.KVM_GET_DIRTY_LOG, lib.KVM_CLEAR_DIRTY_LOG,
+                                              int(manual), self._table, self._n,
+                                              self._missing_ptr, len(self._missing), fetched,
+                                              self._done)
+        return int(fetched[0]), -int(r)
+
+    def bitmap(self, k: int) -> npt.NDArray[np.uint64]:
+        """A copy of slot ``k``'s bitmap as the last call took it (bit 0: page 0)."""
+        words = self._bitmaps[k]
+        if words is None:
+            raise KvmInvalidArgumentError(f"slot entry {k} has no bitmap")
+        return words.copy()
+
     def counts(self, k: int) -> tuple[int, int, int]:
         """``(restored, logged, missing)`` of slot ``k`` in the last call that restored:
         distinct pages restored (logged and host-written), distinct pages the rings named,
@@ -584,6 +628,8 @@ class PageRestore:
         for k in range(self._n):
             t = self._table[k]
             t.store, t.index, t.nindex = ffi.NULL, ffi.NULL, 0
+            t.bitmap, t.bitmap_pages = ffi.NULL, 0
+        self._bitmaps = [None] * self._n
 
 
 def new(ctype: str, init: Any = None) -> CData:

@@ -133,6 +133,7 @@ class _Lib:
     KVM_SYSTEM_EVENT_RESET: int
     KVM_SYSTEM_EVENT_SHUTDOWN: int
     MAP_NORESERVE: int
+    kvmio_bitmaps_collect_restore: Callable[..., int]
     kvmio_collect_reference: Callable[..., int]
     kvmio_dedup: Callable[..., int]
     kvmio_install_kick_handler: Callable[..., int]

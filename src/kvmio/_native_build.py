@@ -61,6 +61,8 @@ struct kvmio_restore_slot {
     const uint8_t *store;
     const uint64_t *index;
     const uint64_t *extra;
+    uint64_t *bitmap;
+    uint64_t bitmap_pages;
     uint64_t dst_pages;
     uint64_t nindex;
     uint64_t nextra;
@@ -305,6 +307,11 @@ int32_t kvmio_rings_collect_restore(struct kvmio_ring_ctl *ctl, uint32_t count, 
                                     struct kvmio_collect_out *out,
                                     struct kvmio_restore_slot *table, uint32_t ntable,
                                     uint64_t *missing, uint64_t missing_cap, int32_t *restored);
+int32_t kvmio_bitmaps_collect_restore(int vm_fd, unsigned long get_request,
+                                      unsigned long clear_request, int manual,
+                                      struct kvmio_restore_slot *table, uint32_t ntable,
+                                      uint64_t *missing, uint64_t missing_cap,
+                                      uint32_t *fetched, int32_t *restored);
 """
 
 # x86_64-only structures and ioctls.
@@ -1232,6 +1239,74 @@ static int kvmio_pages_ok(const uint64_t *pages, uint64_t n, uint64_t limit)
     return 1;
 }
 
+/* One slot of a fused reset, after every check: copy back the stored page of every page of
+ * `logged` (sorted, distinct; or, with `use_bitmap`, every set bit of t->bitmap) and of
+ * t->extra, merged; the pages without a stored copy are zero-filled if
+ * fewer than t->zero_below, else listed in `missing` (t->nmissing).  Sets t->restored and
+ * t->logged. */
+static void kvmio_restore_walk(struct kvmio_restore_slot *t, const uint64_t *logged,
+                               uint64_t nlogged, int use_bitmap, uint64_t *missing)
+{
+    const uint64_t words = use_bitmap && t->bitmap ? (t->bitmap_pages + 63) / 64 : 0;
+    uint64_t a = 0, b = 0, q = 0, done = 0, m = 0, w = 0, bits = words ? t->bitmap[0] : 0;
+    uint64_t nbits = 0;
+    for (;;) {
+        /* The next logged page: from the list, or the next set bit of the bitmap. */
+        int have = 0;
+        uint64_t lp = 0;
+        if (!words) {
+            if (a < nlogged) {
+                lp = logged[a];
+                have = 1;
+            }
+        } else if (words) {
+            while (!bits && w + 1 < words)
+                bits = t->bitmap[++w];
+            if (bits) {
+                lp = w * 64 + (uint64_t)__builtin_ctzll(bits);
+                have = 1;
+            }
+        }
+        const int hx = b < t->nextra;
+        if (!have && !hx)
+            break;
+        uint64_t p;
+        int take_logged = 0, take_extra = 0;
+        if (have && (!hx || lp <= t->extra[b])) {
+            p = lp;
+            take_logged = 1;
+            take_extra = hx && t->extra[b] == lp;
+        } else {
+            p = t->extra[b];
+            take_extra = 1;
+        }
+        if (take_logged) {
+            nbits++;
+            if (!words)
+                a++;
+            else
+                bits &= bits - 1;
+        }
+        if (take_extra)
+            b++;
+        while (q < t->nindex && t->index[q] < p)
+            q++;
+        if (q < t->nindex && t->index[q] == p)
+            memcpy(t->dst + p * 4096, t->store + q * 4096, 4096);
+        else
+            missing[m++] = p;
+        done++;
+    }
+    if (m && m < t->zero_below) {
+        for (uint64_t i = 0; i < m; i++)
+            memset(t->dst + missing[i] * 4096, 0, 4096);
+        m = 0;
+    }
+    t->nmissing = m;
+    t->restored = done;
+    t->logged = nbits;
+}
+
 /* A checkpoint's fused reset: kvmio_rings_collect_reset (same arguments, same result, same
  * accounting for the caller), then, only if that collection was clean (a result >= 0; with
  * slots == NULL a probe that found nothing), the pages restored in the same call: for each
@@ -1280,7 +1355,7 @@ int32_t kvmio_rings_collect_restore(struct kvmio_ring_ctl *ctl, uint32_t count, 
     for (uint32_t k = 0; k < ntable; k++) {
         struct kvmio_restore_slot *t = &table[k];
         const uint64_t *logged = NULL;
-        uint64_t nlogged = 0, a = 0, b = 0, q = 0, done = 0, m = 0;
+        uint64_t nlogged = 0;
         for (int32_t g = 0; g < r; g++)
             if (gslot[g] == t->raw_slot) {
                 logged = pages + gstart[g];
@@ -1288,36 +1363,87 @@ int32_t kvmio_rings_collect_restore(struct kvmio_ring_ctl *ctl, uint32_t count, 
                 break;
             }
         t->missing_at = at;
-        while (a < nlogged || b < t->nextra) {
-            uint64_t p;
-            if (b == t->nextra || (a < nlogged && logged[a] < t->extra[b]))
-                p = logged[a++];
-            else if (a == nlogged || t->extra[b] < logged[a])
-                p = t->extra[b++];
-            else {
-                p = logged[a++];
-                b++;
-            }
-            while (q < t->nindex && t->index[q] < p)
-                q++;
-            if (q < t->nindex && t->index[q] == p)
-                memcpy(t->dst + p * 4096, t->store + q * 4096, 4096);
-            else
-                missing[at + m++] = p;
-            done++;
-        }
-        if (m && m < t->zero_below) {
-            for (uint64_t i = 0; i < m; i++)
-                memset(t->dst + missing[at + i] * 4096, 0, 4096);
-            m = 0;
-        }
-        t->nmissing = m;
-        t->restored = done;
-        t->logged = nlogged;
-        at += m;
+        kvmio_restore_walk(t, logged, nlogged, 0, missing + at);
+        at += t->nmissing;
     }
     *restored = 1;
     return r;
+}
+
+/* The same in bitmap mode: for each slot of `table` with a bitmap (t->bitmap, room for
+ * t->bitmap_pages bits: the slot's pages, which the caller checked against the VM), in
+ * table order, KVM_GET_DIRTY_LOG into it and, with `manual` protect, KVM_CLEAR_DIRTY_LOG of
+ * the same bits (a failed clear leaves them set in the kernel: nothing is lost).  A failed
+ * call returns -errno with *fetched the number of table entries done before it (their bits
+ * are in their bitmaps, and the kernel's are clear: the caller keeps them); else 0 with
+ * *fetched = ntable, and then, only if every check passes (no bit at or beyond dst_pages,
+ * which must equal bitmap_pages; every extra list in order and in range; at most
+ * missing_cap pages in all), the pages restored as kvmio_rings_collect_restore does
+ * (*restored = 1). */
+int32_t kvmio_bitmaps_collect_restore(int vm_fd, unsigned long get_request,
+                                      unsigned long clear_request, int manual,
+                                      struct kvmio_restore_slot *table, uint32_t ntable,
+                                      uint64_t *missing, uint64_t missing_cap,
+                                      uint32_t *fetched, int32_t *restored)
+{
+    uint64_t total = 0, at = 0;
+
+    *restored = 0;
+    *fetched = 0;
+    for (uint32_t k = 0; k < ntable; k++) {
+        struct kvmio_restore_slot *t = &table[k];
+        if (t->bitmap) {
+            struct kvm_dirty_log log;
+            memset(&log, 0, sizeof log);
+            log.slot = t->raw_slot;
+            log.dirty_bitmap = t->bitmap;
+            int r;
+            do
+                r = ioctl(vm_fd, get_request, &log);
+            while (r < 0 && errno == EINTR);
+            if (r < 0)
+                return -errno;
+            if (manual) {
+                struct kvm_clear_dirty_log clear;
+                memset(&clear, 0, sizeof clear);
+                clear.slot = t->raw_slot;
+                clear.first_page = 0;
+                clear.num_pages = (uint32_t)t->bitmap_pages;
+                clear.dirty_bitmap = t->bitmap;
+                do
+                    r = ioctl(vm_fd, clear_request, &clear);
+                while (r < 0 && errno == EINTR);
+                if (r < 0)
+                    return -errno;
+            }
+        }
+        *fetched = k + 1;
+    }
+    for (uint32_t k = 0; k < ntable; k++) {
+        const struct kvmio_restore_slot *t = &table[k];
+        if (t->bitmap) {
+            const uint64_t words = (t->bitmap_pages + 63) / 64;
+            if (t->bitmap_pages != t->dst_pages)
+                return 0;
+            for (uint64_t w = 0; w < words; w++)
+                total += (uint64_t)__builtin_popcountll(t->bitmap[w]);
+            if (t->bitmap_pages % 64 && t->bitmap[words - 1] >> (t->bitmap_pages % 64))
+                return 0;
+        }
+        if (!kvmio_pages_ok(t->extra, t->nextra, t->dst_pages))
+            return 0;
+        total += t->nextra;
+    }
+    if (total > missing_cap)
+        return 0;
+    for (uint32_t k = 0; k < ntable; k++) {
+        struct kvmio_restore_slot *t = &table[k];
+        t->missing_at = at;
+        kvmio_restore_walk(t, NULL, 0, 1, missing + at);
+        at += t->nmissing;
+    }
+    *restored = 1;
+    return 0;
 }
 
 void kvmio_ring_fill(struct kvm_dirty_gfn *ring, uint32_t size, uint32_t start, uint32_t count,

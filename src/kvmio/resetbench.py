@@ -13,8 +13,8 @@ The guest memory lies at 4 GiB; a guest with fewer populated bytes than its size
 
 Each :class:`ResetCell` holds the p50 of the whole reset in wall time and in CPU time of the
 calling thread (``time.thread_time_ns``: a busy host's other processes do not count), of its
-collection (harvest and reset of the ring, or GET_DIRTY_LOG; in ring mode with a clean log,
-the one native call that also copies the pages back) and of the rest (restoring the pages,
+collection (harvest and reset of the ring, or GET_DIRTY_LOG; with a clean log, the one
+native call that also copies the pages back) and of the rest (restoring the pages,
 bookkeeping), and the reference's p50 (wall).  The first Python code after KVM_RUN
 runs cold, and each reset follows a guest run, as in real use.  The pages a reset restores
 include the pages of the guest's write list (a host write) and the page-table pages whose

@@ -958,21 +958,48 @@ class Vm(FdOwner):
         return got
 
     def collect_and_restore(self, restore: PageRestore, *,
-                            rings: Iterable[DirtyRing] | None = None) -> DirtyPages | None:
+                            rings: Iterable[DirtyRing] | None = None,
+                            claim: DirtyLogClaim | None = None) -> DirtyPages | None:
         """A checkpoint's reset in one native call where it can be: the same collection as
-        ``collect_dirty_pages(final=True, rings=rings, on_overrun="report")`` (ring mode
-        only), which, when it is the clean common case, also copies back in the same call
-        the stored page of every page collected and of every host-written page bound to
-        ``restore`` (see :class:`kvmio._abi.PageRestore`, bound by the caller).
+        ``collect_dirty_pages(final=True, rings=rings, claim=claim, on_overrun="report")``,
+        which, when it is the clean common case, also copies back in the same call the
+        stored page of every page collected and of every host-written page bound to
+        ``restore`` (see :class:`kvmio._abi.PageRestore`, bound by the caller).  In bitmap
+        mode the table must hold a bitmap for exactly the VM's dirty-logged slots, each of
+        its slot's size (else this is ``collect_dirty_pages``).
 
         Returns ``None`` when it did (``restore`` says what), else the
         :class:`DirtyPages` collected, with nothing restored: all or nothing, the caller
-        restores them itself.  Raises as :meth:`collect_dirty_pages` does, and
-        :class:`KvmStateError` without a dirty ring."""
+        restores them itself.  Raises as :meth:`collect_dirty_pages` does."""
         _check.instance("restore", restore, PageRestore)
         if self._ring_set is None:
-            raise KvmStateError("collect_and_restore needs the dirty ring")
+            return self._collect_and_restore_bitmaps(restore, claim)
         return self._collect_rings(True, rings, "report", restore)
+
+    def _collect_and_restore_bitmaps(self, restore: PageRestore, claim: DirtyLogClaim | None
+                                     ) -> DirtyPages | None:
+        with self._lock:  # slots cannot change meanwhile
+            self._check_claim(claim)
+            regions = self.regions
+            logged = sorted((slot, r.num_pages) for slot, r in regions.items() if r.log_dirty)
+            entries = restore.bitmap_slots()
+            if self._unreported or sorted((raw, n) for _, raw, n in entries) != logged:
+                return self._collect_bitmaps(claim)
+            fd = self._acquire_fd()
+            try:
+                fetched, err = restore.collect_bitmaps(fd, self._manual_protect)
+            finally:
+                self._release_fd()
+            if restore.done:
+                return None
+            # Nothing restored: the bitmaps taken are the caller's pages (or, if a call
+            # failed, kept for the next collection, as collect_dirty_pages keeps them).
+            pages = PageSet().union(*(PageSet.from_bitmap(raw, restore.bitmap(k), n)
+                                      for k, raw, n in entries if k < fetched))
+            if err:
+                self._unreported = pages
+                raise from_errno(err, "KVM_GET_DIRTY_LOG or KVM_CLEAR_DIRTY_LOG")
+            return DirtyPages(pages, regions, 0, 0, harvested_at=time.monotonic())
 
     def _collect_rings(self, final: bool, rings: Iterable[DirtyRing] | None,
                        on_overrun: OverrunPolicy, restore: PageRestore | None

@@ -26,11 +26,11 @@ the log, pass it as ``tracker=``: the checkpoint then takes its pages with
 ``tracker.take(final=True)``, and must be the tracker's only taker (a take by anyone else
 would hide pages from the next reset).
 
-**One native call where it can be.**  In ring mode, with the log trusted, a reset hands the
+**One native call where it can be.**  With the log trusted and no tracker, a reset hands the
 stored pages and the host-written pages to :meth:`kvmio.Vm.collect_and_restore`, which
-collects the rings and copies every page back in the same call, all or nothing; a collection
-that is not the clean common case comes back with nothing copied, and the page-by-page path
-below restores it.
+collects the rings (or the bitmaps) and copies every page back in the same call, all or
+nothing; a collection that is not the clean common case comes back with nothing copied, and
+the page-by-page path below restores it.
 
 **Doubt means a full reset, never a wrong one.**  A ring overrun (reported by the collection,
 or any :class:`~kvmio.errors.DirtyRingError`), a slot a tracker reports wholly dirty, or a
@@ -110,6 +110,9 @@ _FEW = 24
 _HUGE = 2 << 20
 #: Where page copies start past a page boundary (see :func:`_page_store`).
 _STORE_OFFSET = 64
+#: In bitmap mode the fused reset restores this many pages at most (the room its list of pages
+#: without a copy takes: 512 KiB); a larger dirty set goes page by page.
+_FUSED_BITMAP_PAGES = 1 << 16
 _EMPTY: Pages = np.zeros(0, dtype=np.uint64)
 _EMPTY.setflags(write=False)
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -129,8 +132,8 @@ class ResetStats:
     #: Wall-clock nanoseconds of the whole reset.
     ns: int
     #: Of which collecting the dirty log (harvest and reset of the rings, or the bitmaps);
-    #: in ring mode with a clean log, the one native call that collects and copies the pages
-    #: back (:meth:`kvmio.Vm.collect_and_restore`).
+    #: with a clean log, the one native call that collects and copies the pages back
+    #: (:meth:`kvmio.Vm.collect_and_restore`).
     collect_ns: int = 0
     #: Distinct pages the dirty log reported (guest writes).
     dirty: int = 0
@@ -404,7 +407,7 @@ class MemoryCheckpoint:
             trusted, self._trusted = self._trusted, False  # until this reset completes
             t1 = time.perf_counter_ns()
             hosts: list[Pages] | None = None
-            if trusted and self._tracker is None and self._vm.ring_set is not None:
+            if trusted and self._tracker is None:
                 # Collection and copies in one native call, where the collection is clean.
                 hosts = [s.record.take() for s in self._slots.values()]
                 fused = self._fused(hosts)
@@ -528,32 +531,43 @@ class MemoryCheckpoint:
 
     def _fused(self, hosts: list[Pages]
                ) -> ResetStats | tuple[Mapping[int, Pages], set[int], str | None]:
-        """Ring mode, log trusted: collect and restore in one native call
-        (:meth:`kvmio.Vm.collect_and_restore`) with ``hosts`` (the host-written pages, one
-        list per slot in slot order).  Returns what it restored, or, where the collection
-        was not the clean common case (nothing restored then), what :meth:`_collect` returns
-        (sets ``_log_clean`` as it does)."""
+        """Log trusted, no tracker: collect and restore in one native call
+        (:meth:`kvmio.Vm.collect_and_restore`: the rings, or the bitmaps) with ``hosts`` (the
+        host-written pages, one list per slot in slot order).  Returns what it restored, or,
+        where the collection was not the clean common case (nothing restored then), what
+        :meth:`_collect` returns (sets ``_log_clean`` as it does)."""
         self._log_clean = False
+        vm = self._vm
+        ring_set = vm.ring_set
+        slots = list(self._slots.values())
         table = self._table
         if table is None:
             table = self._table = _abi.PageRestore(
                 [(slot, s.data, s.index, _DISCARD_RUN if s.zero else 0)
-                 for slot, s in self._slots.items()])
-        rings = self._adopt_rings()
-        slots = list(self._slots.values())
-        ring_set = self._vm.ring_set
-        assert ring_set is not None
-        capacity = ring_set.entries * len(rings) + sum(len(h) for h in hosts)
+                 for slot, s in self._slots.items()],
+                None if ring_set is not None else
+                [s.region.num_pages if s.region.log_dirty else 0 for s in slots])
+        if ring_set is not None:
+            rings = self._adopt_rings()
+            capacity = ring_set.entries * len(rings)
+        else:
+            rings = []
+            capacity = min(sum(s.region.num_pages for s in slots), _FUSED_BITMAP_PAGES)
+        capacity += sum(len(h) for h in hosts)
         table.bind([s.region.memory.mapping for s in slots], hosts, capacity)
         t0 = time.perf_counter_ns()
         try:
-            got = self._vm.collect_and_restore(table, rings=rings)
+            got = vm.collect_and_restore(table, rings=rings if ring_set is not None else None,
+                                         claim=self._claim[0])
         except DirtyRingError as e:
             return self._after_overrun(rings, str(e))
         finally:
             table.unbind()
         call_ns = time.perf_counter_ns() - t0
         if got is not None:
+            if ring_set is None:
+                self._log_clean = True
+                return got.pages, set(), None
             return self._judge(rings, got)
         restored = dirty = host = 0
         for k, s in enumerate(slots):
@@ -564,7 +578,8 @@ class MemoryCheckpoint:
             if missing:
                 self._unpopulate(s, s.view(), table.missing(k))
         self._log_clean = True
-        return ResetStats(restored, "ring", 0, call_ns, dirty, host)
+        return ResetStats(restored, "ring" if ring_set is not None else "bitmap", 0, call_ns,
+                          dirty, host)
 
     def _judge(self, rings: list[DirtyRing], got: DirtyPages
                ) -> tuple[Mapping[int, Pages], set[int], str | None]:
