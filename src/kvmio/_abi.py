@@ -477,6 +477,8 @@ class PageRestore:
         self._pins: list[CData] = []  # the stores and indices, for the object's lifetime
         self._bound: list[CData] = []  # guest memory and host pages, for one call
         self._done = ffi.new("int32_t *")
+        self._fetched = ffi.new("uint32_t *")
+        self._failed = ffi.new("uint32_t *")
         self._missing = np.zeros(0, dtype=np.uint64)
         self._missing_ptr: CData = ffi.NULL
         if len({raw for raw, _, _, _ in slots}) != len(slots):
@@ -583,20 +585,30 @@ class PageRestore:
         return [(k, int(self._table[k].raw_slot), int(self._table[k].bitmap_pages))
                 for k in range(self._n) if self._bitmaps[k] is not None]
 
-    def collect_bitmaps(self, fd: int, manual: bool) -> tuple[int, int]:
+    def collect_bitmaps(self, fd: int, manual: bool) -> tuple[int, int, str]:
         """Bitmap mode, bound: KVM_GET_DIRTY_LOG (and KVM_CLEAR_DIRTY_LOG under ``manual``
         protect) of every slot with a bitmap, on the VM's ``fd`` (open for the call), then the
-        restore as for the rings, all or nothing (:attr:`done`).  Returns ``(fetched, errno)``:
-        the table entries whose bitmaps were taken (their bits: :meth:`bitmap`; cleared in the
-        kernel) and the errno of the call that failed (0: none did)."""
-        fetched = ffi.new("uint32_t *")
+        restore as for the rings, all or nothing (:attr:`done`).  Returns ``(fetched, errno,
+        ioctl)``: the table entries whose bitmaps were taken (their bits: :meth:`bitmap`;
+        cleared in the kernel; also :attr:`fetched`, set even if this raises on the way out),
+        the errno of the call that failed (0: none did) and its name.
+
+        Precondition, the caller's: each bitmap's size in pages is its slot's in the kernel
+        (the kernel writes ceil(pages / 64) words, which is what the bitmap holds)."""
         # Safety: everything the table points to is pinned (stores, bitmaps until close(),
-        # memory and host pages until unbind()); the kernel writes each bitmap within its size.
+        # memory and host pages until unbind()); the kernel writes each bitmap within its
+        # size (the precondition above).
         r = lib.kvmio_bitmaps_collect_restore(fd, lib.KVM_GET_DIRTY_LOG, lib.KVM_CLEAR_DIRTY_LOG,
                                               int(manual), self._table, self._n,
-                                              self._missing_ptr, len(self._missing), fetched,
-                                              self._done)
-        return int(fetched[0]), -int(r)
+                                              self._missing_ptr, len(self._missing),
+                                              self._fetched, self._failed, self._done)
+        name = {1: "KVM_GET_DIRTY_LOG", 2: "KVM_CLEAR_DIRTY_LOG"}.get(int(self._failed[0]), "")
+        return int(self._fetched[0]), -int(r), name
+
+    @property
+    def fetched(self) -> int:
+        """The table entries whose bitmaps the last :meth:`collect_bitmaps` took."""
+        return int(self._fetched[0])
 
     def bitmap(self, k: int) -> npt.NDArray[np.uint64]:
         """A copy of slot ``k``'s bitmap as the last call took it (bit 0: page 0)."""

@@ -311,7 +311,7 @@ int32_t kvmio_bitmaps_collect_restore(int vm_fd, unsigned long get_request,
                                       unsigned long clear_request, int manual,
                                       struct kvmio_restore_slot *table, uint32_t ntable,
                                       uint64_t *missing, uint64_t missing_cap,
-                                      uint32_t *fetched, int32_t *restored);
+                                      uint32_t *fetched, uint32_t *failed, int32_t *restored);
 """
 
 # x86_64-only structures and ioctls.
@@ -1259,7 +1259,7 @@ static void kvmio_restore_walk(struct kvmio_restore_slot *t, const uint64_t *log
                 lp = logged[a];
                 have = 1;
             }
-        } else if (words) {
+        } else {
             while (!bits && w + 1 < words)
                 bits = t->bitmap[++w];
             if (bits) {
@@ -1363,7 +1363,7 @@ int32_t kvmio_rings_collect_restore(struct kvmio_ring_ctl *ctl, uint32_t count, 
                 break;
             }
         t->missing_at = at;
-        kvmio_restore_walk(t, logged, nlogged, 0, missing + at);
+        kvmio_restore_walk(t, logged, nlogged, 0, missing ? missing + at : NULL);
         at += t->nmissing;
     }
     *restored = 1;
@@ -1373,9 +1373,10 @@ int32_t kvmio_rings_collect_restore(struct kvmio_ring_ctl *ctl, uint32_t count, 
 /* The same in bitmap mode: for each slot of `table` with a bitmap (t->bitmap, room for
  * t->bitmap_pages bits: the slot's pages, which the caller checked against the VM), in
  * table order, KVM_GET_DIRTY_LOG into it and, with `manual` protect, KVM_CLEAR_DIRTY_LOG of
- * the same bits (a failed clear leaves them set in the kernel: nothing is lost).  A failed
- * call returns -errno with *fetched the number of table entries done before it (their bits
- * are in their bitmaps, and the kernel's are clear: the caller keeps them); else 0 with
+ * the same bits (a failed clear leaves them set in the kernel: nothing is lost; an empty
+ * bitmap is not cleared).  A failed call returns -errno, *failed says which (1: the get, 2:
+ * the clear), and *fetched the number of table entries done before it (their bits are in
+ * their bitmaps, and the kernel's are clear: the caller keeps them); else 0 with
  * *fetched = ntable, and then, only if every check passes (no bit at or beyond dst_pages,
  * which must equal bitmap_pages; every extra list in order and in range; at most
  * missing_cap pages in all), the pages restored as kvmio_rings_collect_restore does
@@ -1384,12 +1385,13 @@ int32_t kvmio_bitmaps_collect_restore(int vm_fd, unsigned long get_request,
                                       unsigned long clear_request, int manual,
                                       struct kvmio_restore_slot *table, uint32_t ntable,
                                       uint64_t *missing, uint64_t missing_cap,
-                                      uint32_t *fetched, int32_t *restored)
+                                      uint32_t *fetched, uint32_t *failed, int32_t *restored)
 {
     uint64_t total = 0, at = 0;
 
     *restored = 0;
     *fetched = 0;
+    *failed = 0;
     for (uint32_t k = 0; k < ntable; k++) {
         struct kvmio_restore_slot *t = &table[k];
         if (t->bitmap) {
@@ -1401,9 +1403,14 @@ int32_t kvmio_bitmaps_collect_restore(int vm_fd, unsigned long get_request,
             do
                 r = ioctl(vm_fd, get_request, &log);
             while (r < 0 && errno == EINTR);
-            if (r < 0)
+            if (r < 0) {
+                *failed = 1;
                 return -errno;
-            if (manual) {
+            }
+            int any = 0;  /* an empty bitmap needs no clear (it copies the whole bitmap in) */
+            for (uint64_t w = 0; w < (t->bitmap_pages + 63) / 64 && !any; w++)
+                any = t->bitmap[w] != 0;
+            if (manual && any) {
                 struct kvm_clear_dirty_log clear;
                 memset(&clear, 0, sizeof clear);
                 clear.slot = t->raw_slot;
@@ -1413,8 +1420,10 @@ int32_t kvmio_bitmaps_collect_restore(int vm_fd, unsigned long get_request,
                 do
                     r = ioctl(vm_fd, clear_request, &clear);
                 while (r < 0 && errno == EINTR);
-                if (r < 0)
+                if (r < 0) {
+                    *failed = 2;
                     return -errno;
+                }
             }
         }
         *fetched = k + 1;
@@ -1439,7 +1448,7 @@ int32_t kvmio_bitmaps_collect_restore(int vm_fd, unsigned long get_request,
     for (uint32_t k = 0; k < ntable; k++) {
         struct kvmio_restore_slot *t = &table[k];
         t->missing_at = at;
-        kvmio_restore_walk(t, NULL, 0, 1, missing + at);
+        kvmio_restore_walk(t, NULL, 0, 1, missing ? missing + at : NULL);
         at += t->nmissing;
     }
     *restored = 1;

@@ -987,18 +987,25 @@ class Vm(FdOwner):
                 return self._collect_bitmaps(claim)
             fd = self._acquire_fd()
             try:
-                fetched, err = restore.collect_bitmaps(fd, self._manual_protect)
+                fetched, err, name = restore.collect_bitmaps(fd, self._manual_protect)
+                if restore.done:
+                    return None
+                # Nothing restored: the bitmaps taken are the caller's pages (or, if a call
+                # failed, kept for the next collection, as collect_dirty_pages keeps them).
+                pages = PageSet().union(*(PageSet.from_bitmap(raw, restore.bitmap(k), n)
+                                          for k, raw, n in entries if k < fetched))
+            except BaseException:
+                # Interrupted (Ctrl-C) after the kernel gave its bits: keep them, as
+                # collect_dirty_pages does (a page reported twice is harmless, one lost not).
+                self._unreported = PageSet().union(*(
+                    PageSet.from_bitmap(raw, restore.bitmap(k), n)
+                    for k, raw, n in entries if k < restore.fetched))
+                raise
             finally:
                 self._release_fd()
-            if restore.done:
-                return None
-            # Nothing restored: the bitmaps taken are the caller's pages (or, if a call
-            # failed, kept for the next collection, as collect_dirty_pages keeps them).
-            pages = PageSet().union(*(PageSet.from_bitmap(raw, restore.bitmap(k), n)
-                                      for k, raw, n in entries if k < fetched))
             if err:
                 self._unreported = pages
-                raise from_errno(err, "KVM_GET_DIRTY_LOG or KVM_CLEAR_DIRTY_LOG")
+                raise from_errno(err, name)
             return DirtyPages(pages, regions, 0, 0, harvested_at=time.monotonic())
 
     def _collect_rings(self, final: bool, rings: Iterable[DirtyRing] | None,
