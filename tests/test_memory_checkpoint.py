@@ -746,7 +746,22 @@ def test_collect_and_restore_refuses_bad_input(kvm: Kvm) -> None:
         _abi.PageRestore([(0, np.zeros((2, PAGE), dtype=np.uint8), index[::-1].copy(), 0)])
     with pytest.raises(KvmInvalidArgumentError, match="named twice"):
         _abi.PageRestore([(0, np.zeros((2, PAGE), dtype=np.uint8), index, 0)] * 2)
+    store = np.zeros((2, PAGE), dtype=np.uint8)
+    for bad in ([(0, store, index)], [(-1, store, index, 0)], [(True, store, index, 0)],
+                [(0, store, index, 1.5)], [(0, bytes(2 * PAGE), index, 0)],
+                [(0, store, [1, 2], 0)], ["slot"]):
+        with pytest.raises(KvmInvalidArgumentError):
+            _abi.PageRestore(bad)  # type: ignore[arg-type]
+    for sizes in ([-1], [1.0], [True]):
+        with pytest.raises(KvmInvalidArgumentError, match="bitmap size"):
+            _abi.PageRestore([(0, store, index, 0)], sizes)  # type: ignore[list-item]
     table = _abi.PageRestore([(0, np.zeros((2, PAGE), dtype=np.uint8), index, 0)])
+    with pytest.raises(KvmInvalidArgumentError, match="Mappings"):
+        table.bind(["memory"], [np.zeros(0, dtype=np.uint64)], 0)  # type: ignore[list-item]
+    page = _abi.Mapping(PAGE)
+    with pytest.raises(KvmInvalidArgumentError, match="Mappings"):
+        table.bind([page], [[1]], 0)  # type: ignore[list-item]
+    page.close()
     with pytest.raises(KvmInvalidArgumentError, match="one memory"):
         table.bind([], [], 0)
     mem = _abi.Mapping(4 * PAGE)

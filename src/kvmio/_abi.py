@@ -481,6 +481,16 @@ class PageRestore:
         self._failed = ffi.new("uint32_t *")
         self._missing = np.zeros(0, dtype=np.uint64)
         self._missing_ptr: CData = ffi.NULL
+        for entry in slots:
+            if not (isinstance(entry, tuple) and len(entry) == 4):
+                raise KvmInvalidArgumentError("each slot is (raw slot, store, index, zero_below)")
+            raw, store, index, zero_below = entry
+            if (not isinstance(raw, int) or isinstance(raw, bool) or not 0 <= raw < 1 << 32
+                    or not isinstance(zero_below, int) or isinstance(zero_below, bool)
+                    or not 0 <= zero_below < 1 << 32):
+                raise KvmInvalidArgumentError("a raw slot and zero_below are u32 ints")
+            if not isinstance(store, np.ndarray) or not isinstance(index, np.ndarray):
+                raise KvmInvalidArgumentError("a store and its index are numpy arrays")
         if len({raw for raw, _, _, _ in slots}) != len(slots):
             raise KvmInvalidArgumentError("a slot is named twice")
         for k, (raw, store, index, zero_below) in enumerate(slots):
@@ -507,7 +517,9 @@ class PageRestore:
             if len(bitmaps) != self._n:
                 raise KvmInvalidArgumentError("one bitmap size per slot")
             for k, pages in enumerate(bitmaps):
-                if pages <= 0:
+                if not isinstance(pages, int) or isinstance(pages, bool) or pages < 0:
+                    raise KvmInvalidArgumentError("a bitmap size is a number of pages >= 0")
+                if pages == 0:
                     continue
                 words = np.zeros((pages + 63) // 64, dtype=np.uint64)
                 # Safety: pinned until close(); the kernel writes (and the C call reads) at
@@ -530,6 +542,9 @@ class PageRestore:
         pages are collected).  Call :meth:`unbind` after the call, always."""
         if len(memory) != self._n or len(extra) != self._n:
             raise KvmInvalidArgumentError("one memory and one page list per slot")
+        if not all(isinstance(m, Mapping) for m in memory) or \
+                not all(isinstance(e, np.ndarray) for e in extra):
+            raise KvmInvalidArgumentError("memory is Mappings, page lists numpy arrays")
         if len(self._missing) < capacity:
             self._missing = np.zeros(max(capacity, 2 * len(self._missing)), dtype=np.uint64)
             self._missing_ptr = ffi.cast("uint64_t *", self._missing.ctypes.data)
