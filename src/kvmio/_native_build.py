@@ -1373,8 +1373,8 @@ int32_t kvmio_rings_collect_restore(struct kvmio_ring_ctl *ctl, uint32_t count, 
 /* The same in bitmap mode: for each slot of `table` with a bitmap (t->bitmap, room for
  * t->bitmap_pages bits: the slot's pages, which the caller checked against the VM), in
  * table order, KVM_GET_DIRTY_LOG into it and, with `manual` protect, KVM_CLEAR_DIRTY_LOG of
- * the same bits (a failed clear leaves them set in the kernel: nothing is lost; an empty
- * bitmap is not cleared).  A failed call returns -errno, *failed says which (1: the get, 2:
+ * the same bits, over the span of words that have any (a failed clear leaves them set in
+ * the kernel: nothing is lost; an empty bitmap is not cleared).  A failed call returns -errno, *failed says which (1: the get, 2:
  * the clear), and *fetched the number of table entries done before it (their bits are in
  * their bitmaps, and the kernel's are clear: the caller keeps them); else 0 with
  * *fetched = ntable, and then, only if every check passes (no bit at or beyond dst_pages,
@@ -1407,16 +1407,25 @@ int32_t kvmio_bitmaps_collect_restore(int vm_fd, unsigned long get_request,
                 *failed = 1;
                 return -errno;
             }
-            int any = 0;  /* an empty bitmap needs no clear (it copies the whole bitmap in) */
-            for (uint64_t w = 0; w < (t->bitmap_pages + 63) / 64 && !any; w++)
-                any = t->bitmap[w] != 0;
-            if (manual && any) {
+            /* Under manual protect, clear the span of words that have a bit set (the kernel
+             * copies in and walks what it is given): it starts at a multiple of 64 pages and
+             * is a multiple of 64 long or ends at the slot's end, as KVM requires.  An empty
+             * bitmap needs no clear. */
+            const uint64_t words = (t->bitmap_pages + 63) / 64;
+            uint64_t lo = 0, hi = words;
+            while (lo < words && !t->bitmap[lo])
+                lo++;
+            while (hi > lo && !t->bitmap[hi - 1])
+                hi--;
+            if (manual && lo < hi) {
+                const uint64_t first = lo * 64;
+                const uint64_t end = hi * 64 < t->bitmap_pages ? hi * 64 : t->bitmap_pages;
                 struct kvm_clear_dirty_log clear;
                 memset(&clear, 0, sizeof clear);
                 clear.slot = t->raw_slot;
-                clear.first_page = 0;
-                clear.num_pages = (uint32_t)t->bitmap_pages;
-                clear.dirty_bitmap = t->bitmap;
+                clear.first_page = first;
+                clear.num_pages = (uint32_t)(end - first);
+                clear.dirty_bitmap = t->bitmap + lo;
                 do
                     r = ioctl(vm_fd, clear_request, &clear);
                 while (r < 0 && errno == EINTR);
