@@ -1374,9 +1374,10 @@ int32_t kvmio_rings_collect_restore(struct kvmio_ring_ctl *ctl, uint32_t count, 
  * t->bitmap_pages bits: the slot's pages, which the caller checked against the VM), in
  * table order, KVM_GET_DIRTY_LOG into it and, with `manual` protect, KVM_CLEAR_DIRTY_LOG of
  * the same bits, over the span of words that have any (a failed clear leaves them set in
- * the kernel: nothing is lost; an empty bitmap is not cleared).  A failed call returns -errno, *failed says which (1: the get, 2:
- * the clear), and *fetched the number of table entries done before it (their bits are in
- * their bitmaps, and the kernel's are clear: the caller keeps them); else 0 with
+ * the kernel: nothing is lost; an empty bitmap is not cleared).  A failed call returns
+ * -errno, *failed says which (1: the get, 2: the clear), and *fetched the number of table
+ * entries done before it (their bits are in their bitmaps, and the kernel's are clear: the
+ * caller keeps them); else 0 with
  * *fetched = ntable, and then, only if every check passes (no bit at or beyond dst_pages,
  * which must equal bitmap_pages; every extra list in order and in range; at most
  * missing_cap pages in all), the pages restored as kvmio_rings_collect_restore does
