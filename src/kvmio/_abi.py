@@ -432,7 +432,7 @@ def restore_pages(dst: Mapping, store: npt.NDArray[Any], index: npt.NDArray[np.u
         raise KvmInvalidArgumentError("page indices must be uint64 arrays")
     index = np.ascontiguousarray(index)
     pages = np.ascontiguousarray(pages)
-    missing = np.empty(0 if zero else len(pages), dtype=np.uint64)
+    missing = np.empty(max(1, len(pages)), dtype=np.uint64)  # zeroed pages pass through it
     # Safety: every pointer comes from from_buffer, which pins its buffer for the call (the
     # guest memory too: a close() of its mapping meanwhile cannot unmap it, see Mapping);
     # the call reads `store` only at positions below len(index) (the merge walk), writes
@@ -442,16 +442,13 @@ def restore_pages(dst: Mapping, store: npt.NDArray[Any], index: npt.NDArray[np.u
     st = ffi.from_buffer("uint8_t[]", store)
     ix = ffi.from_buffer("uint64_t[]", index)
     pg = ffi.from_buffer("uint64_t[]", pages)
-    mi = ffi.from_buffer("uint64_t[]", missing, require_writable=True) if len(missing) \
-        else ffi.NULL
+    mi = ffi.from_buffer("uint64_t[]", missing, require_writable=True)
     try:
         n = lib.kvmio_restore_pages(d, dst.size // PAGE_SIZE, st, ix, len(index), pg,
                                     len(pages), int(zero), mi)
     finally:
-        for b in (d, st, ix, pg):
+        for b in (d, st, ix, pg, mi):
             ffi.release(b)
-        if len(missing):
-            ffi.release(mi)
     if n < 0:
         raise KvmInvalidArgumentError("a page to restore lies beyond the memory, or the pages "
                                       "are not sorted and distinct")

@@ -1201,35 +1201,6 @@ int32_t kvmio_collect_reference(struct kvm_dirty_gfn *ring, uint32_t size, uint3
     return kvmio_dedup(slots, offsets, n, pages, scratch, gslot, gstart, glen, gentries);
 }
 
-/* A checkpoint's page restore: for each of `npages` sorted, distinct page indices, copy the
- * stored page back into guest memory at `dst` (`dst_pages` pages), if the checkpoint stored
- * it (`index`: the sorted indices of the `nindex` pages in `store`, 4096 bytes each), else
- * zero it (`zero`) or list it in `missing` (npages items) for the caller to discard.  Both
- * lists are sorted, so one merge walk finds every page (an unsorted `index` would only make
- * it miss stored pages: the caller builds it sorted).  Returns how many are in `missing`, or
- * -1 (nothing done) if a page lies beyond `dst_pages` or `pages` is not strictly increasing. */
-int64_t kvmio_restore_pages(uint8_t *dst, uint64_t dst_pages, const uint8_t *store,
-                            const uint64_t *index, uint64_t nindex, const uint64_t *pages,
-                            uint64_t npages, int zero, uint64_t *missing)
-{
-    uint64_t q = 0, m = 0;
-    for (uint64_t k = 0; k < npages; k++)  /* every page in range and in order, first */
-        if (pages[k] >= dst_pages || (k && pages[k] <= pages[k - 1]))
-            return -1;
-    for (uint64_t k = 0; k < npages; k++) {
-        const uint64_t p = pages[k];
-        while (q < nindex && index[q] < p)
-            q++;
-        if (q < nindex && index[q] == p)
-            memcpy(dst + p * 4096, store + q * 4096, 4096);
-        else if (zero)
-            memset(dst + p * 4096, 0, 4096);
-        else
-            missing[m++] = p;
-    }
-    return (int64_t)m;
-}
-
 /* Whether `n` page indices are strictly increasing and below `limit`. */
 static int kvmio_pages_ok(const uint64_t *pages, uint64_t n, uint64_t limit)
 {
@@ -1305,6 +1276,31 @@ static void kvmio_restore_walk(struct kvmio_restore_slot *t, const uint64_t *log
     t->nmissing = m;
     t->restored = done;
     t->logged = nbits;
+}
+
+/* A checkpoint's page restore: for each of `npages` sorted, distinct page indices, copy the
+ * stored page back into guest memory at `dst` (`dst_pages` pages), if the checkpoint stored
+ * it (`index`: the sorted indices of the `nindex` pages in `store`, 4096 bytes each), else
+ * zero it (`zero`) or list it in `missing` (room for npages items, used either way) for the
+ * caller to discard: the fused reset's walk, over one list.  Returns how many are in
+ * `missing`, or -1 (nothing done) if a page lies beyond `dst_pages` or `pages` is not
+ * strictly increasing. */
+int64_t kvmio_restore_pages(uint8_t *dst, uint64_t dst_pages, const uint8_t *store,
+                            const uint64_t *index, uint64_t nindex, const uint64_t *pages,
+                            uint64_t npages, int zero, uint64_t *missing)
+{
+    struct kvmio_restore_slot t;
+    if (!kvmio_pages_ok(pages, npages, dst_pages))  /* every page in range and in order, first */
+        return -1;
+    memset(&t, 0, sizeof t);
+    t.dst = dst;
+    t.dst_pages = dst_pages;
+    t.store = store;
+    t.index = index;
+    t.nindex = nindex;
+    t.zero_below = zero ? UINT32_MAX : 0;
+    kvmio_restore_walk(&t, pages, npages, 0, missing);
+    return (int64_t)t.nmissing;
 }
 
 /* A checkpoint's fused reset: kvmio_rings_collect_reset (same arguments, same result, same
