@@ -856,6 +856,10 @@ def decode_msrs(raw: bytes) -> list[tuple[int, int]]:
     return list(fmt.iter_unpack(raw[head:head + n * size]))
 
 
+#: The fields of a CPUID entry kvmio reads and writes, in their order in the struct.
+_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
 def encode_cpuid(entries: Iterable[CpuidEntry]) -> bytes:
     """The raw ``struct kvm_cpuid2`` (header and entries, padding zero) for ``entries``."""
     items = [_check.instance("CPUID entry", e, CpuidEntry) for e in entries]
@@ -868,8 +872,7 @@ def encode_cpuid(entries: Iterable[CpuidEntry]) -> bytes:
     # else goes through the named checks, which accept numpy integers and say what is wrong.
     if not all(type(v) is int and 0 <= v <= 0xFFFFFFFF for row in values for v in row):
         values = [tuple(_check.u32(f"CPUID entry {f}", v) for f, v in zip(
-            ("function", "index", "flags", "eax", "ebx", "ecx", "edx"), row, strict=True))
-            for row in values]
+            _CPUID_FIELDS, row, strict=True)) for row in values]
     head, size = _layout("struct kvm_cpuid2", "entries", "struct kvm_cpuid_entry2")
     out = bytearray(head + size * len(items))
     nent = int(ffi.offsetof("struct kvm_cpuid2", "nent"))
@@ -932,8 +935,7 @@ def _formats() -> dict[str, Any]:
     """Bulk decoders of MSR and CPUID entries, laid out as the compiler says."""
     if not _FORMATS:
         _FORMATS["msr"] = _abi.struct_format("struct kvm_msr_entry", ("index", "data"))
-        _FORMATS["cpuid"] = _abi.struct_format(
-            "struct kvm_cpuid_entry2", ("function", "index", "flags", "eax", "ebx", "ecx", "edx"))
+        _FORMATS["cpuid"] = _abi.struct_format("struct kvm_cpuid_entry2", _CPUID_FIELDS)
     return _FORMATS
 
 

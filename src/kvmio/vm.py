@@ -985,6 +985,11 @@ class Vm(FdOwner):
             entries = restore.bitmap_slots()
             if self._unreported or sorted((raw, n) for _, raw, n in entries) != logged:
                 return self._collect_bitmaps(claim)
+            def taken(fetched: int) -> PageSet:
+                """The pages of the bitmaps the call took (table entries below ``fetched``)."""
+                return PageSet().union(*(PageSet.from_bitmap(raw, restore.bitmap(k), n)
+                                         for k, raw, n in entries if k < fetched))
+
             fd = self._acquire_fd()
             try:
                 fetched, err, name = restore.collect_bitmaps(fd, self._manual_protect)
@@ -992,14 +997,11 @@ class Vm(FdOwner):
                     return None
                 # Nothing restored: the bitmaps taken are the caller's pages (or, if a call
                 # failed, kept for the next collection, as collect_dirty_pages keeps them).
-                pages = PageSet().union(*(PageSet.from_bitmap(raw, restore.bitmap(k), n)
-                                          for k, raw, n in entries if k < fetched))
+                pages = taken(fetched)
             except BaseException:
                 # Interrupted (Ctrl-C) after the kernel gave its bits: keep them, as
                 # collect_dirty_pages does (a page reported twice is harmless, one lost not).
-                self._unreported = PageSet().union(*(
-                    PageSet.from_bitmap(raw, restore.bitmap(k), n)
-                    for k, raw, n in entries if k < restore.fetched))
+                self._unreported = taken(restore.fetched)
                 raise
             finally:
                 self._release_fd()

@@ -614,11 +614,10 @@ class _Prefaulter:
         """The receiver stored (``data``) or noted as zero ``pages`` (sorted) of ``slot``."""
         first, last, n = int(pages[0]), int(pages[-1]), len(pages) if data else 0
         with self._cond:
-            if slot == self._slot and self._end < first <= self._end + MAX_PAGES_PER_RECORD:
+            # The stretch goes on from a record that starts within a record's span of its end
+            # (or inside it: a block's zero pages go first, then its data).
+            if slot == self._slot and first <= self._end + MAX_PAGES_PER_RECORD:
                 self._run += n
-                self._end = last
-            elif slot == self._slot and first <= self._end:  # within the stretch (a block's
-                self._run += n  # zero pages go first, then its data)
                 self._end = max(self._end, last)
             else:
                 self._slot, self._run, self._end = slot, n, last
