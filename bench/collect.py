@@ -15,8 +15,8 @@ Rows:
 - 100-page collection (4096-entry ring) against the floor (C harvest + one reset ioctl);
 - empty collection, 1 vCPU, and the cost of each extra vCPU's ring (2 and 4 vCPUs);
 - fixed dirty set (10,000 writes at random) in guest memory of 1 GiB to 256 GiB (sparse,
-  MAP_NORESERVE): kvmio's own part (collection minus the kernel's reset, which grows with the
-  spread of the pages) must stay flat.
+  MAP_NORESERVE): kvmio's own part (the collection's wall time minus the kernel's reset, which
+  grows with the spread of the pages, timed inside the same collection) must stay flat.
 
 Usage: python bench/collect.py [--repeat N] [--quick]
 """
@@ -137,25 +137,20 @@ def empty_cost(kvm: Kvm, vcpus: int, calls: int) -> float:
 
 
 def sparse_row(kvm: Kvm, mem: int, repeat: int) -> tuple[float, float]:
-    """(kvmio's own ns, the kernel's reset ns) for 10,000 random writes over ``mem``."""
+    """(kvmio's own ns, the kernel's reset ns) for 10,000 random writes over ``mem``: the
+    collection's wall time minus its own KVM_RESET_DIRTY_RINGS calls
+    (``DirtyPages.reset_ns``, timed around the calls in the same collection)."""
     f = Filler(kvm, ring=16384, count=10_000, order="random", mem=mem)
     try:
-        bufs = _reference_buffers(16384)
-        ring = f.w.vcpus[0].dirty_ring
-        assert ring is not None
         own, resets = [], []
         for _ in range(repeat):
-            f.fill()  # the reset's share: C harvest, then the ioctl alone
-            lib.kvmio_ring_harvest_reference(ring._gfns, ring.size, ring._index,
-                                             bufs["slots"][1], bufs["offsets"][1])
-            t0 = clock()
-            lib.kvmio_ioctl_val(f.w.vm.fd, lib.KVM_RESET_DIRTY_RINGS, 0)
-            reset = clock() - t0
-            resets.append(reset)
             f.fill()
-            dt, n = kvmio_collect(f)
-            assert n == f.count
-            own.append(dt - reset)
+            t0 = time.perf_counter_ns()
+            got = f.w.vm.collect_dirty_pages()
+            dt = time.perf_counter_ns() - t0
+            assert got.entries == f.count
+            own.append(dt - got.reset_ns)
+            resets.append(got.reset_ns)
         return statistics.median(own), statistics.median(resets)
     finally:
         f.close()

@@ -20,7 +20,7 @@ from kvmio import DirtyRingOverrunError, Hlt, Kvm, KvmError, _abi
 from kvmio._abi import lib
 from kvmio.dirty import ringset
 from kvmio.dirty.ringset import VM_WIDE, QuickHarvest, RingSet
-from kvmio.guests.workload import MEM_SLOT, Workload
+from kvmio.guests.workload import MEM_BASE, MEM_SLOT, Workload
 from kvmio.tracker import DirtyTracker
 from test_collect_proofs import FailOnce, _pages_of, _set_max_writes
 from test_ring_model import ModelKernel
@@ -64,7 +64,10 @@ def test_the_quick_path_is_taken_and_reports_exactly_the_written_pages(
             assert got.entries == 300  # one entry per write: the workload writes each once
             assert got.per_vcpu[0] == got.pages
             assert got.harvested_at > 0
-            assert w.vm.collect_dirty_pages().entries == 0  # reset exactly: nothing left
+            assert got.reset_ns > 0  # the kernel's reset, timed in the native call
+            assert not got.pages[MEM_SLOT].flags.writeable  # the result cannot be changed
+            empty = w.vm.collect_dirty_pages()
+            assert empty.entries == 0 and empty.reset_ns == 0  # reset exactly: nothing left
         assert outcomes["QuickHarvest"] >= 12 and outcomes["Harvest"] == 0
 
 
@@ -181,3 +184,34 @@ def test_entries_a_ring_full_exit_drained_come_with_the_next_quick_collection(
         assert outcomes["QuickHarvest"] == 0  # the stash made it take the general path
         assert w.vm.collect_dirty_pages().entries == 0
         assert outcomes["QuickHarvest"] == 1
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("size_pages", [512, 0])
+def test_the_quick_path_drops_pages_of_memory_deleted_since(
+        kvm: Kvm, outcomes: Counter[str], size_pages: int) -> None:
+    """Entries for a slot deleted (or re-created smaller) after the guest wrote: the quick
+    collection counts them as dropped exactly as the general path does, and keeps the rest."""
+    with Workload(kvm, mem_size=16 << 20, order="sequential", ring_entries=1024,
+                  max_writes=0, value="count") as w:
+        w.vm.collect_dirty_pages()  # builds the native state: the next one goes quick
+        _set_max_writes(w, 0, 600)
+        assert isinstance(w.run_vcpu(0), Hlt)  # pages 0..599 of the slot
+        w.vm.delete_memory_region(MEM_SLOT)
+        if size_pages:
+            w.vm.add_memory_region(MEM_BASE, size_pages * 4096, log_dirty=True)
+        d = w.vm.collect_dirty_pages()
+        assert outcomes["QuickHarvest"] == 1 and outcomes["Harvest"] == 0
+        assert d.entries == 600 and d.dropped == 600 - size_pages
+        assert d.pages.get(MEM_SLOT, np.zeros(0)).tolist() == list(range(size_pages))
+
+
+@pytest.mark.kvm
+def test_the_general_path_times_its_reset_too(kvm: Kvm, outcomes: Counter[str]) -> None:
+    """A ring owned by a harvester takes the general path: its reset is timed as well."""
+    with Workload(kvm, mem_size=16 << 20, ring_entries=1024, max_writes=100) as w:
+        ring = w.vcpus[0].take_dirty_ring()
+        assert isinstance(w.run_vcpu(0), Hlt)
+        d = w.vm.collect_dirty_pages(rings=[ring])
+        assert d.entries == 100 and d.reset_ns > 0
+        assert outcomes["QuickHarvest"] == 0

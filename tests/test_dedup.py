@@ -1,6 +1,7 @@
 """The compiled dedup (ring entries -> sorted distinct pages per slot) against a brute-force
 model (Python sets), for every shape of input: one slot or many (more than the native grouping
-holds), sorted runs, reversed runs, repeats, random pages, offsets up to 2**52."""
+holds), sorted runs, reversed runs, repeats, random pages, pages spread over 256 GiB, offsets
+up to 2**52."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def entries(draw: st.DrawFn) -> tuple[list[int], list[int]]:
     slot_ids = draw(st.lists(st.integers(0, (1 << 16) | 0x7FFF), min_size=nslots,
                              max_size=nslots, unique=True))
     n = draw(st.sampled_from([0, 1, 2, 31, 32, 33, 100, 5000, 70000]))
-    shape = draw(st.sampled_from(["sequential", "reversed", "random", "repeats", "wide"]))
+    shape = draw(st.sampled_from(["sequential", "reversed", "random", "repeats", "spread",
+                                  "wide"]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     if shape == "sequential":
         offs = np.arange(n, dtype=np.uint64) + np.uint64(draw(st.integers(0, 1 << 30)))
@@ -36,6 +38,8 @@ def entries(draw: st.DrawFn) -> tuple[list[int], list[int]]:
         offs = np.arange(n, dtype=np.uint64)[::-1].copy()
     elif shape == "random":
         offs = rng.integers(0, 1 << 18, n, dtype=np.uint64)
+    elif shape == "spread":  # a 256 GiB slot: 26 bits, split in even radix passes
+        offs = rng.integers(0, 1 << 26, n, dtype=np.uint64)
     elif shape == "repeats":
         offs = rng.integers(0, 8, n, dtype=np.uint64)
     else:

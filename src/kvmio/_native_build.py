@@ -46,10 +46,14 @@ struct kvmio_ring_ctl {
 COLLECT_OUT = """
 struct kvmio_collect_out {
     double harvested_at;
+    uint64_t reset_ns;
+    uint64_t *summary;
+    uint32_t summary_cap;
     uint32_t total;
     uint32_t reset;
     int32_t reset_errno;
     int32_t signals;
+    uint32_t pad;
 };
 """
 
@@ -954,27 +958,36 @@ uint32_t kvmio_ring_harvest_reference(struct kvm_dirty_gfn *ring, uint32_t size,
  * Page sets from ring entries: group by slot, then sorted distinct offsets per slot.
  * ------------------------------------------------------------------------------------------- */
 #define KVMIO_DEDUP_MAX_GROUPS 64
-#define KVMIO_RADIX_BITS 11
+#define KVMIO_RADIX_BITS 13
 #define KVMIO_RADIX (1u << KVMIO_RADIX_BITS)
 
 /* Sort a[0..n) (values v - lo fit in `bits` bits) with an LSD radix sort through tmp[0..n);
- * the result ends in a[]. */
+ * the result ends in a[].  The passes split `bits` evenly, each at most as wide as n needs
+ * (2^width counters near n, from 8 to KVMIO_RADIX_BITS bits): for 8,192 items or more, a slot
+ * of up to 256 GiB (26 bits of pages) takes two passes however its pages spread, as 1 GiB
+ * does; few items take narrow passes, where the counters would cost more than the items. */
 static void kvmio_radix_sort(uint64_t *a, uint64_t *tmp, uint32_t n, uint64_t lo, unsigned bits)
 {
     static __thread uint32_t count[KVMIO_RADIX];
     uint64_t *src = a, *dst = tmp;
-    for (unsigned shift = 0; shift < bits; shift += KVMIO_RADIX_BITS) {
-        memset(count, 0, sizeof(count));
+    unsigned most = 8;
+    while (most < KVMIO_RADIX_BITS && (1u << most) < n)
+        most++;
+    const unsigned passes = (bits + most - 1) / most;
+    const unsigned width = passes ? (bits + passes - 1) / passes : 0;
+    const uint32_t radix = 1u << width, mask = radix - 1;
+    for (unsigned shift = 0; shift < bits; shift += width) {
+        memset(count, 0, radix * sizeof(*count));
         for (uint32_t k = 0; k < n; k++)
-            count[((src[k] - lo) >> shift) & (KVMIO_RADIX - 1)]++;
+            count[((src[k] - lo) >> shift) & mask]++;
         uint32_t sum = 0;
-        for (uint32_t d = 0; d < KVMIO_RADIX; d++) {
+        for (uint32_t d = 0; d < radix; d++) {
             uint32_t c = count[d];
             count[d] = sum;
             sum += c;
         }
         for (uint32_t k = 0; k < n; k++)
-            dst[count[((src[k] - lo) >> shift) & (KVMIO_RADIX - 1)]++] = src[k];
+            dst[count[((src[k] - lo) >> shift) & mask]++] = src[k];
         uint64_t *t = src; src = dst; dst = t;
     }
     if (src != a)
@@ -1098,7 +1111,10 @@ int32_t kvmio_rings_collect(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t
  * vm_fd < 0 skips the reset (for a caller that resets itself).  With slots == NULL (and the
  * other buffers unused) it only probes: KVMIO_COLLECT_NEED_BUFFERS if a harvest could take or
  * signal anything, else 0 exactly as an empty harvest.  `groups` holds
- * 4 * KVMIO_DEDUP_MAX_GROUPS cells: slot, start, length, entries per group.
+ * 4 * KVMIO_DEDUP_MAX_GROUPS cells: slot, start, length, entries per group.  out->reset_ns is
+ * the time the reset calls took.  With groups and out->summary (out->summary_cap items, room
+ * for 1 + count + 5 * groups), the summary gets the harvest's total, every ring's count, and
+ * per group its slot, start, length, entries and last (largest) page.
  * Returns the number of groups (0: nothing harvested), or
  *   KVMIO_COLLECT_TOO_MANY_SLOTS  reset matched, but too many slots for the grouping;
  *   KVMIO_COLLECT_SIGNALLED       a ring signalled (hole, full, lapped): nothing reset;
@@ -1114,6 +1130,14 @@ int32_t kvmio_rings_collect(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t
 #define KVMIO_COLLECT_NOT_RESET (-5)
 #define KVMIO_COLLECT_NEED_BUFFERS (-6)
 #define KVMIO_COLLECT_MAX_RESETS (1u << 20)
+
+/* Nanoseconds of CLOCK_MONOTONIC since *t0. */
+static uint64_t kvmio_ns_since(const struct timespec *t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)((int64_t)(t.tv_sec - t0->tv_sec) * 1000000000 + (t.tv_nsec - t0->tv_nsec));
+}
 
 int32_t kvmio_rings_collect_reset(struct kvmio_ring_ctl *ctl, uint32_t count, uint32_t *slots,
                                   uint64_t *offsets, uint64_t *pages, uint64_t *scratch,
@@ -1147,6 +1171,7 @@ int32_t kvmio_rings_collect_reset(struct kvmio_ring_ctl *ctl, uint32_t count, ui
     out->total = n;
     out->reset = 0;
     out->reset_errno = 0;
+    out->reset_ns = 0;
     out->signals = signals;
     if (signals)
         return KVMIO_COLLECT_SIGNALLED;
@@ -1159,6 +1184,7 @@ int32_t kvmio_rings_collect_reset(struct kvmio_ring_ctl *ctl, uint32_t count, ui
         if (r < 0) {
             out->reset = sum;
             out->reset_errno = errno;
+            out->reset_ns = kvmio_ns_since(&ts);
             return KVMIO_COLLECT_RESET_FAILED;
         }
         if (r == 0)
@@ -1166,11 +1192,31 @@ int32_t kvmio_rings_collect_reset(struct kvmio_ring_ctl *ctl, uint32_t count, ui
         sum += (uint32_t)r;
     }
     out->reset = sum;
+    out->reset_ns = kvmio_ns_since(&ts);
     if (sum != n)
         return KVMIO_COLLECT_RESET_MISMATCH;
-    return kvmio_dedup(slots, offsets, n, pages, scratch, groups,
-                       groups + KVMIO_DEDUP_MAX_GROUPS, groups + 2 * KVMIO_DEDUP_MAX_GROUPS,
-                       groups + 3 * KVMIO_DEDUP_MAX_GROUPS);
+    int32_t ngroups = kvmio_dedup(slots, offsets, n, pages, scratch, groups,
+                                  groups + KVMIO_DEDUP_MAX_GROUPS,
+                                  groups + 2 * KVMIO_DEDUP_MAX_GROUPS,
+                                  groups + 3 * KVMIO_DEDUP_MAX_GROUPS);
+    if (ngroups > 0 && out->summary
+            && 1 + count + 5 * (uint64_t)ngroups <= out->summary_cap) {
+        /* The summary: what the caller reads in one go instead of cell by cell. */
+        uint64_t *m = out->summary;
+        *m++ = n;
+        for (uint32_t k = 0; k < count; k++)
+            *m++ = ctl[k].n;
+        for (int32_t g = 0; g < ngroups; g++) {
+            const uint32_t start = groups[KVMIO_DEDUP_MAX_GROUPS + g];
+            const uint32_t len = groups[2 * KVMIO_DEDUP_MAX_GROUPS + g];
+            *m++ = groups[g];
+            *m++ = start;
+            *m++ = len;
+            *m++ = groups[3 * KVMIO_DEDUP_MAX_GROUPS + g];
+            *m++ = pages[start + len - 1];  /* a group has one page at least */
+        }
+    }
+    return ngroups;
 }
 
 /* Reference for the benchmark: the minimal C collection of one ring, as a C program would

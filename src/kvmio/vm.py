@@ -144,6 +144,10 @@ class DirtyPages:
     #: ``time.monotonic()`` when the rings were harvested (or the bitmaps read): the end of the
     #: period this collection covers, for rates.
     harvested_at: float = 0.0
+    #: Ring mode: nanoseconds the kernel took to recycle the harvested entries
+    #: (KVM_RESET_DIRTY_RINGS, which write-protects their pages again; it grows with how far
+    #: the pages spread), part of the collection's own time.  0 in bitmap mode.
+    reset_ns: int = 0
 
     @property
     def count(self) -> int:
@@ -152,12 +156,14 @@ class DirtyPages:
 
     @classmethod
     def _make(cls, pages: PageSet, regions: dict[int, MemoryRegion], entries: int,
-              dropped: int, per_vcpu: dict[int, PageSet], harvested_at: float) -> DirtyPages:
+              dropped: int, per_vcpu: dict[int, PageSet], harvested_at: float,
+              reset_ns: int = 0) -> DirtyPages:
         """A result without overruns, made without the dataclass's field-by-field
         ``__init__`` (a quarter of an idle collection's cost): the same attributes."""
         obj = object.__new__(cls)
         obj.__dict__.update(pages=pages, regions=regions, entries=entries, dropped=dropped,
-                            per_vcpu=per_vcpu, overruns={}, harvested_at=harvested_at)
+                            per_vcpu=per_vcpu, overruns={}, harvested_at=harvested_at,
+                            reset_ns=reset_ns)
         return obj
 
     def gpas(self) -> npt.NDArray[np.uint64]:
@@ -1055,13 +1061,23 @@ class Vm(FdOwner):
         regions = dict(self._regions)
         if not quick.entries:
             return DirtyPages._make(_NO_PAGES, regions, 0, 0, {}, quick.time)
-        pages, dropped = PageSet.from_groups(quick.groups, self._slot_sizes, quick.entries_of)
+        sizes = self._slot_sizes
+        by_slot = {}
+        for (raw, p, _), last in zip(quick.groups, quick.lasts, strict=True):
+            size = sizes.get(raw)  # None too for a raw id with address-space bits
+            if size is None or last >= size:  # memory deleted since: count what drops
+                pages, dropped = PageSet.from_groups(quick.groups, sizes, quick.entries_of)
+                break
+            by_slot[raw] = p
+        else:
+            pages, dropped = PageSet._of(by_slot), 0
         if len(quick.counts) == 1:
             per_vcpu = {quick.counts[0][0]: pages}
         else:
-            per_vcpu = {vcpu: PageSet.from_entries(quick.entries_of(k), self._slot_sizes)[0]
+            per_vcpu = {vcpu: PageSet.from_entries(quick.entries_of(k), sizes)[0]
                         for k, (vcpu, _) in enumerate(quick.counts)}
-        return DirtyPages._make(pages, regions, quick.entries, dropped, per_vcpu, quick.time)
+        return DirtyPages._make(pages, regions, quick.entries, dropped, per_vcpu, quick.time,
+                                quick.reset_ns)
 
     def _harvest_pages(self, harvest: Harvest, with_bitmap: bool) -> DirtyPages:
         """The result of a harvest and reset (under the ring set's lock)."""
@@ -1069,7 +1085,8 @@ class Vm(FdOwner):
         regions = self.regions
         if not with_bitmap and not harvest.orphans and not self._unreported and not any(
                 len(got) for _, got in harvest.rings):
-            return DirtyPages(_NO_PAGES, regions, 0, 0, {}, harvest.overruns, harvest.time)
+            return DirtyPages(_NO_PAGES, regions, 0, 0, {}, harvest.overruns, harvest.time,
+                              harvest.reset_ns)
         sizes = {slot: r.num_pages for slot, r in regions.items()}
         per_vcpu: dict[int, PageSet] = {}
         dropped = 0
@@ -1102,7 +1119,7 @@ class Vm(FdOwner):
         if with_bitmap:
             return self._with_backup_bitmap(pages, regions, harvest, dropped, per_vcpu)
         return DirtyPages(pages, regions, harvest.entries, dropped, per_vcpu,
-                          harvest.overruns, harvest.time)
+                          harvest.overruns, harvest.time, harvest.reset_ns)
 
     def _with_backup_bitmap(self, pages: PageSet, regions: dict[int, MemoryRegion],
                             harvest: Harvest, dropped: int,
@@ -1120,7 +1137,7 @@ class Vm(FdOwner):
             self.adopt_dirty_pages(pages.union(*extra))
             raise
         return DirtyPages(pages.union(*extra), regions, harvest.entries, dropped, per_vcpu,
-                          harvest.overruns, harvest.time)
+                          harvest.overruns, harvest.time, harvest.reset_ns)
 
     def _collect_bitmaps(self, claim: DirtyLogClaim | None) -> DirtyPages:
         with self._lock:  # slots cannot change during a bitmap collection

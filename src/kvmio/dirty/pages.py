@@ -103,6 +103,13 @@ class PageSet(Mapping[int, Pages]):
         return s
 
     @classmethod
+    def _of(cls, pages: dict[int, Pages]) -> PageSet:
+        """From non-empty, read-only, sorted, distinct uint64 arrays (taken as they are)."""
+        s = cls.__new__(cls)
+        s._pages = pages
+        return s
+
+    @classmethod
     def from_entries(cls, entries: DirtyEntries, slot_pages: Mapping[int, int]
                      ) -> tuple[PageSet, int]:
         """The distinct pages of harvested ring entries, and how many entries named a slot (or

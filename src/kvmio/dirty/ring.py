@@ -227,18 +227,27 @@ class _OutputPool:
         # C pointers to each pair's data, made once: plain addresses that hold no reference,
         # so they do not disturb the reference counts; valid while the pair lives, and a pair
         # is handed out only together with its pointers.
-        self._ptrs: list[tuple[Any, Any]] = []
+        self._ptrs: list[tuple[Any, Any, Any]] = []
         self._baseline = -1
 
     @staticmethod
-    def _pointers(pair: tuple[npt.NDArray[Any], npt.NDArray[np.uint64]]) -> tuple[Any, Any]:
+    def _pointers(pair: tuple[npt.NDArray[Any], npt.NDArray[np.uint64]]) -> tuple[Any, Any, Any]:
+        """C pointers to the pair's data, and a cffi buffer over the first array's bytes
+        (slicing it copies out without a numpy call).  Safety: they hold no reference to the
+        arrays; they are handed out only with the pair, which the caller keeps referenced
+        while it uses them."""
         first = "uint64_t *" if pair[0].dtype == np.uint64 else "uint32_t *"
-        return (ffi.cast(first, pair[0].ctypes.data),
-                ffi.cast("uint64_t *", pair[1].ctypes.data))
+        p0 = ffi.cast(first, pair[0].ctypes.data)
+        return p0, ffi.cast("uint64_t *", pair[1].ctypes.data), ffi.buffer(p0, pair[0].nbytes)
 
     def get_raw(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint64], Any, Any]:
         """A free pair and C pointers to its data (``size`` items each).  The caller keeps the
         pair referenced for as long as it uses the pointers."""
+        a, b, pa, pb, _ = self.get_raw_bytes()
+        return a, b, pa, pb
+
+    def get_raw_bytes(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint64], Any, Any, Any]:
+        """As :meth:`get_raw`, plus a cffi buffer over the first array's bytes."""
         if not _GIL:
             pair = self.get()
             return (*pair, *self._pointers(pair))
@@ -258,8 +267,9 @@ class _OutputPool:
 
     def _free(self) -> int:
         """The index of a pair nothing but the pool refers to, allocating one if none is."""
+        baseline = self._baseline
         for k in range(len(self._pairs)):
-            if self._refs(k) == (self._baseline, self._baseline):
+            if self._refs(k) == (baseline, baseline):
                 return k
         pair = (np.empty(self.size, dtype=self._first), np.empty(self.size, dtype=np.uint64))
         pair[0].fill(0)  # fault the pages in now, once (np.zeros would leave them untouched)

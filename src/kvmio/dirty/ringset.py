@@ -56,6 +56,8 @@ class Harvest:
     #: slot, when the compiled collection made them (no ring signalled anything); else
     #: ``None``.  Orphans are not in it.
     groups: list[tuple[int, npt.NDArray[np.uint64], int]] | None = None
+    #: Nanoseconds the KVM_RESET_DIRTY_RINGS calls of this collection took.
+    reset_ns: int = 0
 
     @property
     def entries(self) -> int:
@@ -70,20 +72,25 @@ class Harvest:
 class QuickHarvest:
     """What a clean :meth:`RingSet.collect_quick` took (harvested, reset exactly, deduped).
 
-    ``groups``: sorted distinct pages per raw slot, ``(raw slot, pages, entries)``;
+    ``groups``: sorted distinct pages per raw slot, ``(raw slot, pages, entries)``
+    (read-only arrays of one page at least), and ``lasts`` the largest page of each;
     ``entries``: entries harvested in all; ``counts``: ``(vCPU id, entries)`` of each ring
     that had any, in harvest order; ``time``: ``time.monotonic()`` between the harvest and the
-    reset.  :meth:`entries_of` gives the raw entries (views of pooled buffers, valid until the
-    next collection).
+    reset; ``reset_ns``: what the reset calls took.  :meth:`entries_of` gives the raw entries
+    (views of pooled buffers, valid until the next collection).
     """
 
-    __slots__ = ("_offsets", "_slots", "counts", "entries", "groups", "restored", "time")
+    __slots__ = ("_offsets", "_slots", "counts", "entries", "groups", "lasts", "reset_ns",
+                 "restored", "time")
 
     def __init__(self, groups: Sequence[tuple[int, npt.NDArray[np.uint64], int]], entries: int,
                  counts: Sequence[tuple[int, int]], t: float,
                  slots: npt.NDArray[np.uint32] | None = None,
-                 offsets: npt.NDArray[np.uint64] | None = None, *, restored: bool = False):
+                 offsets: npt.NDArray[np.uint64] | None = None, *, restored: bool = False,
+                 lasts: Sequence[int] = (), reset_ns: int = 0):
         self.groups = groups
+        self.lasts = lasts
+        self.reset_ns = reset_ns
         #: Whether the call also restored the pages (``collect_quick(restore=)``); the groups
         #: are then empty.
         self.restored = restored
@@ -130,6 +137,7 @@ class RingSet:
         self._page_pool: _OutputPool | None = None
         self._group_cells = ffi.new("uint32_t[]", 4 * _MAX_GROUPS)
         self._out = ffi.new("struct kvmio_collect_out *")
+        self._summary: Any = None  # what the quick collection reads back (see _prepare_native)
         # Bumped whenever a ring joins or leaves; the control array is good for the quick
         # collection only if it was built for every open ring at the current generation.
         self._gen = 0
@@ -305,7 +313,11 @@ class RingSet:
             ctl = ffi.new("struct kvmio_ring_ctl[]", len(live))
             for k, ring in enumerate(live):
                 ring.fill_native_ctl(ctl, k)
-            self._ctl, self._ctl_rings = ctl, list(live)
+            # The quick collection's summary: total, each ring's count, five cells per group.
+            cells = 1 + len(live) + 5 * _MAX_GROUPS
+            summary = ffi.new("uint64_t[]", cells)
+            self._out.summary, self._out.summary_cap = summary, cells
+            self._ctl, self._ctl_rings, self._summary = ctl, list(live), summary
             self._capacity = sum(r.size for r in live)
         # `live` are open rings of this set: as many as are open means every one.
         self._ctl_gen = self._gen if len(live) == len(self._rings) else -1
@@ -456,9 +468,11 @@ class RingSet:
                     return QuickHarvest((), 0, (), out.harvested_at)
             assert self._pool is not None and self._page_pool is not None
             slots, offsets, ps, po = self._pool.get_raw()
-            pages, scratch, pp, pt = self._page_pool.get_raw()
+            pages, scratch, pp, pt, pbytes = self._page_pool.get_raw_bytes()
             # Safety: as in _harvest_native (the same arrays, control array and rings); the
-            # group cells hold 4 * KVMIO_DEDUP_MAX_GROUPS; reset_fd is the caller's open fd.
+            # group cells hold 4 * KVMIO_DEDUP_MAX_GROUPS; out.summary (built with the control
+            # array, for as many rings) has room for all the groups; reset_fd is the caller's
+            # open fd.
             if restore is None:
                 r = lib.kvmio_rings_collect_reset(self._ctl, len(live), ps, po, pp, pt,
                                                   self._group_cells, reset_fd,
@@ -473,17 +487,37 @@ class RingSet:
             if r == 0:
                 return QuickHarvest((), 0, (), out.harvested_at, restored=restored)
             if r > 0:
-                total = int(out.total)
+                # Right after KVM_RUN every Python step is slow (cold caches): the call left
+                # what we need in the summary, read in one go.
+                nr = len(live)
+                summary = ffi.unpack(self._summary, 1 + nr + 5 * r)
+                total = summary[0]
                 counts = []
-                ctl = self._ctl
-                for k, ring in enumerate(live):
-                    n = int(ctl[k].n)
+                for k in range(nr):
+                    n = summary[1 + k]
                     if n:
+                        ring = live[k]
                         ring.count_harvested(n)
                         counts.append((ring.vcpu_id, n))
-                return QuickHarvest(() if restored else self._groups(r, total, pages), total,
-                                    tuple(counts), out.harvested_at, slots, offsets,
-                                    restored=restored)
+                groups: list[tuple[int, npt.NDArray[np.uint64], int]] = []
+                lasts: list[int] = []
+                if not restored:
+                    # Few pages (or few for the buffer) are copied out (as bytes: read-only
+                    # arrays without a numpy call), so that they do not hold the pooled
+                    # buffer; many are read-only views of it.
+                    small = total < 1024 or 4 * total < self._capacity
+                    for at in range(1 + nr, 1 + nr + 5 * r, 5):
+                        raw, start, length, entries, last = summary[at:at + 5]
+                        if small:
+                            view = np.frombuffer(pbytes[8 * start:8 * (start + length)],
+                                                 np.uint64)
+                        else:
+                            view = pages[start:start + length]
+                            view.flags.writeable = False
+                        groups.append((raw, view, entries))
+                        lasts.append(last)
+                return QuickHarvest(groups, total, counts, out.harvested_at, slots, offsets,
+                                    restored=restored, lasts=lasts, reset_ns=out.reset_ns)
             return self._finish_quick(int(r), live, on_overrun, slots, offsets, pages)
 
     def _finish_quick(self, code: int, live: list[DirtyRing], on_overrun: OverrunPolicy,
@@ -491,7 +525,7 @@ class RingSet:
                       pages: npt.NDArray[np.uint64]) -> Harvest:
         """The rest of a quick collection that was not clean, as :meth:`harvest_and_reset`."""
         out = self._out
-        total, reset = int(out.total), int(out.reset)
+        total, reset, reset_ns = int(out.total), int(out.reset), int(out.reset_ns)
         harvested: list[tuple[DirtyRing, DirtyEntries]] = []
         try:
             self._settle_native(live, code, total, on_overrun, harvested, slots, offsets,
@@ -507,12 +541,14 @@ class RingSet:
                 # entries): the rest of the reset goes through reset(), which raises the
                 # kernel's error if it fails again.
                 self._count_reset(reset, list(self._rings.values()))
+                t0 = time.perf_counter_ns()
                 self.reset(on_overrun=on_overrun)
+                reset_ns += time.perf_counter_ns() - t0
         except BaseException:
             for ring, got in harvested:
                 ring.give_back(got)
             raise
-        return self._harvest_result(harvested, [], out.harvested_at, None)
+        return self._harvest_result(harvested, [], out.harvested_at, None, reset_ns)
 
     def take_reset_report(self) -> tuple[int, str] | None:
         """``(vCPU id or VM_WIDE, why)`` of the overrun a reset with ``on_overrun="report"``
@@ -547,18 +583,20 @@ class RingSet:
                 if live:
                     groups = self._harvest_native(live, on_overrun, harvested)
                 t = time.monotonic()
+                t0 = time.perf_counter_ns()
                 self.reset(on_overrun=on_overrun)
+                reset_ns = time.perf_counter_ns() - t0
             except BaseException:
                 for ring, got in harvested:
                     ring.give_back(got)
                 self.return_orphans(orphans)
                 raise
-            return self._harvest_result(harvested, orphans, t, groups)
+            return self._harvest_result(harvested, orphans, t, groups, reset_ns)
 
     def _harvest_result(self, harvested: list[tuple[DirtyRing, DirtyEntries]],
                         orphans: list[DirtyEntries], t: float,
-                        groups: list[tuple[int, npt.NDArray[np.uint64], int]] | None
-                        ) -> Harvest:
+                        groups: list[tuple[int, npt.NDArray[np.uint64], int]] | None,
+                        reset_ns: int = 0) -> Harvest:
         overruns = {}
         for ring, got in harvested:
             if not len(got) and not ring.overruns:
@@ -569,4 +607,4 @@ class RingSet:
         report = self.take_reset_report()
         if report is not None:
             overruns[report[0]] = report[1]
-        return Harvest(harvested, orphans, overruns, t, groups)
+        return Harvest(harvested, orphans, overruns, t, groups, reset_ns)
