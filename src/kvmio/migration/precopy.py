@@ -37,7 +37,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -269,28 +269,55 @@ class _Sender:
         #: While the guest runs: (monotonic deadline, error message) of the whole migration.
         self.deadline: tuple[float, str] | None = None
 
-    def send(self, slot: int, pages: Pages) -> None:
-        """Send ``pages`` (sorted, distinct indices) of ``slot``: zero ones as ZERO records."""
+    def send(self, slot: int, pages: Pages, *, still: bool = False) -> None:
+        """Send ``pages`` (sorted, distinct indices) of ``slot``: zero ones as ZERO records.
+
+        ``still``: nothing writes guest memory meanwhile (the final pass, vCPUs paused), so a
+        record of consecutive pages goes straight from guest memory; else each record's
+        pages are copied first, so that its checksum covers what is sent while the guest
+        writes on."""
         region = self.regions[slot]
-        view = region.array(np.uint8).view(_PAGE)
+        flat = cast("npt.NDArray[np.uint8]", region.array(np.uint8))
+        view = flat.view(_PAGE)
         for at in range(0, len(pages), MAX_PAGES_PER_RECORD):
             if self.deadline is not None and time.monotonic() > self.deadline[0]:
                 raise MigrationError(self.deadline[1])
             idx = pages[at:at + MAX_PAGES_PER_RECORD]
-            block = view[idx.astype(np.intp)]  # a copy: the guest may write on meanwhile
-            nonzero = block.view(np.uint64).reshape(len(idx), -1).any(axis=1)
+            n = len(idx)
+            first = int(idx[0])
+            block: npt.NDArray[np.uint8]
+            if int(idx[-1]) - first == n - 1:  # consecutive pages (sorted, distinct)
+                block = flat[first * PAGE_SIZE:(first + n) * PAGE_SIZE]
+                if not still:
+                    block = block.copy()  # a plain copy: half the cost of a gather
+                block = block.reshape(n, PAGE_SIZE)
+            else:
+                block = view[idx.astype(np.intp)].view(np.uint8).reshape(n, PAGE_SIZE)
+            nonzero = _nonzero_pages(block)
             if nonzero.all():
-                self.w.pages(slot, idx, block.view(np.uint8))
+                self.w.pages(slot, idx, block)
             else:
                 self.w.pages(slot, idx[~nonzero], None)
                 self.zero += int((~nonzero).sum())
                 if nonzero.any():
-                    self.w.pages(slot, idx[nonzero], block[nonzero].view(np.uint8))
-            self.pages += len(idx)
+                    self.w.pages(slot, idx[nonzero], block[nonzero])
+            self.pages += n
 
-    def whole(self, slot: int) -> None:
+    def whole(self, slot: int, *, still: bool = False) -> None:
         """Every populated page of ``slot`` (the rest are zero at the destination)."""
-        self.send(slot, self.regions[slot].memory.populated_pages())
+        self.send(slot, self.regions[slot].memory.populated_pages(), still=still)
+
+
+def _nonzero_pages(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Which pages (rows of ``block``, ``PAGE_SIZE`` bytes each) hold a non-zero byte: the
+    first 64 bytes of each decide most pages; only pages that start with them zero are read
+    whole."""
+    words = block.view(np.uint64)
+    nonzero = np.asarray(words[:, :8].any(axis=1))
+    if not nonzero.all():
+        rest = np.flatnonzero(~nonzero)
+        nonzero[rest] = words[rest].any(axis=1)
+    return nonzero
 
 
 def _vcpus(vm: Vm, vcpus: Iterable[Vcpu] | None) -> list[Vcpu]:
@@ -383,12 +410,13 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
             if changes is not None:
                 for slot, pages in sorted(changes.pages.items()):
                     if slot in regions and slot not in whole and len(pages):
-                        sender.send(slot, pages)
+                        sender.send(slot, pages, still=final)
                 report.whole_reasons.extend(changes.why)
             for slot in sorted(whole):
                 if slot in regions and (final or changes is None or
                                         regions[slot].log_dirty):
-                    sender.whole(slot)  # untracked slots: in pass 0 and the final pass only
+                    # Untracked slots: in pass 0 and the final pass only.
+                    sender.whole(slot, still=final)
             seconds = time.monotonic() - start
             cpu[0] = time.thread_time() - cpu0
             p = PassReport(number, sender.pages - pages0, sender.zero - zero0, w.sent - sent0,
