@@ -195,6 +195,11 @@ def _paused_rate(nbytes: int, wall: float, cpu: float) -> float:
     return nbytes / cpu
 
 
+def _page_bytes(p: PassReport) -> int:
+    """The guest page bytes a pass handled (its pages, zero or not, at 4 KiB each)."""
+    return p.pages * PAGE_SIZE
+
+
 def _unsent(conn: object) -> int:
     """Bytes a TCP connection's kernel send queue still holds (SIOCOUTQ: not yet sent, or
     not yet acknowledged): they go before anything sent next, so they count in the downtime
@@ -433,11 +438,15 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
             sender.deadline = (t0 + timeout, f"the migration did not converge within "
                                              f"{timeout:g} s (still copying while the guest ran)")
         last = run_pass(0, None, final=False)
+        # Rates: `bandwidth` is of bytes on the wire (for the link's backlog); the others are
+        # of guest page bytes handled (pages x 4 KiB, zero or not), the unit of the dirty sets
+        # they are compared with, whatever a compressed record took on the wire.
         bandwidth = last.bytes / max(last.seconds, 1e-6)
+        page_rate = _page_bytes(last) / max(last.seconds, 1e-6)
         # The final pass runs with the vCPUs paused: this thread then has a CPU to itself, so
         # the pass costs about its CPU time, unless the link is slower than that.  The live
         # passes' wall time also counts the waits for a CPU the running guest took.
-        send_rate = _paused_rate(last.bytes, last.seconds, cpu[0])
+        send_rate = _paused_rate(_page_bytes(last), last.seconds, cpu[0])
         pending: Changes | None = None
         if runner is not None:
             number = 1
@@ -462,8 +471,8 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                 # fraction of it (a 512 MiB working set at 160 MiB/s: 80 ms -> 30 ms).  Not
                 # when the timeout would end it: a migration within the limit switches over.
                 late = timeout is not None and \
-                    time.monotonic() + size / max(bandwidth, 1.0) > t0 + timeout
-                shrinking = (size > 0 and size * 2 <= last.bytes and not late
+                    time.monotonic() + size / max(page_rate, 1.0) > t0 + timeout
+                shrinking = (size > 0 and size * 2 <= _page_bytes(last) and not late
                              and size / send_rate > SWITCH_OVER_COST)
                 if (report.estimated_downtime <= downtime and not shrinking) \
                         or number > max_passes:
@@ -483,6 +492,8 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                     # time (a page fault each): the final pass rewrites pages.
                     if last.number == 0:
                         stored_rate = float("inf")
+                    elif last.bytes:  # of the wire's bytes: in page bytes, as the pass went
+                        stored_rate *= _page_bytes(last) / last.bytes
                     pending = _merged(changes, log.collect(final=False))
                     report.estimated_downtime = (
                         SWITCH_OVER_COST
@@ -497,8 +508,8 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                     raise MigrationError(
                         f"the migration did not converge within {timeout:g} s ({number - 1} "
                         f"passes; {size >> 20} MiB dirty, {report.estimated_downtime:.2f} s "
-                        f"to send at {bandwidth / 2**20:.1f} MiB/s, limit {downtime:g} s)")
-                if auto_converge and size >= AUTO_SHRINK * last.bytes:
+                        f"to send at {page_rate / 2**20:.1f} MiB/s, limit {downtime:g} s)")
+                if auto_converge and size >= AUTO_SHRINK * _page_bytes(last):
                     # The guest dirtied (about) as much while the last pass was sent as that
                     # pass sent: passes do not shrink.  Slow it down.
                     assert tracker is not None
@@ -509,16 +520,17 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                         except KvmStateError as e:
                             raise MigrationError(f"auto-converge cannot pace the vCPUs: "
                                                  f"{e.message}") from e
-                        rate = AUTO_FRACTION * bandwidth / len(targets)
+                        rate = AUTO_FRACTION * page_rate / len(targets)
                     else:
                         rate = report.throttle[-1]["bytes_per_second"] / 2
                     rate = max(rate, float(PAGE_SIZE))
                     limit.set(rate)
                     report.throttle.append({"pass": number - 1, "bytes_per_second": rate})
                 last = run_pass(number, changes, final=False, remaining=size)
-                if last.seconds > 0 and last.bytes > 64 * PAGE_SIZE:
+                if last.seconds > 0 and last.pages > 64:
                     bandwidth = last.bytes / last.seconds
-                    send_rate = _paused_rate(last.bytes, last.seconds, cpu[0])
+                    page_rate = _page_bytes(last) / last.seconds
+                    send_rate = _paused_rate(_page_bytes(last), last.seconds, cpu[0])
                 number += 1
             sender.deadline = None  # the final pass is the downtime: it is not cut short
             t_pause = time.monotonic()
