@@ -1054,6 +1054,31 @@ def test_the_prefault_helper_keeps_within_the_stretch_it_was_shown() -> None:
         mem.close()
 
 
+def test_a_record_that_ends_a_stretch_and_holds_lone_pages_prefaults_after_its_last() -> None:
+    """A record of the last pages of a stretch and then pages far apart (what a sender's
+    chunk of populated pages holds at the end of a run): the pages after it follow its last
+    page, a lone one, so one page is faulted in there, not a stretch's length."""
+    from kvmio.memory import AnonymousMemory
+    from kvmio.migration.precopy import _Prefaulter
+
+    mem = AnonymousMemory(1 << 30, noreserve=True)
+    helper = _Prefaulter({7: mem})
+    try:
+        helper.saw(7, np.arange(0, 2000, dtype=np.uint64), True)
+        wait_until(lambda: helper.pages >= 2000, what="the helper to follow the stretch")
+        lone = [20_000 + 4000 * k for k in range(45)]
+        helper.saw(7, np.array([*range(2000, 2100), *lone], dtype=np.uint64), True)
+        wait_until(lambda: helper.pages >= 2001, what="the helper to follow the stream")
+    finally:
+        done = helper.stop()
+    try:
+        populated = set(mem.populated_pages().tolist())
+        assert populated == {*range(2000, 4000), lone[-1] + 1}, sorted(populated)[-5:]
+        assert done == len(populated)
+    finally:
+        mem.close()
+
+
 def test_a_hostile_stream_cannot_make_the_prefault_helper_fill_memory() -> None:
     from kvmio.memory import AnonymousMemory
     from kvmio.migration.precopy import PREFAULT_WINDOW, _Prefaulter

@@ -81,8 +81,10 @@ __all__ = [
 DEFAULT_DOWNTIME = 0.3
 #: The part of the downtime that does not depend on the pages left (seconds): pausing the
 #: vCPUs, reading and restoring the machine state, the destination's answer (measured here:
-#: 4-6 ms for an idle Multiboot guest over loopback, between two processes).
-SWITCH_OVER_COST = 0.004
+#: 4-7 ms for an idle or lightly written Multiboot guest over loopback, between two
+#: processes, varying with the host's load from run to run and day to day; 4 ms, the low
+#: end, made every estimate of one run 14-33% short).
+SWITCH_OVER_COST = 0.005
 #: Auto-converge steps in when the guest dirtied at least this share of what a pass sent,
 #: while it was sent.
 AUTO_SHRINK = 0.9
@@ -652,15 +654,25 @@ class _Prefaulter:
 
     def saw(self, slot: int, pages: Pages, data: bool) -> None:
         """The receiver stored (``data``) or noted as zero ``pages`` (sorted) of ``slot``."""
-        first, last, n = int(pages[0]), int(pages[-1]), len(pages) if data else 0
+        first, last, count = int(pages[0]), int(pages[-1]), len(pages)
+        n = count if data else 0
+        tail = None
+        if last - first >= count + MAX_PAGES_PER_RECORD - 1:
+            # A gap of more than a record's span inside the record (the end of a stretch and
+            # then lone pages, say): what follows the record follows its part after the
+            # last such gap, which starts a stretch of its own.
+            gaps = np.flatnonzero(np.diff(pages) > MAX_PAGES_PER_RECORD)
+            if len(gaps):
+                at = int(gaps[-1]) + 1
+                tail = count - at if data else 0
         with self._cond:
             # The stretch goes on from a record that starts within a record's span of its end
             # (or inside it: a block's zero pages go first, then its data).
-            if slot == self._slot and first <= self._end + MAX_PAGES_PER_RECORD:
+            if tail is None and slot == self._slot and first <= self._end + MAX_PAGES_PER_RECORD:
                 self._run += n
                 self._end = max(self._end, last)
             else:
-                self._slot, self._run, self._end = slot, n, last
+                self._slot, self._run, self._end = slot, n if tail is None else tail, last
             self._data += n
             self._cond.notify()
 
