@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,58 @@ def test_checkpoint_refuses_a_running_vcpu(kvm: Kvm) -> None:
         finally:
             vcpu.kick()
             t.join()
+
+
+def test_reset_refuses_a_running_vcpu_and_touches_nothing(kvm: Kvm) -> None:
+    import threading
+
+    from guests import wait_until
+
+    vm, vcpu = _spin(kvm)
+    with vm, Checkpoint.take(vm) as ck:
+        vcpu.run(max_time=0.01)  # counts a while: memory differs from the checkpoint
+        vm.write_memory(COUNTER + 0x100, b"host")  # where the guest never writes
+        t = threading.Thread(target=vcpu.run)
+        t.start()
+        try:
+            wait_until(lambda: vcpu.running, what="the vCPU to enter KVM_RUN")
+            with pytest.raises(KvmStateError, match="is running"):
+                ck.reset()
+        finally:
+            vcpu.kick()
+            t.join()
+        assert vm.read_memory(COUNTER + 0x100, 4) == b"host"  # memory was not touched
+        ck.reset()  # stopped now: it goes through
+        assert vm.read_memory(COUNTER + 0x100, 4) == bytes(4)
+        assert int.from_bytes(vm.read_memory(COUNTER, 2), "little") == 0
+
+
+def test_reset_holds_the_vcpus_until_it_ends(kvm: Kvm) -> None:
+    """A thread that calls ``run()`` while a reset is under way waits for the reset to end:
+    it cannot run the guest on half-restored memory or state."""
+    import threading
+
+    vm, vcpu = _spin(kvm)
+    seen: list[bool] = []
+    started = threading.Event()
+
+    def during_reset() -> None:  # the last step inside the reset
+        t = threading.Thread(target=lambda: (started.set(), vcpu.run(max_time=0.05)))
+        t.start()
+        started.wait()
+        entered = False
+        for _ in range(200):
+            entered = entered or vcpu.running
+            time.sleep(0.001)
+        seen.append(entered)
+        threads.append(t)
+
+    threads: list[threading.Thread] = []
+    with vm, Checkpoint.take(vm, on_reset=during_reset) as ck:
+        ck.reset()
+        for t in threads:
+            t.join()
+    assert seen == [False]  # 0.2 s inside the reset, and the vCPU never entered KVM_RUN
 
 
 def test_a_multiboot_kernel_that_crashed_runs_again_after_a_reset(kvm: Kvm) -> None:

@@ -134,19 +134,24 @@ class Checkpoint:
 
     def reset(self) -> ResetReport:
         """Bring the machine back to the checkpoint: pending exits, memory, state (see the
-        module docs).  vCPUs must be stopped.  Safe to call again after an error (a reset
-        that did not finish makes the next one compare all memory)."""
+        module docs).  vCPUs must be stopped: one that a thread runs raises
+        :class:`~kvmio.errors.KvmStateError` before memory or state is touched, and every
+        vCPU is held outside ``run()`` until the reset ends.  Safe to call again after an
+        error (a reset that did not finish makes the next one compare all memory)."""
         with self._lock:
             if self.memory.closed:
                 raise KvmClosedError("this checkpoint is closed")
             t0 = time.perf_counter_ns()
-            finish_pending_exits(self._vcpus)
+            finish_pending_exits(self._vcpus)  # may run them briefly: before the hold
             t1 = time.perf_counter_ns()
-            mem = self.memory.reset()
-            t2 = time.perf_counter_ns()
-            self._restorer.restore()
-            if self._on_reset is not None:
-                self._on_reset()
+            with contextlib.ExitStack() as held:
+                for v in self._vcpus:
+                    held.enter_context(v.outside_run())  # KvmStateError if one is running
+                mem = self.memory.reset()
+                t2 = time.perf_counter_ns()
+                self._restorer.restore()
+                if self._on_reset is not None:
+                    self._on_reset()
             t3 = time.perf_counter_ns()
             return ResetReport(mem, t1 - t0, t3 - t2, t3 - t0)
 
