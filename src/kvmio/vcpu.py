@@ -7,8 +7,9 @@ import signal
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Mapping as MappingType
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from kvmio import _abi, _check
@@ -180,16 +181,11 @@ class Vcpu(FdOwner):
         """The ``threading.get_ident()`` of the thread inside KVM_RUN now, if any."""
         return self._running_thread
 
-    @contextlib.contextmanager
-    def outside_run(self) -> Iterator[None]:
+    def outside_run(self) -> AbstractContextManager[None]:
         """Hold the vCPU outside ``run()``: raises :class:`KvmStateError` if a thread is in it
         now, and makes ``run()`` wait until the block ends (ring repairs need this).  Holds
         nest and may overlap (from any threads): ``run()`` waits for the last to end."""
-        self._hold()
-        try:
-            yield
-        finally:
-            self._unhold()
+        return _Hold(self)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -816,6 +812,22 @@ class Vcpu(FdOwner):
             self._holds -= 1
             if not self._holds:
                 self._outside.notify_all()
+
+
+class _Hold:
+    """What :meth:`Vcpu.outside_run` returns (a plain object, not a generator: a checkpoint
+    reset takes one right after KVM_RUN, where every Python frame is slow)."""
+
+    __slots__ = ("_vcpu",)
+
+    def __init__(self, vcpu: Vcpu):
+        self._vcpu = vcpu
+
+    def __enter__(self) -> None:
+        self._vcpu._hold()
+
+    def __exit__(self, *exc: object) -> None:
+        self._vcpu._unhold()
 
 
 # -- raw encodings of the variable parts of a vCPU state (x86) --------------------------------
