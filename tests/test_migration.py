@@ -1117,3 +1117,36 @@ def test_the_senders_zero_page_check_matches_a_full_scan(
         if p is not None:
             block[i, p[0]] = p[1]
     assert _nonzero_pages(block).tolist() == block.any(axis=1).tolist()
+
+
+@pytest.mark.parametrize("bad", [
+    {"downtime": "0.3"}, {"downtime": 0}, {"downtime": float("nan")}, {"max_passes": 0},
+    {"max_passes": 2.5}, {"timeout": -1}, {"answer_timeout": None}, {"compress": 1},
+    {"auto_converge": "yes"}, {"on_pass": 3},
+])
+def test_send_vm_refuses_bad_arguments_before_sending_anything(kvm: Kvm,
+                                                               bad: dict[str, Any]) -> None:
+    from kvmio import KvmInvalidArgumentError
+
+    src, dst = socket_pair()
+    with src, dst, kvm.create_vm() as vm:
+        vm.add_memory_region(0, 1 << 20)
+        vm.create_vcpu()
+        with pytest.raises(KvmInvalidArgumentError, match=next(iter(bad))):
+            send_vm(src, vm, **bad)
+        dst.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            dst.recv(1)  # not a byte went out
+
+
+@pytest.mark.parametrize("bad", [{"prefault": 1}, {"prefault": None}, {"on_bytes": "x"},
+                                 {"accept": 5}])
+def test_receive_vm_refuses_bad_arguments_before_reading(kvm: Kvm, bad: dict[str, Any]) -> None:
+    from kvmio import KvmInvalidArgumentError
+
+    src, dst = socket_pair()
+    with src, dst:
+        src.sendall(MAGIC)  # a stream's first bytes: still unread afterwards
+        with pytest.raises(KvmInvalidArgumentError, match=next(iter(bad))):
+            receive_vm(kvm, dst, **bad)
+        assert dst.recv(len(MAGIC)) == MAGIC

@@ -42,10 +42,12 @@ from typing import Any, Protocol, cast
 import numpy as np
 import numpy.typing as npt
 
+from kvmio import _check
 from kvmio._abi import PAGE_SIZE
 from kvmio.devices import IoBus
 from kvmio.errors import (
     KvmError,
+    KvmInvalidArgumentError,
     KvmStateError,
     MigrationError,
     MigrationInDoubtError,
@@ -376,8 +378,16 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
     shrink; the limit is lifted when the migration ends (on the source's side: it stays
     paused after a success, and runs unthrottled after a failure).
     """
-    if not downtime > 0:
-        raise MigrationError("downtime must be positive")
+    # Arguments first, each a clear KvmInvalidArgumentError (nothing sent yet).
+    downtime = _check.positive_float("downtime", downtime)
+    max_passes = _check.integer("max_passes", max_passes, lo=1)
+    if timeout is not None:
+        timeout = _check.positive_float("timeout", timeout)
+    answer_timeout = _check.positive_float("answer_timeout", answer_timeout)
+    _check.instance("auto_converge", auto_converge, bool)
+    _check.instance("compress", compress, bool)
+    if on_pass is not None and not callable(on_pass):
+        raise KvmInvalidArgumentError("on_pass must be callable")
     if vm in _HANDED_OVER:
         raise MigrationError("this VM was handed over to a destination (or may have been: "
                              "the migration ended in doubt); it is not migrated again.  If "
@@ -755,6 +765,11 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
     pays on a host with a CPU to spare).  Raises
     :class:`MigrationError` (and answers ``FAIL`` when it can) for anything wrong; the VM it
     was building is closed then."""
+    _check.instance("prefault", prefault, bool)
+    if on_bytes is not None and not callable(on_bytes):
+        raise KvmInvalidArgumentError("on_bytes must be callable")
+    if accept is not None and not callable(accept):
+        raise KvmInvalidArgumentError("accept must be callable")
     t0 = time.monotonic()
     r = StreamReader(conn, on_bytes=on_bytes)
     vm: Vm | None = None
