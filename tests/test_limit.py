@@ -189,12 +189,14 @@ def test_two_vcpus_hold_their_own_limits_then_cancel_restores_the_natural_rate(
         t_cancel = time.monotonic()
         time.sleep(2.3)
         # Within one period (a slice, MAX_SLICE) of the cancel, the vCPUs run unthrottled: the
-        # first second after it is as fast as the next (both under the same host load).
+        # first second after it is about as fast as the next (both under the same host load;
+        # two vCPU threads and two busy processes on two CPUs made one such second 0.73x the
+        # next with no limit left, hence 0.6x).
         for vid in range(2):
             first = s.rates(vid, t_cancel + MAX_SLICE + 1.0, math.inf)
             second = s.rates(vid, t_cancel + MAX_SLICE + 2.0, math.inf)
             assert first and second, "no sample after the cancel"
-            assert first[0][1] > 0.75 * second[0][1], (first[0], second[0])
+            assert first[0][1] > 0.6 * second[0][1], (first[0], second[0])
             assert first[0][1] > 4 * limits[vid]
             # ... and near the rate it had before any limit (measured under the same load; a
             # cancel that left a limit of a fraction of it in place would fail here).
