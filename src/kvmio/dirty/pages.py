@@ -91,7 +91,6 @@ class PageSet(Mapping[int, Pages]):
     @classmethod
     def _trusted(cls, pages: dict[int, Pages]) -> PageSet:
         """From arrays known to be sorted, distinct uint64 (no checks, no copies)."""
-        s = cls.__new__(cls)
         out = {}
         for slot, p in pages.items():
             if len(p):
@@ -99,8 +98,7 @@ class PageSet(Mapping[int, Pages]):
                     p = p.view()
                     p.setflags(write=False)
                 out[slot] = p
-        s._pages = out
-        return s
+        return cls._of(out)
 
     @classmethod
     def _of(cls, pages: dict[int, Pages]) -> PageSet:

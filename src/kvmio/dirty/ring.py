@@ -243,8 +243,11 @@ class _OutputPool:
     def get_raw(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint64], Any, Any]:
         """A free pair and C pointers to its data (``size`` items each).  The caller keeps the
         pair referenced for as long as it uses the pointers."""
-        a, b, pa, pb, _ = self.get_raw_bytes()
-        return a, b, pa, pb
+        if not _GIL:
+            pair = self.get()
+            return (*pair, *self._pointers(pair)[:2])
+        k = self._free()
+        return (*self._pairs[k], *self._ptrs[k][:2])
 
     def get_raw_bytes(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint64], Any, Any, Any]:
         """As :meth:`get_raw`, plus a cffi buffer over the first array's bytes."""

@@ -336,7 +336,7 @@ class RingSet:
         ctl = self._prepare_native(live)
         assert self._pool is not None and self._page_pool is not None
         slots, offsets, ps, po = self._pool.get_raw()
-        pages, scratch, pp, pt = self._page_pool.get_raw()
+        pages, scratch, pp, pt, pbytes = self._page_pool.get_raw_bytes()
         g = self._group_cells
         # Safety: all four arrays hold the sum of the rings' sizes, the most the call writes,
         # and stay referenced during it; the group cells hold KVMIO_DEDUP_MAX_GROUPS each;
@@ -346,17 +346,17 @@ class RingSet:
                                           g + 3 * _MAX_GROUPS)
         del scratch
         return self._settle_native(live, ngroups, int(self._total[0]), on_overrun, harvested,
-                                   slots, offsets, pages)
+                                   slots, offsets, pages, pbytes)
 
     def _settle_native(self, live: list[DirtyRing], ngroups: int, total: int,
                        on_overrun: OverrunPolicy,
                        harvested: list[tuple[DirtyRing, DirtyEntries]],
                        slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64],
-                       pages: npt.NDArray[np.uint64]
+                       pages: npt.NDArray[np.uint64], pbytes: Any
                        ) -> list[tuple[int, npt.NDArray[np.uint64], int]] | None:
         """Every ring's accounting for a native harvest of ``live`` into ``slots``/``offsets``
-        (``ngroups`` > 0: the call grouped the entries into ``pages`` and the group cells; 0:
-        nothing harvested and no ring signalled anything)."""
+        (``ngroups`` > 0: the call grouped the entries into ``pages``, whose bytes ``pbytes``
+        reads, and the group cells; 0: nothing harvested and no ring signalled anything)."""
         ctl = self._ctl
         # From here on every ring's entries are marked harvested but not yet accounted for:
         # whatever is raised (a Ctrl-C included), the rings not settled yet keep theirs.
@@ -369,7 +369,12 @@ class RingSet:
                                       if ring.has_stash else _NO_ENTRIES))
                     settled += 1
                 return None
-            groups = self._groups(ngroups, total, pages) if ngroups > 0 else None
+            groups = None
+            if ngroups > 0:
+                g = self._group_cells
+                groups = self._groups(((g[k], g[_MAX_GROUPS + k], g[2 * _MAX_GROUPS + k],
+                                        g[3 * _MAX_GROUPS + k]) for k in range(ngroups)),
+                                      total, pages, pbytes)
             del pages
             if groups is not None and any(r.has_stash for r in live):
                 groups = None  # stashed entries come first in their rings: the groups lack them
@@ -398,21 +403,22 @@ class RingSet:
             raise first_error
         return groups
 
-    def _groups(self, ngroups: int, total: int, pages: npt.NDArray[np.uint64]
-                ) -> list[tuple[int, npt.NDArray[np.uint64], int]]:
-        """The native call's groups: sorted distinct pages of every ring's entries per slot.
-        Few pages (or few for the buffer) are copied, so that they do not hold the pooled
-        buffer; many are read-only views of it."""
-        g = self._group_cells
+    def _groups(self, cells: Iterable[Sequence[int]], total: int, pages: npt.NDArray[np.uint64],
+                pbytes: Any) -> list[tuple[int, npt.NDArray[np.uint64], int]]:
+        """The native call's groups, ``(raw slot, start, length, entries)`` cells: sorted
+        distinct pages of every ring's entries per slot, in ``pages`` (whose bytes ``pbytes``
+        reads).  Few pages (or few for the buffer) are copied out (as bytes: read-only arrays
+        without a numpy call), so that they do not hold the pooled buffer; many are read-only
+        views of it."""
         small = total < 1024 or 4 * total < self._capacity
         out = []
-        for k in range(ngroups):
-            start = int(g[_MAX_GROUPS + k])
-            view = pages[start:start + int(g[2 * _MAX_GROUPS + k])]
+        for raw, start, length, entries in cells:
             if small:
-                view = view.copy()
-            view.flags.writeable = False
-            out.append((int(g[k]), view, int(g[3 * _MAX_GROUPS + k])))
+                view = np.frombuffer(pbytes[8 * start:8 * (start + length)], np.uint64)
+            else:
+                view = pages[start:start + length]
+                view.flags.writeable = False
+            out.append((raw, view, entries))
         return out
 
     def quiet(self) -> bool:
@@ -501,35 +507,25 @@ class RingSet:
                         counts.append((ring.vcpu_id, n))
                 groups: list[tuple[int, npt.NDArray[np.uint64], int]] = []
                 lasts: list[int] = []
-                if not restored:
-                    # Few pages (or few for the buffer) are copied out (as bytes: read-only
-                    # arrays without a numpy call), so that they do not hold the pooled
-                    # buffer; many are read-only views of it.
-                    small = total < 1024 or 4 * total < self._capacity
-                    for at in range(1 + nr, 1 + nr + 5 * r, 5):
-                        raw, start, length, entries, last = summary[at:at + 5]
-                        if small:
-                            view = np.frombuffer(pbytes[8 * start:8 * (start + length)],
-                                                 np.uint64)
-                        else:
-                            view = pages[start:start + length]
-                            view.flags.writeable = False
-                        groups.append((raw, view, entries))
-                        lasts.append(last)
+                if not restored:  # five cells per group: slot, start, length, entries, last
+                    base, end = 1 + nr, 1 + nr + 5 * r
+                    groups = self._groups((summary[at:at + 4] for at in range(base, end, 5)),
+                                          total, pages, pbytes)
+                    lasts = summary[base + 4:end:5]
                 return QuickHarvest(groups, total, counts, out.harvested_at, slots, offsets,
                                     restored=restored, lasts=lasts, reset_ns=out.reset_ns)
-            return self._finish_quick(int(r), live, on_overrun, slots, offsets, pages)
+            return self._finish_quick(int(r), live, on_overrun, slots, offsets, pages, pbytes)
 
     def _finish_quick(self, code: int, live: list[DirtyRing], on_overrun: OverrunPolicy,
                       slots: npt.NDArray[np.uint32], offsets: npt.NDArray[np.uint64],
-                      pages: npt.NDArray[np.uint64]) -> Harvest:
+                      pages: npt.NDArray[np.uint64], pbytes: Any) -> Harvest:
         """The rest of a quick collection that was not clean, as :meth:`harvest_and_reset`."""
         out = self._out
         total, reset, reset_ns = int(out.total), int(out.reset), int(out.reset_ns)
         harvested: list[tuple[DirtyRing, DirtyEntries]] = []
         try:
             self._settle_native(live, code, total, on_overrun, harvested, slots, offsets,
-                                pages)
+                                pages, pbytes)
             if code in (lib.KVMIO_COLLECT_TOO_MANY_SLOTS, lib.KVMIO_COLLECT_RESET_MISMATCH):
                 # The reset calls are done: count and check them as reset() would have.
                 rings = list(self._rings.values())
