@@ -7,9 +7,12 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvmio import (
     AnonymousMemory,
@@ -297,3 +300,74 @@ def test_populated_pages_without_pagemap_scan(monkeypatch: pytest.MonkeyPatch) -
         del a
     finally:
         mem.close()
+
+
+def _huge_flagged(address: int, size: int) -> list[tuple[int, int]]:
+    """The parts of ``[address, address + size)`` whose mappings carry MADV_HUGEPAGE (the
+    ``hg`` VmFlag of /proc/self/smaps), as (start, end) addresses."""
+    out = []
+    start = end = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                start, end = max(lo, address), min(hi, address + size)
+            elif head == "VmFlags:" and start is not None and end is not None and start < end \
+                    and "hg" in line.split()[1:]:
+                out.append((start, end))
+    return out
+
+
+def test_populate_huge_marks_only_whole_blocks_inside_the_range() -> None:
+    mem = AnonymousMemory(64 << 20, noreserve=True)
+    try:
+        per = (2 << 20) // 4096
+        base = mem.mapping.address // 4096
+        a = np.frombuffer(mem.mapping.mm, dtype=np.uint8)
+        first = per - base % per + 100  # 100 pages into a block: two whole blocks follow
+        a[(first + 7) * 4096] = 9
+        count = 3 * per
+        assert mem.populate(first, count, huge=True)
+        assert a[(first + 7) * 4096] == 9 and int(a.sum()) == 9  # nothing else changed
+        got = mem.populated_pages()
+        # Every page of the range, and none outside it.
+        assert got.tolist() == list(range(first, first + count))
+        start, end = mem.huge_blocks(first, count)
+        assert (start, end) == (first - 100 + per, first - 100 + 3 * per)
+        flagged = _huge_flagged(mem.mapping.address, mem.size)
+        assert flagged == [(mem.mapping.address + start * 4096, mem.mapping.address + end * 4096)]
+        del a
+        # A range holding no whole block marks nothing more, and a kind that is not private
+        # anonymous memory takes the hint without effect.
+        assert mem.huge_blocks(first + count, per - 1)[0] >= mem.huge_blocks(first + count,
+                                                                             per - 1)[1]
+        assert mem.populate(first + count, per - 1, huge=True)
+        assert _huge_flagged(mem.mapping.address, mem.size) == flagged
+        with pytest.raises(KvmInvalidArgumentError, match="huge"):
+            mem.populate(0, 1, huge="yes")  # type: ignore[arg-type]
+    finally:
+        mem.close()
+    shared = MemfdMemory(8 << 20)
+    try:
+        assert shared.populate(0, 2048, huge=True)
+        assert _huge_flagged(shared.mapping.address, shared.size) == []
+        assert shared.populated_pages().tolist() == list(range(2048))
+    finally:
+        shared.close()
+
+
+@given(address_page=st.integers(0, 1 << 30), first=st.integers(0, 1 << 20),
+       count=st.integers(0, 1 << 13))
+def test_huge_blocks_are_the_whole_aligned_blocks_inside(address_page: int, first: int,
+                                                        count: int) -> None:
+    per = 512
+    # Only the mapping's address matters: a stand-in with an address anywhere.
+    fake = SimpleNamespace(mapping=SimpleNamespace(address=address_page * 4096))
+    start, end = Memory.huge_blocks(fake, first, count)  # type: ignore[arg-type]
+    blocks = [b for b in range(first, first + count)
+              if (address_page + b) % per == 0 and b + per <= first + count]
+    if not blocks:
+        assert start >= end
+    else:
+        assert (start, end) == (blocks[0], blocks[-1] + per)

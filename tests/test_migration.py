@@ -29,6 +29,7 @@ from kvmio.migration import PassReport, receive_vm, send_vm, socket_pair
 from kvmio.migration.stream import MAGIC
 from kvmio.runner import VcpuRunner
 from kvmio.tracker import DirtyTracker
+from test_memory import _huge_flagged
 from test_snapshot_files import EXIT_CODE, MEM, ticker, ticker_output  # noqa: F401 (fixtures)
 
 from faultproxy import FaultProxy
@@ -1050,6 +1051,12 @@ def test_the_prefault_helper_keeps_within_the_stretch_it_was_shown() -> None:
         end = 150_000 + 2 * PREFAULT_WINDOW
         assert populated == {*range(400, 700), 50_301, *range(end, end + PREFAULT_WINDOW)}
         assert done == len(populated)
+        # The window's whole 2 MiB blocks went on huge pages (where the kernel has them):
+        # marked MADV_HUGEPAGE, and nothing else is.
+        start, stop = mem.huge_blocks(end, PREFAULT_WINDOW)
+        assert stop - start >= PREFAULT_WINDOW - 512
+        base = mem.mapping.address
+        assert _huge_flagged(base, mem.size) == [(base + start * 4096, base + stop * 4096)]
     finally:
         mem.close()
 

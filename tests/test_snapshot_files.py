@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import xxhash
 from hypothesis import HealthCheck, given, settings
@@ -897,3 +898,31 @@ def test_a_ring_overrun_makes_the_diff_hold_the_slot_whole(kvm: Kvm, tmp_path: P
         with restore_snapshot(kvm, tmp_path / "diff") as rv:
             assert rv.vm.read_memory(0, 4 * MIB) == low
             assert rv.vm.read_memory(w.mem_base, 64 * MIB) == mem
+
+
+def test_an_eager_restore_populates_exactly_the_stored_pages(kvm: Kvm, tmp_path: Path) -> None:
+    """An eager restore reads long runs into memory it populated first (whole 2 MiB blocks
+    on huge pages): the restored slot holds the same bytes, and no page more than stored."""
+    from test_memory import _huge_flagged
+
+    with kvm.create_vm() as vm:
+        vm.add_memory_region(0, 32 << 20, log_dirty=True)
+        vcpu = vm.create_vcpu()
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        run = range(700, 700 + 1500)  # a long run: at least one whole block inside
+        for p in [*run, 5000, 5002, 7000]:
+            vm.write_memory(p * PAGE_SIZE + 16, (p + 1).to_bytes(8, "little"))
+        want = vm.regions[0].memory.populated_pages().tolist()
+        save_snapshot(tmp_path / "snap", vm)
+    with restore_snapshot(kvm, tmp_path / "snap", lazy=False) as r:
+        memory = r.vm.regions[0].memory
+        assert memory.populated_pages().tolist() == want
+        words = r.vm.regions[0].array(np.uint64).reshape(-1, PAGE_SIZE // 8)
+        for p in want:
+            assert int(words[p][2]) == p + 1 and int(words[p].sum()) == p + 1
+        del words
+        start, end = memory.huge_blocks(run.start, len(run))
+        assert end > start
+        flagged = _huge_flagged(memory.mapping.address, memory.size)
+        assert flagged == [(memory.mapping.address + start * PAGE_SIZE,
+                            memory.mapping.address + end * PAGE_SIZE)]

@@ -27,6 +27,7 @@ that must know every changed page (checkpoints); without a record they cost noth
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -52,6 +53,8 @@ _PAGEMAP_CHUNK = 1 << 18
 _PM_PRESENT = 1 << 63
 _PM_SWAPPED = 1 << 62
 _PM_FILE = 1 << 61
+#: A transparent huge page of x86-64 (a PMD's span).
+HUGE_PAGE = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -195,18 +198,43 @@ class Memory:
         self.mapping.mm.madvise(mmap.MADV_DONTNEED, first_page * PAGE_SIZE,
                                 num_pages * PAGE_SIZE)
 
-    def populate(self, first_page: int, num_pages: int) -> bool:
+    def populate(self, first_page: int, num_pages: int, *, huge: bool = False) -> bool:
         """Fault ``num_pages`` pages from ``first_page`` in ahead of use, writable, without
         changing what they hold (``MADV_POPULATE_WRITE``), so that later writes take no page
         fault; the GIL is released meanwhile, so another thread can do it ahead of a writer.
         Returns ``False`` if the kernel could not (older than 5.14, or out of memory): it is
-        only a hint."""
+        only a hint.
+
+        ``huge``: for memory about to be written whole (a stream or file being read in), the
+        2 MiB blocks (of host addresses) that lie wholly inside the range go on transparent
+        huge pages where the kernel gives them (``MADV_HUGEPAGE``): one fault and one zeroing
+        per block instead of 512 (here 0.05 s instead of 0.2 s per 512 MiB).  No page outside
+        the range is populated; but a block whose pages were all discarded later comes back
+        whole at its next touch.  Private anonymous memory only (ignored for other kinds)."""
         self._check_pages(first_page, num_pages)
         if self.closed:
             raise KvmClosedError("this memory is closed")
+        if not isinstance(huge, bool):
+            raise KvmInvalidArgumentError(f"huge must be a bool, not {type(huge).__name__}")
         if not num_pages:
             return True
+        if huge and self.kind == "anonymous":
+            start, end = self.huge_blocks(first_page, num_pages)
+            if start < end:
+                # EINVAL: no THP in this kernel; small pages then, as without the hint.
+                with contextlib.suppress(OSError):
+                    self.mapping.mm.madvise(mmap.MADV_HUGEPAGE, start * PAGE_SIZE,
+                                            (end - start) * PAGE_SIZE)
         return not self.mapping.populate(first_page * PAGE_SIZE, num_pages * PAGE_SIZE)
+
+    def huge_blocks(self, first_page: int, num_pages: int) -> tuple[int, int]:
+        """The pages ``[start, end)`` of the whole 2 MiB blocks of host addresses inside
+        ``num_pages`` pages from ``first_page`` (``start >= end`` if there is none)."""
+        per = HUGE_PAGE // PAGE_SIZE
+        base = self.mapping.address // PAGE_SIZE
+        start = -(-(base + first_page) // per) * per - base
+        end = (base + first_page + num_pages) // per * per - base
+        return start, end
 
     def _check_pages(self, first_page: int, num_pages: int) -> None:
         first_page = integer("first_page", first_page)

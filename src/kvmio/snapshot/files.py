@@ -106,7 +106,14 @@ from kvmio.dirty.pages import coalesce
 from kvmio.dirty.ring import sorted_unique
 from kvmio.errors import KvmError, KvmStateError, SnapshotError
 from kvmio.exits import VcpuExit
-from kvmio.memory import AnonymousMemory, FileMemory, Memory, MemoryRegion, runs_to_pages
+from kvmio.memory import (
+    HUGE_PAGE,
+    AnonymousMemory,
+    FileMemory,
+    Memory,
+    MemoryRegion,
+    runs_to_pages,
+)
 from kvmio.runner import VcpuRunner
 from kvmio.snapshot._layer import (
     CHUNK,
@@ -177,6 +184,8 @@ MAX_CHAIN = 4096
 _IOV_MAX = 1024
 #: Pages checked for zero at a time where they are scattered.
 _SCAN = 256
+#: Runs of at least this many pages are populated before an eager read (one huge page).
+_HUGE_RUN = HUGE_PAGE // PAGE_SIZE
 _PAGE_U64 = PAGE_SIZE // 8
 
 
@@ -873,11 +882,19 @@ def _open(path: str) -> int:
         raise _os_error(f"cannot open {path!r}", e) from e
 
 
-def _read_runs(layer: Layer, slot: int, view: memoryview, fd: int) -> None:
-    """Read the slot's runs of ``layer`` into ``view`` (checked bounds: the index was)."""
+def _read_runs(layer: Layer, slot: int, view: memoryview, fd: int,
+               fresh: Memory | None = None) -> None:
+    """Read the slot's runs of ``layer`` into ``view`` (checked bounds: the index was).
+    ``fresh``: the memory behind ``view``, if nothing was read into it yet: its long runs are
+    populated first, on huge pages where whole blocks allow (a fault per 2 MiB, not per
+    page)."""
     runs = layer.slot_runs(slot)
     if not len(runs):
         return
+    if fresh is not None:
+        for f, n in zip(runs["first"].tolist(), runs["pages"].tolist(), strict=True):
+            if n >= _HUGE_RUN:
+                fresh.populate(f, n, huge=True)
     order = np.argsort(runs["offset"], kind="stable")
     firsts = runs["first"][order].tolist()
     pages = runs["pages"][order].tolist()
@@ -979,7 +996,8 @@ def _materialize(chain: list[Layer], *, lazy: bool, verify: bool) -> dict[int, M
                     if fd is None:
                         fd = fds[i] = _open(layer.memory_path)
                     if not (mapped and i == start):
-                        _read_runs(layer, s.slot, view, fd)
+                        _read_runs(layer, s.slot, view, fd,
+                                   memory if i == start else None)
                     if verify:
                         _verify_slot(layer, s.slot, view)
                         if mapped and i == start:
