@@ -19,7 +19,9 @@ raised so that its default 128 MiB/s cap does not decide; its guest area is read
 (``MultibootMachine.migrate`` while a ``KernelRunner`` runs the kernel), the destination in
 a second process (``MultibootMachine.from_migration``) that runs the guest on and checks its
 area.  A migration that has not completed after ``--timeout`` seconds is cancelled and
-reported as such (neither side has auto-converge on here).
+reported as such (neither side has auto-converge on here).  With ``--repeat N``, each load's
+four cases (QEMU and kvmio, bitmap and ring) run in turn N times, interleaved, so that the
+host's drift over minutes weighs on both engines alike; rows give the medians.
 
 Reported per row: completed, total time, downtime (each engine's own figure: QEMU's ends when
 the source sent its last bytes, kvmio's when the destination answered that it runs the
@@ -387,25 +389,29 @@ def main() -> None:
         print("| engine | mode | load | completed | total (s) | downtime (ms) | blackout (ms) "
               "| estimated (ms) | passes | sent (MiB) | pages lost |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
+        cases = [(mode, engine) for mode in ("bitmap", "ring") for engine in ("qemu", "kvmio")]
         for load in loads:
-            for mode in ("bitmap", "ring"):
-                for engine in ("qemu", "kvmio"):
-                    runs = []
-                    for _ in range(a.repeat):
-                        if engine == "qemu":
-                            runs.append(qemu_one(kernel, mode, load, a.warmup, a.timeout, work))
-                        else:
-                            runs.append(kvmio_one(kernel, mode, load, a.warmup, a.timeout))
-                    row = _median_row(runs)
-                    rows.append(row)
-                    print(f"| {engine} | {mode} | {load} | {'yes' if row['completed'] else 'no'}"
-                          f" | {_fmt(row.get('total'), '.2f')}"
-                          f" | {_fmt(row.get('downtime') and row['downtime'] * 1e3, '.0f')}"
-                          f" | {_fmt(row.get('blackout') and row['blackout'] * 1e3, '.0f')}"
-                          f" | {_fmt(row.get('estimated') and row['estimated'] * 1e3, '.0f')}"
-                          f" | {_fmt(row.get('passes'), 'd')}"
-                          f" | {_fmt(row.get('sent_mib'), '.0f')}"
-                          f" | {_fmt(row.get('broken_pages'), 'd')} |", flush=True)
+            # Interleaved: each repeat runs all four cases in turn, so that the host's drift
+            # over minutes weighs on QEMU and kvmio alike.
+            by_case: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in cases}
+            for _ in range(a.repeat):
+                for mode, engine in cases:
+                    if engine == "qemu":
+                        got = qemu_one(kernel, mode, load, a.warmup, a.timeout, work)
+                    else:
+                        got = kvmio_one(kernel, mode, load, a.warmup, a.timeout)
+                    by_case[(mode, engine)].append(got)
+            for mode, engine in cases:
+                row = _median_row(by_case[(mode, engine)])
+                rows.append(row)
+                print(f"| {engine} | {mode} | {load} | {'yes' if row['completed'] else 'no'}"
+                      f" | {_fmt(row.get('total'), '.2f')}"
+                      f" | {_fmt(row.get('downtime') and row['downtime'] * 1e3, '.0f')}"
+                      f" | {_fmt(row.get('blackout') and row['blackout'] * 1e3, '.0f')}"
+                      f" | {_fmt(row.get('estimated') and row['estimated'] * 1e3, '.0f')}"
+                      f" | {_fmt(row.get('passes'), 'd')}"
+                      f" | {_fmt(row.get('sent_mib'), '.0f')}"
+                      f" | {_fmt(row.get('broken_pages'), 'd')} |", flush=True)
     print()
     print("| load | mode | kvmio / QEMU bitmap: total | downtime | blackout "
           "| kvmio / QEMU ring: total | downtime | blackout |")
