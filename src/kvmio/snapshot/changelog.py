@@ -9,7 +9,7 @@ ring overrun, a slot that is not dirty-logged, a slot added or replaced since), 
 slot *whole* instead: the caller then treats every page of it.  Doubt never hides a page.
 
 (:class:`kvmio.snapshot.memory.MemoryCheckpoint` consumes the log the same way for its own
-resets; its collection is private to it.)
+resets, through the same holder, ``kvmio.snapshot._dirtylog``.)
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from kvmio._abi import PAGE_SIZE
 from kvmio.dirty.ring import DirtyRing, sorted_unique
-from kvmio.errors import DirtyRingError, KvmError, KvmStateError, SnapshotError
-from kvmio.memory import HostWriteRecord, MemoryRegion, runs_to_pages
+from kvmio.errors import DirtyRingError, SnapshotError
+from kvmio.memory import HostWriteRecord, MemoryRegion
+from kvmio.snapshot._dirtylog import LogHold, give_back, tracker_pages
 from kvmio.tracker import DirtyTracker
-from kvmio.vm import DirtyLogClaim, Vm
+from kvmio.vm import Vm
 
 __all__ = ["ChangeLog", "Changes"]
 
@@ -55,23 +55,15 @@ class ChangeLog:
     def __init__(self, vm: Vm, *, tracker: DirtyTracker | None = None):
         self._vm = vm
         self._tracker = tracker
-        self._rings: list[DirtyRing] = []
-        self._ring_vcpus: set[int] | None = None
-        self._claim: list[DirtyLogClaim | None] = [None]
+        self._log = LogHold(vm, "a Snapshotter", "a diff snapshot")
         self._records: dict[int, tuple[MemoryRegion, HostWriteRecord]] = {}
         self._open: list[HostWriteRecord] = []  # every record opened, for the finaliser
         self._repair = False  # a ring overran: repair it at the next final collection
-        self._finalizer = weakref.finalize(self, _give_back, vm, self._rings, self._open,
-                                           self._claim)
+        self._finalizer = weakref.finalize(self, give_back, vm, self._log.rings, self._open,
+                                           self._log.claim)
         try:
-            if tracker is None:
-                if vm.ring_set is None:
-                    try:
-                        self._claim[0] = vm.claim_dirty_log("a Snapshotter")
-                    except KvmStateError as e:
-                        raise SnapshotError(f"{e.message}; pass that tracker as tracker=") from e
-                else:
-                    self._adopt_rings()
+            if tracker is None:  # else the tracker holds the log
+                self._log.own()
             self._sync_records()
         except BaseException:
             self.close()
@@ -85,23 +77,6 @@ class ChangeLog:
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return not self._finalizer.alive
-
-    def _adopt_rings(self) -> list[DirtyRing]:
-        vcpus = self._vm.vcpus
-        if vcpus.keys() != self._ring_vcpus:
-            have = {r.vcpu_id for r in self._rings}
-            for vid, v in sorted(vcpus.items()):
-                ring = v.ring
-                if vid in have or ring is None:
-                    continue
-                if ring.taken:
-                    raise SnapshotError(
-                        f"the dirty ring of vCPU {vid} is owned by another harvester; a diff "
-                        "snapshot needs every guest write: pass the DirtyTracker that holds "
-                        "the rings as tracker=")
-                self._rings.append(ring.take())
-            self._ring_vcpus = set(vcpus)
-        return [r for r in self._rings if not r.closed]
 
     def _sync_records(self) -> set[int]:
         """A host-write record for every slot; returns the slots that had none (new, or
@@ -160,20 +135,15 @@ class ChangeLog:
                 out.whole |= whole
                 out.why.append(f"the tracker reported slots {sorted(whole)} wholly dirty "
                                "(a ring overran)")
-            page = np.uint64(PAGE_SIZE)
-            for slot, sr in ranges.slots.items():
-                if slot in whole or slot not in regions:
-                    continue
-                first = (sr.gpas - np.uint64(regions[slot].guest_phys_addr)) // page
-                out.pages[slot] = runs_to_pages(first, sr.lengths // page)
+            out.pages.update(tracker_pages(ranges, regions, whole))
             return
         if vm.ring_set is None:
-            got = vm.collect_dirty_pages(final=final, claim=self._claim[0])
+            got = vm.collect_dirty_pages(final=final, claim=self._log.claim[0])
             out.pages.update({s: p for s, p in got.pages.items() if s in regions})
             return
-        rings = self._adopt_rings()
+        rings = self._log.adopt_rings()
         if final and self._repair:
-            self._repair_rings(rings)
+            LogHold.repair(rings)
         try:
             got = vm.collect_dirty_pages(final=final, rings=rings, on_overrun="report")
         except DirtyRingError as e:
@@ -183,7 +153,7 @@ class ChangeLog:
         if got.overruns:
             self._overran(out, rings, final, "; ".join(
                 f"vCPU {v}: {why}" for v, why in sorted(got.overruns.items())), regions)
-        elif any(r.hole_pending or r.shortfall for r in rings):
+        elif LogHold.out_of_step(rings):
             self._overran(out, rings, final, "a ring is out of step since an overrun", regions)
 
     def _overran(self, out: Changes, rings: list[DirtyRing], final: bool, why: str,
@@ -194,30 +164,8 @@ class ChangeLog:
         out.why.append(f"a dirty ring overran ({why})")
         self._repair = True
         if final:
-            self._repair_rings(rings)
+            LogHold.repair(rings)
             with contextlib.suppress(DirtyRingError):
                 again = self._vm.collect_dirty_pages(final=True, rings=rings,
                                                      on_overrun="report")
-                self._repair = bool(again.overruns) or any(r.hole_pending or r.shortfall
-                                                           for r in rings)
-
-    def _repair_rings(self, rings: list[DirtyRing]) -> None:
-        for ring in rings:
-            with contextlib.suppress(KvmError):
-                if ring.shortfall:
-                    ring.resync()
-                if ring.hole_pending:
-                    ring.recover_from_overrun()
-
-
-def _give_back(vm: Vm, rings: list[DirtyRing], records: list[HostWriteRecord],
-               claim: list[DirtyLogClaim | None]) -> None:
-    for ring in rings:
-        ring.release()
-    rings.clear()
-    for record in records:
-        record.close()
-    records.clear()
-    if claim[0] is not None and not vm.closed:
-        vm.release_dirty_log(claim[0])
-    claim[0] = None
+                self._repair = bool(again.overruns) or LogHold.out_of_step(rings)

@@ -77,14 +77,14 @@ from kvmio.dirty.ring import DirtyRing, sorted_unique
 from kvmio.errors import (
     DirtyRingError,
     KvmClosedError,
-    KvmError,
     KvmInvalidArgumentError,
     KvmStateError,
     SnapshotError,
 )
-from kvmio.memory import FileMemory, HostWriteRecord, MemoryRegion, runs_to_pages
+from kvmio.memory import FileMemory, HostWriteRecord, MemoryRegion
+from kvmio.snapshot._dirtylog import LogHold, give_back, tracker_pages
 from kvmio.tracker import DirtyTracker
-from kvmio.vm import DirtyLogClaim, DirtyPages, Vm
+from kvmio.vm import DirtyPages, Vm
 
 __all__ = ["MemoryCheckpoint", "ResetPath", "ResetStats"]
 
@@ -196,10 +196,7 @@ class MemoryCheckpoint:
         self._vm = vm
         self._tracker = tracker
         self._lock = threading.Lock()
-        self._rings: list[DirtyRing] = []  # every ring taken (given back at close)
-        self._open_rings: list[DirtyRing] = []
-        self._ring_vcpus: set[int] | None = None  # the vCPUs whose rings were looked at
-        self._claim: list[DirtyLogClaim | None] = [None]  # a cell the finaliser shares
+        self._log = LogHold(vm, "a MemoryCheckpoint", "a checkpoint")
         self._slots: dict[int, _Slot] = {}
         self._regions: dict[int, MemoryRegion] = {}  # as at the checkpoint
         self._records: list[HostWriteRecord] = []
@@ -209,8 +206,8 @@ class MemoryCheckpoint:
         self._closed = False
         self._scratch = _page_store(_CHUNK)
         self._scratch.view(np.uint8)[::PAGE_SIZE] = 1  # fault every page of it in now
-        self._finalizer = weakref.finalize(self, _give_back, vm, self._rings, self._records,
-                                           self._claim)
+        self._finalizer = weakref.finalize(self, give_back, vm, self._log.rings, self._records,
+                                           self._log.claim)
         try:
             with self._held():
                 regions = vm.regions
@@ -220,7 +217,8 @@ class MemoryCheckpoint:
                             f"slot {slot} is not dirty-logged: a checkpoint resets only the pages "
                             "the dirty log reports; create it with log_dirty=True or turn "
                             "logging on (Vm.set_dirty_logging)")
-                self._own_log()
+                if tracker is None:  # else the tracker holds the log
+                    self._log.own()
                 # Records first: a host write from another thread while the pages are copied
                 # is then in the record (restoring such a page is harmless, missing it not).
                 records = {slot: r.record_host_writes() for slot, r in regions.items()}
@@ -246,40 +244,6 @@ class MemoryCheckpoint:
         vCPU is running.
         """
         return cls(vm, tracker=tracker)
-
-    def _own_log(self) -> None:
-        """Become the dirty log's one consumer (nothing to do with a tracker, which is)."""
-        vm = self._vm
-        if self._tracker is not None:
-            return
-        if vm.ring_set is None:
-            try:
-                self._claim[0] = vm.claim_dirty_log("a MemoryCheckpoint")
-            except KvmStateError as e:
-                raise SnapshotError(f"{e.message}; pass that tracker as tracker=") from e
-            return
-        self._adopt_rings()
-
-    def _adopt_rings(self) -> list[DirtyRing]:
-        """Take the ring of every vCPU not adopted yet (all of them at the checkpoint, those
-        created since at a reset); the open rings to collect."""
-        vcpus = self._vm.vcpus
-        if vcpus.keys() == self._ring_vcpus:  # no vCPU created or closed since: as before
-            return self._open_rings
-        have = {r.vcpu_id for r in self._rings}
-        for vid, v in sorted(vcpus.items()):
-            ring = v.ring
-            if vid in have or ring is None:
-                continue
-            if ring.taken:
-                raise SnapshotError(
-                    f"the dirty ring of vCPU {vid} is owned by another harvester; a checkpoint "
-                    "needs every guest write: pass the DirtyTracker that holds the rings as "
-                    "tracker=")
-            self._rings.append(ring.take())
-        self._open_rings = [r for r in self._rings if not r.closed]
-        self._ring_vcpus = set(vcpus)
-        return self._open_rings
 
     def _copy_slot(self, region: MemoryRegion) -> tuple[Pages, npt.NDArray[np.void]]:
         """The slot's populated pages and a copy of them; for memory whose unpopulated pages
@@ -506,23 +470,17 @@ class MemoryCheckpoint:
         if tracker is not None:
             ranges = tracker.take(final=True)
             whole = set(ranges.wholly_dirty) & self._slots.keys()
-            pages: dict[int, Pages] = {}
-            for slot, sr in ranges.slots.items():
-                if slot in whole or slot not in self._slots:
-                    continue
-                base = np.uint64(self._slots[slot].region.guest_phys_addr)
-                first = (sr.gpas - base) // np.uint64(PAGE_SIZE)
-                pages[slot] = runs_to_pages(first, sr.lengths // np.uint64(PAGE_SIZE))
+            pages = tracker_pages(ranges, self._regions, whole)
             self._log_clean = True  # the tracker repairs its rings; doubt comes as `whole`
             why = None if not whole else (f"the tracker reported slots {sorted(whole)} wholly "
                                           "dirty (a ring overran)")
             return pages, whole, why
         vm = self._vm
         if vm.ring_set is None:
-            got = vm.collect_dirty_pages(final=True, claim=self._claim[0])
+            got = vm.collect_dirty_pages(final=True, claim=self._log.claim[0])
             self._log_clean = True
             return got.pages, set(), None
-        rings = self._adopt_rings()
+        rings = self._log.adopt_rings()
         try:
             got = vm.collect_dirty_pages(final=True, rings=rings, on_overrun="report")
         except DirtyRingError as e:
@@ -548,7 +506,7 @@ class MemoryCheckpoint:
                 None if ring_set is not None else
                 [s.region.num_pages if s.region.log_dirty else 0 for s in slots])
         if ring_set is not None:
-            rings = self._adopt_rings()
+            rings = self._log.adopt_rings()
             capacity = ring_set.entries * len(rings)
         else:
             rings = []
@@ -558,7 +516,7 @@ class MemoryCheckpoint:
         t0 = time.perf_counter_ns()
         try:
             got = vm.collect_and_restore(table, rings=rings if ring_set is not None else None,
-                                         claim=self._claim[0])
+                                         claim=self._log.claim[0])
         except DirtyRingError as e:
             return self._after_overrun(rings, str(e))
         finally:
@@ -587,7 +545,7 @@ class MemoryCheckpoint:
         if got.overruns:
             return self._after_overrun(rings, "; ".join(
                 f"vCPU {vid}: {why}" for vid, why in sorted(got.overruns.items())))
-        if any(r.hole_pending or r.shortfall for r in rings):
+        if LogHold.out_of_step(rings):
             return self._after_overrun(rings, "a dirty ring is out of step since an overrun")
         self._log_clean = True
         return got.pages, set(), None
@@ -596,17 +554,12 @@ class MemoryCheckpoint:
                        ) -> tuple[Mapping[int, Pages], set[int], str | None]:
         """Pages may have been lost: every slot is restored whole.  Repair the rings (their
         vCPUs are held outside KVM_RUN) and collect again, so that the log starts afresh."""
-        for ring in rings:
-            with contextlib.suppress(KvmError):
-                if ring.shortfall:
-                    ring.resync()
-                if ring.hole_pending:
-                    ring.recover_from_overrun()
+        LogHold.repair(rings)
         clean = False
         with contextlib.suppress(DirtyRingError):
             again = self._vm.collect_dirty_pages(final=True, rings=rings, on_overrun="report")
             clean = not again.overruns
-        self._log_clean = clean and not any(r.hole_pending or r.shortfall for r in rings)
+        self._log_clean = clean and not LogHold.out_of_step(rings)
         return {}, set(self._slots), f"dirty ring overrun ({why})"
 
     # -- restoring --------------------------------------------------------------------------
@@ -732,17 +685,3 @@ def _page_store(pages: int) -> npt.NDArray[np.void]:
     # The array holds the mapping (through its buffer): unmapped when the array goes.
     raw = np.frombuffer(store.mm, dtype=np.uint8, count=size, offset=_STORE_OFFSET)
     return raw.view(_PAGE)
-
-
-def _give_back(vm: Vm, rings: list[DirtyRing], records: list[HostWriteRecord],
-               claim: list[DirtyLogClaim | None]) -> None:
-    """Release what a checkpoint held (its finaliser: also when dropped without close)."""
-    for ring in rings:
-        ring.release()
-    rings.clear()
-    for record in records:
-        record.close()
-    records.clear()
-    if claim[0] is not None and not vm.closed:
-        vm.release_dirty_log(claim[0])
-    claim[0] = None
