@@ -29,7 +29,7 @@ from kvmio.migration import PassReport, receive_vm, send_vm, socket_pair
 from kvmio.migration.stream import MAGIC
 from kvmio.runner import VcpuRunner
 from kvmio.tracker import DirtyTracker
-from test_memory import _huge_flagged
+from test_memory import THP, _huge_flagged
 from test_snapshot_files import EXIT_CODE, MEM, ticker, ticker_output  # noqa: F401 (fixtures)
 
 from faultproxy import FaultProxy
@@ -218,8 +218,10 @@ def test_the_destination_has_stored_every_live_pass_before_the_guest_pauses(
         report = w.migrate(src_conn, runner=r, max_passes=50)
         dest.join(60)
         assert dest.error is None, repr(dest.error)
-        assert events == [("answer", b"SYNC"), "pause", ("answer", b"OKAY"),
-                          ("answer", b"RUNS")]
+        # Two SYNCs: the first waits until the destination stored everything, the second
+        # (into the empty stream) times the link's round trip.
+        assert events == [("answer", b"SYNC"), ("answer", b"SYNC"), "pause",
+                          ("answer", b"OKAY"), ("answer", b"RUNS")]
         # The SYNC says how fast the destination stored the last live pass: its bytes (as
         # received: the pass's records and its PASS record) and the CPU time they took.
         nbytes, cpu_ns = struct.unpack("<QQ", answers[0].payloads[0])
@@ -386,24 +388,25 @@ def _record_ends(stream: bytes) -> list[tuple[bytes, int]]:
 
 def test_a_sync_is_answered_with_the_last_pass_and_a_sync_with_a_payload_refused(
         kvm: Kvm) -> None:
-    """After a PASS the source may send SYNC: the destination answers SYNC (the last whole
-    pass's bytes as received, and the CPU time it took) and the stream goes on.  A SYNC that
-    carries a payload is not one a source sends: refused."""
+    """After a PASS (or an answered SYNC) the source may send SYNC: the destination answers
+    SYNC (the last whole pass's bytes as received, and the CPU time it took) and the stream
+    goes on.  A SYNC that carries a payload is not one a source sends: refused."""
     from kvmio.migration.stream import _HASH, _HEADER, _hash
 
     stream = _stream(kvm)
     ends = _record_ends(stream)
     first_pass = next(i for i, (tag, _) in enumerate(ends) if tag == b"PASS")
     cut = ends[first_pass][1]
-    conn = Replay(stream[:cut] + _empty_record(b"SYNC") + stream[cut:])
+    conn = Replay(stream[:cut] + 2 * _empty_record(b"SYNC") + stream[cut:])
     got = receive_vm(kvm, conn)
     with got.vm:
         assert got.passes == 2
         answer = bytes(conn.sent)
         assert answer.endswith(_empty_record(b"OKAY") + _empty_record(b"RUNS"))
-        sync = answer[:-32]
-        assert sync[:8] == _HEADER.pack(b"SYNC", 16)
-        nbytes, cpu_ns = struct.unpack("<QQ", sync[8:24])
+        syncs = answer[:-32]
+        assert len(syncs) == 2 * 32 and syncs[:32] == syncs[32:]  # both: the same pass
+        assert syncs[:8] == _HEADER.pack(b"SYNC", 16)
+        nbytes, cpu_ns = struct.unpack("<QQ", syncs[8:24])
         assert nbytes == cut - ends[0][1]  # pass 0: from the end of CONF to its PASS record
         assert cpu_ns > 0
     payload = b"\0" * 16
@@ -476,7 +479,7 @@ def test_pages_dirtied_while_the_destination_catches_up_go_live_when_they_do_not
         kvm: Kvm) -> None:
     """The estimate is made again after the SYNC, with what was dirtied while the source
     waited: 128 MiB the host writes then do not fit a 20 ms limit, so they go in one more
-    live pass (and a second SYNC), not in the downtime."""
+    live pass (and a second pair of SYNCs), not in the downtime."""
     rng = np.random.default_rng(3)
     with _migrating(kvm, mem_size=256 << 20, max_writes=100) as (src_conn, dest, w, r):
         wait_until(lambda: w.writes(0) >= 100, what="writes")  # then the guest halts
@@ -485,7 +488,7 @@ def test_pages_dirtied_while_the_destination_catches_up_go_live_when_they_do_not
         report = w.migrate(conn, runner=r, downtime=0.02)
         dest.join(60)
         assert dest.error is None, repr(dest.error)
-        assert conn.syncs == 2
+        assert conn.syncs == 4  # a pair before each attempt to switch over
         assert [p.final for p in report.passes] == [False, False, True]
         assert report.passes[1].pages >= 32768  # the host's write, sent live
         assert report.passes[2].pages < 32768
@@ -575,12 +578,12 @@ def test_live_passes_go_on_while_they_halve_within_the_downtime_limit(kvm: Kvm) 
     HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(cut=st.one_of(
     st.tuples(st.just("down"), st.integers(0, 5 << 20)),
-    st.tuples(st.just("up"), st.integers(0, 72)),  # the answers: SYNC (32), OKAY, RUNS (16)
+    st.tuples(st.just("up"), st.integers(0, 104)),  # answers: 2 SYNC (32), OKAY, RUNS (16)
     st.just(("never", 0))))
 def test_a_connection_cut_anywhere_leaves_exactly_one_copy_and_no_half_vm(
         kvm: Kvm, cut: tuple[str, int]) -> None:
     """Property: wherever the connection is cut, in either direction (the stream is ~4-5
-    MiB here; the answers 64 bytes), never do both copies run: the migration completes
+    MiB here; the answers 96 bytes), never do both copies run: the migration completes
     page-exact (the source stays paused), or the source raises MigrationError and runs on
     while the destination raises and holds no VM, or, cut in the last round trip, the source
     raises MigrationInDoubtError and stays paused (the destination may hold the VM)."""
@@ -633,7 +636,7 @@ def test_a_cut_after_live_leaves_the_source_paused_in_doubt_and_not_migrated_aga
     the caller is left paused by a failing migration."""
     from kvmio.migration import forget_hand_over
 
-    proxy = FaultProxy(cut_up=32 + 16 + 8)  # SYNC and OKAY whole, then half of RUNS
+    proxy = FaultProxy(cut_up=2 * 32 + 16 + 8)  # two SYNCs and OKAY, then half of RUNS
     dest = Destination(kvm, proxy.dest)
     dest.start()
     try:
@@ -704,6 +707,34 @@ def test_a_migration_over_a_slow_stalling_link_completes_page_exact(kvm: Kvm) ->
             assert len(passes) >= 3 and not any(p.final for p in passes[:-1])  # live passes
             assert 0.4 <= report.downtime < 2.0  # the final stall, not the live one
             assert passes[0].bandwidth < 1.25 * rate  # the cap, not the socket buffers
+    finally:
+        proxy.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_downtime_estimate_counts_the_links_round_trips(kvm: Kvm) -> None:
+    """Through 20 ms of latency each way, the switch-over's downtime holds two round trips
+    (the last pages and OKAY, then LIVE and RUNS: at least 80 ms, whatever else it holds).
+    The source times the round trip with a SYNC sent into the emptied stream, and its
+    estimate holds both; it does not count them twice either."""
+    proxy = FaultProxy(delay=0.02)
+    dest = Destination(kvm, proxy.dest)
+    dest.start()
+    try:
+        with Workload(kvm, mem_size=32 << 20, order="sequential", value="count", pace=500,
+                      ring_entries=4096) as w, w.runner() as r:
+            wait_until(lambda: w.writes(0) > 300, what="writes")
+            report = w.migrate(proxy.source, runner=r, max_passes=50)
+            dest.join(30)
+            assert dest.error is None and dest.w is not None, repr(dest.error)
+            with dest.w as d:
+                assert _differing_pages(w, d) == {0: 0, 1: 0}
+        assert 0.04 <= report.round_trip < 1.0
+        assert report.downtime >= 0.08
+        # Without the round trips the estimate of a few dirty pages was about 5-10 ms.
+        assert report.estimated_downtime >= 2 * report.round_trip >= 0.08
+        assert report.estimated_downtime <= 1.5 * report.downtime + 0.02
+        assert report.to_json()["round_trip"] == report.round_trip
     finally:
         proxy.close()
 
@@ -1022,6 +1053,19 @@ def test_the_destination_faults_in_no_more_than_the_stream_sends(kvm: Kvm,
                 assert extra == 0 and received.prefaulted == 0
 
 
+def _prefaulted(mem: Any, a: int, b: int) -> range:
+    """What the prefault helper populates of a window ``[a, b)`` ahead of the stream (nothing
+    of ``a``'s 2 MiB block populated before): up to the last block boundary within it, each
+    whole block on a huge page; a window holding no boundary wholly if it starts inside a
+    block, not at all if it starts at a boundary (it waits for the whole block)."""
+    per = 512
+    base = mem.mapping.address // 4096
+    cut = (base + b) // per * per - base
+    if cut > a:
+        return range(a, cut)
+    return range(a, a) if (base + a) % per == 0 else range(a, b)
+
+
 def test_the_prefault_helper_keeps_within_the_stretch_it_was_shown() -> None:
     from kvmio.memory import AnonymousMemory
     from kvmio.migration.precopy import PREFAULT_WINDOW, _Prefaulter
@@ -1032,31 +1076,37 @@ def test_the_prefault_helper_keeps_within_the_stretch_it_was_shown() -> None:
     def shown(first: int, count: int, data: bool = True, step: int = 1) -> None:
         helper.saw(7, np.arange(first, first + count * step, step, dtype=np.uint64), data)
 
+    end = 150_000 + 2 * PREFAULT_WINDOW
+    # Each window's pages, as far as 2 MiB blocks let it go (see _prefaulted).
+    windows = [_prefaulted(mem, 400, 700), _prefaulted(mem, 50_301, 50_302),
+               _prefaulted(mem, end, end + PREFAULT_WINDOW)]
     try:
         # A stretch of 300 data pages: populated up to 300 pages past its end.
         shown(100, 300)
-        wait_until(lambda: helper.pages >= 300, what="the helper to populate the window")
+        wait_until(lambda: helper.pages >= len(windows[0]), what="the helper to populate")
         # Zero pages far away start a new stretch with no data: nothing ahead of them.
         shown(50_000, 200, data=False)
         # A lone data page after them, in the same stretch: one page ahead.
         shown(50_300, 1)
-        wait_until(lambda: helper.pages >= 301, what="the helper to follow the stream")
+        wait_until(lambda: helper.pages >= len(windows[0]) + len(windows[1]),
+                   what="the helper to follow the stream")
         # A stretch longer than the window: the window after it, no more.
         shown(150_000, 2 * PREFAULT_WINDOW)
-        wait_until(lambda: helper.pages >= 301 + PREFAULT_WINDOW, what="the window")
+        wait_until(lambda: helper.pages >= sum(map(len, windows)), what="the window")
     finally:
         done = helper.stop()
     try:
         populated = set(mem.populated_pages().tolist())
-        end = 150_000 + 2 * PREFAULT_WINDOW
-        assert populated == {*range(400, 700), 50_301, *range(end, end + PREFAULT_WINDOW)}
+        assert len(windows[2]) > PREFAULT_WINDOW - 512
+        assert populated == {p for w in windows for p in w}
         assert done == len(populated)
         # The window's whole 2 MiB blocks went on huge pages (where the kernel has them):
         # marked MADV_HUGEPAGE, and nothing else is.
         start, stop = mem.huge_blocks(end, PREFAULT_WINDOW)
         assert stop - start >= PREFAULT_WINDOW - 512
         base = mem.mapping.address
-        assert _huge_flagged(base, mem.size) == [(base + start * 4096, base + stop * 4096)]
+        if THP is not None:
+            assert _huge_flagged(base, mem.size) == [(base + start * 4096, base + stop * 4096)]
     finally:
         mem.close()
 
@@ -1070,17 +1120,21 @@ def test_a_record_that_ends_a_stretch_and_holds_lone_pages_prefaults_after_its_l
 
     mem = AnonymousMemory(1 << 30, noreserve=True)
     helper = _Prefaulter({7: mem})
+    lone = [20_000 + 4000 * k for k in range(45)]
+    # The stretch's window, then one page after the last lone page (see _prefaulted).
+    windows = [_prefaulted(mem, 2000, 4000), _prefaulted(mem, lone[-1] + 1, lone[-1] + 2)]
     try:
         helper.saw(7, np.arange(0, 2000, dtype=np.uint64), True)
-        wait_until(lambda: helper.pages >= 2000, what="the helper to follow the stretch")
-        lone = [20_000 + 4000 * k for k in range(45)]
+        wait_until(lambda: helper.pages >= len(windows[0]), what="the helper to follow")
         helper.saw(7, np.array([*range(2000, 2100), *lone], dtype=np.uint64), True)
-        wait_until(lambda: helper.pages >= 2001, what="the helper to follow the stream")
+        wait_until(lambda: helper.pages >= len(windows[0]) + len(windows[1]),
+                   what="the helper to follow the stream")
     finally:
         done = helper.stop()
     try:
         populated = set(mem.populated_pages().tolist())
-        assert populated == {*range(2000, 4000), lone[-1] + 1}, sorted(populated)[-5:]
+        assert len(windows[0]) > 1000
+        assert populated == {p for w in windows for p in w}, sorted(populated)[-5:]
         assert done == len(populated)
     finally:
         mem.close()

@@ -903,7 +903,7 @@ def test_a_ring_overrun_makes_the_diff_hold_the_slot_whole(kvm: Kvm, tmp_path: P
 def test_an_eager_restore_populates_exactly_the_stored_pages(kvm: Kvm, tmp_path: Path) -> None:
     """An eager restore reads long runs into memory it populated first (whole 2 MiB blocks
     on huge pages): the restored slot holds the same bytes, and no page more than stored."""
-    from test_memory import _huge_flagged
+    from test_memory import THP, _huge_flagged
 
     with kvm.create_vm() as vm:
         vm.add_memory_region(0, 32 << 20, log_dirty=True)
@@ -924,5 +924,6 @@ def test_an_eager_restore_populates_exactly_the_stored_pages(kvm: Kvm, tmp_path:
         start, end = memory.huge_blocks(run.start, len(run))
         assert end > start
         flagged = _huge_flagged(memory.mapping.address, memory.size)
-        assert flagged == [(memory.mapping.address + start * PAGE_SIZE,
-                            memory.mapping.address + end * PAGE_SIZE)]
+        if THP is not None:  # else no mark is made
+            assert flagged == [(memory.mapping.address + start * PAGE_SIZE,
+                                memory.mapping.address + end * PAGE_SIZE)]

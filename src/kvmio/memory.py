@@ -55,6 +55,9 @@ _PM_SWAPPED = 1 << 62
 _PM_FILE = 1 << 61
 #: A transparent huge page of x86-64 (a PMD's span).
 HUGE_PAGE = 2 << 20
+#: Separate ranges of one memory :meth:`Memory.populate` marks for huge pages at most (each
+#: may split the mapping into more kernel VMAs; a process may have 65,530 by default).
+MAX_HUGE_RANGES = 1024
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,8 @@ class Memory:
     def __init__(self, mapping: Mapping, size: int):
         self.mapping = mapping
         self.size = size
+        self._huge_end = -1  # where the last range marked for huge pages ended
+        self._huge_ranges = 0  # ranges marked that did not continue the one before
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.size:#x} bytes{' closed' if self.closed else ''}>"
@@ -194,7 +199,7 @@ class Memory:
         """Return ``num_pages`` pages from ``first_page`` to their unpopulated content (zero,
         or the file's for a private file mapping) and free their memory (``madvise``).  KVM
         drops its own mappings of them: the guest sees the new content."""
-        self._check_pages(first_page, num_pages)
+        first_page, num_pages = self._check_pages(first_page, num_pages)
         self.mapping.mm.madvise(mmap.MADV_DONTNEED, first_page * PAGE_SIZE,
                                 num_pages * PAGE_SIZE)
 
@@ -209,9 +214,13 @@ class Memory:
         2 MiB blocks (of host addresses) that lie wholly inside the range go on transparent
         huge pages where the kernel gives them (``MADV_HUGEPAGE``): one fault and one zeroing
         per block instead of 512 (here 0.05 s instead of 0.2 s per 512 MiB).  No page outside
-        the range is populated; but a block whose pages were all discarded later comes back
-        whole at its next touch.  Private anonymous memory only (ignored for other kinds)."""
-        self._check_pages(first_page, num_pages)
+        the range is populated.  The blocks keep the mark: after pages in one were discarded,
+        the kernel may make it whole again (at its next touch, or by ``khugepaged``), so its
+        memory goes back to 2 MiB, never beyond what this call populated.  Every marked range
+        that does not continue the one before splits the mapping (a kernel VMA each): after
+        :data:`MAX_HUGE_RANGES` of them, the hint is not given any more.  Private anonymous
+        memory only (ignored for other kinds)."""
+        first_page, num_pages = self._check_pages(first_page, num_pages)
         if self.closed:
             raise KvmClosedError("this memory is closed")
         if not isinstance(huge, bool):
@@ -221,27 +230,34 @@ class Memory:
         if huge and self.kind == "anonymous":
             start, end = self.huge_blocks(first_page, num_pages)
             if start < end:
-                # EINVAL: no THP in this kernel; small pages then, as without the hint.
-                with contextlib.suppress(OSError):
-                    self.mapping.mm.madvise(mmap.MADV_HUGEPAGE, start * PAGE_SIZE,
-                                            (end - start) * PAGE_SIZE)
+                if start != self._huge_end:
+                    self._huge_ranges += 1
+                if self._huge_ranges <= MAX_HUGE_RANGES:
+                    # EINVAL: no THP in this kernel; small pages then, as without the hint.
+                    with contextlib.suppress(OSError):
+                        self.mapping.mm.madvise(mmap.MADV_HUGEPAGE, start * PAGE_SIZE,
+                                                (end - start) * PAGE_SIZE)
+                    self._huge_end = end
         return not self.mapping.populate(first_page * PAGE_SIZE, num_pages * PAGE_SIZE)
 
     def huge_blocks(self, first_page: int, num_pages: int) -> tuple[int, int]:
         """The pages ``[start, end)`` of the whole 2 MiB blocks of host addresses inside
         ``num_pages`` pages from ``first_page`` (``start >= end`` if there is none)."""
+        first_page = integer("first_page", first_page)
+        num_pages = integer("num_pages", num_pages)
         per = HUGE_PAGE // PAGE_SIZE
         base = self.mapping.address // PAGE_SIZE
         start = -(-(base + first_page) // per) * per - base
         end = (base + first_page + num_pages) // per * per - base
         return start, end
 
-    def _check_pages(self, first_page: int, num_pages: int) -> None:
+    def _check_pages(self, first_page: int, num_pages: int) -> tuple[int, int]:
         first_page = integer("first_page", first_page)
         num_pages = integer("num_pages", num_pages)
         if first_page + num_pages > self.num_pages:
             raise KvmInvalidArgumentError(
                 f"pages {first_page}+{num_pages} lie outside this memory's {self.num_pages}")
+        return first_page, num_pages
 
 
 def _size(size: object) -> int:
@@ -328,7 +344,7 @@ class MemfdMemory(Memory):
     def discard(self, first_page: int, num_pages: int) -> None:
         """Punch the pages out of the memfd (``MADV_REMOVE``): they read as zero and their
         memory is freed, for every mapping of the fd."""
-        self._check_pages(first_page, num_pages)
+        first_page, num_pages = self._check_pages(first_page, num_pages)
         self.mapping.mm.madvise(mmap.MADV_REMOVE, first_page * PAGE_SIZE, num_pages * PAGE_SIZE)
 
     def close(self) -> None:

@@ -81,12 +81,14 @@ __all__ = [
 
 #: The default downtime limit (seconds): the longest the guest may stand still at switch-over.
 DEFAULT_DOWNTIME = 0.3
-#: The part of the downtime that does not depend on the pages left (seconds): pausing the
-#: vCPUs, reading and restoring the machine state, the destination's answer (measured here:
-#: 4-7 ms for an idle or lightly written Multiboot guest over loopback, between two
-#: processes, varying with the host's load from run to run and day to day; 4 ms, the low
-#: end, made every estimate of one run 14-33% short).
-SWITCH_OVER_COST = 0.005
+#: The part of the downtime that depends neither on the pages left nor on the link's round
+#: trip (seconds): pausing the vCPUs, reading and restoring the machine state (measured here:
+#: 4-7 ms in all for an idle or lightly written Multiboot guest over loopback, between two
+#: processes, varying with the host's load from run to run and day to day, of which the two
+#: round trips took 0.2-0.6 ms).  The estimate adds two round trips of the link
+#: (:attr:`MigrationReport.round_trip`): the last pages and the destination's ``OKAY``, then
+#: ``LIVE`` and ``RUNS``.
+SWITCH_OVER_COST = 0.0045
 #: Auto-converge steps in when the guest dirtied at least this share of what a pass sent,
 #: while it was sent.
 AUTO_SHRINK = 0.9
@@ -150,6 +152,9 @@ class MigrationReport:
     bytes_sent: int = 0
     #: The bandwidth measured on the last live pass (bytes per second).
     bandwidth: float = 0.0
+    #: The link's round trip (seconds), as a SYNC sent into an empty stream took to be
+    #: answered before the switch-over (the least of those sent); 0.0 without a live pass.
+    round_trip: float = 0.0
     #: Why the slots sent whole were (ring overruns, slots without a dirty log).
     whole_reasons: list[str] = field(default_factory=list)
     #: Auto-converge's steps: the pass after which each vCPU's limit was set, and the limit.
@@ -236,11 +241,13 @@ def _merged(a: Changes, b: Changes) -> Changes:
 _SYNC = struct.Struct("<QQ")
 
 
-def _sync(w: StreamWriter, conn: Connection, timeout: float) -> float:
+def _sync(w: StreamWriter, conn: Connection, timeout: float) -> tuple[float, float]:
     """Send ``SYNC`` and wait (at most ``timeout`` seconds) for the destination's ``SYNC``:
     everything sent before it has been stored.  A ``FAIL`` answer is the destination's
     refusal.  Returns the rate (bytes/s of its CPU time) at which the destination stored the
-    last whole pass (inf if it could not tell, or the pass was too small to tell by)."""
+    last whole pass (inf if it could not tell, or the pass was too small to tell by), and the
+    seconds the answer took (a round trip of the link, if nothing was in flight before)."""
+    t0 = time.monotonic()
     w.record(b"SYNC")
     gettimeout = getattr(conn, "gettimeout", None)
     settimeout = getattr(conn, "settimeout", None)
@@ -258,6 +265,7 @@ def _sync(w: StreamWriter, conn: Connection, timeout: float) -> float:
         if settimeout is not None:
             with contextlib.suppress(OSError):
                 settimeout(before)
+    took = time.monotonic() - t0
     if answer.tag == b"FAIL":
         raise MigrationError("the destination refused the VM: "
                              + answer.payload.decode("utf-8", "replace"))
@@ -265,8 +273,8 @@ def _sync(w: StreamWriter, conn: Connection, timeout: float) -> float:
         raise MigrationError("the destination's SYNC has the wrong length")
     nbytes, cpu_ns = _SYNC.unpack(answer.payload)
     if nbytes <= 64 * PAGE_SIZE or not cpu_ns:  # too little to time
-        return float("inf")
-    return float(nbytes / (cpu_ns / 1e9))
+        return float("inf"), took
+    return float(nbytes / (cpu_ns / 1e9)), took
 
 
 class _Sender:
@@ -469,13 +477,14 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                         ) * PAGE_SIZE
 
             carried: Changes | None = None  # pages a SYNC's wait left over the limit
+            rtt = 0.0  # the link's round trip, once measured
             while True:
                 changes = log.collect(final=False)
                 if carried is not None:
                     changes, carried = _merged(carried, changes), None
                 size = dirty_bytes(changes)
                 unsent = _unsent(conn)  # the link's backlog goes first
-                report.estimated_downtime = (SWITCH_OVER_COST + size / send_rate
+                report.estimated_downtime = (SWITCH_OVER_COST + 2 * rtt + size / send_rate
                                              + unsent / max(bandwidth, 1.0))
                 # Within the limit, another live pass still pays while passes keep halving
                 # (the guest dirties much less than the link carries): it takes about the
@@ -494,7 +503,13 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                     # was 5-8 ms of a 10 ms downtime).
                     wait = answer_timeout if timeout is None else min(
                         answer_timeout, max(t0 + timeout - time.monotonic(), 0.0) + 1.0)
-                    stored_rate = _sync(w, conn, wait)
+                    stored_rate, _ = _sync(w, conn, wait)
+                    # A second SYNC, into a stream now empty: its answer takes a round trip
+                    # of the link, and the switch-over's downtime holds two (the last pages
+                    # and OKAY, then LIVE and RUNS): 80 ms of it over a 40 ms link.
+                    _, took = _sync(w, conn, wait)
+                    rtt = took if not report.round_trip else min(report.round_trip, took)
+                    report.round_trip = rtt
                     # What the guest dirtied meanwhile goes too.  The final pass costs this
                     # thread's time per byte plus the destination's: over a local link the
                     # two take turns more than they overlap (each waits for the other at
@@ -508,7 +523,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                         stored_rate *= _page_bytes(last) / last.bytes
                     pending = _merged(changes, log.collect(final=False))
                     report.estimated_downtime = (
-                        SWITCH_OVER_COST
+                        SWITCH_OVER_COST + 2 * rtt
                         + dirty_bytes(pending) * (1 / send_rate + 1 / stored_rate))
                     if report.estimated_downtime <= downtime or number > max_passes:
                         break
@@ -710,11 +725,17 @@ class _Prefaulter:
                             end = min(memory.num_pages,
                                       self._end + 1 + min(self._run, PREFAULT_WINDOW),
                                       start + self._data + PREFAULT_WINDOW - self.pages)
-                            # Up to the last 2 MiB boundary before it, where there is one:
-                            # a block begun is populated in one call, on a huge page.
+                            # Whole 2 MiB blocks, each in one call on a huge page: up to
+                            # the last block boundary before `end` where there is one, and
+                            # from a boundary, nothing until the whole block may be (the
+                            # window moves on a record, half a block, at a time).
                             cut = memory.huge_blocks(start, max(end - start, 0))[1]
                             if cut > start:
                                 end = cut
+                            elif ((memory.mapping.address // PAGE_SIZE + start)
+                                  % _PREFAULT_STEP == 0
+                                  and start + _PREFAULT_STEP <= memory.num_pages):
+                                end = start
                             if start < end:
                                 break
                         self._cond.wait()
@@ -851,7 +872,8 @@ def receive_vm(kvm: Kvm, conn: Connection, *,
                     if rec.payload:
                         raise MigrationError("the source's SYNC record is not empty")
                     StreamWriter(conn).record(b"SYNC", _SYNC.pack(*last_pass))
-                    expect = (b"ZERO", b"DATA", b"ZDAT", b"PASS", b"STAT")
+                    # Another SYNC may follow (the source times the link's round trip).
+                    expect = (b"ZERO", b"DATA", b"ZDAT", b"PASS", b"STAT", b"SYNC")
                 elif rec.tag == b"STAT":
                     try:
                         state = MachineState.from_bytes(rec.payload)

@@ -11,11 +11,13 @@ pass any number of ``ZERO`` and ``DATA`` records and one ``PASS``, then ``STAT``
 state's own serialized form) and ``DONE``.  After a ``PASS`` the source may send ``SYNC``,
 which the destination answers with ``SYNC`` once it has stored everything before it: the
 source does so before it pauses the guest, so that the stream is empty when the downtime
-begins (what the link and the destination still held would otherwise be sent in it).  The
-answer's payload: the bytes of the last whole pass received, u64, and the CPU time the
-destination took to store them, u64 nanoseconds (the source's estimate of the final pass
-counts the destination's time per byte beside its own).  After ``DONE`` the destination
-answers ``OKAY`` (it built and restored the VM, and waits) or ``FAIL`` (UTF-8 reason).
+begins (what the link and the destination still held would otherwise be sent in it), and
+then once more, into the empty stream, to time the link's round trip (the downtime holds
+two). A ``SYNC`` may follow a ``PASS`` or an answered ``SYNC``. The answer's payload: the
+bytes of the last whole pass received, u64, and the CPU time the destination took to store
+them, u64 nanoseconds (the source's estimate of the final pass counts the destination's time
+per byte beside its own). After ``DONE`` the destination answers ``OKAY`` (it built and
+restored the VM, and waits) or ``FAIL`` (UTF-8 reason).
 After ``OKAY`` the source sends ``LIVE`` (the destination may run the VM now; the source
 will not) and the destination answers ``RUNS``.  Until ``LIVE`` arrives the destination
 never runs the VM; once the source sent it, the source never resumes its own copy.
@@ -56,7 +58,7 @@ __all__ = ["MAGIC", "MAX_PAGES_PER_RECORD", "VERSION", "Connection", "PageRecord
            "StreamReader", "StreamWriter", "socket_pair"]
 
 MAGIC = b"KVMIO-MIGRATE\n"
-VERSION = 3
+VERSION = 4
 #: Pages in one ZERO or DATA record at most.
 MAX_PAGES_PER_RECORD = 256
 _HEADER = struct.Struct("<4sI")
