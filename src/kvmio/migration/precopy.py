@@ -674,6 +674,8 @@ class _Prefaulter:
         self._run = 0  # data pages in the current stretch
         self._data = 0  # data pages received in all
         self._stopped = False
+        self._shown = 0  # saw() calls so far
+        self._settled = 0  # saw() calls the helper had seen when it last ran out of work
         #: Pages populated so far.
         self.pages = 0
         self._thread = threading.Thread(target=self._work, name="kvmio-prefault", daemon=True)
@@ -701,7 +703,14 @@ class _Prefaulter:
             else:
                 self._slot, self._run, self._end = slot, n if tail is None else tail, last
             self._data += n
+            self._shown += 1
             self._cond.notify()
+
+    def settled(self) -> bool:
+        """Whether the helper has done all it will do with the records shown so far (it waits
+        for more): for tests and diagnostics."""
+        with self._cond:
+            return self._settled == self._shown
 
     def stop(self) -> int:
         """Stop and wait for the thread; the pages it populated."""
@@ -738,6 +747,7 @@ class _Prefaulter:
                                 end = start
                             if start < end:
                                 break
+                        self._settled = self._shown
                         self._cond.wait()
                 # At most to the next block boundary (2 MiB steps that stay aligned).
                 end = min(end, start + _PREFAULT_STEP
