@@ -367,6 +367,9 @@ def test_populate_huge_marks_only_whole_blocks_inside_the_range() -> None:
         assert s0 >= e0
         with pytest.raises(KvmInvalidArgumentError, match="first_page"):
             mem.huge_blocks(-1, 1)
+        assert mem.huge_offset(start) == 0 and mem.huge_offset(first) == 100
+        with pytest.raises(KvmInvalidArgumentError, match="page"):
+            mem.huge_offset("3")  # type: ignore[arg-type]
         # numpy integers (page indices often are): the same, as plain ints.
         assert mem.populate(np.uint64(first), np.uint64(10), huge=True)
         assert mem.huge_blocks(np.uint64(first), np.uint64(count)) == (start, end)
@@ -390,9 +393,11 @@ def test_populate_huge_marks_only_whole_blocks_inside_the_range() -> None:
 def test_huge_blocks_are_the_whole_aligned_blocks_inside(address_page: int, first: int,
                                                         count: int) -> None:
     per = 512
-    # Only the mapping's address matters: a stand-in with an address anywhere.
-    fake = SimpleNamespace(mapping=SimpleNamespace(address=address_page * 4096))
-    start, end = Memory.huge_blocks(fake, first, count)  # type: ignore[arg-type]
+    # Only the mapping's address matters: a Memory over a stand-in mapping anywhere.
+    fake = Memory.__new__(Memory)
+    fake.mapping = SimpleNamespace(address=address_page * 4096)  # type: ignore[assignment]
+    start, end = fake.huge_blocks(first, count)
+    assert fake.huge_offset(first) == (address_page + first) % per
     blocks = [b for b in range(first, first + count)
               if (address_page + b) % per == 0 and b + per <= first + count]
     if not blocks:

@@ -246,10 +246,15 @@ class Memory:
         first_page = integer("first_page", first_page)
         num_pages = integer("num_pages", num_pages)
         per = HUGE_PAGE // PAGE_SIZE
-        base = self.mapping.address // PAGE_SIZE
-        start = -(-(base + first_page) // per) * per - base
-        end = (base + first_page + num_pages) // per * per - base
-        return start, end
+        into = self.huge_offset(first_page)
+        end = first_page + num_pages
+        return first_page + (per - into) % per, end - self.huge_offset(end)
+
+    def huge_offset(self, page: int) -> int:
+        """How many pages ``page`` lies past the start of its 2 MiB block of host addresses
+        (0: a block starts there)."""
+        page = integer("page", page)
+        return (self.mapping.address // PAGE_SIZE + page) % (HUGE_PAGE // PAGE_SIZE)
 
     def _check_pages(self, first_page: int, num_pages: int) -> tuple[int, int]:
         first_page = integer("first_page", first_page)

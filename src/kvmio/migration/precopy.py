@@ -477,15 +477,14 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                         ) * PAGE_SIZE
 
             carried: Changes | None = None  # pages a SYNC's wait left over the limit
-            rtt = 0.0  # the link's round trip, once measured
             while True:
                 changes = log.collect(final=False)
                 if carried is not None:
                     changes, carried = _merged(carried, changes), None
                 size = dirty_bytes(changes)
                 unsent = _unsent(conn)  # the link's backlog goes first
-                report.estimated_downtime = (SWITCH_OVER_COST + 2 * rtt + size / send_rate
-                                             + unsent / max(bandwidth, 1.0))
+                report.estimated_downtime = (SWITCH_OVER_COST + 2 * report.round_trip
+                                             + size / send_rate + unsent / max(bandwidth, 1.0))
                 # Within the limit, another live pass still pays while passes keep halving
                 # (the guest dirties much less than the link carries): it takes about the
                 # final pass's time, with the guest running, and leaves the downtime a
@@ -508,8 +507,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                     # of the link, and the switch-over's downtime holds two (the last pages
                     # and OKAY, then LIVE and RUNS): 80 ms of it over a 40 ms link.
                     _, took = _sync(w, conn, wait)
-                    rtt = took if not report.round_trip else min(report.round_trip, took)
-                    report.round_trip = rtt
+                    report.round_trip = min(report.round_trip or took, took)
                     # What the guest dirtied meanwhile goes too.  The final pass costs this
                     # thread's time per byte plus the destination's: over a local link the
                     # two take turns more than they overlap (each waits for the other at
@@ -523,7 +521,7 @@ def send_vm(conn: Connection, vm: Vm, vcpus: Iterable[Vcpu] | None = None, *,
                         stored_rate *= _page_bytes(last) / last.bytes
                     pending = _merged(changes, log.collect(final=False))
                     report.estimated_downtime = (
-                        SWITCH_OVER_COST + 2 * rtt
+                        SWITCH_OVER_COST + 2 * report.round_trip
                         + dirty_bytes(pending) * (1 / send_rate + 1 / stored_rate))
                     if report.estimated_downtime <= downtime or number > max_passes:
                         break
@@ -738,20 +736,18 @@ class _Prefaulter:
                             # the last block boundary before `end` where there is one, and
                             # from a boundary, nothing until the whole block may be (the
                             # window moves on a record, half a block, at a time).
-                            cut = memory.huge_blocks(start, max(end - start, 0))[1]
+                            into = memory.huge_offset(start)
+                            cut = end - memory.huge_offset(end) if end > start else start
                             if cut > start:
                                 end = cut
-                            elif ((memory.mapping.address // PAGE_SIZE + start)
-                                  % _PREFAULT_STEP == 0
-                                  and start + _PREFAULT_STEP <= memory.num_pages):
+                            elif into == 0 and start + _PREFAULT_STEP <= memory.num_pages:
                                 end = start
                             if start < end:
                                 break
                         self._settled = self._shown
                         self._cond.wait()
                 # At most to the next block boundary (2 MiB steps that stay aligned).
-                end = min(end, start + _PREFAULT_STEP
-                          - (memory.mapping.address // PAGE_SIZE + start) % _PREFAULT_STEP)
+                end = min(end, start + _PREFAULT_STEP - into)
                 if not memory.populate(start, end - start, huge=True):
                     return  # the kernel cannot: the writes fault the pages in, as without it
                 self.pages += end - start
